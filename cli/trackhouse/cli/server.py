@@ -1,0 +1,130 @@
+"""Compose the embedded deployment: one store, ingest and query on one gRPC server.
+
+`EmbeddedServer` owns the gRPC server and the store it opened; the ingest and
+query apps register their services on it, plus the standard gRPC health
+service. `start()` returns the bound port (port 0 picks a free one, as tests do).
+`ServerThread` runs one on its own event loop in a background thread, for
+callers that are not async (tests, benchmarks, the demo).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from trackhouse.ingest.app import IngestApp
+from trackhouse.ingest.settings import IngestSettings
+from trackhouse.query.app import QueryApp
+from trackhouse.query.settings import QuerySettings
+from trackhouse.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("trackhouse.v1.IngestService", "trackhouse.v1.QueryService")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    store: str
+    database: str = "trackhouse"
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    query: QuerySettings = field(default_factory=QuerySettings)
+
+
+class EmbeddedServer:
+    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+        self.config = config
+        self._given_store = store
+        self.store: Store | None = store
+        self.port = 0
+        self._server: Any = None
+        self._apps: list[IngestApp | QueryApp] = []
+
+    async def start(self) -> int:
+        cfg = self.config
+        if self.store is None:
+            self.store = await asyncio.to_thread(open_store, cfg.store, cfg.database)
+        size = cfg.ingest.max_message_bytes
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+        ])
+        self._apps = [IngestApp(self.store, cfg.ingest), QueryApp(self.store, cfg.query)]
+        for app in self._apps:
+            await app.start(self._server)
+        health_servicer = health.aio.HealthServicer()
+        for name in ("", *SERVICES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
+        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
+        await self._server.start()
+        log.info("trackhouse gRPC on %s:%d, store %s", cfg.host, self.port, self.store.dsn.redacted())
+        return self.port
+
+    @property
+    def ingest(self) -> IngestApp:
+        app = self._apps[0]
+        assert isinstance(app, IngestApp)
+        return app
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking calls, flush what ingest buffered, close the store if we opened it."""
+        if self._server is not None:
+            await self._server.stop(grace)
+        for app in self._apps:
+            await app.stop()
+        if self._given_store is None and self.store is not None:
+            await asyncio.to_thread(self.store.close)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where available (the servers' loop), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a server dependency
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+class ServerThread:
+    """An EmbeddedServer on its own event loop in a daemon thread."""
+
+    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+        self.server = EmbeddedServer(config, store)
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="trackhouse-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.server.config.host}:{self.server.port}"
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> str:
+        self._thread.start()
+        self.run(self.server.start())
+        return self.address
+
+    def stop(self, grace: float = 5.0) -> None:
+        try:
+            self.run(self.server.stop(grace))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()

@@ -1,0 +1,59 @@
+"""The ingest service's lifecycle: build its parts, start the flusher, drain on stop.
+
+`IngestApp` owns the buffer, the flusher task, the catalog and the servicer; it
+does not own the store or the gRPC server (the CLI composes those), so the
+same app runs embedded (beside the query service) or alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from trackhouse.ingest.buffer import MetricBuffer
+from trackhouse.ingest.catalog import Catalog
+from trackhouse.ingest.flusher import Flusher
+from trackhouse.ingest.intake import Intake
+from trackhouse.ingest.progress import WriterProgress
+from trackhouse.ingest.service import IngestServicer
+from trackhouse.ingest.settings import IngestSettings
+from trackhouse.proto.v1 import ingest_pb2_grpc
+from trackhouse.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class IngestApp:
+    def __init__(self, store: Store, settings: IngestSettings | None = None) -> None:
+        self.store = store
+        self.settings = settings or IngestSettings()
+        self._flusher_task: asyncio.Task[None] | None = None
+
+    async def start(self, server: Any) -> None:
+        """Create the parts on the running loop and register the service on `server`."""
+        store = self.store
+
+        async def insert(table: Any) -> None:
+            await store.call(store.insert_arrow, "metrics", table)
+
+        async def load_committed(writer_id: str) -> int:
+            return await store.call(store.writer_max_seq, writer_id)
+
+        self.catalog = Catalog(store)
+        await self.catalog.ensure_default_experiment()
+        self.buffer = MetricBuffer(self.settings.buffer_bytes)
+        self.progress = WriterProgress(load_committed)
+        self.flusher = Flusher(self.buffer, self.progress, insert, self.settings)
+        self.intake = Intake(self.catalog, self.buffer, self.progress, self.settings)
+        self.servicer = IngestServicer(self.catalog, self.intake)
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)
+        self._flusher_task = asyncio.create_task(self.flusher.run(), name="trackhouse-flusher")
+
+    async def stop(self) -> None:
+        """Flush what is buffered, then stop the flusher."""
+        if self._flusher_task is None:
+            return
+        self.flusher.stop()
+        await self._flusher_task
+        self._flusher_task = None

@@ -1,0 +1,73 @@
+"""The in-memory buffer of accepted metric batches, with a byte budget.
+
+Owns the batches waiting for a flush and the bytes they hold. Invariants:
+- `nbytes` counts a batch from `add()` until its flush has finished (success or
+  failure) and `release()` was called, so batches being inserted still count
+  against the budget;
+- `wait_for_room()` is how a stream is slowed down: it returns only when the
+  batch fits, so a full buffer stops the server reading streams (gRPC flow
+  control) instead of growing;
+- every batch has a future that the flusher resolves: None when the INSERT that
+  holds it returned, an exception otherwise.
+
+Single event loop; no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from trackhouse.ingest.convert import DecodedBatch
+
+
+@dataclass
+class Pending:
+    batch: DecodedBatch
+    done: asyncio.Future[None]
+
+
+class MetricBuffer:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._pending: list[Pending] = []
+        self.rows = 0
+        self.nbytes = 0
+        self.oldest: float | None = None
+        self.changed = asyncio.Event()
+        self._room = asyncio.Condition()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, batch: DecodedBatch, done: asyncio.Future[None], now: float) -> None:
+        self._pending.append(Pending(batch, done))
+        self.rows += batch.points
+        self.nbytes += batch.nbytes
+        if self.oldest is None:
+            self.oldest = now
+        self.changed.set()
+
+    def take(self) -> list[Pending]:
+        """Hand every pending batch to the flusher (their bytes stay counted)."""
+        taken, self._pending = self._pending, []
+        self.rows = 0
+        self.oldest = None
+        self.changed.clear()
+        return taken
+
+    async def release(self, nbytes: int) -> None:
+        self.nbytes -= nbytes
+        async with self._room:
+            self._room.notify_all()
+
+    def fits(self, nbytes: int) -> bool:
+        # An empty buffer always takes a batch, so one large batch cannot stall forever.
+        return self.nbytes == 0 or self.nbytes + nbytes <= self.budget_bytes
+
+    async def wait_for_room(self, nbytes: int) -> None:
+        if self.fits(nbytes):
+            return
+        self.changed.set()  # ask for a flush now: room comes only from flushing
+        async with self._room:
+            await self._room.wait_for(lambda: self.fits(nbytes))

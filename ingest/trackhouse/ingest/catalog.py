@@ -1,0 +1,207 @@
+"""Experiments, runs, params and tags: the small, mutable side of ingest, with MLflow's rules.
+
+Owns the validation and semantics of the lifecycle RPCs:
+- experiment names are unique among active experiments; "0" / "Default" exists;
+- a run belongs to an active experiment; deleted runs accept no writes;
+- params are write-once per (run, key): the same value again is accepted,
+  another value is InvalidArgument naming both values;
+- tags are last-write-wins;
+- limits as MLflow's: key ≤ 250 characters, param value ≤ 6,000, tag value ≤ 5,000.
+
+Keeps a cache of run states so metric batches are checked without a store
+round trip per batch. Writes that must not race (param write-once, experiment
+names) are serialized by one lock in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+
+from trackhouse.ingest.convert import check_key
+from trackhouse.ingest.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from trackhouse.store import (
+    ACTIVE,
+    RUN_STATUSES,
+    TERMINAL_STATUSES,
+    ExperimentRecord,
+    RunRecord,
+    Store,
+)
+
+DEFAULT_EXPERIMENT_ID = "0"
+DEFAULT_EXPERIMENT_NAME = "Default"
+MAX_EXPERIMENT_NAME = 500
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 5000
+MAX_RUN_NAME = 250
+MAX_ITEMS_PER_CALL = 1000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _check_items(items: Sequence[tuple[str, str]], field: str, max_value: int) -> None:
+    if len(items) > MAX_ITEMS_PER_CALL:
+        raise InvalidArgument(f"{field}: {len(items)} items in one call, limit {MAX_ITEMS_PER_CALL}")
+    for i, (key, value) in enumerate(items):
+        check_key(key, f"{field}[{i}].key")
+        if len(value) > max_value:
+            raise InvalidArgument(
+                f"{field}[{i}].value: {len(value)} characters for {key!r}, limit {max_value}"
+            )
+
+
+class Catalog:
+    def __init__(self, store: Store, artifact_root: str = "./mlartifacts") -> None:
+        self._store = store
+        self._artifact_root = artifact_root.rstrip("/")
+        self._runs: dict[str, RunRecord] = {}
+        self._lock = asyncio.Lock()
+
+    # -- experiments ---------------------------------------------------------------
+
+    async def ensure_default_experiment(self) -> None:
+        if await self._store.call(self._store.get_experiment, experiment_id=DEFAULT_EXPERIMENT_ID) is None:
+            await self._put_experiment(DEFAULT_EXPERIMENT_ID, DEFAULT_EXPERIMENT_NAME, "")
+
+    async def create_experiment(self, name: str, artifact_location: str = "") -> ExperimentRecord:
+        name = name.strip()
+        if not name:
+            raise InvalidArgument("name: an experiment needs a non-empty name")
+        if len(name) > MAX_EXPERIMENT_NAME:
+            raise InvalidArgument(f"name: {len(name)} characters, limit {MAX_EXPERIMENT_NAME}")
+        async with self._lock:
+            existing = await self._store.call(self._store.get_experiment, name=name)
+            if existing is not None and existing.lifecycle_stage == ACTIVE:
+                raise AlreadyExists(f"experiment {name!r} already exists (id {existing.experiment_id})")
+            # 62 random bits as a decimal string: unique across ingest replicas without coordination.
+            experiment_id = str(secrets.randbits(62))
+            return await self._put_experiment(experiment_id, name, artifact_location)
+
+    async def _put_experiment(self, experiment_id: str, name: str, location: str) -> ExperimentRecord:
+        t = now_ms()
+        rec = ExperimentRecord(
+            experiment_id, name, location or f"{self._artifact_root}/{experiment_id}", ACTIVE, t, t
+        )
+        await self._store.call(self._store.put_experiment, rec)
+        return rec
+
+    async def get_experiment(self, *, experiment_id: str = "", name: str = "") -> ExperimentRecord:
+        if experiment_id:
+            rec = await self._store.call(self._store.get_experiment, experiment_id=experiment_id)
+        elif name:
+            rec = await self._store.call(self._store.get_experiment, name=name)
+        else:
+            raise InvalidArgument("experiment_id or name: one is required")
+        if rec is None:
+            raise NotFound(f"no experiment {'with id ' + repr(experiment_id) if experiment_id else repr(name)}")
+        return rec
+
+    # -- runs --------------------------------------------------------------------------
+
+    async def create_run(
+        self, experiment_id: str, run_name: str, user_id: str, start_time: int,
+        params: Sequence[tuple[str, str]], tags: Sequence[tuple[str, str]],
+    ) -> RunRecord:
+        experiment_id = experiment_id or DEFAULT_EXPERIMENT_ID
+        if len(run_name) > MAX_RUN_NAME:
+            raise InvalidArgument(f"run_name: {len(run_name)} characters, limit {MAX_RUN_NAME}")
+        if start_time < 0:
+            raise InvalidArgument("start_time: must be >= 0 (ms since the epoch)")
+        _check_items(params, "params", MAX_PARAM_VALUE)
+        _check_items(tags, "tags", MAX_TAG_VALUE)
+        if len({k for k, _ in params}) != len(params):
+            raise InvalidArgument("params: the same key appears twice")
+        experiment = await self.get_experiment(experiment_id=experiment_id)
+        if experiment.lifecycle_stage != ACTIVE:
+            raise FailedPrecondition(f"experiment {experiment_id} is deleted; restore it to add runs")
+        run_id = uuid.uuid4().hex
+        rec = RunRecord(
+            run_id=run_id, experiment_id=experiment_id, run_name=run_name or f"run-{run_id[:8]}",
+            user_id=user_id, status="RUNNING", start_time=start_time or now_ms(), end_time=None,
+            lifecycle_stage=ACTIVE, artifact_uri=f"{experiment.artifact_location}/{run_id}/artifacts",
+        )
+        await self._store.call(self._store.put_run, rec)
+        if params:
+            await self._store.call(self._store.put_params, run_id, list(params))
+        if tags:
+            await self._store.call(self._store.put_tags, run_id, list(tags))
+        self._runs[run_id] = rec
+        return rec
+
+    async def get_runs(self, run_ids: Iterable[str]) -> dict[str, RunRecord]:
+        """Run records by id (cached); unknown ids are absent from the result."""
+        wanted = set(run_ids)
+        missing = [r for r in wanted if r not in self._runs]
+        if missing:
+            self._runs.update(await self._store.call(self._store.get_runs, missing))
+        return {r: self._runs[r] for r in wanted if r in self._runs}
+
+    async def writable_run(self, run_id: str) -> RunRecord:
+        run = (await self.get_runs([run_id])).get(run_id)
+        if run is None:
+            raise NotFound(f"run_id: no run {run_id!r}")
+        if run.lifecycle_stage != ACTIVE:
+            raise FailedPrecondition(f"run {run_id} is deleted; restore it before writing to it")
+        return run
+
+    async def update_run(self, run_id: str, status: str, end_time: int, run_name: str) -> RunRecord:
+        if status and status not in RUN_STATUSES:
+            raise InvalidArgument(f"status: {status!r} is not one of {', '.join(RUN_STATUSES)}")
+        if end_time < 0:
+            raise InvalidArgument("end_time: must be >= 0 (ms since the epoch)")
+        if len(run_name) > MAX_RUN_NAME:
+            raise InvalidArgument(f"run_name: {len(run_name)} characters, limit {MAX_RUN_NAME}")
+        async with self._lock:
+            run = await self.writable_run(run_id)
+            status = status or run.status
+            if not end_time and status in TERMINAL_STATUSES:
+                end_time = run.end_time or now_ms()
+            rec = RunRecord(
+                run.run_id, run.experiment_id, run_name or run.run_name, run.user_id, status,
+                run.start_time, end_time or run.end_time, run.lifecycle_stage, run.artifact_uri,
+            )
+            await self._store.call(self._store.put_run, rec)
+            self._runs[run_id] = rec
+            return rec
+
+    # -- params and tags -------------------------------------------------------------------
+
+    async def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
+        _check_items(params, "params", MAX_PARAM_VALUE)
+        given: dict[str, str] = {}
+        for key, value in params:
+            if given.setdefault(key, value) != value:
+                raise InvalidArgument(f"params: key {key!r} given twice with different values")
+        async with self._lock:
+            await self.writable_run(run_id)
+            stored = await self._store.call(self._store.get_params, run_id, list(given))
+            for key, old in stored.items():
+                if old != given[key]:
+                    raise InvalidArgument(
+                        f"params: changing param values is not allowed. Param with key={key!r} was "
+                        f"already logged with value={old!r} for run {run_id}; attempted value={given[key]!r}"
+                    )
+            new = [(k, v) for k, v in given.items() if k not in stored]
+            if new:
+                await self._store.call(self._store.put_params, run_id, new)
+
+    async def set_tags(self, run_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        _check_items(tags, "tags", MAX_TAG_VALUE)
+        await self.writable_run(run_id)
+        await self._store.call(self._store.put_tags, run_id, list(tags))
+
+    async def check_metric_runs(self, run_ids: Sequence[str]) -> None:
+        """Raise unless every run exists and accepts writes (for a metric batch)."""
+        runs = await self.get_runs(run_ids)
+        for i, run_id in enumerate(run_ids):
+            run = runs.get(run_id)
+            if run is None:
+                raise NotFound(f"run_ids[{i}]: no run {run_id!r}")
+            if run.lifecycle_stage != ACTIVE:
+                raise FailedPrecondition(f"run_ids[{i}]: run {run_id} is deleted")

@@ -1,0 +1,160 @@
+"""Validate a columnar MetricBatch and decode it into numpy arrays — no per-point Python.
+
+Owns the wire-level rules of a batch: column widths and lengths, index bounds,
+key names, step and timestamp ranges, size limits. Each violation raises
+InvalidArgument naming the field and the limit. Decoding is zero-copy
+(`np.frombuffer` over the message's bytes); checks are vectorised.
+
+`to_arrow` builds ONE Arrow table from many decoded batches (the flush), with
+run ids, keys and writer ids dictionary-encoded, so a flush costs a few numpy
+concatenations however many batches it merges.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from trackhouse.ingest.errors import InvalidArgument
+from trackhouse.ingest.settings import IngestSettings
+
+# MLflow's rule for metric, param and tag names.
+KEY_PATTERN = re.compile(r"^[/\w.\- :]+$")
+MAX_KEY_LENGTH = 250
+MAX_WRITER_ID_LENGTH = 128
+# Timestamps are ms since the epoch: from 1970 to the year 3000.
+MAX_TIMESTAMP_MS = 32_503_680_000_000
+
+_I64 = np.dtype("<i8")
+_U32 = np.dtype("<u4")
+_F64 = np.dtype("<f8")
+BYTES_PER_POINT = 4 + 4 + 8 + 8 + 8 + 8  # indexes, step, ts, value, seq in the Arrow table
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    writer_id: str
+    seq: int
+    run_ids: tuple[str, ...]
+    keys: tuple[str, ...]
+    run_index: npt.NDArray[np.uint32]
+    key_index: npt.NDArray[np.uint32]
+    steps: npt.NDArray[np.int64]
+    timestamps: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+
+    @property
+    def points(self) -> int:
+        return len(self.steps)
+
+    @property
+    def nbytes(self) -> int:
+        return self.points * BYTES_PER_POINT + 64 * (len(self.keys) + len(self.run_ids))
+
+
+def check_key(key: str, field: str) -> None:
+    """Raise InvalidArgument unless `key` is a legal metric/param/tag name."""
+    if not key:
+        raise InvalidArgument(f"{field}: empty name")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidArgument(f"{field}: name {key[:40]!r}… is {len(key)} characters, limit {MAX_KEY_LENGTH}")
+    if not KEY_PATTERN.match(key):
+        raise InvalidArgument(
+            f"{field}: invalid name {key!r}; names may contain only alphanumerics, "
+            "underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
+        )
+
+
+def _column(data: bytes, dtype: np.dtype[Any], field: str) -> npt.NDArray[Any]:
+    if len(data) % dtype.itemsize:
+        raise InvalidArgument(
+            f"{field}: {len(data)} bytes is not a multiple of {dtype.itemsize} "
+            f"(each value is a little-endian {dtype.name})"
+        )
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _check_index(index: npt.NDArray[np.uint32], size: int, field: str, names: str) -> None:
+    if len(index) and int(index.max()) >= size:
+        raise InvalidArgument(f"{field}: index {int(index.max())} out of range, {names} has {size} entries")
+
+
+def _check_header(batch: Any, settings: IngestSettings) -> None:
+    if not batch.writer_id or len(batch.writer_id) > MAX_WRITER_ID_LENGTH:
+        raise InvalidArgument(f"writer_id: required, 1 to {MAX_WRITER_ID_LENGTH} characters")
+    if batch.seq < 1:
+        raise InvalidArgument("seq: must be >= 1 (sequence numbers start at 1 for each writer)")
+    if not batch.run_ids:
+        raise InvalidArgument("run_ids: at least one run id is required")
+    if len(batch.keys) > settings.max_batch_keys:
+        raise InvalidArgument(f"keys: {len(batch.keys)} keys in one batch, limit {settings.max_batch_keys}")
+    for i, key in enumerate(batch.keys):
+        check_key(key, f"keys[{i}]")
+
+
+def decode_batch(batch: Any, settings: IngestSettings) -> DecodedBatch:
+    """Validate a MetricBatch message and return its columns as numpy views."""
+    _check_header(batch, settings)
+    steps = _column(batch.steps, _I64, "steps")
+    n = len(steps)
+    if n > settings.max_batch_points:
+        raise InvalidArgument(f"steps: {n} points in one batch, limit {settings.max_batch_points}")
+    timestamps = _column(batch.timestamps, _I64, "timestamps")
+    values = _column(batch.values, _F64, "values")
+    key_index = _column(batch.key_index, _U32, "key_index")
+    if batch.run_index:
+        run_index = _column(batch.run_index, _U32, "run_index")
+    elif len(batch.run_ids) == 1:
+        run_index = np.zeros(n, dtype=np.uint32)
+    else:
+        raise InvalidArgument(f"run_index: required when the batch has {len(batch.run_ids)} run_ids")
+    for name, col in (("timestamps", timestamps), ("values", values), ("key_index", key_index),
+                      ("run_index", run_index)):
+        if len(col) != n:
+            raise InvalidArgument(f"{name}: {len(col)} values, but steps has {n}; all columns must have one length")
+    _check_index(key_index, len(batch.keys), "key_index", "keys")
+    _check_index(run_index, len(batch.run_ids), "run_index", "run_ids")
+    if n and (int(timestamps.min()) < 0 or int(timestamps.max()) > MAX_TIMESTAMP_MS):
+        raise InvalidArgument(
+            f"timestamps: out of range [0, {MAX_TIMESTAMP_MS}] (milliseconds since the epoch, up to year 3000)"
+        )
+    return DecodedBatch(
+        writer_id=batch.writer_id, seq=batch.seq, run_ids=tuple(batch.run_ids), keys=tuple(batch.keys),
+        run_index=run_index, key_index=key_index, steps=steps, timestamps=timestamps, values=values,
+    )
+
+
+def _dictionary(pa: Any, parts: Sequence[tuple[npt.NDArray[Any], Sequence[str]]]) -> Any:
+    """One dictionary-encoded string column from per-batch (indices, names) pairs."""
+    names: list[str] = []
+    shifted = []
+    for index, batch_names in parts:
+        shifted.append(index.astype(np.int32) + len(names))
+        names.extend(batch_names)
+    indices = np.concatenate(shifted) if shifted else np.zeros(0, dtype=np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array(names, type=pa.string()))
+
+
+def to_arrow(batches: Sequence[DecodedBatch]) -> Any:
+    """Merge decoded batches into one Arrow table shaped like the metrics table."""
+    import pyarrow as pa
+
+    def cat(name: str) -> npt.NDArray[Any]:
+        return np.concatenate([getattr(b, name) for b in batches])
+
+    writers = [(np.zeros(b.points, dtype=np.int32), (b.writer_id,)) for b in batches]
+    seqs = np.concatenate([np.full(b.points, b.seq, dtype=np.uint64) for b in batches])
+    return pa.table({
+        "run_id": _dictionary(pa, [(b.run_index, b.run_ids) for b in batches]),
+        "key": _dictionary(pa, [(b.key_index, b.keys) for b in batches]),
+        "step": cat("steps"),
+        "timestamp": cat("timestamps"),
+        "value": cat("values"),
+        "writer_id": _dictionary(pa, writers),
+        "seq": seqs,
+    })

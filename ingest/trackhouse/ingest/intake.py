@@ -1,0 +1,92 @@
+"""Accept metric batches: validate, dedupe, wait for room, buffer — and promise an outcome.
+
+Owns the path of one MetricBatch from the wire to the buffer. `accept()` returns
+at once with an awaitable `Outcome`, so a stream keeps reading while earlier
+batches wait for their flush; a stream that must wait for buffer room stops
+reading (that is the backpressure). Nothing here imports grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from trackhouse.ingest.buffer import MetricBuffer
+from trackhouse.ingest.catalog import Catalog
+from trackhouse.ingest.convert import decode_batch
+from trackhouse.ingest.errors import IngestError, Unavailable
+from trackhouse.ingest.progress import Admission, WriterProgress
+from trackhouse.ingest.settings import IngestSettings
+
+
+class Verdict(Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    seq: int
+    verdict: Verdict
+    points: int = 0
+    error: IngestError | None = None
+
+
+async def _ready(outcome: Outcome) -> Outcome:
+    return outcome
+
+
+async def _after(done: asyncio.Future[None], seq: int, points: int) -> Outcome:
+    await done  # raises when the INSERT holding the batch failed
+    return Outcome(seq, Verdict.STORED, points)
+
+
+async def _after_original(done: asyncio.Future[None], seq: int, points: int) -> Outcome:
+    # A copy of a batch still in flight: its fate is the original's.
+    await asyncio.shield(done)
+    return Outcome(seq, Verdict.DUPLICATE, points)
+
+
+class Intake:
+    def __init__(self, catalog: Catalog, buffer: MetricBuffer, progress: WriterProgress,
+                 settings: IngestSettings) -> None:
+        self._catalog = catalog
+        self._buffer = buffer
+        self._progress = progress
+        self._settings = settings
+        self.points_received = 0
+        self.rejected: dict[str, int] = {}
+
+    async def accept(self, message: Any) -> Awaitable[Outcome]:
+        """Take one MetricBatch message; return an awaitable of its outcome."""
+        seq = int(message.seq)
+        try:
+            batch = decode_batch(message, self._settings)
+            await self._catalog.check_metric_runs(batch.run_ids)
+        except IngestError as exc:
+            name = type(exc).__name__
+            self.rejected[name] = self.rejected.get(name, 0) + 1
+            return _ready(Outcome(seq, Verdict.REJECTED, 0, exc))
+        admission, original = await self._progress.admit(batch.writer_id, seq)
+        if admission is Admission.DUPLICATE:
+            return _ready(Outcome(seq, Verdict.DUPLICATE, batch.points))
+        if admission is Admission.IN_FLIGHT and original is not None:
+            return _after_original(original, seq, batch.points)
+        # Tracked before waiting for room, so a copy arriving meanwhile waits for this one.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._progress.track(batch.writer_id, seq, done)
+        try:
+            await self._buffer.wait_for_room(batch.nbytes)
+        except BaseException:
+            self._progress.failed(batch.writer_id, seq)
+            done.set_exception(Unavailable("the stream closed before the batch was buffered"))
+            done.exception()  # retrieved: only copies waiting on it care
+            raise
+        self._buffer.add(batch, done, time.monotonic())
+        self.points_received += batch.points
+        return _after(done, seq, batch.points)

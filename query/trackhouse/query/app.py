@@ -1,0 +1,39 @@
+"""The query service's lifecycle: build search and history over a store, register the servicer.
+
+Does not own the store or the gRPC server (the CLI composes those), so the
+same app runs embedded beside ingest or alone.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from trackhouse.proto.v1 import query_pb2_grpc
+from trackhouse.query.history import MetricHistory
+from trackhouse.query.search import RunSearch
+from trackhouse.query.service import QueryServicer
+from trackhouse.query.settings import QuerySettings
+from trackhouse.query.tokens import TokenCodec
+from trackhouse.store import Store
+
+TOKEN_SECRET_KEY = "page_token_secret"
+
+
+class QueryApp:
+    def __init__(self, store: Store, settings: QuerySettings | None = None) -> None:
+        self.store = store
+        self.settings = settings or QuerySettings()
+
+    async def start(self, server: Any) -> None:
+        store = self.store
+        # Shared through the store, so every query replica accepts every other's tokens.
+        secret = await store.call(store.meta_value, TOKEN_SECRET_KEY, lambda: secrets.token_hex(32))
+        tokens = TokenCodec(bytes.fromhex(secret))
+        self.search = RunSearch(store, tokens, self.settings)
+        self.history = MetricHistory(store, tokens, self.settings)
+        self.servicer = QueryServicer(store, self.search, self.history)
+        query_pb2_grpc.add_QueryServiceServicer_to_server(self.servicer, server)
+
+    async def stop(self) -> None:
+        return None

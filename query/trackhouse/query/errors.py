@@ -1,0 +1,23 @@
+"""Errors of the query service's domain; the service maps them to gRPC codes.
+
+    QueryError              base; never raised itself
+    ├── InvalidArgument     a bad filter, order_by, page token or limit     → INVALID_ARGUMENT
+    └── NotFound            a run that does not exist                        → NOT_FOUND
+
+`FilterError` (from trackhouse.query.filters) is an InvalidArgument too: the
+service treats both alike. Store errors map to UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+
+class QueryError(Exception):
+    """Base of the query service's errors."""
+
+
+class InvalidArgument(QueryError, ValueError):
+    pass
+
+
+class NotFound(QueryError):
+    pass

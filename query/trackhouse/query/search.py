@@ -1,0 +1,161 @@
+"""Run search: scope + filter + ordering + keyset pages, then hydrate one page.
+
+Two phases. Phase one picks the ids of one page: runs (FINAL) in scope that
+pass the compiled filter, each order key joined in from params, tags or
+latest_metrics (never from metrics), ordered with missing values last and a
+stable tiebreak (start_time DESC, run_id ASC, as MLflow), cut by a keyset
+predicate from the page token — never OFFSET. Phase two hydrates exactly those
+runs (params, tags, latest metrics) by id.
+
+All user text travels as bound parameters; identifiers come from whitelists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trackhouse.query.errors import InvalidArgument
+from trackhouse.query.filters import ATTRIBUTES, METRICS, PARAMS, Binder, compile_filter, parse_filter
+from trackhouse.query.order import OrderKey, parse_order_by
+from trackhouse.query.settings import QuerySettings
+from trackhouse.query.tokens import TokenCodec, fingerprint
+from trackhouse.store import RunDetails, Store
+
+VIEWS = {"ACTIVE_ONLY": ("active",), "DELETED_ONLY": ("deleted",), "ALL": ("active", "deleted")}
+# Attribute columns a search may order by, with their ClickHouse types for cursors.
+ATTRIBUTE_TYPES = {
+    "run_id": "String", "run_name": "String", "status": "String", "user_id": "String",
+    "start_time": "Int64", "end_time": "Int64", "artifact_uri": "String",
+    "lifecycle_stage": "String", "experiment_id": "String",
+}
+TIEBREAK = (OrderKey(ATTRIBUTES, "start_time", False), OrderKey(ATTRIBUTES, "run_id", True))
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    experiment_ids: tuple[str, ...] = ()
+    filter: str = ""
+    order_by: tuple[str, ...] = ()
+    max_results: int = 0
+    page_token: str = ""
+    view: str = "ACTIVE_ONLY"
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    runs: list[RunDetails]
+    next_page_token: str
+
+
+def sort_keys(order: Sequence[OrderKey]) -> list[OrderKey]:
+    """The user's keys plus MLflow's tiebreak, without repeating a key."""
+    keys = list(order)
+    seen = {(k.entity, k.key) for k in keys}
+    # TIEBREAK ends with run_id, which is unique: the order is total.
+    return keys + [k for k in TIEBREAK if (k.entity, k.key) not in seen]
+
+
+def _key_expr(i: int, key: OrderKey, db: str, binder: Binder) -> tuple[str, str, str]:
+    """(select expression, join clause, ClickHouse type) for one order key."""
+    if key.entity == ATTRIBUTES:
+        if key.key not in ATTRIBUTE_TYPES:
+            raise InvalidArgument(f"order_by: cannot order by attribute {key.key!r}")
+        return f"base.{key.key}", "", ATTRIBUTE_TYPES[key.key]
+    k = binder.bind(key.key, "String")
+    if key.entity == METRICS:
+        sub = (f"SELECT run_id, tupleElement(max(last), 3) AS v FROM {db}.latest_metrics "
+               f"WHERE key = {k} GROUP BY run_id")
+        kind = "Float64"
+    elif key.entity == PARAMS:
+        sub = f"SELECT run_id, any(value) AS v FROM {db}.params WHERE key = {k} GROUP BY run_id"
+        kind = "String"
+    else:
+        sub = f"SELECT run_id, value AS v FROM {db}.tags FINAL WHERE key = {k} AND deleted = 0"
+        kind = "String"
+    return f"j{i}.v", f"LEFT JOIN ({sub}) AS j{i} ON j{i}.run_id = base.run_id", kind
+
+
+def _keyset(exprs: Sequence[tuple[str, str]], keys: Sequence[OrderKey], cursor: Sequence[Any],
+            binder: Binder) -> str:
+    """Rows strictly after `cursor` in the order (isNull(e) ASC, e dir) per key, expanded OR form."""
+    comps: list[tuple[str, str, Any, str]] = []  # (expr, op-after, value, type)
+    for (expr, kind), key, value in zip(exprs, keys, cursor, strict=True):
+        comps.append((f"isNull({expr})", ">", 1 if value is None else 0, "UInt8"))
+        if value is not None:  # rows tied on "missing" are tied on the value too
+            comps.append((expr, ">" if key.ascending else "<", value, kind))
+    terms = []
+    for j, (expr, op, value, kind) in enumerate(comps):
+        equal = [f"{e} = {binder.bind(v, t)}" for e, _, v, t in comps[:j]]
+        terms.append("(" + " AND ".join([*equal, f"{expr} {op} {binder.bind(value, kind)}"]) + ")")
+    return "(" + " OR ".join(terms) + ")"
+
+
+def _clean(value: Any) -> Any:
+    """A cursor value JSON can carry (NaN has no JSON form; it sorts as missing)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+class RunSearch:
+    def __init__(self, store: Store, tokens: TokenCodec, settings: QuerySettings) -> None:
+        self._store = store
+        self._tokens = tokens
+        self._settings = settings
+
+    def _limit(self, asked: int) -> int:
+        if asked < 0 or asked > self._settings.max_results:
+            raise InvalidArgument(f"max_results: {asked} is outside 1..{self._settings.max_results}")
+        return asked or self._settings.default_max_results
+
+    def search(self, req: SearchRequest) -> SearchPage:
+        """One page of runs (blocking; run it on the store's thread)."""
+        limit = self._limit(req.max_results)
+        if req.view not in VIEWS:
+            raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
+        if len(req.filter) > self._settings.max_filter_length:
+            raise InvalidArgument(
+                f"filter: {len(req.filter)} characters, limit {self._settings.max_filter_length}")
+        keys = sort_keys(parse_order_by(list(req.order_by)))
+        question = fingerprint(sorted(req.experiment_ids), req.filter, req.order_by, req.view, limit)
+        cursor = self._tokens.decode(req.page_token, question) if req.page_token else None
+        sql, params = self._sql(req, keys, cursor, limit)
+        rows = self._store.query_rows(sql, params, settings={"join_use_nulls": 1})
+        more = len(rows) > limit
+        rows = rows[:limit]
+        token = self._tokens.encode(question, [_clean(v) for v in rows[-1][1:]]) if more else ""
+        return SearchPage(self._store.get_run_details([r[0] for r in rows]), token)
+
+    def _sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any,
+             limit: int) -> tuple[str, dict[str, Any]]:
+        db = self._store.database
+        binder = Binder()
+        where = [f"lifecycle_stage IN {binder.bind(list(VIEWS[req.view]), 'Array(String)')}"]
+        if req.experiment_ids:
+            where.append(f"experiment_id IN {binder.bind(list(req.experiment_ids), 'Array(String)')}")
+        node = parse_filter(req.filter)
+        if node is not None:
+            where.append(compile_filter(node, db, binder))
+        exprs, joins = [], []
+        for i, key in enumerate(keys):
+            expr, join, kind = _key_expr(i, key, db, binder)
+            exprs.append((expr, kind))
+            if join:
+                joins.append(join)
+        outer = ""
+        if cursor is not None:
+            if not isinstance(cursor, list) or len(cursor) != len(keys):
+                raise InvalidArgument("page_token: does not match this search's ordering")
+            outer = "WHERE " + _keyset(exprs, keys, cursor, binder)
+        order = ", ".join(
+            f"isNull({e}) ASC, {e} {'ASC' if k.ascending else 'DESC'}" for (e, _), k in zip(exprs, keys, strict=True)
+        )
+        select = ", ".join(["base.run_id", *(e for e, _ in exprs)])
+        sql = (
+            f"SELECT {select} FROM (SELECT * FROM {db}.runs FINAL WHERE {' AND '.join(where)}) AS base "
+            f"{' '.join(joins)} {outer} ORDER BY {order} LIMIT {int(limit) + 1}"
+        )
+        return sql, binder.params

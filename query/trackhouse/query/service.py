@@ -1,0 +1,95 @@
+"""The gRPC face of the query service: thin handlers over search and history.
+
+Owns the translation between wire messages and domain calls and, in
+`status_for`, the one mapping from domain and store errors to gRPC codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
+from trackhouse.query.errors import InvalidArgument, NotFound, QueryError
+from trackhouse.query.filters import FilterError
+from trackhouse.query.history import HistoryRequest, MetricHistory
+from trackhouse.query.search import RunSearch, SearchRequest
+from trackhouse.store import Store, StoreError
+from trackhouse.store.wire import run_to_pb
+
+T = TypeVar("T")
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, (InvalidArgument, FilterError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, StoreError):
+        return grpc.StatusCode.UNAVAILABLE, f"store error: {exc}"
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+async def _handle(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except (QueryError, FilterError, StoreError) as exc:
+        code, message = status_for(exc)
+        await context.abort(code, message)
+        raise
+
+
+def _view(value: int) -> str:
+    if value == common_pb2.VIEW_TYPE_UNSPECIFIED:
+        return "ACTIVE_ONLY"
+    try:
+        return str(common_pb2.ViewType.Name(value))
+    except ValueError:
+        raise InvalidArgument(f"run_view_type: unknown value {value}") from None
+
+
+class QueryServicer(query_pb2_grpc.QueryServiceServicer):  # type: ignore[misc]
+    def __init__(self, store: Store, search: RunSearch, history: MetricHistory) -> None:
+        self._store = store
+        self._search = search
+        self._history = history
+
+    async def SearchRuns(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call() -> Any:
+            req = SearchRequest(
+                experiment_ids=tuple(request.experiment_ids), filter=request.filter,
+                order_by=tuple(request.order_by), max_results=request.max_results,
+                page_token=request.page_token, view=_view(request.run_view_type),
+            )
+            return await self._store.call(self._search.search, req)
+
+        page = await _handle(context, call)
+        return query_pb2.SearchRunsResponse(runs=[run_to_pb(r) for r in page.runs],
+                                            next_page_token=page.next_page_token)
+
+    async def GetRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call() -> Any:
+            if not request.run_id:
+                raise InvalidArgument("run_id: required")
+            runs = await self._store.call(self._store.get_run_details, [request.run_id])
+            if not runs:
+                raise NotFound(f"run_id: no run {request.run_id!r}")
+            return runs[0]
+
+        return run_to_pb(await _handle(context, call))
+
+    async def GetMetricHistory(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        req = HistoryRequest(
+            run_id=request.run_id, key=request.key,
+            min_step=request.min_step if request.HasField("min_step") else None,
+            max_step=request.max_step if request.HasField("max_step") else None,
+            max_results=request.max_results, page_token=request.page_token,
+        )
+        page = await _handle(context, lambda: self._store.call(self._history.page, req))
+        return query_pb2.MetricHistory(
+            run_id=req.run_id, key=req.key, steps=page.steps.astype("<i8").tobytes(),
+            timestamps=page.timestamps.astype("<i8").tobytes(), values=page.values.astype("<f8").tobytes(),
+            next_page_token=page.next_page_token,
+        )

@@ -1,0 +1,47 @@
+"""Settings of the query service: one frozen value object, read from the environment once.
+
+Every variable (all optional):
+
+    TRACKHOUSE_QUERY_DEFAULT_MAX_RESULTS    runs per search page when none is asked (default 1000, as MLflow)
+    TRACKHOUSE_QUERY_MAX_RESULTS            largest page a search may ask for (default 50000, as MLflow)
+    TRACKHOUSE_QUERY_HISTORY_PAGE           points per history page when none is asked (default 25000)
+    TRACKHOUSE_QUERY_MAX_HISTORY_PAGE       largest history page (default 1000000)
+    TRACKHOUSE_QUERY_MAX_FILTER_LENGTH      longest filter string accepted (default 10000 characters)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    default_max_results: int = 1000
+    max_results: int = 50_000
+    history_page: int = 25_000
+    max_history_page: int = 1_000_000
+    max_filter_length: int = 10_000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"query setting {f.name} must be > 0, got {getattr(self, f.name)!r}")
+        if self.default_max_results > self.max_results:
+            raise ValueError("default_max_results must not exceed max_results")
+        if self.history_page > self.max_history_page:
+            raise ValueError("history_page must not exceed max_history_page")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> QuerySettings:
+        env = os.environ if environ is None else environ
+        values: dict[str, int] = {}
+        for f in fields(cls):
+            name = f"TRACKHOUSE_QUERY_{f.name.upper()}"
+            if name in env:
+                try:
+                    values[f.name] = int(env[name])
+                except ValueError:
+                    raise ValueError(f"{name}={env[name]!r} is not a whole number") from None
+        return cls(**values)

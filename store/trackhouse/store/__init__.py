@@ -1,0 +1,39 @@
+"""trackhouse.store — the schema, its migrations, and the one way to talk to ClickHouse.
+
+Imported by the ingest and query services; never by the client.
+"""
+
+from trackhouse.store.dsn import DEFAULT_DSN, DSN, parse_dsn
+from trackhouse.store.errors import InvalidDSN, QueryFailed, StoreError, StoreUnavailable
+from trackhouse.store.records import (
+    ACTIVE,
+    DELETED,
+    RUN_STATUSES,
+    TERMINAL_STATUSES,
+    ExperimentRecord,
+    LatestMetricRecord,
+    RunDetails,
+    RunRecord,
+)
+from trackhouse.store.store import Store, new_version, open_store
+
+__all__ = [
+    "ACTIVE",
+    "DEFAULT_DSN",
+    "DELETED",
+    "DSN",
+    "RUN_STATUSES",
+    "TERMINAL_STATUSES",
+    "ExperimentRecord",
+    "InvalidDSN",
+    "LatestMetricRecord",
+    "QueryFailed",
+    "RunDetails",
+    "RunRecord",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "new_version",
+    "open_store",
+    "parse_dsn",
+]

@@ -1,0 +1,99 @@
+"""Parse a store DSN into a value object; open ClickHouse clients from it.
+
+Two deployments, one client library (clickhouse-connect):
+
+    chdb://PATH                 embedded engine in this process; PATH relative or
+                                absolute (chdb:///abs/path); default ./trackhouse-data
+    http(s)://[user[:pw]@]host[:port]   a ClickHouse server
+
+The database trackhouse uses is not part of the DSN's path semantics for chDB
+(where the path is a directory), so it is a separate setting everywhere.
+This module is the only place that constructs clickhouse-connect clients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from trackhouse.store.errors import InvalidDSN, StoreUnavailable, translate
+
+DEFAULT_DSN = "chdb://./trackhouse-data"
+
+
+@dataclass(frozen=True)
+class DSN:
+    scheme: str  # "chdb", "http" or "https"
+    path: str = ""  # chdb: absolute data directory
+    host: str = ""
+    port: int = 0
+    username: str = "default"
+    password: str = ""
+
+    @property
+    def embedded(self) -> bool:
+        return self.scheme == "chdb"
+
+    def redacted(self) -> str:
+        if self.embedded:
+            return f"chdb://{self.path}"
+        return f"{self.scheme}://{self.username}@{self.host}:{self.port}"
+
+
+def parse_dsn(dsn: str) -> DSN:
+    """Parse `dsn`; raise InvalidDSN with what is wrong and what is accepted."""
+    if dsn.startswith("chdb://"):
+        path = dsn[len("chdb://") :]
+        if not path or path in (":memory:", "memory"):
+            raise InvalidDSN(
+                f"{dsn!r}: the embedded store needs a data directory, e.g. chdb://./trackhouse-data"
+            )
+        return DSN(scheme="chdb", path=os.path.realpath(unquote(path)))
+    parsed = urlparse(dsn)
+    if parsed.scheme in ("http", "https"):
+        if not parsed.hostname:
+            raise InvalidDSN(f"{dsn!r}: no host; expected {parsed.scheme}://host:port")
+        default_port = 8443 if parsed.scheme == "https" else 8123
+        try:
+            port = parsed.port or default_port
+        except ValueError as exc:
+            raise InvalidDSN(f"{dsn!r}: bad port ({exc})") from None
+        return DSN(
+            scheme=parsed.scheme,
+            host=parsed.hostname,
+            port=port,
+            username=unquote(parsed.username) if parsed.username else "default",
+            password=unquote(parsed.password) if parsed.password else "",
+        )
+    raise InvalidDSN(
+        f"{dsn!r}: unsupported store; use chdb://PATH (embedded) or http(s)://host:port (ClickHouse server)"
+    )
+
+
+def connect(dsn: DSN, settings: dict[str, Any] | None = None) -> Any:
+    """Open one clickhouse-connect client for `dsn` (does I/O)."""
+    import clickhouse_connect
+    from clickhouse_connect.driver import exceptions as ch
+
+    try:
+        if dsn.embedded:
+            os.makedirs(dsn.path, exist_ok=True)
+            return clickhouse_connect.get_client(interface="chdb", path=dsn.path, settings=settings)
+        return clickhouse_connect.get_client(
+            interface=dsn.scheme,
+            host=dsn.host,
+            port=dsn.port,
+            username=dsn.username,
+            password=dsn.password,
+            settings=settings,
+            autogenerate_session_id=False,
+        )
+    except ch.ProgrammingError as exc:
+        # chDB allows one data path per process.
+        raise StoreUnavailable(
+            f"cannot open {dsn.redacted()}: {exc} (the embedded store allows one data path per process)"
+        ) from None
+    except Exception as exc:
+        raise translate(exc) from None

@@ -1,0 +1,38 @@
+"""Errors raised by the store package.
+
+    StoreError                 anything the store could not do
+    ├── StoreUnavailable       the store cannot be reached (connection refused, timeout)
+    ├── InvalidDSN             the DSN is not one the store understands
+    └── QueryFailed            the engine refused or failed a statement
+
+No `clickhouse_connect` exception leaves this package: `translate()` is the seam.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every store error."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached; the caller may retry later."""
+
+
+class InvalidDSN(StoreError, ValueError):
+    """The DSN is malformed or names an unsupported scheme."""
+
+
+class QueryFailed(StoreError):
+    """The engine refused or failed a statement."""
+
+
+def translate(exc: BaseException) -> StoreError:
+    """Map a clickhouse-connect exception to the store's own hierarchy."""
+    from clickhouse_connect.driver import exceptions as ch
+
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, ch.OperationalError):
+        return StoreUnavailable(str(exc))
+    return QueryFailed(str(exc))

@@ -1,0 +1,59 @@
+"""Plain records the store reads and writes: the store's typed vocabulary.
+
+Frozen dataclasses, independent of gRPC and of clickhouse-connect, so the
+services can convert them to their own wire types at their edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ACTIVE = "active"
+DELETED = "deleted"
+
+RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+@dataclass(frozen=True)
+class ExperimentRecord:
+    experiment_id: str
+    name: str
+    artifact_location: str
+    lifecycle_stage: str
+    creation_time: int
+    last_update_time: int
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    experiment_id: str
+    run_name: str
+    user_id: str
+    status: str
+    start_time: int
+    end_time: int | None
+    lifecycle_stage: str
+    artifact_uri: str
+
+
+@dataclass(frozen=True)
+class LatestMetricRecord:
+    key: str
+    value: float
+    timestamp: int
+    step: int
+    min_value: float
+    max_value: float
+    count: int
+
+
+@dataclass(frozen=True)
+class RunDetails:
+    """A run with everything a search page or GetRun returns."""
+
+    info: RunRecord
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: list[LatestMetricRecord] = field(default_factory=list)

@@ -1,0 +1,152 @@
+"""The schema of the trackhouse store and its versioned migrations.
+
+Owns every DDL statement. A migration is a numbered list of statements; the
+numbers applied are recorded in the `schema_migrations` table of the store, so
+`migrate()` is idempotent and a newer release applies only what is missing.
+Statements use `{db}` for the database name (a whitelisted identifier, checked
+by `check_identifier`), never user text.
+
+Tables (see docs/schema.md for the stable, user-facing description):
+
+- experiments, runs, tags — small and mutable: ReplacingMergeTree(version);
+  readers take the latest version (FINAL on the few rows a page touches).
+- params — write-once per (run, key); the ingest service refuses another value.
+- metrics — the big one, append-only; one run's series contiguous on disk;
+  (writer_id, seq) of the client batch on every row, for exactly-once replays.
+- latest_metrics — kept by a materialized view: per (run, key) the greatest
+  (step, timestamp, value) tuple, min, max and count.
+- writer_progress — kept by a materialized view: the greatest batch seq stored
+  per writer, which is what ingest's dedupe consults after a restart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def check_identifier(name: str) -> str:
+    """Return `name` if it is a plain SQL identifier, else raise ValueError."""
+    if not _IDENT.match(name):
+        raise ValueError(
+            f"invalid database name {name!r}: use letters, digits and underscores, "
+            "starting with a letter or underscore, at most 64 characters"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
+    version UInt32,
+    description String,
+    applied_at DateTime64(3) DEFAULT now64(3)
+) ENGINE = ReplacingMergeTree ORDER BY version
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "experiments, runs, params, tags, metrics, latest_metrics, writer_progress",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.experiments (
+                experiment_id String,
+                name String,
+                artifact_location String,
+                lifecycle_stage LowCardinality(String),
+                creation_time Int64,
+                last_update_time Int64,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version) ORDER BY experiment_id
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.runs (
+                run_id String,
+                experiment_id String,
+                run_name String,
+                user_id String,
+                status LowCardinality(String),
+                start_time Int64,
+                end_time Nullable(Int64),
+                lifecycle_stage LowCardinality(String),
+                artifact_uri String,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version) ORDER BY run_id
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.params (
+                run_id String,
+                key String,
+                value String
+            ) ENGINE = ReplacingMergeTree ORDER BY (run_id, key)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.tags (
+                run_id String,
+                key String,
+                value String,
+                deleted UInt8,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version) ORDER BY (run_id, key)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.metrics (
+                run_id String,
+                key LowCardinality(String),
+                step Int64 CODEC(Delta, ZSTD(1)),
+                timestamp Int64 CODEC(DoubleDelta, ZSTD(1)),
+                value Float64 CODEC(Gorilla, ZSTD(1)),
+                writer_id LowCardinality(String),
+                seq UInt64 CODEC(Delta, ZSTD(1))
+            ) ENGINE = MergeTree ORDER BY (run_id, key, step, timestamp)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.latest_metrics (
+                run_id String,
+                key String,
+                last SimpleAggregateFunction(max, Tuple(Int64, Int64, Float64)),
+                min_value SimpleAggregateFunction(min, Float64),
+                max_value SimpleAggregateFunction(max, Float64),
+                count SimpleAggregateFunction(sum, UInt64)
+            ) ENGINE = AggregatingMergeTree ORDER BY (run_id, key)
+            """,
+            """
+            CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.latest_metrics_mv TO {db}.latest_metrics AS
+            SELECT run_id, toString(key) AS key,
+                   max((step, timestamp, value)) AS last,
+                   min(value) AS min_value, max(value) AS max_value, count() AS count
+            FROM {db}.metrics GROUP BY run_id, key
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.writer_progress (
+                writer_id String,
+                max_seq SimpleAggregateFunction(max, UInt64)
+            ) ENGINE = AggregatingMergeTree ORDER BY writer_id
+            """,
+            """
+            CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.writer_progress_mv TO {db}.writer_progress AS
+            SELECT toString(writer_id) AS writer_id, max(seq) AS max_seq
+            FROM {db}.metrics GROUP BY writer_id
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.meta (
+                key String,
+                value String
+            ) ENGINE = ReplacingMergeTree ORDER BY key
+            """,
+        ),
+    ),
+)
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1].version

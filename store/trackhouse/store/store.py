@@ -1,0 +1,296 @@
+"""The one way to talk to ClickHouse: typed reads and writes over clickhouse-connect.
+
+Owns the clients. One writer client behind a lock (one writer path, serialized:
+chDB mixes up concurrent inserts on one session) and a small pool of reader
+clients (separate chDB connections run in parallel and do not wait behind
+inserts). All SQL names tables as `{db}.table` with a whitelisted database name
+and binds every value as a server-side parameter; no user text is pasted.
+
+Blocking methods are for threads; async callers use `call()`, which runs a
+method on the store's own bounded thread pool (chDB has no async client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+
+from trackhouse.store import schema
+from trackhouse.store.dsn import DSN, connect, parse_dsn
+from trackhouse.store.errors import StoreError, translate
+from trackhouse.store.records import (
+    ExperimentRecord,
+    LatestMetricRecord,
+    RunDetails,
+    RunRecord,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_RUN_COLUMNS = (
+    "run_id, experiment_id, run_name, user_id, status, start_time, end_time, "
+    "lifecycle_stage, artifact_uri"
+)
+_EXPERIMENT_COLUMNS = "experiment_id, name, artifact_location, lifecycle_stage, creation_time, last_update_time"
+
+
+def new_version() -> int:
+    """A version for ReplacingMergeTree rows: later writes win."""
+    return time.time_ns()
+
+
+class Store:
+    """Typed access to one trackhouse database. Build it with `open_store`."""
+
+    def __init__(self, dsn: DSN, database: str, readers: int = 2) -> None:
+        self.dsn = dsn
+        self.database = schema.check_identifier(database)
+        self._reader_count = readers
+        self._writer: Any = None
+        self._write_lock = threading.Lock()
+        self._readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._executor = ThreadPoolExecutor(max_workers=readers + 1, thread_name_prefix="trackhouse-store")
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def open(self) -> None:
+        self._writer = connect(self.dsn)
+        for _ in range(self._reader_count):
+            self._readers.put(connect(self.dsn))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        clients = [self._writer]
+        while not self._readers.empty():
+            clients.append(self._readers.get_nowait())
+        for client in clients:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking store method on the store's thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def t(self, table: str) -> str:
+        """The qualified name of one of our tables (never user text)."""
+        return f"{self.database}.{table}"
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[Any]:
+        client = self._readers.get()
+        try:
+            yield client
+        finally:
+            self._readers.put(client)
+
+    # -- raw access (SQL built by our own modules, values bound) ---------------
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
+        with self._write_lock:
+            try:
+                self._writer.command(sql, parameters=parameters)
+            except Exception as exc:
+                raise translate(exc) from None
+
+    def query_rows(
+        self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        with self._reader() as client:
+            try:
+                rows: list[tuple[Any, ...]] = client.query(
+                    sql, parameters=parameters, settings=settings
+                ).result_rows
+            except Exception as exc:
+                raise translate(exc) from None
+        return rows
+
+    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        with self._reader() as client:
+            try:
+                return client.query_arrow(sql, parameters=parameters)
+            except Exception as exc:
+                raise translate(exc) from None
+
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        with self._write_lock:
+            try:
+                self._writer.insert(self.t(table), list(rows), column_names=list(columns))
+            except Exception as exc:
+                raise translate(exc) from None
+
+    def insert_arrow(self, table: str, data: Any) -> None:
+        """Insert a pyarrow Table in one INSERT (one part)."""
+        with self._write_lock:
+            try:
+                self._writer.insert_arrow(self.t(table), data)
+            except Exception as exc:
+                raise translate(exc) from None
+
+    # -- schema ---------------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        """Create the database and apply missing migrations; return the versions applied."""
+        db = self.database
+        self.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+        self.command(schema.MIGRATIONS_TABLE.format(db=db))
+        done = {row[0] for row in self.query_rows(f"SELECT version FROM {db}.schema_migrations")}
+        applied = []
+        for migration in schema.MIGRATIONS:
+            if migration.version in done:
+                continue
+            for statement in migration.statements:
+                self.command(statement.format(db=db))
+            self.insert_rows(
+                "schema_migrations", ("version", "description"), [(migration.version, migration.description)]
+            )
+            applied.append(migration.version)
+        return applied
+
+    def schema_version(self) -> int:
+        rows = self.query_rows(f"SELECT max(version) FROM {self.t('schema_migrations')}")
+        return int(rows[0][0]) if rows else 0
+
+    def meta_value(self, key: str, default: Callable[[], str]) -> str:
+        """Read a value from the meta table, writing `default()` first if absent."""
+        sql = f"SELECT argMax(value, _part_offset) FROM {self.t('meta')} WHERE key = {{k:String}} HAVING count() > 0"
+        rows = self.query_rows(sql, {"k": key})
+        if rows:
+            return str(rows[0][0])
+        value = default()
+        self.insert_rows("meta", ("key", "value"), [(key, value)])
+        return str(self.query_rows(sql, {"k": key})[0][0])
+
+    # -- experiments ------------------------------------------------------------
+
+    def put_experiment(self, rec: ExperimentRecord) -> None:
+        self.insert_rows(
+            "experiments",
+            (*_EXPERIMENT_COLUMNS.split(", "), "version"),
+            [(
+                rec.experiment_id, rec.name, rec.artifact_location, rec.lifecycle_stage,
+                rec.creation_time, rec.last_update_time, new_version(),
+            )],
+        )
+
+    def get_experiment(self, *, experiment_id: str | None = None, name: str | None = None) -> ExperimentRecord | None:
+        column, value = ("experiment_id", experiment_id) if experiment_id is not None else ("name", name)
+        rows = self.query_rows(
+            f"SELECT {_EXPERIMENT_COLUMNS} FROM {self.t('experiments')} FINAL "
+            f"WHERE {column} = {{v:String}} ORDER BY lifecycle_stage = 'active' DESC LIMIT 1",
+            {"v": value},
+        )
+        return ExperimentRecord(*rows[0]) if rows else None
+
+    # -- runs ---------------------------------------------------------------------
+
+    def put_run(self, rec: RunRecord) -> None:
+        self.insert_rows(
+            "runs",
+            (*_RUN_COLUMNS.split(", "), "version"),
+            [(
+                rec.run_id, rec.experiment_id, rec.run_name, rec.user_id, rec.status, rec.start_time,
+                rec.end_time, rec.lifecycle_stage, rec.artifact_uri, new_version(),
+            )],
+        )
+
+    def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        if not run_ids:
+            return {}
+        rows = self.query_rows(
+            f"SELECT {_RUN_COLUMNS} FROM {self.t('runs')} FINAL WHERE run_id IN {{ids:Array(String)}}",
+            {"ids": list(run_ids)},
+        )
+        return {row[0]: RunRecord(*row) for row in rows}
+
+    # -- params and tags ---------------------------------------------------------
+
+    def get_params(self, run_id: str, keys: Sequence[str]) -> dict[str, str]:
+        rows = self.query_rows(
+            f"SELECT key, any(value) FROM {self.t('params')} "
+            "WHERE run_id = {r:String} AND key IN {k:Array(String)} GROUP BY key",
+            {"r": run_id, "k": list(keys)},
+        )
+        return {str(k): str(v) for k, v in rows}
+
+    def put_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
+        self.insert_rows("params", ("run_id", "key", "value"), [(run_id, k, v) for k, v in params])
+
+    def put_tags(self, run_id: str, tags: Sequence[tuple[str, str]], deleted: bool = False) -> None:
+        version = new_version()
+        self.insert_rows(
+            "tags",
+            ("run_id", "key", "value", "deleted", "version"),
+            [(run_id, k, v, int(deleted), version) for k, v in tags],
+        )
+
+    # -- metrics --------------------------------------------------------------------
+
+    def writer_max_seq(self, writer_id: str) -> int:
+        """The greatest batch seq stored for `writer_id` (0 if none)."""
+        rows = self.query_rows(
+            f"SELECT max(max_seq) FROM {self.t('writer_progress')} WHERE writer_id = {{w:String}}",
+            {"w": writer_id},
+        )
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+    # -- hydration: everything a page of runs shows -----------------------------------
+
+    def get_run_details(self, run_ids: Sequence[str]) -> list[RunDetails]:
+        """Runs with params, tags and latest metrics, in the order of `run_ids`."""
+        infos = self.get_runs(run_ids)
+        ids = [r for r in run_ids if r in infos]
+        if not ids:
+            return []
+        bound = {"ids": ids}
+        params: dict[str, dict[str, str]] = {r: {} for r in ids}
+        for run_id, key, value in self.query_rows(
+            f"SELECT run_id, key, any(value) FROM {self.t('params')} "
+            "WHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY run_id, key",
+            bound,
+        ):
+            params[run_id][key] = value
+        tags: dict[str, dict[str, str]] = {r: {} for r in ids}
+        for run_id, key, value in self.query_rows(
+            f"SELECT run_id, key, value FROM {self.t('tags')} FINAL "
+            "WHERE run_id IN {ids:Array(String)} AND deleted = 0 ORDER BY run_id, key",
+            bound,
+        ):
+            tags[run_id][key] = value
+        metrics: dict[str, list[LatestMetricRecord]] = {r: [] for r in ids}
+        for run_id, key, last, lo, hi, count in self.query_rows(
+            f"SELECT run_id, key, max(last), min(min_value), max(max_value), sum(count) "
+            f"FROM {self.t('latest_metrics')} WHERE run_id IN {{ids:Array(String)}} "
+            "GROUP BY run_id, key ORDER BY run_id, key",
+            bound,
+        ):
+            step, ts, value = last
+            metrics[run_id].append(LatestMetricRecord(key, value, ts, step, lo, hi, int(count)))
+        return [RunDetails(infos[r], params[r], tags[r], metrics[r]) for r in ids]
+
+
+def open_store(dsn: str, database: str = "trackhouse", *, readers: int = 2, migrate: bool = True) -> Store:
+    """Open (and by default migrate) the store at `dsn`. Raises StoreError subclasses."""
+    store = Store(parse_dsn(dsn), database, readers=readers)
+    try:
+        store.open()
+        if migrate:
+            store.migrate()
+    except StoreError:
+        store.close()
+        raise
+    return store
