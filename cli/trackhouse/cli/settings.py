@@ -1,0 +1,49 @@
+"""Settings of the `trackhouse serve` process: one frozen value object, read from the environment once.
+
+Command-line flags override these. Every variable (all optional):
+
+    TRACKHOUSE_SERVER_STORE       store DSN: chdb://PATH (embedded, default chdb://./trackhouse-data)
+                                  or http(s)://[user[:password]@]host[:port] (a ClickHouse server)
+    TRACKHOUSE_SERVER_DATABASE    database inside the store (default trackhouse)
+    TRACKHOUSE_SERVER_HOST        address to bind (default 127.0.0.1, loopback only)
+    TRACKHOUSE_SERVER_GRPC_PORT   gRPC port for ingest and query (default 50051; 0 picks a free one)
+
+The ingest and query services read their own TRACKHOUSE_INGEST_* and
+TRACKHOUSE_QUERY_* variables (trackhouse.ingest.settings, trackhouse.query.settings).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from trackhouse.store import DEFAULT_DSN, parse_dsn
+from trackhouse.store.schema import check_identifier
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    store: str = DEFAULT_DSN
+    database: str = "trackhouse"
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+
+    def __post_init__(self) -> None:
+        parse_dsn(self.store)  # raises InvalidDSN saying what is accepted
+        check_identifier(self.database)
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port {self.grpc_port} is not a TCP port (0..65535)")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
+        env = os.environ if environ is None else environ
+        port = env.get("TRACKHOUSE_SERVER_GRPC_PORT", "50051")
+        if not port.isdigit():
+            raise ValueError(f"TRACKHOUSE_SERVER_GRPC_PORT={port!r} is not a port number")
+        return cls(
+            store=env.get("TRACKHOUSE_SERVER_STORE", DEFAULT_DSN),
+            database=env.get("TRACKHOUSE_SERVER_DATABASE", "trackhouse"),
+            host=env.get("TRACKHOUSE_SERVER_HOST", "127.0.0.1"),
+            grpc_port=int(port),
+        )
