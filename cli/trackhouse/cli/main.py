@@ -68,9 +68,10 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if args.demo:
-        loop.create_task(_seed_demo(address))
+    seeding = asyncio.create_task(_seed_demo(address)) if args.demo else None
     await stop.wait()
+    if seeding is not None:
+        seeding.cancel()
     print("stopping: flushing buffered points…", flush=True)
     await server.stop()
     return 0

@@ -1,0 +1,184 @@
+"""The gRPC seam: the ``Transport`` protocol and ``GrpcTransport``, its real implementation.
+
+This is the only client module that imports ``grpc``. Every ``grpc.RpcError``
+is translated here, by ``_translate``, into the client's error hierarchy
+(``errors.py``); nothing above this module knows gRPC exists. A ``Transport``
+sends request messages and returns response messages, nothing more: building
+requests and interpreting answers belongs to ``client.py`` / ``run.py`` /
+``sender.py``.
+
+Unary calls carry a deadline and are retried by gRPC itself on UNAVAILABLE
+(the channel's retry policy below). The metric stream is not: the sender owns
+its reconnects because it must resend the unacknowledged batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar, cast
+
+import grpc
+
+from trackhouse.client.errors import ServerUnavailable, TrackhouseError, error_for_code
+from trackhouse.client.settings import parse_url
+from trackhouse.proto.v1 import (
+    common_pb2,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# gRPC's own retry of unary calls: only UNAVAILABLE, which means the call did
+# not reach the service, so even CreateRun is safe to repeat.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "trackhouse.v1.IngestService"},
+                    {"service": "trackhouse.v1.QueryService"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+_CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+class AckStream(Protocol):
+    """One open StreamMetrics call: iterate for acks; ``cancel`` ends it from any thread.
+
+    Iteration raises a ``TrackhouseError`` when the stream fails and simply stops
+    when the server ends it normally.
+    """
+
+    def __iter__(self) -> Iterator[ingest_pb2.BatchAck]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Everything the client sends and receives. Methods raise ``TrackhouseError`` only."""
+
+    def create_experiment(self, request: ingest_pb2.CreateExperimentRequest) -> common_pb2.Experiment: ...
+    def get_experiment(self, request: ingest_pb2.GetExperimentRequest) -> common_pb2.Experiment: ...
+    def create_run(self, request: ingest_pb2.CreateRunRequest) -> common_pb2.RunInfo: ...
+    def update_run(self, request: ingest_pb2.UpdateRunRequest) -> common_pb2.RunInfo: ...
+    def log_params(self, request: ingest_pb2.LogParamsRequest) -> None: ...
+    def set_tags(self, request: ingest_pb2.SetTagsRequest) -> None: ...
+    def stream_metrics(self, requests: Iterator[ingest_pb2.MetricBatch]) -> AckStream: ...
+    def get_run(self, request: query_pb2.GetRunRequest) -> common_pb2.Run: ...
+    def search_runs(self, request: query_pb2.SearchRunsRequest) -> query_pb2.SearchRunsResponse: ...
+    def get_metric_history(self, request: query_pb2.GetMetricHistoryRequest) -> query_pb2.MetricHistory: ...
+    def close(self) -> None: ...
+
+
+def _translate(exc: grpc.RpcError) -> TrackhouseError:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    details = exc.details() if isinstance(exc, grpc.Call) else None
+    return error_for_code(name, str(details or exc))
+
+
+def _open_channel(url: str) -> grpc.Channel:
+    target, secure = parse_url(url)
+    if secure:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS)
+    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+class _GrpcAckStream:
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[ingest_pb2.BatchAck]:
+        try:
+            for ack in self._call:
+                yield cast(ingest_pb2.BatchAck, ack)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class GrpcTransport:
+    """``Transport`` over two gRPC channels (one when ingest and query share an address).
+
+    Creating it does no I/O: gRPC channels connect on first use.
+    """
+
+    def __init__(self, url: str, query_url: str | None = None, *, rpc_timeout: float = 30.0) -> None:
+        self._timeout = rpc_timeout
+        self._ingest_channel = _open_channel(url)
+        same = query_url is None or query_url == url
+        self._query_channel = self._ingest_channel if same else _open_channel(cast(str, query_url))
+        self._ingest = ingest_pb2_grpc.IngestServiceStub(self._ingest_channel)  # type: ignore[no-untyped-call]
+        self._query = query_pb2_grpc.QueryServiceStub(self._query_channel)  # type: ignore[no-untyped-call]
+        self.url = url
+
+    def _call(self, method: Callable[..., Any], request: Any, result: type[_T]) -> _T:
+        try:
+            return cast(_T, method(request, timeout=self._timeout))
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        except ValueError as exc:  # grpc raises ValueError on a closed channel
+            raise ServerUnavailable(f"channel closed: {exc}") from None
+
+    def create_experiment(self, request: ingest_pb2.CreateExperimentRequest) -> common_pb2.Experiment:
+        return self._call(self._ingest.CreateExperiment, request, common_pb2.Experiment)
+
+    def get_experiment(self, request: ingest_pb2.GetExperimentRequest) -> common_pb2.Experiment:
+        return self._call(self._ingest.GetExperiment, request, common_pb2.Experiment)
+
+    def create_run(self, request: ingest_pb2.CreateRunRequest) -> common_pb2.RunInfo:
+        return self._call(self._ingest.CreateRun, request, common_pb2.RunInfo)
+
+    def update_run(self, request: ingest_pb2.UpdateRunRequest) -> common_pb2.RunInfo:
+        return self._call(self._ingest.UpdateRun, request, common_pb2.RunInfo)
+
+    def log_params(self, request: ingest_pb2.LogParamsRequest) -> None:
+        self._call(self._ingest.LogParams, request, ingest_pb2.LogParamsResponse)
+
+    def set_tags(self, request: ingest_pb2.SetTagsRequest) -> None:
+        self._call(self._ingest.SetTags, request, ingest_pb2.SetTagsResponse)
+
+    def stream_metrics(self, requests: Iterator[ingest_pb2.MetricBatch]) -> AckStream:
+        """Open the long-lived stream; no deadline, the sender cancels it when done."""
+        try:
+            return _GrpcAckStream(self._ingest.StreamMetrics(requests))
+        except ValueError as exc:
+            raise ServerUnavailable(f"channel closed: {exc}") from None
+
+    def get_run(self, request: query_pb2.GetRunRequest) -> common_pb2.Run:
+        return self._call(self._query.GetRun, request, common_pb2.Run)
+
+    def search_runs(self, request: query_pb2.SearchRunsRequest) -> query_pb2.SearchRunsResponse:
+        return self._call(self._query.SearchRuns, request, query_pb2.SearchRunsResponse)
+
+    def get_metric_history(self, request: query_pb2.GetMetricHistoryRequest) -> query_pb2.MetricHistory:
+        return self._call(self._query.GetMetricHistory, request, query_pb2.MetricHistory)
+
+    def close(self) -> None:
+        self._ingest_channel.close()
+        if self._query_channel is not self._ingest_channel:
+            self._query_channel.close()

@@ -1,0 +1,60 @@
+"""Guards: the public API is pinned; the client imports only what it may."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import trackhouse.client as th
+
+CLIENT = Path(__file__).resolve().parents[2] / "client" / "trackhouse"
+
+
+def test_public_api_is_pinned() -> None:
+    assert th.__all__ == [
+        "AckStream", "AlreadyExists", "Client", "DeadlineExceeded", "FailedPrecondition",
+        "GrpcTransport", "InvalidArgument", "NotFound", "Run", "RunView", "ServerError",
+        "ServerUnavailable", "Settings", "TrackhouseError", "Transport", "UsageError", "connect",
+    ]  # fmt: skip
+    for name in th.__all__:
+        assert getattr(th, name).__module__.startswith("trackhouse.client.")
+
+
+def test_error_tree() -> None:
+    for cls in (th.NotFound, th.InvalidArgument, th.AlreadyExists, th.FailedPrecondition):
+        assert issubclass(cls, th.ServerError)
+    assert issubclass(th.DeadlineExceeded, th.ServerUnavailable)
+    for base in (th.ServerError, th.ServerUnavailable, th.UsageError):
+        assert issubclass(base, th.TrackhouseError)
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(module, at top level) for every import in ``path``."""
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in top) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, id(node) in top))
+    return found
+
+
+def test_namespace_layout_and_import_layering() -> None:
+    assert not (CLIENT / "__init__.py").exists()  # PEP 420 namespace
+    assert (CLIENT / "client" / "py.typed").exists()
+    allowed = {"grpc", "google", "numpy", "__future__"} | set(sys.stdlib_module_names)
+    for path in sorted((CLIENT / "client").glob("*.py")):
+        for module, top_level in _imports(path):
+            root = module.split(".")[0]
+            if module.startswith("trackhouse."):
+                assert module.startswith(("trackhouse.client", "trackhouse.proto")), (path.name, module)
+            elif root == "pyarrow":
+                assert not top_level, f"{path.name}: pyarrow must be imported lazily"
+            else:
+                assert root in allowed, (path.name, module)
+            if root == "grpc":
+                assert path.name == "transport.py", f"{path.name} imports grpc"
+        assert len(path.read_text().splitlines()) < 400, path.name

@@ -1,0 +1,177 @@
+"""Delivery against the fake ingest: reconnect + resend, dedupe, rejection, bounded flush/close."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import trackhouse.client as th
+
+FAST = th.Settings(flush_interval=0.05, max_batch_points=100, backoff_initial=0.01, backoff_max=0.05)
+
+
+@pytest.fixture
+def client(fake: Any) -> Iterator[th.Client]:
+    c = th.connect(fake.address, settings=FAST)
+    try:
+        yield c
+    finally:
+        c.close(timeout=5.0)
+
+
+def _stored_points(fake: Any, writer_id: str) -> list[tuple[int, float]]:
+    points = []
+    for (writer, _), batch in sorted(fake.ingest.stored.items()):
+        assert writer == writer_id
+        steps = np.frombuffer(batch.steps, "<i8")
+        values = np.frombuffer(batch.values, "<f8")
+        points += list(zip(steps.tolist(), values.tolist(), strict=True))
+    return points
+
+
+def test_dropped_streams_are_resent_and_every_point_stored_once(fake: Any, client: th.Client) -> None:
+    fake.ingest.plan = [_connection(fake, abort_after=3), _connection(fake, abort_after=2)]
+    run = client.start_run(experiment="e")
+    for step in range(1000):
+        run.log(step=step, loss=float(step))
+    assert client.flush(timeout=10.0)
+
+    stats = client.stats()
+    assert stats["points_acked"] == stats["points_logged"] == 1000
+    assert stats["points_pending"] == 0 and stats["batches_pending"] == 0
+    assert stats["reconnects"] >= 2 and stats["batches_duplicate"] >= 1
+    assert fake.ingest.connections >= 3
+    seqs = sorted(seq for _, seq in fake.ingest.stored)
+    assert seqs == list(range(1, len(seqs) + 1))  # strictly increasing from 1, no gap
+    assert len(fake.ingest.received) > len(seqs)  # some batches travelled twice
+    assert sorted(_stored_points(fake, client.writer_id)) == [(s, float(s)) for s in range(1000)]
+
+
+def _connection(fake: Any, **kwargs: Any) -> Any:
+    # The plan's element type lives in conftest.py, which tests cannot import by
+    # name under --import-mode=importlib; build it through the fake's module.
+    import sys
+
+    module = sys.modules[type(fake.ingest).__module__]
+    return module.Connection(**kwargs)
+
+
+def test_rejected_batch_is_counted_and_logged_once(
+    fake: Any, client: th.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = client.start_run()
+    with caplog.at_level(logging.WARNING, logger="trackhouse.client"):
+        run.log(step=0, bad=1.0)
+        assert client.flush(timeout=10.0)
+        run.log(step=1, good=2.0)
+        assert client.flush(timeout=10.0)
+    stats = client.stats()
+    assert stats["batches_rejected"] == 1 and stats["points_rejected"] == 1
+    assert stats["points_acked"] == 1 and stats["points_pending"] == 0
+    warnings = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(warnings) == 1 and "key 'bad' is not allowed" in warnings[0].getMessage()
+
+
+def test_flush_returns_false_on_timeout_and_true_once_acked(fake: Any, client: th.Client) -> None:
+    fake.ingest.plan = [_connection(fake, ack=False)]
+    run = client.start_run()
+    run.log(step=0, loss=1.0)
+    assert run.flush(timeout=0.2) is False
+    assert client.stats()["points_pending"] == 1
+    fake.ingest.release.set()
+    assert run.flush(timeout=10.0) is True
+
+
+def test_server_away_then_back(fake: Any, restart_fake: Any) -> None:
+    port = int(fake.address.rsplit(":", 1)[1])
+    client = th.connect(fake.address, settings=FAST)
+    run = client.start_run()
+    fake.stop()
+    for step in range(250):
+        run.log(step=step, x=1.0)  # never raises, never blocks
+    assert client.flush(timeout=0.3) is False
+    back = restart_fake(type(fake.ingest)(), port)
+    assert client.flush(timeout=10.0) is True
+    assert sum(len(b.steps) // 8 for b in back.ingest.stored.values()) == 250
+    assert client.close(timeout=5.0)
+
+
+def test_close_is_bounded_and_reports_undelivered(caplog: pytest.LogCaptureFixture, fake: Any) -> None:
+    client = th.connect(fake.address, settings=FAST)
+    run = client.start_run()
+    fake.stop()
+    run.log(step=0, x=1.0)
+    with caplog.at_level(logging.WARNING, logger="trackhouse.client"):
+        assert client.close(timeout=0.3) is False
+    assert any("1 of 1 logged points undelivered" in r.getMessage() for r in caplog.records)
+    assert client.close() is True  # idempotent
+
+
+def test_unary_errors_are_translated(client: th.Client) -> None:
+    run = client.start_run(experiment="e", params={"lr": 1})
+    with pytest.raises(th.InvalidArgument, match="already logged") as info:
+        run.log_params({"lr": 2})
+    assert info.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(th.ServerError):  # the fake has no query service
+        client.get_run(run.run_id)
+
+
+def test_unreachable_server_raises_server_unavailable() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = th.connect(f"127.0.0.1:{port}", settings=th.Settings(rpc_timeout=0.5))
+    try:
+        with pytest.raises(th.ServerUnavailable):
+            client.start_run(experiment_id="0")
+    finally:
+        client.close(timeout=1.0)
+
+
+def _wait_received(fake: Any, n: int, timeout: float = 5.0) -> bool:
+    with fake.ingest.cond:
+        return bool(fake.ingest.cond.wait_for(lambda: len(fake.ingest.received) >= n, timeout))
+
+
+def test_size_trigger_sends_without_flush(fake: Any) -> None:
+    client = th.connect(fake.address, settings=th.Settings(flush_interval=600.0, max_batch_points=50))
+    try:
+        run = client.start_run()
+        for step in range(49):
+            run.log(step=step, x=1.0)
+        assert not _wait_received(fake, 1, timeout=0.1)  # below the size, far from the interval
+        run.log(step=49, x=1.0)
+        assert _wait_received(fake, 1)
+        assert len(fake.ingest.received) == 1
+    finally:
+        client.close(timeout=5.0)
+
+
+def test_interval_trigger_sends_without_flush(fake: Any) -> None:
+    client = th.connect(fake.address, settings=th.Settings(flush_interval=0.05))
+    try:
+        client.start_run().log(step=0, x=1.0)
+        assert _wait_received(fake, 1)
+    finally:
+        client.close(timeout=5.0)
+
+
+def test_atexit_delivers_what_a_script_left_unflushed(fake: Any, tmp_path: Any) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys, trackhouse.client as th\n"
+        "client = th.connect(sys.argv[1], settings=th.Settings(flush_interval=600.0))\n"
+        "run = client.start_run()\n"
+        "for step in range(100):\n"
+        "    run.log(step=step, loss=1.0)\n"
+    )
+    done = subprocess.run([sys.executable, str(script), fake.address], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert sum(len(b.steps) // 8 for b in fake.ingest.stored.values()) == 100

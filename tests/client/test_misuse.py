@@ -1,0 +1,92 @@
+"""Misuse raises at once, with a message saying what to do, and appends nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import trackhouse.client as th
+
+
+@pytest.fixture
+def client(fake: Any) -> Iterator[th.Client]:
+    c = th.connect(fake.address, settings=th.Settings(flush_interval=0.05))
+    try:
+        yield c
+    finally:
+        c.close(timeout=5.0)
+
+
+@pytest.fixture
+def run(client: th.Client) -> th.Run:
+    return client.start_run(experiment_id="0")
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda r: r.log(step=0, loss="0.5"), r"metric 'loss' must be a number, got str .*float\(value\)"),
+        (lambda r: r.log(step=0, loss=None), "must be a number, got NoneType"),
+        (lambda r: r.log(step=0, loss=[1.0, 2.0]), "must be a number"),
+        (lambda r: r.log(step=0, loss=np.array([1.0, 2.0])), "must be a single number"),
+        (lambda r: r.log(step=1.5, loss=1.0), r"step must be an int, got float 1.5: pass int\(step\)"),
+        (lambda r: r.log(step="3", loss=1.0), "step must be an int"),
+        (lambda r: r.log(step=True, loss=1.0), "step must be an int"),
+        (lambda r: r.log(step=2**63, loss=1.0), "does not fit in int64"),
+        (lambda r: r.log_metrics({"": 1.0}), "non-empty strings"),
+        (lambda r: r.log_metrics({3: 1.0}), "non-empty strings"),
+        (lambda r: r.log_metrics({"a": 1.0}, timestamp=1.5), "timestamp must be an int"),
+        (lambda r: r.log(step=0), r"needs metrics as keywords"),
+        (lambda r: r.log_params({"": 1}), "param keys must be non-empty"),
+        (lambda r: r.finish("DONE"), "status must be one of FINISHED, FAILED, KILLED"),
+    ],
+)
+def test_bad_calls_raise_at_once(client: th.Client, run: th.Run, call: Any, match: str) -> None:
+    with pytest.raises(th.UsageError, match=match):
+        call(run)
+    assert client.stats()["points_logged"] == 0
+
+
+def test_one_bad_value_appends_nothing_of_the_call(client: th.Client, run: th.Run) -> None:
+    with pytest.raises(th.UsageError):
+        run.log(step=0, good=1.0, bad="x")  # type: ignore[arg-type]
+    assert client.stats()["points_logged"] == 0
+
+
+def test_numpy_scalars_and_ints_are_accepted(client: th.Client, run: th.Run) -> None:
+    run.log(step=np.int64(3), a=np.float32(0.5), b=np.int64(2), c=1, d=True)
+    assert client.stats()["points_logged"] == 4
+    assert client.flush(timeout=10.0)
+
+
+def test_log_after_finish_says_to_start_a_new_run(run: th.Run) -> None:
+    run.finish()
+    with pytest.raises(th.UsageError, match=r"finished; start a new run with client.start_run\(\)"):
+        run.log(step=0, loss=1.0)
+    assert run.finish() is True  # a second finish is a no-op
+
+
+def test_log_after_close_says_to_connect_again(client: th.Client, run: th.Run) -> None:
+    client.close(timeout=5.0)
+    with pytest.raises(th.UsageError, match="client is closed"):
+        run.log(step=0, loss=1.0)
+    with pytest.raises(th.UsageError, match="client is closed"):
+        client.start_run()
+
+
+def test_bad_client_arguments(client: th.Client) -> None:
+    with pytest.raises(th.UsageError, match="not both"):
+        client.start_run(experiment="a", experiment_id="1")
+    with pytest.raises(th.UsageError, match="non-empty name"):
+        client.start_run(experiment="")
+    with pytest.raises(th.UsageError, match="take a list"):
+        client.search_runs("1")
+    with pytest.raises(th.UsageError, match="page_size"):
+        client.search_runs(page_size=0)
+    with pytest.raises(th.UsageError, match="run_view"):
+        client.search_runs(run_view="some")
+    with pytest.raises(th.UsageError, match="unsupported trackhouse URL"):
+        th.connect("http://localhost:5000")
