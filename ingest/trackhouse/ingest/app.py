@@ -47,7 +47,7 @@ class IngestApp:
         self.flusher = Flusher(self.buffer, self.progress, insert, self.settings)
         self.intake = Intake(self.catalog, self.buffer, self.progress, self.settings)
         self.servicer = IngestServicer(self.catalog, self.intake)
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         self._flusher_task = asyncio.create_task(self.flusher.run(), name="trackhouse-flusher")
 
     async def stop(self) -> None:

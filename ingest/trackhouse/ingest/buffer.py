@@ -6,7 +6,8 @@ Owns the batches waiting for a flush and the bytes they hold. Invariants:
   against the budget;
 - `wait_for_room()` is how a stream is slowed down: it returns only when the
   batch fits, so a full buffer stops the server reading streams (gRPC flow
-  control) instead of growing;
+  control) instead of growing; while a stream waits, `room_wanted` asks the
+  flusher to flush now rather than at the age limit;
 - every batch has a future that the flusher resolves: None when the INSERT that
   holds it returned, an exception otherwise.
 
@@ -34,6 +35,7 @@ class MetricBuffer:
         self.rows = 0
         self.nbytes = 0
         self.oldest: float | None = None
+        self.room_wanted = False
         self.changed = asyncio.Event()
         self._room = asyncio.Condition()
 
@@ -53,11 +55,13 @@ class MetricBuffer:
         taken, self._pending = self._pending, []
         self.rows = 0
         self.oldest = None
+        self.room_wanted = False
         self.changed.clear()
         return taken
 
     async def release(self, nbytes: int) -> None:
         self.nbytes -= nbytes
+        self.room_wanted = False  # waiters that still do not fit ask again
         async with self._room:
             self._room.notify_all()
 
@@ -68,6 +72,9 @@ class MetricBuffer:
     async def wait_for_room(self, nbytes: int) -> None:
         if self.fits(nbytes):
             return
-        self.changed.set()  # ask for a flush now: room comes only from flushing
         async with self._room:
-            await self._room.wait_for(lambda: self.fits(nbytes))
+            while not self.fits(nbytes):
+                # Ask for a flush now (again after each release): room comes only from flushing.
+                self.room_wanted = True
+                self.changed.set()
+                await self._room.wait()

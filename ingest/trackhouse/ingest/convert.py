@@ -21,10 +21,10 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.ingest.errors import InvalidArgument
-from trackhouse.ingest.settings import IngestSettings
+from trackhouse.ingest.settings import BYTES_PER_POINT, IngestSettings
 
-# MLflow's rule for metric, param and tag names.
-KEY_PATTERN = re.compile(r"^[/\w.\- :]+$")
+# MLflow's rule for metric, param and tag names (used with fullmatch: `$` alone accepts a trailing newline).
+KEY_PATTERN = re.compile(r"[/\w.\- :]+")
 MAX_KEY_LENGTH = 250
 MAX_WRITER_ID_LENGTH = 128
 # Timestamps are ms since the epoch: from 1970 to the year 3000.
@@ -33,7 +33,6 @@ MAX_TIMESTAMP_MS = 32_503_680_000_000
 _I64 = np.dtype("<i8")
 _U32 = np.dtype("<u4")
 _F64 = np.dtype("<f8")
-BYTES_PER_POINT = 4 + 4 + 8 + 8 + 8 + 8  # indexes, step, ts, value, seq in the Arrow table
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def check_key(key: str, field: str) -> None:
         raise InvalidArgument(f"{field}: empty name")
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidArgument(f"{field}: name {key[:40]!r}… is {len(key)} characters, limit {MAX_KEY_LENGTH}")
-    if not KEY_PATTERN.match(key):
+    if not KEY_PATTERN.fullmatch(key):
         raise InvalidArgument(
             f"{field}: invalid name {key!r}; names may contain only alphanumerics, "
             "underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
@@ -130,14 +129,20 @@ def decode_batch(batch: Any, settings: IngestSettings) -> DecodedBatch:
 
 
 def _dictionary(pa: Any, parts: Sequence[tuple[npt.NDArray[Any], Sequence[str]]]) -> Any:
-    """One dictionary-encoded string column from per-batch (indices, names) pairs."""
-    names: list[str] = []
-    shifted = []
+    """One dictionary-encoded string column from per-batch (indices, names) pairs.
+
+    Names repeat across batches (the same key, run or writer); ClickHouse refuses an
+    Arrow dictionary with duplicate values, so each batch's local names are mapped to
+    one global, duplicate-free list (a loop over names, never over points).
+    """
+    ids: dict[str, int] = {}
+    remapped = []
     for index, batch_names in parts:
-        shifted.append(index.astype(np.int32) + len(names))
-        names.extend(batch_names)
-    indices = np.concatenate(shifted) if shifted else np.zeros(0, dtype=np.int32)
-    return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array(names, type=pa.string()))
+        local = np.fromiter((ids.setdefault(name, len(ids)) for name in batch_names), dtype=np.int32,
+                            count=len(batch_names))
+        remapped.append(local[index] if len(index) else np.zeros(0, dtype=np.int32))
+    indices = np.concatenate(remapped) if remapped else np.zeros(0, dtype=np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array(list(ids), type=pa.string()))
 
 
 def to_arrow(batches: Sequence[DecodedBatch]) -> Any:

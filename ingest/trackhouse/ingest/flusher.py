@@ -26,12 +26,14 @@ from trackhouse.ingest.settings import IngestSettings
 log = logging.getLogger(__name__)
 
 
-def flush_due(rows: int, oldest: float | None, nbytes: int, now: float, settings: IngestSettings) -> bool:
-    """True when the buffer should be flushed now."""
+def flush_due(rows: int, oldest: float | None, nbytes: int, now: float, settings: IngestSettings,
+              room_wanted: bool = False) -> bool:
+    """True when the buffer should be flushed now (`room_wanted`: a stream waits for room)."""
     if rows == 0 or oldest is None:
         return False
     return (
-        rows >= settings.flush_rows
+        room_wanted
+        or rows >= settings.flush_rows
         or now - oldest >= settings.flush_interval
         or nbytes >= settings.buffer_bytes // 2
     )
@@ -72,7 +74,7 @@ class Flusher:
         """Flush whenever due, until `stop()`; then flush what is left."""
         buf = self._buffer
         while not self._stopping:
-            if flush_due(buf.rows, buf.oldest, buf.nbytes, self._clock(), self._settings):
+            if flush_due(buf.rows, buf.oldest, buf.nbytes, self._clock(), self._settings, buf.room_wanted):
                 await self.flush_once()
                 continue
             timeout = seconds_until_due(buf.oldest, self._clock(), self._settings)

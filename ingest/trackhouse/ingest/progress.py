@@ -9,6 +9,11 @@ dedupe survives restarts and holds across ingest replicas.
 A batch that is buffered but not yet flushed is "in flight": a copy of it that
 arrives meanwhile (a retry on a new stream) waits for the original's outcome
 instead of being stored twice.
+
+The prefix can have holes: when a flush fails, a later batch of the same writer
+may already sit in the next flush and be stored. Failed batches are remembered
+(until stored) so a resent copy is stored rather than taken for a duplicate of
+the mark; after a restart only the mark is known.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class WriterProgress:
         self._load = load_committed
         self._committed: dict[str, int] = {}
         self._in_flight: dict[tuple[str, int], asyncio.Future[None]] = {}
+        self._failed: set[tuple[str, int]] = set()
 
     async def committed(self, writer_id: str) -> int:
         if writer_id not in self._committed:
@@ -38,7 +44,7 @@ class WriterProgress:
         return self._committed[writer_id]
 
     async def admit(self, writer_id: str, seq: int) -> tuple[Admission, asyncio.Future[None] | None]:
-        if seq <= await self.committed(writer_id):
+        if seq <= await self.committed(writer_id) and (writer_id, seq) not in self._failed:
             return Admission.DUPLICATE, None
         original = self._in_flight.get((writer_id, seq))
         if original is not None:
@@ -50,7 +56,9 @@ class WriterProgress:
 
     def stored(self, writer_id: str, seq: int) -> None:
         self._in_flight.pop((writer_id, seq), None)
+        self._failed.discard((writer_id, seq))
         self._committed[writer_id] = max(self._committed.get(writer_id, 0), seq)
 
     def failed(self, writer_id: str, seq: int) -> None:
         self._in_flight.pop((writer_id, seq), None)
+        self._failed.add((writer_id, seq))

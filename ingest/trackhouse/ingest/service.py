@@ -57,6 +57,14 @@ async def _failed(exc: Exception) -> Outcome:
     raise exc
 
 
+def _status_name(number: int) -> str:
+    # proto3 enums are open: a number this server does not know arrives as is.
+    try:
+        return status_name(number)
+    except ValueError:
+        raise errors.InvalidArgument(f"status: {number} is not a RunStatus") from None
+
+
 def _items(pairs: Any) -> list[tuple[str, str]]:
     return [(p.key, p.value) for p in pairs]
 
@@ -74,7 +82,7 @@ def _ack(outcome: Outcome) -> Any:
     return ack
 
 
-class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[misc]
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, catalog: Catalog, intake: Intake) -> None:
         self._catalog = catalog
         self._intake = intake
@@ -98,7 +106,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
 
     async def UpdateRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         rec = await _handle(context, lambda: self._catalog.update_run(
-            request.run_id, status_name(request.status), request.end_time, request.run_name))
+            request.run_id, _status_name(request.status), request.end_time, request.run_name))
         return run_info_to_pb(rec)
 
     async def LogParams(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

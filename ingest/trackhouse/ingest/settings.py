@@ -18,6 +18,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+# Bytes one buffered point costs (indexes, step, ts, value, seq in the Arrow table); the buffer counts
+# batches by it (convert.DecodedBatch.nbytes), so the budget check below must use the same figure.
+BYTES_PER_POINT = 4 + 4 + 8 + 8 + 8 + 8
+
 
 @dataclass(frozen=True)
 class IngestSettings:
@@ -33,11 +37,11 @@ class IngestSettings:
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"ingest setting {f.name} must be > 0, got {getattr(self, f.name)!r}")
         # A full batch must fit in the buffer, or a legal batch could never be accepted.
-        largest_batch = self.max_batch_points * 32
+        largest_batch = self.max_batch_points * BYTES_PER_POINT
         if largest_batch > self.buffer_bytes:
             raise ValueError(
                 f"buffer_bytes ({self.buffer_bytes}) must hold one largest batch "
-                f"(max_batch_points {self.max_batch_points} × 32 bytes = {largest_batch})"
+                f"(max_batch_points {self.max_batch_points} × {BYTES_PER_POINT} bytes = {largest_batch})"
             )
 
     @classmethod

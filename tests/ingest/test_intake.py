@@ -1,0 +1,201 @@
+"""Intake with the real catalog (over a fresh store) and a flusher whose INSERT the test controls:
+backpressure, dedupe of in-flight copies, and retries after a failed flush."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from trackhouse.ingest.buffer import MetricBuffer
+from trackhouse.ingest.catalog import Catalog
+from trackhouse.ingest.errors import InvalidArgument, NotFound
+from trackhouse.ingest.flusher import Flusher
+from trackhouse.ingest.intake import Intake, Outcome, Verdict
+from trackhouse.ingest.progress import WriterProgress
+from trackhouse.ingest.settings import IngestSettings
+from trackhouse.store import Store
+
+# A 100-point batch of one key and one run holds 4,128 bytes: two fit in the budget, three do not,
+# and two reach half the budget (a flush is due).
+SETTINGS = IngestSettings(flush_rows=100_000, flush_interval=60.0, buffer_bytes=10_000, max_batch_points=200)
+
+
+class Inserts:
+    def __init__(self) -> None:
+        self.tables: list[Any] = []
+        self.started = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.failures = 0
+
+    async def __call__(self, table: Any) -> None:
+        self.started.set()
+        await self.gate.wait()
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("store unreachable")
+        self.tables.append(table)
+
+
+class Rig:
+    def __init__(self, store: Store) -> None:
+        self.catalog = Catalog(store)
+        self.buffer = MetricBuffer(SETTINGS.buffer_bytes)
+
+        async def committed(writer_id: str) -> int:
+            return await store.call(store.writer_max_seq, writer_id)
+
+        self.progress = WriterProgress(committed)
+        self.inserts = Inserts()
+        self.flusher = Flusher(self.buffer, self.progress, self.inserts, SETTINGS)
+        self.intake = Intake(self.catalog, self.buffer, self.progress, SETTINGS)
+        self.run_id = ""
+
+    async def start(self) -> None:
+        await self.catalog.ensure_default_experiment()
+        self.run_id = (await self.catalog.create_run("0", "r", "", 0, [], [])).run_id
+
+
+def run_with_rig(store: Store, test: Callable[[Rig], Coroutine[Any, Any, None]]) -> None:
+    async def body() -> None:
+        rig = Rig(store)
+        await rig.start()
+        await test(rig)
+
+    asyncio.run(body())
+
+
+async def outcome(pending: Awaitable[Outcome]) -> Outcome:
+    return await asyncio.wait_for(pending, 5)
+
+
+def test_bad_batches_are_rejected_with_the_error(store: Store, make_batch: Any) -> None:
+    async def test(rig: Rig) -> None:
+        bad = await outcome(await rig.intake.accept(make_batch(seq=4, run_ids=[rig.run_id], keys=["a b*"])))
+        assert bad.verdict is Verdict.REJECTED and bad.seq == 4 and isinstance(bad.error, InvalidArgument)
+        unknown = await outcome(await rig.intake.accept(make_batch(seq=5, run_ids=["nope"])))
+        assert unknown.verdict is Verdict.REJECTED and isinstance(unknown.error, NotFound)
+        assert "run_ids[0]" in str(unknown.error)
+        assert rig.intake.rejected == {"InvalidArgument": 1, "NotFound": 1}
+        assert len(rig.buffer) == 0
+
+    run_with_rig(store, test)
+
+
+def test_intake_stops_admitting_past_the_budget_and_resumes_after_the_flush(
+        store: Store, make_batch: Any) -> None:
+    async def test(rig: Rig) -> None:
+        flusher = asyncio.ensure_future(rig.flusher.run())
+        rig.inserts.gate.clear()  # hold the INSERT
+
+        def batch(seq: int) -> Any:
+            return make_batch(seq=seq, run_ids=[rig.run_id], points=100)
+
+        first = await rig.intake.accept(batch(1))
+        second = await rig.intake.accept(batch(2))
+        await asyncio.wait_for(rig.inserts.started.wait(), 5)  # half the budget: flushing, held
+        third = asyncio.ensure_future(rig.intake.accept(batch(3)))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(third), 0.1)
+        assert rig.buffer.nbytes <= SETTINGS.buffer_bytes
+        assert rig.intake.points_received == 200
+        rig.inserts.gate.set()  # the flush returns
+        assert (await outcome(first)).verdict is Verdict.STORED
+        assert (await outcome(second)).verdict is Verdict.STORED
+        pending_third = await asyncio.wait_for(third, 5)  # admitted once the room was released
+        assert rig.intake.points_received == 300
+        rig.flusher.stop()
+        await asyncio.wait_for(flusher, 5)
+        assert (await outcome(pending_third)).verdict is Verdict.STORED
+        assert [t.num_rows for t in rig.inserts.tables] == [200, 100]
+
+    run_with_rig(store, test)
+
+
+def test_a_copy_in_flight_waits_for_the_original(store: Store, make_batch: Any) -> None:
+    async def test(rig: Rig) -> None:
+        batch = make_batch(seq=1, run_ids=[rig.run_id])
+        original = await rig.intake.accept(batch)
+        copy = await rig.intake.accept(batch)
+        assert len(rig.buffer) == 1  # the copy is not buffered
+        await rig.flusher.flush_once()
+        assert (await outcome(original)).verdict is Verdict.STORED
+        assert (await outcome(copy)).verdict is Verdict.DUPLICATE
+        again = await outcome(await rig.intake.accept(batch))
+        assert again.verdict is Verdict.DUPLICATE and again.points == 4
+        assert len(rig.buffer) == 0 and rig.inserts.tables[0].num_rows == 4
+
+    run_with_rig(store, test)
+
+
+def test_a_copy_in_flight_fails_with_the_original(store: Store, make_batch: Any) -> None:
+    async def test(rig: Rig) -> None:
+        batch = make_batch(seq=1, run_ids=[rig.run_id])
+        original = asyncio.ensure_future(await rig.intake.accept(batch))
+        copy = asyncio.ensure_future(await rig.intake.accept(batch))
+        rig.inserts.failures = 1
+        await rig.flusher.flush_once()
+        for pending in (original, copy):
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(pending, 5)
+        retry = await rig.intake.accept(batch)
+        await rig.flusher.flush_once()
+        assert (await outcome(retry)).verdict is Verdict.STORED
+
+    run_with_rig(store, test)
+
+
+def test_a_batch_whose_flush_failed_is_stored_when_resent_after_a_later_one(
+        store: Store, make_batch: Any) -> None:
+    """Seq 1's flush fails while seq 2 waits in the buffer for the next flush, which succeeds.
+    The client resends 1 (it was never acked): it must be stored, not acked DUPLICATE and lost."""
+
+    async def test(rig: Rig) -> None:
+        one = make_batch(seq=1, run_ids=[rig.run_id], values=[1, 1, 1, 1])
+        first = asyncio.ensure_future(await rig.intake.accept(one))
+        rig.inserts.failures = 1
+        rig.inserts.gate.clear()
+        flushing = asyncio.ensure_future(rig.flusher.flush_once())
+        await asyncio.wait_for(rig.inserts.started.wait(), 5)
+        second = await rig.intake.accept(make_batch(seq=2, run_ids=[rig.run_id]))
+        rig.inserts.gate.set()
+        await asyncio.wait_for(flushing, 5)
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(first, 5)
+        await rig.flusher.flush_once()
+        assert (await outcome(second)).verdict is Verdict.STORED
+        resent = await rig.intake.accept(one)
+        await rig.flusher.flush_once()
+        assert (await outcome(resent)).verdict is Verdict.STORED
+        assert [t.column("seq").to_pylist()[0] for t in rig.inserts.tables] == [2, 1]
+
+    run_with_rig(store, test)
+
+
+def test_a_stream_closed_while_waiting_for_room_leaves_the_batch_retryable(
+        store: Store, make_batch: Any) -> None:
+    async def test(rig: Rig) -> None:
+        def batch(seq: int) -> Any:
+            return make_batch(seq=seq, run_ids=[rig.run_id], points=150)  # 6,128 bytes: one at a time
+
+        first = await rig.intake.accept(batch(1))
+        rig.inserts.gate.clear()
+        flushing = asyncio.ensure_future(rig.flusher.flush_once())
+        await asyncio.wait_for(rig.inserts.started.wait(), 5)
+        waiting = asyncio.ensure_future(rig.intake.accept(batch(2)))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiting), 0.05)
+        waiting.cancel()  # the stream went away
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        rig.inserts.gate.set()
+        await asyncio.wait_for(flushing, 5)
+        assert (await outcome(first)).verdict is Verdict.STORED
+        retry = await rig.intake.accept(batch(2))
+        await rig.flusher.flush_once()
+        assert (await outcome(retry)).verdict is Verdict.STORED
+
+    run_with_rig(store, test)

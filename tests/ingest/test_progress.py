@@ -1,0 +1,115 @@
+"""WriterProgress: the committed high-water mark per writer and the batches in flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+from trackhouse.ingest.progress import Admission, WriterProgress
+
+
+def progress_with(committed: dict[str, int], loads: list[str] | None = None) -> WriterProgress:
+    async def load(writer_id: str) -> int:
+        if loads is not None:
+            loads.append(writer_id)
+        return committed.get(writer_id, 0)
+
+    return WriterProgress(load)
+
+
+def test_new_writer_admits_from_seq_one() -> None:
+    async def body() -> None:
+        p = progress_with({})
+        assert await p.admit("w", 1) == (Admission.NEW, None)
+        assert await p.committed("w") == 0
+
+    asyncio.run(body())
+
+
+def test_committed_is_loaded_once_per_writer() -> None:
+    async def body() -> None:
+        loads: list[str] = []
+        p = progress_with({"w": 5}, loads)
+        assert (await p.admit("w", 5))[0] is Admission.DUPLICATE
+        assert (await p.admit("w", 1))[0] is Admission.DUPLICATE
+        assert (await p.admit("w", 6))[0] is Admission.NEW
+        assert (await p.admit("other", 1))[0] is Admission.NEW
+        assert loads == ["w", "other"]
+
+    asyncio.run(body())
+
+
+def test_tracked_batch_is_in_flight_until_stored() -> None:
+    async def body() -> None:
+        p = progress_with({})
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        p.track("w", 1, done)
+        admission, original = await p.admit("w", 1)
+        assert admission is Admission.IN_FLIGHT and original is done
+        assert (await p.admit("w", 2))[0] is Admission.NEW
+        p.stored("w", 1)
+        assert await p.admit("w", 1) == (Admission.DUPLICATE, None)
+        assert await p.committed("w") == 1
+
+    asyncio.run(body())
+
+
+def test_failed_batch_is_new_again() -> None:
+    async def body() -> None:
+        p = progress_with({})
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        p.track("w", 1, done)
+        p.failed("w", 1)
+        assert await p.admit("w", 1) == (Admission.NEW, None)
+        assert await p.committed("w") == 0
+
+    asyncio.run(body())
+
+
+def test_stored_never_lowers_the_mark() -> None:
+    async def body() -> None:
+        p = progress_with({"w": 3})
+        await p.committed("w")
+        p.stored("w", 7)
+        p.stored("w", 5)
+        assert await p.committed("w") == 7
+        assert (await p.admit("w", 6))[0] is Admission.DUPLICATE
+
+    asyncio.run(body())
+
+
+def test_mark_advanced_while_loading_is_kept() -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+
+        async def slow_load(writer_id: str) -> int:
+            await gate.wait()
+            return 2
+
+        p = WriterProgress(slow_load)
+        loading = asyncio.ensure_future(p.committed("w"))
+        await asyncio.sleep(0)  # let the load start and park on the gate
+        p.stored("w", 9)
+        gate.set()
+        assert await asyncio.wait_for(loading, 5) == 9
+
+    asyncio.run(body())
+
+
+def test_batch_failed_after_a_later_one_was_stored_is_new_again() -> None:
+    """Seq 1's flush failed, seq 2 (in a later flush) was stored: a resent 1 must be stored, not
+    acknowledged as a duplicate — otherwise its data is lost while the client believes it durable."""
+
+    async def body() -> None:
+        p = progress_with({})
+        loop = asyncio.get_running_loop()
+        p.track("w", 1, loop.create_future())
+        p.track("w", 2, loop.create_future())
+        p.failed("w", 1)
+        p.stored("w", 2)
+        assert (await p.admit("w", 1))[0] is Admission.NEW
+        assert (await p.admit("w", 2))[0] is Admission.DUPLICATE
+        p.track("w", 1, loop.create_future())
+        p.stored("w", 1)
+        assert (await p.admit("w", 1))[0] is Admission.DUPLICATE
+
+    asyncio.run(body())
