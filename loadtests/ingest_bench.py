@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--keys", type=int, default=0, help="keys per run (default: 10-100, varying)")
     parser.add_argument("--batch-steps", type=int, default=200, help="steps per batch (default 200)")
-    parser.add_argument("--window", type=int, default=8, help="unacknowledged batches per stream (default 8)")
+    parser.add_argument("--window", type=int, default=2, help="unacknowledged batches per stream (default 2)")
     args = parser.parse_args()
     if args.url:
         result = run_bench(args.url, None, args)

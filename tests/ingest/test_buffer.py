@@ -27,13 +27,30 @@ def test_add_and_take_keep_the_accounts(make_batch: Any) -> None:
         buf.add(b, loop.create_future(), now=11.0)
         assert (len(buf), buf.rows, buf.nbytes, buf.oldest) == (2, 8, a.nbytes + b.nbytes, 10.0)
         assert buf.changed.is_set()
-        taken = buf.take()
+        taken = buf.take(max_rows=10**9)
         assert [p.batch for p in taken] == [a, b]
         # Taken bytes still count until the flush releases them.
         assert (len(buf), buf.rows, buf.nbytes, buf.oldest) == (0, 0, a.nbytes + b.nbytes, None)
         assert not buf.changed.is_set()
         await buf.release(a.nbytes + b.nbytes)
         assert buf.nbytes == 0
+
+    asyncio.run(body())
+
+
+def test_take_caps_rows_per_flush_but_takes_at_least_one_batch(make_batch: Any) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        buf = MetricBuffer(1 << 20)
+        batches = [decoded(make_batch, 4, seq) for seq in (1, 2, 3)]
+        for t, b in enumerate(batches):
+            buf.add(b, loop.create_future(), now=float(t))
+        assert [p.batch for p in buf.take(max_rows=8)] == batches[:2]
+        # The rest keeps its own arrival time, so its age is not reset.
+        assert (buf.rows, buf.oldest) == (4, 2.0)
+        assert buf.changed.is_set()
+        assert [p.batch for p in buf.take(max_rows=1)] == batches[2:]  # larger than the cap: still taken
+        assert (len(buf), buf.rows, buf.oldest) == (0, 0, None)
 
     asyncio.run(body())
 
@@ -64,7 +81,7 @@ def test_wait_for_room_blocks_until_release(make_batch: Any) -> None:
         one = decoded(make_batch, 10)
         buf = MetricBuffer(one.nbytes)
         buf.add(one, asyncio.get_running_loop().create_future(), now=0.0)
-        buf.take()  # being flushed: still counted
+        buf.take(max_rows=10**9)  # being flushed: still counted
         waiter = asyncio.ensure_future(buf.wait_for_room(one.nbytes))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.shield(waiter), 0.05)
@@ -82,7 +99,7 @@ def test_release_admits_only_what_fits(make_batch: Any) -> None:
         buf = MetricBuffer(3 * one.nbytes)
         for seq in (1, 2, 3):
             buf.add(decoded(make_batch, 10, seq), loop.create_future(), now=0.0)
-        buf.take()
+        buf.take(max_rows=10**9)
         admitted: list[int] = []
 
         async def stream(seq: int) -> None:

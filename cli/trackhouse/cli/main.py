@@ -47,6 +47,8 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
                        help="address to bind (default %(default)s: this machine only)")
     serve.add_argument("--grpc-port", type=int, default=env.grpc_port,
                        help="gRPC port for ingest and query (default %(default)s; 0 picks a free port)")
+    serve.add_argument("--http-port", type=int, default=env.http_port,
+                       help="HTTP port: Prometheus /metrics and /health (default %(default)s; 0 picks a free port)")
     serve.add_argument("--demo", action="store_true",
                        help="seed a small demo sweep (once per store) so there is data to look at")
     migrate = sub.add_parser("migrate", help="create or upgrade the schema of a store, then exit",
@@ -57,11 +59,12 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(store=args.store, database=args.database, host=args.host, grpc_port=args.grpc_port,
-                          ingest=IngestSettings.from_env(), query=QuerySettings.from_env())
+                          http_port=args.http_port, ingest=IngestSettings.from_env(), query=QuerySettings.from_env())
     server = EmbeddedServer(config)
     port = await server.start()
     address = f"{args.host}:{port}"
-    print(f"trackhouse serving\n  gRPC (ingest + query): {address}\n  store: {config.store} "
+    print(f"trackhouse serving\n  gRPC (ingest + query): {address}\n"
+          f"  HTTP: http://{args.host}:{server.http_port}/metrics (Prometheus), /health\n  store: {config.store} "
           f"(database {config.database})\n  Python: import trackhouse.client as th; "
           f"client = th.connect({address!r})", flush=True)
     stop = asyncio.Event()
@@ -108,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = ServerSettings.from_env()
         args = build_parser(env).parse_args(argv)
         ServerSettings(args.store, args.database, getattr(args, "host", env.host),
-                       getattr(args, "grpc_port", env.grpc_port))
+                       getattr(args, "grpc_port", env.grpc_port), getattr(args, "http_port", env.http_port))
         if args.command == "migrate":
             return _migrate(args)
         loop = new_event_loop()

@@ -18,7 +18,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
+from trackhouse.cli.http import HttpListener, build_app
 from trackhouse.ingest.app import IngestApp
 from trackhouse.ingest.settings import IngestSettings
 from trackhouse.query.app import QueryApp
@@ -36,6 +38,8 @@ class ServerConfig:
     database: str = "trackhouse"
     host: str = "127.0.0.1"
     grpc_port: int = 50051
+    # None: no HTTP listener (tests that need only gRPC); 0 picks a free port.
+    http_port: int | None = None
     ingest: IngestSettings = field(default_factory=IngestSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
 
@@ -46,6 +50,9 @@ class EmbeddedServer:
         self._given_store = store
         self.store: Store | None = store
         self.port = 0
+        self.http_port = 0
+        self.registry = CollectorRegistry()
+        self._http: HttpListener | None = None
         self._server: Any = None
         self._apps: list[IngestApp | QueryApp] = []
 
@@ -58,7 +65,7 @@ class EmbeddedServer:
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
         ])
-        self._apps = [IngestApp(self.store, cfg.ingest), QueryApp(self.store, cfg.query)]
+        self._apps = [IngestApp(self.store, cfg.ingest, self.registry), QueryApp(self.store, cfg.query)]
         for app in self._apps:
             await app.start(self._server)
         health_servicer = health.aio.HealthServicer()
@@ -70,7 +77,16 @@ class EmbeddedServer:
             raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
         await self._server.start()
         log.info("trackhouse gRPC on %s:%d, store %s", cfg.host, self.port, self.store.dsn.redacted())
+        if cfg.http_port is not None:
+            self._http = HttpListener(build_app(self.registry, self.health), cfg.host, cfg.http_port)
+            self.http_port = await self._http.start()
+            log.info("trackhouse HTTP on %s:%d", cfg.host, self.http_port)
         return self.port
+
+    def health(self) -> dict[str, Any]:
+        assert self.store is not None
+        return {"status": "ok", "grpc_port": self.port, "store": self.store.dsn.redacted(),
+                "database": self.store.database, "services": list(SERVICES)}
 
     @property
     def ingest(self) -> IngestApp:
@@ -80,6 +96,8 @@ class EmbeddedServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls, flush what ingest buffered, close the store if we opened it."""
+        if self._http is not None:
+            await self._http.stop()
         if self._server is not None:
             await self._server.stop(grace)
         for app in self._apps:

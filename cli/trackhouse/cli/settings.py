@@ -7,6 +7,7 @@ Command-line flags override these. Every variable (all optional):
     TRACKHOUSE_SERVER_DATABASE    database inside the store (default trackhouse)
     TRACKHOUSE_SERVER_HOST        address to bind (default 127.0.0.1, loopback only)
     TRACKHOUSE_SERVER_GRPC_PORT   gRPC port for ingest and query (default 50051; 0 picks a free one)
+    TRACKHOUSE_SERVER_HTTP_PORT   HTTP port: Prometheus /metrics and /health (default 5000, as MLflow's)
 
 The ingest and query services read their own TRACKHOUSE_INGEST_* and
 TRACKHOUSE_QUERY_* variables (trackhouse.ingest.settings, trackhouse.query.settings).
@@ -28,22 +29,28 @@ class ServerSettings:
     database: str = "trackhouse"
     host: str = "127.0.0.1"
     grpc_port: int = 50051
+    http_port: int = 5000
 
     def __post_init__(self) -> None:
         parse_dsn(self.store)  # raises InvalidDSN saying what is accepted
         check_identifier(self.database)
-        if not 0 <= self.grpc_port <= 65535:
-            raise ValueError(f"grpc_port {self.grpc_port} is not a TCP port (0..65535)")
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} {getattr(self, name)} is not a TCP port (0..65535)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
         env = os.environ if environ is None else environ
-        port = env.get("TRACKHOUSE_SERVER_GRPC_PORT", "50051")
-        if not port.isdigit():
-            raise ValueError(f"TRACKHOUSE_SERVER_GRPC_PORT={port!r} is not a port number")
+        ports = {}
+        for name, default in (("grpc_port", "50051"), ("http_port", "5000")):
+            var = f"TRACKHOUSE_SERVER_{name.upper()}"
+            value = env.get(var, default)
+            if not value.isdigit():
+                raise ValueError(f"{var}={value!r} is not a port number")
+            ports[name] = int(value)
         return cls(
             store=env.get("TRACKHOUSE_SERVER_STORE", DEFAULT_DSN),
             database=env.get("TRACKHOUSE_SERVER_DATABASE", "trackhouse"),
             host=env.get("TRACKHOUSE_SERVER_HOST", "127.0.0.1"),
-            grpc_port=int(port),
+            **ports,
         )

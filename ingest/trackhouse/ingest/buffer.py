@@ -26,6 +26,7 @@ from trackhouse.ingest.convert import DecodedBatch
 class Pending:
     batch: DecodedBatch
     done: asyncio.Future[None]
+    arrived: float
 
 
 class MetricBuffer:
@@ -43,20 +44,31 @@ class MetricBuffer:
         return len(self._pending)
 
     def add(self, batch: DecodedBatch, done: asyncio.Future[None], now: float) -> None:
-        self._pending.append(Pending(batch, done))
+        self._pending.append(Pending(batch, done, now))
         self.rows += batch.points
         self.nbytes += batch.nbytes
         if self.oldest is None:
             self.oldest = now
         self.changed.set()
 
-    def take(self) -> list[Pending]:
-        """Hand every pending batch to the flusher (their bytes stay counted)."""
-        taken, self._pending = self._pending, []
-        self.rows = 0
-        self.oldest = None
+    def take(self, max_rows: int) -> list[Pending]:
+        """Hand the oldest batches, about `max_rows` rows (at least one batch), to the flusher.
+
+        Their bytes stay counted until `release()`. Capping a flush keeps each INSERT
+        near its efficient size and acks flowing, however far the buffer ran ahead.
+        """
+        rows, count = 0, 0
+        for pending in self._pending:
+            if count and rows + pending.batch.points > max_rows:
+                break
+            rows += pending.batch.points
+            count += 1
+        taken, self._pending = self._pending[:count], self._pending[count:]
+        self.rows -= rows
+        self.oldest = self._pending[0].arrived if self._pending else None
         self.room_wanted = False
-        self.changed.clear()
+        if not self._pending:
+            self.changed.clear()
         return taken
 
     async def release(self, nbytes: int) -> None:

@@ -61,12 +61,14 @@ class Flusher:
         insert: Callable[[Any], Awaitable[None]],
         settings: IngestSettings,
         clock: Callable[[], float] = time.monotonic,
+        on_flush: Callable[[int, float], None] | None = None,
     ) -> None:
         self._buffer = buffer
         self._progress = progress
         self._insert = insert
         self._settings = settings
         self._clock = clock
+        self._on_flush = on_flush
         self.stats = FlushStats()
         self._stopping = False
 
@@ -89,7 +91,7 @@ class Flusher:
         self._buffer.changed.set()
 
     async def flush_once(self) -> None:
-        taken = self._buffer.take()
+        taken = self._buffer.take(self._settings.flush_rows)
         if not taken:
             return
         nbytes = sum(p.batch.nbytes for p in taken)
@@ -104,6 +106,8 @@ class Flusher:
         else:
             self.stats.flushes += 1
             self.stats.rows += rows
+            if self._on_flush is not None:
+                self._on_flush(rows, time.perf_counter() - started)
             log.info("flushed %d rows, %d bytes, %d batches in %.1f ms",
                      rows, nbytes, len(taken), (time.perf_counter() - started) * 1000)
             self._settle(taken, None)

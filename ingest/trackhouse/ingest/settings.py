@@ -6,7 +6,7 @@ Every variable (all optional):
     TRACKHOUSE_INGEST_FLUSH_INTERVAL    seconds the oldest buffered batch may wait (default 0.5)
     TRACKHOUSE_INGEST_BUFFER_BYTES      byte budget of the buffer; past it streams stop being
                                         read (gRPC flow control) until a flush frees room
-                                        (default 268435456 = 256 MiB)
+                                        (default 67108864 = 64 MiB)
     TRACKHOUSE_INGEST_MAX_BATCH_POINTS  points in one MetricBatch (default 1000000)
     TRACKHOUSE_INGEST_MAX_BATCH_KEYS    distinct keys in one MetricBatch (default 10000)
     TRACKHOUSE_INGEST_MAX_MESSAGE_BYTES largest gRPC message accepted (default 67108864 = 64 MiB)
@@ -27,7 +27,7 @@ BYTES_PER_POINT = 4 + 4 + 8 + 8 + 8 + 8
 class IngestSettings:
     flush_rows: int = 250_000
     flush_interval: float = 0.5
-    buffer_bytes: int = 256 * 1024 * 1024
+    buffer_bytes: int = 64 * 1024 * 1024
     max_batch_points: int = 1_000_000
     max_batch_keys: int = 10_000
     max_message_bytes: int = 64 * 1024 * 1024
