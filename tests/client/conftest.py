@@ -130,3 +130,9 @@ def restart_fake() -> Any:
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _spool_in_tmp(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative default paths (spool, rendezvous) land in the test's own directory."""
+    monkeypatch.chdir(tmp_path)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
-from trackhouse.client.batcher import Batcher, BufferState, Pending, due_at, encode, is_due
+from trackhouse.client.batcher import Batcher, BufferState, Columns, due_at, encode, is_due
 from trackhouse.proto.v1 import ingest_pb2
 
 RUN_A = "a" * 32
@@ -25,18 +27,27 @@ def _decode(batch: ingest_pb2.MetricBatch) -> list[tuple[str, str, int, int, flo
     ]
 
 
-def _take_one(b: Batcher, limit: int = 1_000_000) -> Pending:
-    chunk = b.take(limit)
-    assert chunk is not None
-    return chunk
+def _append(b: Batcher, run: str, step: int, ts: int, items: list[tuple[str, float]]) -> bool:
+    block = b.intern_keys([k for k, _ in items])
+    return b.append_row(b.intern_run(run), step, ts, block, [v for _, v in items])
+
+
+def _take(b: Batcher) -> Columns:
+    cols = b.take()
+    assert cols is not None
+    return cols
+
+
+def _encode(b: Batcher, cols: Columns, seq: int = 1) -> ingest_pb2.MetricBatch:
+    return encode(cols, b.run_ids, b.keys, writer_id="w", seq=seq)
 
 
 def test_encode_then_decode_round_trips_every_column() -> None:
     b = Batcher(max_points=100)
-    b.append(RUN_A, 0, 1_000, [("loss", 0.5), ("acc", 0.25)], now=0.0)
-    b.append(RUN_A, 1, 1_001, [("loss", float("nan")), ("acc", float("-inf"))], now=0.0)
-    b.append(RUN_A, -5, 2**62, [("loss", 1e300)], now=0.0)
-    batch = encode(_take_one(b), writer_id="w", seq=7)
+    _append(b, RUN_A, 0, 1_000, [("loss", 0.5), ("acc", 0.25)])
+    _append(b, RUN_A, 1, 1_001, [("loss", float("nan")), ("acc", float("-inf"))])
+    _append(b, RUN_A, -5, 2**62, [("loss", 1e300)])
+    batch = _encode(b, _take(b), seq=7)
     assert batch.writer_id == "w" and batch.seq == 7
     assert batch.run_index == b""  # one run: the column may be empty
     rows = _decode(batch)
@@ -46,38 +57,54 @@ def test_encode_then_decode_round_trips_every_column() -> None:
     assert rows[4] == (RUN_A, "loss", -5, 2**62, 1e300)
 
 
-def test_runs_are_coalesced_into_one_batch_with_interned_keys() -> None:
+def test_runs_are_coalesced_into_one_batch_with_only_the_keys_it_uses() -> None:
     b = Batcher(max_points=100)
+    _append(b, RUN_B, 0, 1, [("unused", 1.0)])
+    b.take()  # interned for good, but the next batch does not carry it
     for step in range(3):
-        b.append(RUN_A, step, 10, [("loss", 1.0), ("acc", 2.0)], now=0.0)
-        b.append(RUN_B, step, 10, [("acc", 3.0)], now=0.0)
-    batch = encode(_take_one(b), writer_id="w", seq=1)
-    assert list(batch.run_ids) == [RUN_A, RUN_B]
+        _append(b, RUN_A, step, 10, [("loss", 1.0), ("acc", 2.0)])
+        _append(b, RUN_B, step, 10, [("acc", 3.0)])
+    batch = _encode(b, _take(b))
+    assert list(batch.run_ids) == [RUN_B, RUN_A]  # interning order
     assert list(batch.keys) == ["loss", "acc"]
     assert len(batch.run_index) == 9 * 4
     rows = _decode(batch)
     assert [r[:3] for r in rows[:3]] == [(RUN_A, "loss", 0), (RUN_A, "acc", 0), (RUN_B, "acc", 0)]
     assert sum(1 for r in rows if r[0] == RUN_B) == 3
-    assert b.take(10) is None
+    assert b.take() is None
 
 
-def test_take_respects_the_limit_and_keeps_indices_valid() -> None:
+def test_split_keeps_order_and_rows_and_arrays_mix() -> None:
     b = Batcher(max_points=4)
     for step in range(5):
-        b.append(RUN_A if step % 2 else RUN_B, step, 0, [(f"k{step}", float(step))], now=0.0)
-    first, second = _take_one(b, 3), _take_one(b, 3)
-    assert len(first) == 3 and len(second) == 2 and b.take(3) is None
-    rows = _decode(encode(first, writer_id="w", seq=1)) + _decode(encode(second, writer_id="w", seq=2))
-    assert [(r[0], r[1], r[2]) for r in rows] == [(RUN_A if s % 2 else RUN_B, f"k{s}", s) for s in range(5)]
-    assert b.appended == 5
+        _append(b, RUN_A if step % 2 else RUN_B, step, 0, [(f"k{step}", float(step))])
+    key = b.intern_keys(["arr"])[0]
+    b.append_arrays(b.intern_run(RUN_A), key, np.arange(10, 13), 7, np.array([1.0, 2.0, 3.0]))
+    parts = _take(b).split(3)
+    assert [len(p) for p in parts] == [3, 3, 2]
+    rows = [r for i, p in enumerate(parts) for r in _decode(_encode(b, p, i + 1))]
+    assert [(r[0], r[1], r[2]) for r in rows[:5]] == [(RUN_A if s % 2 else RUN_B, f"k{s}", s) for s in range(5)]
+    assert rows[5:] == [(RUN_A, "arr", 10, 7, 1.0), (RUN_A, "arr", 11, 7, 2.0), (RUN_A, "arr", 12, 7, 3.0)]
+    assert b.appended == 8
+
+
+def test_a_refused_value_appends_nothing() -> None:
+    b = Batcher(max_points=10)
+    block = b.intern_keys(["a", "b"])
+    try:
+        b.append_row(0, 0, 0, block, [1.0, "x"])
+    except TypeError:
+        pass
+    assert b.state().points == 0 and b.take() is None
+    assert b.append_row(0, 0, 0, block, [1, True]) is True  # ints and bools are numbers
 
 
 def test_append_asks_for_a_wake_when_non_empty_and_when_full() -> None:
     b = Batcher(max_points=3)
-    assert b.append(RUN_A, 0, 0, [("a", 1.0)], now=0.0) is True  # arms the interval
-    assert b.append(RUN_A, 1, 0, [("a", 1.0)], now=0.0) is False
-    assert b.append(RUN_A, 2, 0, [("a", 1.0), ("b", 2.0)], now=0.0) is True  # reached max_points
-    assert b.append(RUN_A, 3, 0, [("a", 1.0)], now=0.0) is False  # already signalled
+    assert _append(b, RUN_A, 0, 0, [("a", 1.0)]) is True  # arms the interval
+    assert _append(b, RUN_A, 1, 0, [("a", 1.0)]) is False
+    assert _append(b, RUN_A, 2, 0, [("a", 1.0), ("b", 2.0)]) is True  # reached max_points
+    assert _append(b, RUN_A, 3, 0, [("a", 1.0)]) is False  # already signalled
     assert b.state().points == 5
 
 
@@ -93,11 +120,14 @@ def test_send_decision_by_size_age_and_force() -> None:
     assert due_at(young, interval=1.0) == 51.0
 
 
-def test_state_tracks_the_oldest_point() -> None:
-    b = Batcher(max_points=10)
-    b.append(RUN_A, 0, 0, [("a", 1.0)], now=5.0)
-    b.append(RUN_A, 1, 0, [("a", 1.0)], now=9.0)
+def test_state_tracks_the_oldest_point_with_an_injected_clock() -> None:
+    now = [5.0]
+    b = Batcher(max_points=10, clock=lambda: now[0])
+    _append(b, RUN_A, 0, 0, [("a", 1.0)])
+    now[0] = 9.0
+    _append(b, RUN_A, 1, 0, [("a", 1.0)])
     assert b.state() == BufferState(2, 5.0)
-    b.take(10)
+    b.take()
     assert b.state() == BufferState(0, None)
     assert b.discard() == 0
+    assert isinstance(b.intern_keys([]), array)

@@ -5,8 +5,13 @@
     client = th.connect("127.0.0.1:50051")
     with client.start_run(experiment="sweep-1", params={"lr": 0.01}) as run:
         for step in range(1000):
-            run.log(step=step, loss=0.5)        # returns at once; a background sender delivers
-    client.get_run(run.run_id).metrics           # {"loss": 0.5}
+            run.log(step=step, loss=0.5)        # ~0.1 µs a value; a background sender delivers
+        run.log_array("reward", steps, rewards)  # numpy arrays, vectorized
+    client.get_run(run.run_id).metrics           # {"loss": 0.5, "reward": ...}
+
+Points the server does not acknowledge are kept, spilled to an on-disk spool when
+it stays away, and replayed (``trackhouse sync DIR`` for offline runs). See
+docs/client.md.
 
 Everything public is re-exported here; the modules behind it are private detail.
 """
@@ -20,10 +25,13 @@ from trackhouse.client.errors import (
     NotFound,
     ServerError,
     ServerUnavailable,
+    SpoolError,
     TrackhouseError,
     UsageError,
 )
+from trackhouse.client.memory import MemoryTransport
 from trackhouse.client.reads import RunView
+from trackhouse.client.replay import ReplayReport, sync
 from trackhouse.client.run import Run
 from trackhouse.client.settings import Settings
 from trackhouse.client.transport import AckStream, GrpcTransport, Transport
@@ -36,14 +44,18 @@ __all__ = [
     "FailedPrecondition",
     "GrpcTransport",
     "InvalidArgument",
+    "MemoryTransport",
     "NotFound",
+    "ReplayReport",
     "Run",
     "RunView",
     "ServerError",
     "ServerUnavailable",
     "Settings",
+    "SpoolError",
     "TrackhouseError",
     "Transport",
     "UsageError",
     "connect",
+    "sync",
 ]

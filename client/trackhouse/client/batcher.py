@@ -1,30 +1,38 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
-``Batcher`` owns the process's not-yet-sent points as five ``array.array``
-columns plus interning tables for run ids and keys. ``append`` is the hot path:
-it holds the lock only to append, never across I/O. ``take`` hands at most
-``limit`` points to the sender as a ``Pending`` chunk; the interning tables live
-until the buffer is empty, so indices of the remaining points stay valid.
+``Batcher`` owns the process's not-yet-sent points. The hot path appends one
+*row* per ``log`` call (run slot, step, timestamp, number of values) and the
+call's key indices and values, so a value costs two ``array.array`` appends
+done in C (``extend``); vectorized calls append numpy chunks as they are.
+Runs and keys are interned once for the life of the process: a ``Run`` keeps
+the interned key block of the key sets it logs, so it never looks a key up again.
+
+``take`` swaps the columns out under the lock (O(1): no copy while holding it)
+and expands them into ``Columns`` off the hot path. ``encode`` turns a slice of
+``Columns`` into a ``MetricBatch`` holding only the runs and keys it uses.
 
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
-value only (no clock is read here), so they are tested with plain numbers.
-``encode`` turns a chunk into a ``MetricBatch`` with one numpy conversion per
-column.
+value only (no clock is read there), so they are tested with plain numbers.
 
-Invariants: all five columns have the same length; every index in
-``run_index`` / ``key_index`` is valid in the current tables.
+Invariants: ``sum(row_len) == len(key_index) == len(values)``; interned indices
+never change; ``points`` counts every buffered value (rows and chunks).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
+from trackhouse.client.errors import UsageError
 from trackhouse.proto.v1 import ingest_pb2
+
+_CLOSED = "the client is closed; create a new one with trackhouse.client.connect()"
 
 
 @dataclass(frozen=True)
@@ -36,19 +44,26 @@ class BufferState:
 
 
 @dataclass(frozen=True)
-class Pending:
-    """A chunk of points taken from the buffer, not yet numbered or encoded."""
+class Columns:
+    """Points taken from the buffer, as numpy columns of one length."""
 
-    run_ids: list[str]
-    keys: list[str]
-    run_index: array[int]
-    key_index: array[int]
-    steps: array[int]
-    timestamps: array[int]
-    values: array[float]
+    run_index: npt.NDArray[np.uint32]
+    key_index: npt.NDArray[np.uint32]
+    steps: npt.NDArray[np.int64]
+    timestamps: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return len(self.values)
+
+    def split(self, limit: int) -> list[Columns]:
+        """Consecutive slices of at most ``limit`` points (views, no copy)."""
+        n = len(self)
+        return [
+            Columns(self.run_index[i : i + limit], self.key_index[i : i + limit], self.steps[i : i + limit],
+                    self.timestamps[i : i + limit], self.values[i : i + limit])
+            for i in range(0, n, limit)
+        ]  # fmt: skip
 
 
 def is_due(state: BufferState, now: float, *, max_points: int, interval: float, forced: bool) -> bool:
@@ -67,42 +82,60 @@ def due_at(state: BufferState, *, interval: float) -> float | None:
     return state.oldest + interval
 
 
-def encode(chunk: Pending, *, writer_id: str, seq: int) -> ingest_pb2.MetricBatch:
-    """One ``MetricBatch``; ``run_index`` is left empty when the chunk holds one run."""
-    run_index = b"" if len(chunk.run_ids) == 1 else np.asarray(chunk.run_index, "<u4").tobytes()
+def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
+    """(used table positions, index renumbered into them), in O(n) without sorting."""
+    used = np.flatnonzero(np.bincount(index, minlength=size))
+    lookup = np.zeros(size, np.uint32)
+    lookup[used] = np.arange(len(used), dtype=np.uint32)
+    return used, lookup[index]
+
+
+def encode(cols: Columns, run_ids: Sequence[str], keys: Sequence[str], *, writer_id: str,
+           seq: int) -> ingest_pb2.MetricBatch:
+    """One ``MetricBatch`` of ``cols``; ``run_index`` is left empty when it holds one run."""
+    runs_used, run_index = _compact(cols.run_index, len(run_ids))
+    keys_used, key_index = _compact(cols.key_index, len(keys))
     return ingest_pb2.MetricBatch(
         writer_id=writer_id,
         seq=seq,
-        run_ids=chunk.run_ids,
-        keys=chunk.keys,
-        run_index=run_index,
-        key_index=np.asarray(chunk.key_index, "<u4").tobytes(),
-        steps=np.asarray(chunk.steps, "<i8").tobytes(),
-        timestamps=np.asarray(chunk.timestamps, "<i8").tobytes(),
-        values=np.asarray(chunk.values, "<f8").tobytes(),
+        run_ids=[run_ids[i] for i in runs_used],
+        keys=[keys[i] for i in keys_used],
+        run_index=b"" if len(runs_used) == 1 else run_index.astype("<u4").tobytes(),
+        key_index=key_index.astype("<u4").tobytes(),
+        steps=cols.steps.astype("<i8").tobytes(),
+        timestamps=cols.timestamps.astype("<i8").tobytes(),
+        values=cols.values.astype("<f8").tobytes(),
     )
 
 
+_Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
+
+
 class Batcher:
-    """The process-wide columnar buffer of one client. Thread-safe."""
+    """The process-wide columnar buffer of one client. Thread-safe; the lock is never held across I/O."""
 
-    def __init__(self, max_points: int) -> None:
+    def __init__(self, max_points: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._max_points = max_points
+        self._clock = clock
         self._lock = threading.Lock()
-        self._appended = 0
-        self._reset_columns()
-        self._oldest: float | None = None
-
-    def _reset_columns(self) -> None:
-        self._run_ids: list[str] = []
+        self.run_ids: list[str] = []
+        self.keys: list[str] = []
         self._run_slots: dict[str, int] = {}
-        self._keys: list[str] = []
         self._key_slots: dict[str, int] = {}
-        self._run_index: array[int] = array("I")
+        self.accepting = True
+        self._appended = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._row_run: array[int] = array("I")
+        self._row_step: array[int] = array("q")
+        self._row_ts: array[int] = array("q")
+        self._row_len: array[int] = array("I")
         self._key_index: array[int] = array("I")
-        self._steps: array[int] = array("q")
-        self._timestamps: array[int] = array("q")
         self._values: array[float] = array("d")
+        self._chunks: list[_Chunk] = []
+        self._points = 0
+        self._oldest: float | None = None
 
     @property
     def appended(self) -> int:
@@ -110,65 +143,111 @@ class Batcher:
         return self._appended
 
     def state(self) -> BufferState:
-        with self._lock:
-            return BufferState(len(self._steps), self._oldest)
+        return BufferState(self._points, self._oldest)
 
-    def append(self, run_id: str, step: int, timestamp: int, items: Iterable[tuple[str, float]], now: float) -> bool:
-        """Buffer points of one run at one step; True when the sender should be woken.
-
-        The caller has validated every value. Wake-ups happen when the buffer turns
-        non-empty (to arm the interval) and when it reaches ``max_points``.
-        """
+    def intern_run(self, run_id: str) -> int:
         with self._lock:
-            before = len(self._steps)
             slot = self._run_slots.get(run_id)
             if slot is None:
-                slot = self._run_slots[run_id] = len(self._run_ids)
-                self._run_ids.append(run_id)
-            key_slots = self._key_slots
-            for key, value in items:
-                k = key_slots.get(key)
-                if k is None:
-                    k = key_slots[key] = len(self._keys)
-                    self._keys.append(key)
-                self._run_index.append(slot)
-                self._key_index.append(k)
-                self._steps.append(step)
-                self._timestamps.append(timestamp)
-                self._values.append(value)
-            after = len(self._steps)
-            self._appended += after - before
-            if before == 0 and after > 0:
-                self._oldest = now
-                return True
-            return before < self._max_points <= after
+                slot = self._run_slots[run_id] = len(self.run_ids)
+                self.run_ids.append(run_id)
+            return slot
 
-    def take(self, limit: int) -> Pending | None:
-        """Remove and return up to ``limit`` of the oldest points, or None when empty."""
+    def intern_keys(self, keys: Iterable[str]) -> array[int]:
+        """The interned indices of ``keys`` (already validated), as a block to append."""
+        block: array[int] = array("I")
         with self._lock:
-            n = len(self._steps)
-            if n == 0:
+            for key in keys:
+                slot = self._key_slots.get(key)
+                if slot is None:
+                    slot = self._key_slots[key] = len(self.keys)
+                    self.keys.append(key)
+                block.append(slot)
+        return block
+
+    def append_row(self, run: int, step: int, timestamp: int, block: array[int], values: Iterable[object]) -> bool:
+        """Buffer one call's values (one per key of ``block``); True when the sender should be woken.
+
+        Raises ``TypeError``/``ValueError`` (nothing appended) when a value is not a
+        number: the caller then validates value by value to say which. Wake-ups happen
+        when the buffer turns non-empty (to arm the interval) and when it fills.
+        """
+        with self._lock:
+            if not self.accepting:
+                raise UsageError(_CLOSED)
+            vals = self._values
+            before = len(vals)
+            try:
+                vals.extend(values)  # type: ignore[arg-type]  # C loop; rejects non-numbers
+            except BaseException:
+                del vals[before:]
+                raise
+            n = len(block)
+            if len(vals) - before != n:  # a mapping changed size under us: keep columns aligned
+                del vals[before:]
+                raise ValueError("the metrics mapping changed while it was logged")
+            self._key_index.extend(block)
+            self._row_run.append(run)
+            self._row_step.append(step)
+            self._row_ts.append(timestamp)
+            self._row_len.append(n)
+            return self._added(n)
+
+    def append_arrays(self, run: int, key: int, steps: npt.NDArray[np.int64],
+                      timestamps: npt.NDArray[np.int64] | int, values: npt.NDArray[np.float64]) -> bool:
+        """Buffer a vectorized series of one key (arrays owned by the batcher from now on)."""
+        with self._lock:
+            if not self.accepting:
+                raise UsageError(_CLOSED)
+            self._chunks.append((run, key, steps, timestamps, values))
+            return self._added(len(values))
+
+    def _added(self, n: int) -> bool:
+        before = self._points
+        self._points = after = before + n
+        self._appended += n
+        if before == 0 and after > 0:
+            self._oldest = self._clock()
+            return True
+        return before < self._max_points <= after
+
+    def take(self) -> Columns | None:
+        """Remove and return every buffered point, or None when empty."""
+        with self._lock:
+            if self._points == 0:
                 return None
-            if n <= limit:
-                chunk = Pending(
-                    self._run_ids, self._keys, self._run_index, self._key_index,
-                    self._steps, self._timestamps, self._values,
-                )  # fmt: skip
-                self._reset_columns()
-                self._oldest = None
-                return chunk
-            chunk = Pending(
-                list(self._run_ids), list(self._keys), self._run_index[:limit], self._key_index[:limit],
-                self._steps[:limit], self._timestamps[:limit], self._values[:limit],
-            )  # fmt: skip
-            for column in (self._run_index, self._key_index, self._steps, self._timestamps, self._values):
-                del column[:limit]
-            return chunk
+            rows = (self._row_run, self._row_step, self._row_ts, self._row_len)
+            key_index, values, chunks = self._key_index, self._values, self._chunks
+            self._reset()
+        return _expand(rows, key_index, values, chunks)
 
     def discard(self) -> int:
-        """Drop every buffered point (after fork: they belong to the parent); returns how many."""
+        """Drop every buffered point; returns how many."""
         with self._lock:
-            n = len(self._steps)
-            self._reset_columns()
-            self._oldest = None
+            n = self._points
+            self._reset()
             return n
+
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may be held) and no parent points."""
+        self._lock = threading.Lock()
+        self._reset()
+        self._appended = 0
+
+
+def _expand(rows: tuple[array[int], ...], key_index: array[int], values: array[float],
+            chunks: list[_Chunk]) -> Columns:
+    row_run, row_step, row_ts, row_len = (np.frombuffer(c, c.typecode) for c in rows)
+    parts = [Columns(
+        np.repeat(row_run, row_len).astype(np.uint32), np.frombuffer(key_index, np.uint32),
+        np.repeat(row_step, row_len).astype(np.int64), np.repeat(row_ts, row_len).astype(np.int64),
+        np.frombuffer(values, np.float64),
+    )] if len(values) else []  # fmt: skip
+    for run, key, steps, ts, vals in chunks:
+        n = len(vals)
+        times = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
+        parts.append(Columns(np.full(n, run, np.uint32), np.full(n, key, np.uint32), steps, times, vals))
+    if len(parts) == 1:
+        return parts[0]
+    return Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                     ("run_index", "key_index", "steps", "timestamps", "values")))  # fmt: skip

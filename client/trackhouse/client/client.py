@@ -2,9 +2,10 @@
 
 A client owns one ``Transport``, one ``Batcher`` (the process's buffered points,
 shared by all its runs) and one ``Sender`` (started with the first run). Creating
-it does no I/O. ``close`` flushes against a deadline, stops the sender and closes
-the channels; an atexit hook does the same for clients left open and logs what
-could not be delivered.
+it does no I/O. ``close`` flushes against a deadline, spools what the server did
+not acknowledge, stops the sender and reports; an atexit hook does the same for
+clients left open. After ``os.fork`` the child's clients get a new writer id, new
+connections, empty buffers and (lazily) a new worker (``_after_fork_in_child``).
 """
 
 from __future__ import annotations
@@ -12,37 +13,42 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import os
 import threading
+import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from trackhouse.client import reads
+from trackhouse.client import distributed, reads
 from trackhouse.client.batcher import Batcher
-from trackhouse.client.errors import AlreadyExists, NotFound, UsageError
+from trackhouse.client.errors import AlreadyExists, NotFound, ServerUnavailable, UsageError
+from trackhouse.client.ops import Op, call_op
 from trackhouse.client.reads import RunView
 from trackhouse.client.run import Run, check_int, param_messages, tag_messages
 from trackhouse.client.sender import Sender
 from trackhouse.client.settings import Settings
+from trackhouse.client.spool import EXPERIMENT_TAG, LOCAL_RUN_TAG
+from trackhouse.client.system import SystemSampler
 from trackhouse.client.transport import GrpcTransport, Transport
-from trackhouse.proto.v1 import ingest_pb2, query_pb2
+from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 
 logger = logging.getLogger(__name__)
+_LIVE: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
-def connect(url: str | None = None, *, query_url: str | None = None, settings: Settings | None = None) -> Client:
+def connect(url: str | None = None, *, query_url: str | None = None, mode: str | None = None,
+            settings: Settings | None = None) -> Client:
     """A client for the trackhouse server at ``url`` (``host:port`` or ``grpc://host:port``).
 
-    ``settings`` default to ``Settings.from_env()``; ``url`` and ``query_url``, when
-    given, override its addresses. No connection is made until the first call.
+    ``settings`` default to ``Settings.from_env()``; ``url``, ``query_url`` and ``mode``
+    (``"online"`` / ``"offline"``), when given, override them. No connection is made
+    until the first call; offline, none ever is.
     """
     settings = Settings.from_env() if settings is None else settings
-    overrides: dict[str, Any] = {}
-    if url is not None:
-        overrides["url"] = url
-    if query_url is not None:
-        overrides["query_url"] = query_url
+    overrides: dict[str, Any] = {k: v for k, v in (("url", url), ("query_url", query_url), ("mode", mode))
+                                 if v is not None}
     if overrides:
         settings = dataclasses.replace(settings, **overrides)
     transport = GrpcTransport(settings.url, settings.effective_query_url, rpc_timeout=settings.rpc_timeout)
@@ -53,21 +59,29 @@ class Client:
     """Starts runs and reads them back. Thread-safe; one per process is enough."""
 
     def __init__(self, transport: Transport, settings: Settings | None = None) -> None:
-        self._settings = Settings() if settings is None else settings
-        self._transport = transport
-        self._batcher = Batcher(self._settings.max_batch_points)
-        self._sender = Sender(transport, self._batcher, self._settings)
+        self.settings = Settings() if settings is None else settings
+        self.transport = transport
+        self._batcher = Batcher(self.settings.max_batch_points)
+        self._sender = Sender(transport, self._batcher, self.settings)
         self._experiments: dict[str, str] = {}
+        self._samplers: list[SystemSampler] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._ordinal = 0
         ref = weakref.ref(self)
         self._atexit = lambda: _close_at_exit(ref)
         atexit.register(self._atexit)
+        _LIVE.add(self)
 
     @property
     def writer_id(self) -> str:
-        """Identifies this client's metric batches to the server (uuid4 hex)."""
+        """Identifies this client's metric batches to the server (uuid4 hex; new after fork)."""
         return self._sender.writer_id
+
+    @property
+    def spool_path(self) -> str:
+        """This writer's spool directory (it exists only while something is spooled)."""
+        return str(self._sender.spool.path)
 
     def __enter__(self) -> Client:
         return self
@@ -89,36 +103,97 @@ class Client:
         tags: Mapping[str, Any] | None = None,
         user_id: str | None = None,
         start_time: int | None = None,
+        run_id: str | None = None,
     ) -> Run:
         """Create a run in ``experiment`` (a name, created when missing) or ``experiment_id``.
 
-        Neither means the default experiment ``"0"``.
+        Neither means the default experiment ``"0"``. ``run_id`` (or the setting
+        ``run_id``) resumes that run instead. In a distributed job, see
+        ``Settings.ranks``: all ranks get a handle on the same run.
         """
-        if self._closed:
-            raise UsageError("the client is closed; create a new one with trackhouse.client.connect()")
+        self._check_open()
         if experiment is not None and experiment_id is not None:
             raise UsageError("pass experiment (a name) or experiment_id, not both")
-        exp_id = self._experiment_id(experiment) if experiment is not None else (experiment_id or "0")
         request = ingest_pb2.CreateRunRequest(
-            experiment_id=exp_id,
-            run_name=name,
-            user_id=self._settings.user if user_id is None else user_id,
+            run_name=name, user_id=self.settings.user if user_id is None else user_id,
             start_time=0 if start_time is None else check_int("start_time", start_time),
-            params=param_messages(params or {}),
-            tags=tag_messages(tags or {}),
-        )
-        info = self._transport.create_run(request)
-        self._sender.start()
-        return Run(
-            info.run_id, info.experiment_id, info.run_name,
-            transport=self._transport, batcher=self._batcher, sender=self._sender, settings=self._settings,
+            params=param_messages(params or {}), tags=tag_messages(tags or {}),
         )  # fmt: skip
+        s = self.settings
+        run_id = run_id or s.run_id
+        with self._lock:
+            ordinal, self._ordinal = self._ordinal, self._ordinal + 1
+        if not distributed.logs_here(s):
+            return Run(self, run_id or "", experiment_id or "", name, enabled=False)
+        if run_id:
+            return self.resume_run(run_id)
+        if not distributed.needs_rendezvous(s):
+            return self._new_run(request, experiment, experiment_id)
+        path = distributed.rendezvous_file(s, experiment or experiment_id or "0", name, ordinal)
+        shared, created = distributed.shared_run_id(path, s, lambda: self._new_run(request, experiment,
+                                                                                   experiment_id).run_id)
+        return self.resume_run(shared, mark_running=not created)
+
+    def _new_run(self, request: ingest_pb2.CreateRunRequest, experiment: str | None,
+                 experiment_id: str | None) -> Run:
+        if self.settings.offline:  # no server: a local id, mapped to the server's by `trackhouse sync`
+            local = uuid.uuid4().hex
+            request.experiment_id = experiment_id or ("" if experiment else "0")
+            request.tags.add(key=LOCAL_RUN_TAG, value=local)
+            if experiment:
+                request.tags.add(key=EXPERIMENT_TAG, value=experiment)
+            self._sender.submit_op(request)
+            return self._handle(local, request.experiment_id, request.run_name)
+        request.experiment_id = self._experiment_id(experiment) if experiment is not None else (experiment_id or "0")
+        info = self.transport.create_run(request)
+        return self._handle(info.run_id, info.experiment_id, info.run_name)
+
+    def resume_run(self, run_id: str, *, mark_running: bool = True) -> Run:
+        """A handle to log into an existing run (e.g. after a restart); marks it RUNNING again.
+
+        Offline, the id is trusted (the run must exist when the spool is synced).
+        """
+        self._check_open()
+        if not isinstance(run_id, str) or not run_id:
+            raise UsageError(f"run_id must be a non-empty string, got {run_id!r}")
+        if not distributed.logs_here(self.settings):
+            return Run(self, run_id, "", "", enabled=False)
+        if self.settings.offline or not mark_running:
+            return self._handle(run_id, "", "")
+        info = self.transport.update_run(ingest_pb2.UpdateRunRequest(run_id=run_id, status=common_pb2.RUNNING))
+        return self._handle(info.run_id or run_id, info.experiment_id, info.run_name)
+
+    def _handle(self, run_id: str, experiment_id: str, name: str) -> Run:
+        self._sender.start()
+        run = Run(self, run_id, experiment_id, name, key_prefix=distributed.key_prefix(self.settings))
+        interval = self.settings.system_metrics_interval
+        if interval > 0:
+            sampler = SystemSampler(run.log_metrics, interval)
+            with self._lock:
+                self._samplers.append(sampler)
+            sampler.start()
+        return run
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("the client is closed; create a new one with trackhouse.client.connect()")
+
+    def _submit(self, op: Op) -> None:
+        """A run operation: sent now; spooled (and retried) when offline or the server is away."""
+        if self.settings.offline or self._sender.away:
+            self._sender.submit_op(op)
+            return
+        try:
+            call_op(self.transport, op)
+        except ServerUnavailable as exc:
+            logger.warning("trackhouse: %s not delivered (%s); spooled, will retry", type(op).__name__, exc)
+            self._sender.submit_op(op)
 
     def create_experiment(self, name: str, artifact_location: str = "") -> str:
         """Create experiment ``name``; return its id. AlreadyExists when the name is taken."""
         if not isinstance(name, str) or not name.strip():
             raise UsageError(f"experiment name must be a non-empty string, got {name!r}")
-        exp = self._transport.create_experiment(
+        exp = self.transport.create_experiment(
             ingest_pb2.CreateExperimentRequest(name=name, artifact_location=artifact_location)
         )
         with self._lock:
@@ -134,50 +209,57 @@ class Client:
         if cached is not None:
             return cached
         try:
-            exp = self._transport.get_experiment(ingest_pb2.GetExperimentRequest(name=name))
+            exp = self.transport.get_experiment(ingest_pb2.GetExperimentRequest(name=name))
         except NotFound:
             try:
-                exp = self._transport.create_experiment(ingest_pb2.CreateExperimentRequest(name=name))
+                exp = self.transport.create_experiment(ingest_pb2.CreateExperimentRequest(name=name))
             except AlreadyExists:
-                exp = self._transport.get_experiment(ingest_pb2.GetExperimentRequest(name=name))
+                exp = self.transport.get_experiment(ingest_pb2.GetExperimentRequest(name=name))
         with self._lock:
             self._experiments[name] = exp.experiment_id
         return str(exp.experiment_id)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every point logged so far is acknowledged; False on timeout."""
-        return self._sender.flush(self._settings.flush_timeout if timeout is None else timeout)
+        """Wait until every point logged so far is acknowledged (offline: spooled); False on timeout."""
+        return self._sender.flush(self.settings.flush_timeout if timeout is None else timeout)
 
     def stats(self) -> dict[str, int]:
-        """Delivery counters: points_logged / sent / acked / rejected / pending, batches_*, reconnects."""
+        """Delivery counters: points_logged / sent / acked / rejected / pending / spooled / offline,
+        batches_*, reconnects."""
         return self._sender.stats()
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush (bounded by ``timeout``), stop the sender, close the channels. Idempotent.
+        """Flush (bounded by ``timeout``), spool what is left, stop the sender. Idempotent.
 
-        Returns True when every logged point was delivered; otherwise logs a warning
-        with what was not.
+        Returns True when every logged point was delivered (offline: spooled);
+        otherwise logs a warning saying what is spooled and where.
         """
         with self._lock:
             if self._closed:
                 return True
             self._closed = True
+            samplers, self._samplers = self._samplers, []
         atexit.unregister(self._atexit)
-        delivered = self._sender.close(self._settings.close_timeout if timeout is None else timeout)
-        self._transport.close()
-        if not delivered:
-            stats = self._sender.stats()
-            logger.warning(
-                "trackhouse client closed with %d of %d logged points undelivered (%d batches awaiting ack)",
-                stats["points_pending"], stats["points_logged"], stats["batches_pending"],
-            )  # fmt: skip
+        for sampler in samplers:
+            sampler.stop()
+        delivered = self._sender.close(self.settings.close_timeout if timeout is None else timeout)
+        self._batcher.accepting = False
+        self.transport.close()
+        _report(self._sender.stats(), self.settings, self.spool_path, delivered)
         return delivered
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._samplers = []
+        self._batcher.after_fork()
+        self._sender.after_fork()
+        self.transport.reopen()
 
     # -- reading ------------------------------------------------------------------------
 
     def get_run(self, run_id: str) -> RunView:
         """The run with its params, tags and latest metric values. NotFound when unknown."""
-        return RunView.from_proto(self._transport.get_run(query_pb2.GetRunRequest(run_id=run_id)))
+        return RunView.from_proto(self.transport.get_run(query_pb2.GetRunRequest(run_id=run_id)))
 
     def search_runs(
         self,
@@ -199,18 +281,41 @@ class Client:
             raise UsageError("experiment_ids / experiment_names take a list, e.g. ['1'], not a string")
         ids = list(experiment_ids or [])
         for name in experiment_names or []:
-            ids.append(self._transport.get_experiment(ingest_pb2.GetExperimentRequest(name=name)).experiment_id)
+            ids.append(self.transport.get_experiment(ingest_pb2.GetExperimentRequest(name=name)).experiment_id)
         return reads.iter_runs(
-            self._transport, experiment_ids=ids, filter=filter, order_by=list(order_by or []),
+            self.transport, experiment_ids=ids, filter=filter, order_by=list(order_by or []),
             max_results=max_results, page_size=page_size, run_view=run_view,
         )  # fmt: skip
 
     def metric_history(self, run_id: str, key: str, min_step: int | None = None, max_step: int | None = None) -> Any:
         """Every point of one series as a ``pyarrow.Table`` (step, timestamp, value), step order."""
-        return reads.history_table(*reads.history_arrays(self._transport, run_id, key, min_step, max_step))
+        return reads.history_table(*reads.history_arrays(self.transport, run_id, key, min_step, max_step))
+
+
+def _report(stats: dict[str, int], settings: Settings, spool_path: str, delivered: bool) -> None:
+    """The one message at close: what is spooled, where, and how to upload it."""
+    spooled = stats["points_spooled"] + (stats["points_offline"] if settings.offline else 0)
+    lost = stats["points_pending"] - stats["points_spooled"]
+    where = f"{spool_path} (upload with: trackhouse sync {os.path.dirname(spool_path)})"
+    if settings.offline and stats["points_offline"]:
+        logger.warning("trackhouse offline: %d points spooled in %s", stats["points_offline"], where)
+    elif not delivered:
+        logger.warning(
+            "trackhouse client closed with %d of %d logged points undelivered: %d spooled in %s%s",
+            stats["points_pending"], stats["points_logged"], spooled, where,
+            f"; {lost} could not be spooled in time and are lost" if lost > 0 else "",
+        )  # fmt: skip
 
 
 def _close_at_exit(ref: weakref.ref[Client]) -> None:
     client = ref()
     if client is not None:
-        client.close(min(client._settings.close_timeout, 10.0))
+        client.close()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_LIVE):
+        client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -7,12 +7,17 @@
     │   ├── InvalidArgument         INVALID_ARGUMENT: e.g. a param logged again with another value
     │   ├── AlreadyExists           ALREADY_EXISTS: e.g. an experiment name taken
     │   └── FailedPrecondition      FAILED_PRECONDITION: e.g. updating a deleted run
-    └── ServerUnavailable           UNAVAILABLE: the server could not be reached
-        └── DeadlineExceeded        DEADLINE_EXCEEDED: no answer within the call's deadline
+    ├── ServerUnavailable           UNAVAILABLE (or another retryable code): try again later;
+    │   │                           ``retry_after`` holds the server's retry delay when it sent one
+    │   └── DeadlineExceeded        DEADLINE_EXCEEDED: no answer within the call's deadline
+    └── SpoolError                  a spool on disk cannot be written or read (corrupt records are
+                                    reported and skipped, not raised)
 
 ``grpc.RpcError`` is translated in ``transport.py`` (the only module importing
 ``grpc``); ``error_for_code`` is the one mapping from status codes to classes.
-``log()`` never raises these for transport reasons: the sender retries.
+``log()`` never raises these for transport reasons: the sender retries, then spools.
+Retryable codes (``RETRYABLE``): UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+ABORTED — they map to ``ServerUnavailable``. The metric stream reconnects after any error.
 """
 
 from __future__ import annotations
@@ -55,17 +60,24 @@ class FailedPrecondition(ServerError):
 
 
 class ServerUnavailable(TrackhouseError):
-    """The server could not be reached (down, restarting, network)."""
+    """The server could not be reached or asked to retry (down, restarting, overloaded)."""
 
-    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+    def __init__(self, message: str, code: str = "UNAVAILABLE", retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class DeadlineExceeded(ServerUnavailable):
     """The server did not answer within the call's deadline."""
 
+
+class SpoolError(TrackhouseError):
+    """A spool directory or segment cannot be written or read (permissions, full disk, not a spool)."""
+
+
+RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
 
 _BY_CODE: dict[str, type[ServerError]] = {
     "NOT_FOUND": NotFound,
@@ -76,10 +88,10 @@ _BY_CODE: dict[str, type[ServerError]] = {
 }
 
 
-def error_for_code(code: str, message: str) -> TrackhouseError:
+def error_for_code(code: str, message: str, retry_after: float | None = None) -> TrackhouseError:
     """The client error for a gRPC status ``code`` name (``"NOT_FOUND"``, ...) and its message."""
-    if code == "UNAVAILABLE":
-        return ServerUnavailable(message, code)
     if code == "DEADLINE_EXCEEDED":
-        return DeadlineExceeded(message, code)
+        return DeadlineExceeded(message, code, retry_after)
+    if code in RETRYABLE:
+        return ServerUnavailable(message, code, retry_after)
     return _BY_CODE.get(code, ServerError)(message, code)

@@ -1,9 +1,15 @@
 """``Run``: the handle a training loop logs through.
 
-Metrics go to the client's ``Batcher`` after validation and return at once (no
-lock is held across I/O, no network on this path); the ``Sender`` delivers them.
-Params, tags and the final status are unary calls and raise client errors.
-Validation happens before anything is appended, so a bad call appends nothing.
+The hot path (``log``, ``log_metrics``) validates with exact type checks and
+appends to the client's ``Batcher`` — no network, no lock held across I/O, no
+per-value Python call in the common case: the run caches the interned key block
+of each key set it has logged, and the values go into the buffer with one
+``array.extend``. Anything unusual (a new key set, a numpy scalar, a bad value)
+takes the slow path, which validates value by value and says what is wrong;
+a bad call appends nothing.
+
+Params, tags and the final status go through the client (``Client._submit``),
+which spools them when the server is away or the client is offline.
 """
 
 from __future__ import annotations
@@ -11,21 +17,28 @@ from __future__ import annotations
 import logging
 import operator
 import time
+from array import array
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, SupportsFloat, SupportsIndex, cast
+from typing import TYPE_CHECKING, Any, SupportsFloat, SupportsIndex, cast
+
+import numpy as np
+import numpy.typing as npt
 
 from trackhouse.client.batcher import Batcher
-from trackhouse.client.errors import UsageError
-from trackhouse.client.sender import Sender
-from trackhouse.client.settings import Settings
-from trackhouse.client.transport import Transport
+from trackhouse.client.errors import TrackhouseError, UsageError
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
+
+if TYPE_CHECKING:
+    from trackhouse.client.client import Client
 
 logger = logging.getLogger(__name__)
 
 _I64 = 2**63
 _TERMINAL = ("FINISHED", "FAILED", "KILLED")
+_MAX_KEY_SETS = 256  # cached key blocks per run; a loop logs a handful of distinct key sets
+_ACTIVE, _FINISHED, _DISABLED = 0, 1, 2
+_time_ns = time.time_ns
 
 
 def now_ms() -> int:
@@ -43,18 +56,24 @@ def check_int(name: str, value: object) -> int:
     return value
 
 
-def check_metric(key: object, value: object) -> tuple[str, float]:
-    """A validated (key, value) pair; values are anything float() takes except strings."""
-    if type(key) is not str or not key:
-        raise UsageError(f"metric keys must be non-empty strings, got {key!r}")
+def check_metric(key: object, value: object) -> float:
+    """A validated value; values are anything float() takes except strings."""
     if type(value) is float:
-        return key, value
+        return value
     if isinstance(value, str | bytes) or not hasattr(type(value), "__float__"):
         raise UsageError(f"metric {key!r} must be a number, got {type(value).__name__} {value!r}: log float(value)")
+    if isinstance(value, np.ndarray) and value.ndim > 0:
+        raise UsageError(f"metric {key!r} must be a single number, got an array of shape {value.shape}")
     try:
-        return key, float(value)  # type: ignore[arg-type]
+        return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise UsageError(f"metric {key!r} must be a single number, got {value!r}: {exc}") from None
+
+
+def check_key(key: object) -> str:
+    if type(key) is not str or not key:
+        raise UsageError(f"metric keys must be non-empty strings, got {key!r}")
+    return key
 
 
 def _string_pairs(kind: str, items: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -75,31 +94,35 @@ def tag_messages(tags: Mapping[str, Any]) -> list[common_pb2.Tag]:
 
 
 class Run:
-    """One run being logged. Create it with ``Client.start_run``; use it as a context manager."""
+    """One run being logged. Create it with ``Client.start_run``; use it as a context manager.
 
-    def __init__(
-        self,
-        run_id: str,
-        experiment_id: str,
-        name: str,
-        *,
-        transport: Transport,
-        batcher: Batcher,
-        sender: Sender,
-        settings: Settings,
-    ) -> None:
+    On a rank that does not log (``Settings.ranks == "zero"`` and rank > 0) every
+    logging call returns at once and does nothing; ``enabled`` is False.
+    """
+
+    def __init__(self, client: Client, run_id: str, experiment_id: str, name: str, *,
+                 key_prefix: str = "", enabled: bool = True) -> None:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.name = name
-        self._transport = transport
-        self._batcher = batcher
-        self._sender = sender
-        self._settings = settings
-        self._finished = False
+        self._client = client
+        self._batcher: Batcher = client._batcher
+        self._wake = client._sender.wake
+        self._prefix = key_prefix
+        self._slot = self._batcher.intern_run(run_id)
+        self._state = _ACTIVE if enabled else _DISABLED
+        self._blocks: dict[tuple[str, ...], array[int]] = {}
+        self._last_keys: tuple[str, ...] = ()
+        self._last_block: array[int] = array("I")
         self._status_sent = False
 
     def __repr__(self) -> str:
         return f"Run(run_id={self.run_id!r}, experiment_id={self.experiment_id!r}, name={self.name!r})"
+
+    @property
+    def enabled(self) -> bool:
+        """False on a rank whose calls are ignored (see ``Settings.ranks``)."""
+        return self._state != _DISABLED
 
     def log(self, *, step: SupportsIndex = 0, **metrics: SupportsFloat) -> None:
         """Log metrics at ``step`` (``run.log(step=3, loss=0.5, acc=0.9)``); returns at once."""
@@ -111,53 +134,112 @@ class Run:
         self, metrics: Mapping[str, SupportsFloat], *, step: SupportsIndex = 0, timestamp: SupportsIndex | None = None
     ) -> None:
         """Log a mapping of metrics at ``step``; ``timestamp`` in ms since epoch, default now."""
-        if self._finished:
+        if self._state:
+            return self._inactive()
+        if type(step) is not int or not -_I64 <= step < _I64:
+            step = check_int("step", step)
+        ts = _time_ns() // 1_000_000 if timestamp is None else check_int("timestamp", timestamp)
+        keys = tuple(metrics)
+        block = self._last_block if keys == self._last_keys else self._block(keys)
+        try:
+            wake = self._batcher.append_row(self._slot, step, ts, block, metrics.values())
+        except TrackhouseError:
+            raise
+        except Exception:  # a value array.array refused: find it and say what to do
+            values = [check_metric(k, v) for k, v in metrics.items()]
+            wake = self._batcher.append_row(self._slot, step, ts, block, values)
+        if wake:
+            self._wake()
+
+    def _block(self, keys: tuple[str, ...]) -> array[int]:
+        block = self._blocks.get(keys)
+        if block is None:
+            if not keys:
+                raise UsageError("log_metrics() needs at least one metric, e.g. {'loss': 0.5}")
+            prefix = self._prefix
+            block = self._batcher.intern_keys([prefix + check_key(k) for k in keys])
+            if len(self._blocks) >= _MAX_KEY_SETS:
+                self._blocks.clear()
+            self._blocks[keys] = block
+        self._last_keys, self._last_block = keys, block
+        return block
+
+    def log_array(self, key: str, steps: npt.ArrayLike, values: npt.ArrayLike, *,
+                  timestamps: npt.ArrayLike | None = None) -> None:
+        """Log a whole series of one key at once (RL loops): ``steps`` ints, ``values`` numbers.
+
+        The arrays are copied, so the caller may reuse them; ``timestamps`` (ms since
+        epoch, one per point) default to now.
+        """
+        if self._state:
+            return self._inactive()
+        block = self._blocks.get((key,)) if type(key) is str else None
+        if block is None:
+            block = self._block((check_key(key),))
+        steps_a = _int_column("steps", steps)
+        values_a = np.asarray(values)
+        if values_a.dtype.kind not in "fiub" or values_a.ndim != 1 or len(values_a) != len(steps_a):
+            raise UsageError(
+                f"log_array values must be a 1-D numeric array as long as steps ({len(steps_a)}), "
+                f"got dtype {values_a.dtype} shape {values_a.shape}"
+            )
+        if timestamps is None:
+            ts: npt.NDArray[np.int64] | int = _time_ns() // 1_000_000
+        else:
+            ts = _int_column("timestamps", timestamps)
+            if len(ts) != len(steps_a):
+                raise UsageError(f"log_array timestamps must be as long as steps ({len(steps_a)})")
+        if len(steps_a) and self._batcher.append_arrays(
+            self._slot, block[0], steps_a, ts, values_a.astype(np.float64, copy=True)
+        ):
+            self._wake()
+
+    def _inactive(self) -> None:
+        if self._state == _FINISHED:
             raise UsageError(f"run {self.run_id} is finished; start a new run with client.start_run()")
-        if self._sender.stopped:
-            raise UsageError("the client is closed; create a new one with trackhouse.client.connect()")
-        step = check_int("step", step)
-        ts = now_ms() if timestamp is None else check_int("timestamp", timestamp)
-        items = [check_metric(k, v) for k, v in metrics.items()]
-        if self._batcher.append(self.run_id, step, ts, items, time.monotonic()):
-            self._sender.wake()
+        # disabled rank: validate nothing more and drop the call
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (write-once: another value for a logged key raises InvalidArgument)."""
-        if params:
-            request = ingest_pb2.LogParamsRequest(run_id=self.run_id, params=param_messages(params))
-            self._transport.log_params(request)
+        messages = param_messages(params)
+        if messages and self._state != _DISABLED:
+            self._client._submit(ingest_pb2.LogParamsRequest(run_id=self.run_id, params=messages))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (last write wins)."""
-        if tags:
-            self._transport.set_tags(ingest_pb2.SetTagsRequest(run_id=self.run_id, tags=tag_messages(tags)))
+        messages = tag_messages(tags)
+        if messages and self._state != _DISABLED:
+            self._client._submit(ingest_pb2.SetTagsRequest(run_id=self.run_id, tags=messages))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every point logged so far (by any run of this client) is acknowledged.
 
         Returns False when ``timeout`` (default ``Settings.flush_timeout``) passes first;
-        the points stay queued and keep being retried.
+        the points stay queued and keep being retried (or spooled).
         """
-        return self._sender.flush(self._settings.flush_timeout if timeout is None else timeout)
+        return self._client.flush(timeout)
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
-        """Flush (bounded by ``timeout``), then record ``status`` and the end time.
+        """Flush (bounded by ``timeout``, default ``Settings.close_timeout``), then record ``status``.
 
-        Returns whether the flush completed. Calling it again only retries a status
-        update that failed.
+        Returns whether every point was delivered. What could not be is kept: in
+        memory while the client lives, in the spool at close. Calling it again only
+        retries a status update that failed.
         """
         if status not in _TERMINAL:
             raise UsageError(f"status must be one of {', '.join(_TERMINAL)}, got {status!r}")
-        self._finished = True
+        if self._state == _DISABLED:
+            return True
+        self._state = _FINISHED
         if self._status_sent:
             return True
-        flushed = self.flush(self._settings.close_timeout if timeout is None else timeout)
+        flushed = self._client.flush(self._client.settings.close_timeout if timeout is None else timeout)
         if not flushed:
             logger.warning("run %s finished before all its metrics were acknowledged", self.run_id)
         request = ingest_pb2.UpdateRunRequest(
             run_id=self.run_id, status=common_pb2.RunStatus.Value(status), end_time=now_ms()
         )
-        self._transport.update_run(request)
+        self._client._submit(request)
         self._status_sent = True
         return flushed
 
@@ -175,3 +257,13 @@ class Run:
             self.finish(status)
         except Exception:  # never mask the training loop's own exception
             logger.exception("could not mark run %s %s", self.run_id, status)
+
+
+def _int_column(name: str, data: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """A 1-D int64 copy of ``data``, or UsageError (float steps are a mistake, not a conversion)."""
+    a = np.asarray(data)
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise UsageError(f"log_array {name} must be a 1-D integer array, got dtype {a.dtype} shape {a.shape}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) >= _I64:
+        raise UsageError(f"log_array {name} do not fit in int64")
+    return a.astype(np.int64, copy=True)

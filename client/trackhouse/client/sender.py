@@ -1,22 +1,24 @@
 """The background sender: one worker thread per client that turns buffered points into
-acknowledged batches (OpenTelemetry's BatchProcessor model).
+acknowledged batches (OpenTelemetry's BatchProcessor model), spilling to disk when it must.
 
-The worker sleeps on an Event. It is woken by ``log()`` (buffer turned non-empty or
-reached ``max_batch_points``), by ``flush()``/``close()``, by the end of a stream, or
-by its own deadline (the oldest point's age reaching ``flush_interval``, or the
-reconnect time). Each wake it takes every due point from the ``Batcher`` in chunks of
-at most ``max_batch_points``, numbers each chunk with the next ``seq``, keeps it in
-``_unacked`` (ordered by seq) and queues it on the open StreamMetrics call.
+The worker sleeps on an Event, woken by ``log()`` (buffer non-empty or full),
+``flush()``/``close()``, acks that free replay room, the end of a stream, or its own
+deadline (batch age, reconnect, grace period, ack stall). It cuts the buffered points
+into batches of at most ``max_batch_points`` numbered by ``seq`` and keeps each in the
+``Outbox`` until acknowledged: in memory or, once spilled, in this writer's spool —
+when the server has been away past ``spool_grace`` or memory passes
+``memory_budget`` (``policy.py`` decides). Offline, batches go straight to the spool.
 
-One thread per open stream reads its acks (a blocking iterator) and does nothing
-else: it retires acknowledged batches and, when the stream ends, schedules a
-reconnect with jittered exponential backoff. The worker reopens the stream and
-resends every unacknowledged batch in seq order; the server dedupes by
-(writer_id, seq), so a resend never becomes a duplicate.
+One long-lived StreamMetrics call carries the outbox in seq order; entries on
+disk are read back within a bounded window. One thread per open stream reads its
+acks and does nothing else. When a stream ends, the worker reconnects after a
+jittered backoff (or the server's retry delay) and resends every unacknowledged
+entry from the oldest: the server dedupes by (writer_id, seq) with a per-writer
+high-water mark, which is why entries are always sent in seq order.
 
-Invariants: ``seq`` is strictly increasing from 1; a batch leaves ``_unacked`` only
-on its ack; requests are queued in seq order on each stream; every shared field
-is guarded by ``_cond``, which is never held across a blocking call.
+Invariants: ``seq`` is strictly increasing from 1; an entry leaves the outbox only
+on its ack; only the worker touches the spool; ``_cond`` guards shared fields and
+is never held across I/O.
 """
 
 from __future__ import annotations
@@ -27,24 +29,19 @@ import random
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
+from trackhouse.client import policy
 from trackhouse.client.batcher import Batcher, due_at, encode, is_due
-from trackhouse.client.errors import TrackhouseError
+from trackhouse.client.errors import ServerUnavailable, SpoolError, TrackhouseError
+from trackhouse.client.ops import OP_KINDS, Op, PendingOps
+from trackhouse.client.outbox import Entry, Outbox
 from trackhouse.client.settings import Settings
+from trackhouse.client.spool import Location, WriterSpool
 from trackhouse.client.transport import AckStream, Transport
 from trackhouse.proto.v1 import ingest_pb2
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    batch: ingest_pb2.MetricBatch
-    points: int
-    first_point: int  # position of its first point among all points taken, for flush()
 
 
 def _requests(q: queue.SimpleQueue[ingest_pb2.MetricBatch | None]) -> Iterator[ingest_pb2.MetricBatch]:
@@ -54,95 +51,110 @@ def _requests(q: queue.SimpleQueue[ingest_pb2.MetricBatch | None]) -> Iterator[i
 
 
 class Sender:
-    """Delivers the batcher's points over one long-lived StreamMetrics call."""
+    """Delivers the batcher's points; see the module docstring."""
 
-    def __init__(
-        self,
-        transport: Transport,
-        batcher: Batcher,
-        settings: Settings,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.writer_id = uuid.uuid4().hex
+    def __init__(self, transport: Transport, batcher: Batcher, settings: Settings, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._transport = transport
         self._batcher = batcher
         self._settings = settings
         self._clock = clock
+        self._reset()
+
+    def _reset(self) -> None:
+        s = self._settings
+        self.writer_id = uuid.uuid4().hex
+        self.spool = WriterSpool(s.spool_dir, self.writer_id, s.spool_segment_bytes,
+                                 {"mode": s.mode, "url": s.url})
         self._cond = threading.Condition()
         self._wake = threading.Event()
-        self._unacked: OrderedDict[int, _InFlight] = OrderedDict()
-        self._seq = 0
-        self._taken = 0
-        self._forced = False
-        self._stopping = False
+        self._outbox = Outbox()
+        self._seq = self._taken = 0
+        self._forced = self._stopping = self._spill_warned = False
         self._worker: threading.Thread | None = None
-        self._reader: threading.Thread | None = None
         self._queue: queue.SimpleQueue[ingest_pb2.MetricBatch | None] | None = None
         self._stream: AckStream | None = None
-        self._generation = 0
-        self._attempt = 0
-        self._reconnect_at = 0.0
+        self._generation = self._attempt = 0
+        self._reconnect_at = self._last_progress = 0.0
+        self._away_since: float | None = None
+        self._released: list[Location] = []
+        self._ops_in: list[Op] = []  # from user threads: to spool (offline / away) and retry
+        self._ops_retry = PendingOps()
         self._counts = dict.fromkeys(
-            ("points_acked", "points_rejected", "batches_sent", "batches_acked", "batches_duplicate",
-             "batches_rejected", "reconnects"), 0,
+            ("points_acked", "points_rejected", "points_offline", "points_lost", "batches_sent", "batches_acked",
+             "batches_duplicate", "batches_rejected", "batches_spilled", "reconnects"), 0,
         )  # fmt: skip
 
-    # -- called from user threads -------------------------------------------------
-
     def start(self) -> None:
-        """Start the worker thread (idempotent)."""
+        """Start the worker thread (idempotent; again after a fork)."""
         with self._cond:
             if self._worker is None and not self._stopping:
                 self._worker = threading.Thread(target=self._run, name="trackhouse-sender", daemon=True)
                 self._worker.start()
 
-    @property
-    def stopped(self) -> bool:
-        """True once ``close`` began: no more points are accepted."""
-        return self._stopping
-
     def wake(self) -> None:
+        if self._worker is None:
+            self.start()
         self._wake.set()
 
+    def submit_op(self, op: Op) -> None:
+        """Hand a run operation to the worker: spooled, and retried while online."""
+        with self._cond:
+            self._ops_in.append(op)
+        self.wake()
+
+    @property
+    def away(self) -> bool:
+        """True while the metric stream is failing (unary calls then go to the spool at once)."""
+        return self._away_since is not None
+
     def flush(self, timeout: float) -> bool:
-        """Wait until every point appended before the call is acknowledged (or rejected)."""
+        """Wait until every point appended before the call is acknowledged (offline: spooled)."""
         target = self._batcher.appended
+        if self._worker is None and target > self._taken:
+            self.start()
         with self._cond:
             self._forced = True
             self._wake.set()
-            return self._cond.wait_for(lambda: self._answered_through(target), timeout)
+            return self._cond.wait_for(lambda: self._outbox.answered_through(self._taken, target), timeout)
 
     def close(self, timeout: float) -> bool:
-        """Flush against the deadline, then stop the threads; True when all was delivered."""
+        """Flush against the deadline, spool what is left, stop; True when all was delivered."""
         deadline = self._clock() + timeout
-        flushed = self.flush(timeout) if self._worker is not None else self._batcher.state().points == 0
+        reserve = min(1.0, timeout / 4)  # left for spilling what the flush could not deliver
+        flushed = self.flush(max(0.0, timeout - reserve)) if self._worker is not None else True
         with self._cond:
             self._stopping = True
-            worker, reader = self._worker, self._reader
+            worker = self._worker
         self._wake.set()
-        for thread in (worker, reader):
-            if thread is not None:
-                thread.join(max(0.0, deadline - self._clock()))
-        return flushed
+        if worker is not None:
+            worker.join(max(0.0, deadline - self._clock()))
+        return flushed and self.stats()["points_pending"] == 0
 
     def stats(self) -> dict[str, int]:
         with self._cond:
             counts = dict(self._counts)
             counts["points_logged"] = self._batcher.appended
             counts["points_sent"] = self._taken
-            counts["batches_pending"] = len(self._unacked)
-            counts["points_pending"] = self._batcher.appended - counts["points_acked"] - counts["points_rejected"]
+            counts["batches_pending"] = len(self._outbox)
+            counts["points_spooled"] = self._outbox.points_on_disk()
+            answered = counts["points_acked"] + counts["points_rejected"] + counts["points_offline"]
+            counts["points_pending"] = self._batcher.appended - answered - counts["points_lost"]
         return counts
 
-    def _answered_through(self, target: int) -> bool:
-        if self._taken < target:
-            return False
-        return not self._unacked or next(iter(self._unacked.values())).first_point >= target
+    def after_fork(self) -> None:
+        """In a forked child: a new writer id, no threads, no inherited batches or files."""
+        self.spool.abandon()
+        self._reset()
 
-    # -- the worker -----------------------------------------------------------------
+    # -- the worker --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._settings.replay_orphans and not self._settings.offline:
+            from trackhouse.client.replay import adopt_orphans
+
+            threading.Thread(target=adopt_orphans, args=(self._transport, self._settings, self.writer_id),
+                             name="trackhouse-replay", daemon=True).start()
         try:
             while True:
                 self._wake.wait(self._wait_timeout())
@@ -150,47 +162,113 @@ class Sender:
                 with self._cond:
                     forced, stopping = self._forced or self._stopping, self._stopping
                     self._forced = False
-                s = self._settings
-                if is_due(self._batcher.state(), self._clock(), max_points=s.max_batch_points,
+                s, now = self._settings, self._clock()
+                if is_due(self._batcher.state(), now, max_points=s.max_batch_points,
                           interval=s.flush_interval, forced=forced):  # fmt: skip
                     self._drain()
+                self._housekeep(now)
                 if stopping:
                     break
-                self._maintain_stream()
-        except Exception:  # a bug here must not pass silently: the buffers would grow forever
+                self._maintain_stream(now)
+                self._pump()
+                self._retry_ops(now)
+        except Exception:  # a bug here must not pass silently: nothing would be delivered
             logger.exception("trackhouse sender stopped by an unexpected error")
         finally:
-            self._end_stream()
+            self._finish()
 
     def _wait_timeout(self) -> float | None:
-        due = due_at(self._batcher.state(), interval=self._settings.flush_interval)
+        s, box, away = self._settings, self._outbox, self._away_since
         with self._cond:
-            if self._stream is None and self._unacked:
-                due = self._reconnect_at if due is None else min(due, self._reconnect_at)
+            times = [
+                due_at(self._batcher.state(), interval=s.flush_interval),
+                (self._reconnect_at if self._stream is None else self._last_progress + policy.ACK_TIMEOUT)
+                if box else None,
+                away + s.spool_grace if box.memory_bytes and away is not None else None,
+                self._ops_retry.retry_at if self._ops_retry.ops else None,
+            ]
+        due = min((t for t in times if t is not None), default=None)
         return None if due is None else max(0.0, due - self._clock())
 
     def _drain(self) -> None:
-        while (chunk := self._batcher.take(self._settings.max_batch_points)) is not None:
+        cols = self._batcher.take()
+        if cols is None:
+            return
+        offline = self._settings.offline
+        for part in cols.split(self._settings.max_batch_points):
             self._seq += 1  # only this thread numbers batches
-            batch = encode(chunk, writer_id=self.writer_id, seq=self._seq)
+            batch = encode(part, self._batcher.run_ids, self._batcher.keys, writer_id=self.writer_id, seq=self._seq)
+            loc = self.spool.append_batch(batch.SerializeToString()) if offline else None
             with self._cond:
-                self._unacked[self._seq] = _InFlight(batch, len(chunk), self._taken)
-                self._taken += len(chunk)
+                if loc is None:
+                    self._outbox.add(Entry(self._seq, len(part), batch.ByteSize(), self._taken, batch))
+                else:
+                    self._counts["points_offline"] += len(part)
+                self._taken += len(part)
                 self._counts["batches_sent"] += 1
-                if self._queue is not None:
-                    self._queue.put(batch)
+        if offline:
+            self.spool.sync()
+            with self._cond:
+                self._cond.notify_all()
 
-    def _maintain_stream(self) -> None:
-        """Open the stream when batches wait and no stream is open (after the backoff)."""
+    def _housekeep(self, now: float) -> None:
+        """Spool ops handed over, release acked records, spill what policy says."""
         with self._cond:
-            if self._stream is not None or not self._unacked or self._clock() < self._reconnect_at:
+            (released, self._released), (ops, self._ops_in) = (self._released, []), (self._ops_in, [])
+        for loc in released:
+            self.spool.release(loc)
+        for op in ops:
+            self.spool.append_op(OP_KINDS[type(op)], op.SerializeToString())
+            if not self._settings.offline:
+                self._ops_retry.ops.append(op)
+        with self._cond:
+            s = self._settings
+            decision = policy.spill_decision(memory_bytes=self._outbox.memory_bytes, budget=s.memory_budget,
+                                             away_since=self._away_since, now=now, grace=s.spool_grace)
+        if decision is not policy.Spill.NONE:
+            self._spill(decision)
+
+    def _spill(self, decision: policy.Spill) -> None:
+        with self._cond:
+            candidates = self._outbox.in_memory()
+        keep = 0 if decision is policy.Spill.ALL else self._settings.memory_budget // 2
+        spilled = 0
+        for entry in candidates:
+            batch = entry.batch
+            if self._outbox.memory_bytes <= keep or batch is None:
+                break
+            loc = self.spool.append_batch(batch.SerializeToString())
+            with self._cond:
+                if not self._outbox.spilled(entry, loc):  # acked while it was written
+                    self._released.append(loc)
+                    continue
+                self._counts["batches_spilled"] += 1
+            spilled += 1
+        self.spool.sync()
+        if spilled and not self._spill_warned:
+            self._spill_warned = True
+            why = "the server is unreachable" if decision is policy.Spill.ALL else "memory budget exceeded"
+            logger.warning("trackhouse: %s; spooling unacknowledged batches to %s", why, self.spool.path)
+
+    def _maintain_stream(self, now: float) -> None:
+        """Open the stream when batches wait and none is open (after the backoff); drop a stalled one."""
+        with self._cond:
+            stream, box = self._stream, self._outbox
+            if stream is None and (not box or now < self._reconnect_at):
                 return
+            if stream is not None and not policy.stalled(in_flight=box.in_flight(), last_progress=self._last_progress,
+                                                         now=now):  # fmt: skip
+                return
+        if stream is not None:
+            logger.warning("trackhouse: no ack for %.0f s; reconnecting", policy.ACK_TIMEOUT)
+            stream.cancel()  # the reader sees the end and schedules the reconnect
+            return
+        with self._cond:
             self._generation += 1
             generation = self._generation
             q: queue.SimpleQueue[ingest_pb2.MetricBatch | None] = queue.SimpleQueue()
-            for item in self._unacked.values():  # resend everything unacknowledged, in seq order
-                q.put(item.batch)
-            self._queue = q
+            self._queue, self._last_progress = q, now
+            self._outbox.restart()
         try:
             stream = self._transport.stream_metrics(_requests(q))
         except TrackhouseError as exc:
@@ -198,20 +276,63 @@ class Sender:
             return
         with self._cond:
             self._stream = stream
-            reader = threading.Thread(
-                target=self._read_acks, args=(stream, generation), name="trackhouse-acks", daemon=True
-            )
-            self._reader = reader
-        reader.start()
+        threading.Thread(target=self._read_acks, args=(stream, generation), name="trackhouse-acks",
+                         daemon=True).start()
 
-    def _end_stream(self) -> None:
-        """Half-close the open stream so the server can answer what it has, then end."""
+    def _pump(self) -> None:
+        """Queue outbox entries in seq order; entries on disk within the replay window."""
+        while True:
+            with self._cond:
+                q, generation, box = self._queue, self._generation, self._outbox
+                entry = None if q is None else box.queue_next(self._seq, q.put, policy.REPLAY_WINDOW)
+                if entry is None or entry.loc is None:
+                    return
+            try:
+                batch = ingest_pb2.MetricBatch.FromString(self.spool.read(entry.loc))
+            except (SpoolError, ValueError) as exc:
+                logger.error("trackhouse: spooled batch seq=%d (%d points) is unreadable and lost: %s",
+                             entry.seq, entry.points, exc)
+                with self._cond:
+                    if box.acked(entry.seq) is not None:
+                        self._counts["points_lost"] += entry.points
+                        self._cond.notify_all()
+                continue
+            with self._cond:
+                if generation != self._generation or self._queue is None:
+                    return
+                if entry.seq in box.entries and box.send_next == entry.seq:  # still unacked, still next
+                    self._queue.put(batch)
+                    box.queued_from_disk(entry)
+                    box.send_next += 1
+
+    def _retry_ops(self, now: float) -> None:
+        if self._ops_retry.ops and self._away_since is None:
+            self._ops_retry.retry(self._transport, now, self._backoff)
+
+    def _backoff(self, retry_after: float | None) -> float:
+        return policy.backoff_delay(self._attempt, initial=self._settings.backoff_initial,
+                                    maximum=self._settings.backoff_max, retry_after=retry_after, rand=random.uniform)
+
+    def _finish(self) -> None:
+        """At close: spool every unacknowledged batch and pending operation, close the spool."""
+        try:
+            self._housekeep(self._clock())
+            self._spill(policy.Spill.ALL)
+            with self._cond:
+                stream, self._stream = self._stream, None
+                self._generation += 1
+                if self._queue is not None:
+                    self._queue.put(None)
+                self._queue = None
+            if stream is not None:
+                stream.cancel()
+            self.spool.close(ops_done=not self._ops_retry.ops)  # ops were recorded when handed over
+        except Exception:
+            logger.exception("trackhouse: could not spool undelivered batches to %s", self.spool.path)
         with self._cond:
-            if self._queue is not None:
-                self._queue.put(None)
+            self._cond.notify_all()
 
-    # -- the ack reader ---------------------------------------------------------------
-
+    # -- the ack reader ------------------------------------------------------------------------
     def _read_acks(self, stream: AckStream, generation: int) -> None:
         error: TrackhouseError | None = None
         try:
@@ -226,21 +347,23 @@ class Sender:
 
     def _on_ack(self, ack: ingest_pb2.BatchAck) -> None:
         with self._cond:
-            item = self._unacked.pop(ack.seq, None)
+            item = self._outbox.acked(ack.seq)
             if item is None:  # an ack of a batch already answered (resend race): nothing to do
                 return
-            if self._attempt:
+            if self._away_since is not None:
                 logger.info("metric stream to %s restored", getattr(self._transport, "url", "server"))
-            self._attempt = 0
-            if ack.status == ingest_pb2.REJECTED:
-                self._counts["batches_rejected"] += 1
-                self._counts["points_rejected"] += item.points
-            else:
-                self._counts["batches_acked"] += 1
-                self._counts["batches_duplicate"] += ack.status == ingest_pb2.DUPLICATE
-                self._counts["points_acked"] += item.points
+            self._attempt, self._away_since, self._last_progress = 0, None, self._clock()
+            self._spill_warned = False
+            if item.loc is not None:
+                self._released.append(item.loc)
+            rejected = ack.status == ingest_pb2.REJECTED
+            self._counts["batches_rejected" if rejected else "batches_acked"] += 1
+            self._counts["points_rejected" if rejected else "points_acked"] += item.points
+            self._counts["batches_duplicate"] += ack.status == ingest_pb2.DUPLICATE
             self._cond.notify_all()
-        if ack.status == ingest_pb2.REJECTED:
+        if item.loc is not None:
+            self._wake.set()
+        if rejected:
             logger.warning(
                 "trackhouse rejected metric batch seq=%d (%d points), code %d: %s",
                 ack.seq, item.points, ack.code, ack.message,
@@ -252,16 +375,20 @@ class Sender:
                 return
             if self._queue is not None:
                 self._queue.put(None)  # ends gRPC's request-consumer thread of the dead call
-            self._queue = None
-            self._stream = None
+            self._queue = self._stream = None
             if self._stopping and error is None:
                 return
-            delay = min(self._settings.backoff_max, self._settings.backoff_initial * 2**self._attempt)
-            self._reconnect_at = self._clock() + delay * random.uniform(0.5, 1.0)
+            now = self._clock()
+            retry_after = error.retry_after if isinstance(error, ServerUnavailable) else None
+            self._reconnect_at = now + self._backoff(retry_after)
             first = self._attempt == 0
             self._attempt += 1
             self._counts["reconnects"] += 1
-            pending = len(self._unacked)
+            if not self._outbox:
+                self._away_since = None  # nothing at risk
+            elif self._away_since is None:
+                self._away_since = now
+            pending = len(self._outbox)
         if first and not self._stopping:
             logger.warning(
                 "metric stream to %s ended (%s); reconnecting with backoff, %d batches awaiting ack",

@@ -1,9 +1,10 @@
 """Client settings: one frozen value object, and the only place that reads ``os.environ``.
 
 ``Settings()`` holds the defaults; ``Settings.from_env()`` overlays the
-``TRACKHOUSE_CLIENT_*`` variables documented on the class. ``__post_init__``
-rejects impossible values at start-up, so a bad configuration fails when the
-client is created rather than inside the background sender.
+``TRACKHOUSE_CLIENT_*`` variables documented on the class (and, for the rank of a
+distributed job, the variables torchrun and SLURM set). ``__post_init__`` rejects
+impossible values at start-up, so a bad configuration fails when the client is
+created rather than inside the background sender.
 """
 
 from __future__ import annotations
@@ -20,18 +21,38 @@ from trackhouse.client.errors import UsageError
 
 _PREFIX = "TRACKHOUSE_CLIENT_"
 _SCHEMES = ("grpc", "grpcs")
+_MODES = ("online", "offline")
+_UNSET = ("", "none")  # torchrun sets TORCHELASTIC_RUN_ID=none when no --rdzv-id is given
+_RANKS = ("zero", "all")
+# Launcher variables, in order of preference, when TRACKHOUSE_CLIENT_<NAME> is unset.
+_LAUNCHER_VARS = {
+    "rank": ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
+    "world_size": ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
+    "job_id": ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"),
+}
 
 
 @dataclass(frozen=True)
 class Settings:
     """How the client talks to trackhouse. Every field has an environment variable.
 
+    Connection
     ``TRACKHOUSE_CLIENT_URL``
         Ingest service address: ``host:port``, ``grpc://host:port`` or
         ``grpcs://host:port`` (TLS with the system roots). Default ``127.0.0.1:50051``.
     ``TRACKHOUSE_CLIENT_QUERY_URL``
         Query service address, same forms. Unset: the ingest address (``trackhouse serve``
         runs both services on one port).
+    ``TRACKHOUSE_CLIENT_MODE``
+        ``online`` (default): stream to the server, spool only when it is away.
+        ``offline``: never connect; every batch, run and param goes to the spool, to be
+        uploaded later with ``trackhouse sync``.
+    ``TRACKHOUSE_CLIENT_RPC_TIMEOUT``
+        Deadline in seconds of each unary call (create run, log params, reads). Default 30.0.
+    ``TRACKHOUSE_CLIENT_USER``
+        ``user_id`` recorded on new runs. Default: the login name.
+
+    Batching and delivery
     ``TRACKHOUSE_CLIENT_FLUSH_INTERVAL``
         Seconds a logged point may wait in the buffer before it is sent. Default 1.0.
     ``TRACKHOUSE_CLIENT_MAX_BATCH_POINTS``
@@ -40,52 +61,125 @@ class Settings:
     ``TRACKHOUSE_CLIENT_FLUSH_TIMEOUT``
         Default deadline in seconds of ``Run.flush()``. Default 10.0.
     ``TRACKHOUSE_CLIENT_CLOSE_TIMEOUT``
-        Default deadline in seconds of ``Run.finish()``, ``Client.close()`` and of the
-        close at interpreter exit. Default 30.0.
-    ``TRACKHOUSE_CLIENT_RPC_TIMEOUT``
-        Deadline in seconds of each unary call (create run, log params, reads). Default 30.0.
+        Longest wait in seconds of ``Run.finish()``, ``Client.close()`` and of the close at
+        interpreter exit; what is undelivered then is spooled and reported. Default 30.0.
     ``TRACKHOUSE_CLIENT_BACKOFF_INITIAL`` / ``TRACKHOUSE_CLIENT_BACKOFF_MAX``
         First and largest delay in seconds between reconnects of the metric stream
-        (exponential, jittered). Defaults 0.5 and 30.0.
-    ``TRACKHOUSE_CLIENT_USER``
-        ``user_id`` recorded on new runs. Default: the login name.
+        (exponential, jittered; a retry delay sent by the server wins). Defaults 0.5, 30.0.
+
+    Spool (disk)
+    ``TRACKHOUSE_CLIENT_SPOOL_DIR``
+        Where batches spill when the server is away or memory is full; one
+        subdirectory per writer. Default ``.trackhouse/spool`` (relative to the
+        working directory at start).
+    ``TRACKHOUSE_CLIENT_SPOOL_GRACE``
+        Seconds the server may be unreachable before unacknowledged batches spill
+        to the spool. Default 10.0.
+    ``TRACKHOUSE_CLIENT_MEMORY_BUDGET``
+        Bytes of encoded, unacknowledged batches kept in memory; past it the oldest
+        spill to the spool. Default 268435456 (256 MiB).
+    ``TRACKHOUSE_CLIENT_SPOOL_SEGMENT_BYTES``
+        Size at which a spool segment file is closed and a new one started.
+        Default 67108864 (64 MiB).
+    ``TRACKHOUSE_CLIENT_REPLAY_ORPHANS``
+        ``1``/``0``: replay spools left by dead online clients of the same server
+        (same spool dir) when a run starts. Default 1.
+
+    Distributed training
+    ``TRACKHOUSE_CLIENT_RANKS``
+        ``zero`` (default): only rank 0 logs; other ranks' runs are no-ops. ``all``:
+        every rank logs into the one run, each key prefixed ``rank{N}/``.
+    ``TRACKHOUSE_CLIENT_RANK`` / ``TRACKHOUSE_CLIENT_WORLD_SIZE``
+        This process's rank and the number of ranks. Unset: ``RANK``/``WORLD_SIZE``
+        (torchrun), ``SLURM_PROCID``/``SLURM_NTASKS``, ``OMPI_COMM_WORLD_*``, ``PMI_*``;
+        else 0 and 1.
+    ``TRACKHOUSE_CLIENT_JOB_ID``
+        Identifies one distributed job for the run rendezvous. Unset:
+        ``TORCHELASTIC_RUN_ID`` (unless ``none``), else ``SLURM_JOB_ID``.
+    ``TRACKHOUSE_CLIENT_RUN_ID``
+        When set, ``start_run`` resumes this run instead of creating one (the
+        launcher's or a restarted job's way to share a run). Default unset.
+    ``TRACKHOUSE_CLIENT_RENDEZVOUS_DIR``
+        Shared directory where rank 0 publishes the run id of a job for the other
+        ranks (``ranks=all``). Default ``.trackhouse/rendezvous``.
+    ``TRACKHOUSE_CLIENT_RENDEZVOUS_TIMEOUT``
+        Seconds a rank > 0 waits for rank 0's run id. Default 600.0.
+    ``TRACKHOUSE_CLIENT_SYSTEM_METRICS_INTERVAL``
+        Seconds between samples of CPU, memory (and GPU when ``pynvml`` is
+        installed) logged as ``system/*`` on a background thread; 0 turns it off.
+        Default 0.
     """
 
     url: str = "127.0.0.1:50051"
     query_url: str | None = None
+    mode: str = "online"
+    rpc_timeout: float = 30.0
+    user: str = ""
     flush_interval: float = 1.0
     max_batch_points: int = 10_000
     flush_timeout: float = 10.0
     close_timeout: float = 30.0
-    rpc_timeout: float = 30.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
-    user: str = ""
+    spool_dir: str = ".trackhouse/spool"
+    spool_grace: float = 10.0
+    memory_budget: int = 256 * 1024 * 1024
+    spool_segment_bytes: int = 64 * 1024 * 1024
+    replay_orphans: bool = True
+    ranks: str = "zero"
+    rank: int = 0
+    world_size: int = 1
+    job_id: str = ""
+    run_id: str | None = None
+    rendezvous_dir: str = ".trackhouse/rendezvous"
+    rendezvous_timeout: float = 600.0
+    system_metrics_interval: float = 0.0
 
     def __post_init__(self) -> None:
         parse_url(self.url)
         if self.query_url is not None:
             parse_url(self.query_url)
-        for name in ("flush_interval", "flush_timeout", "close_timeout", "rpc_timeout", "backoff_initial"):
+        positive = ("flush_interval", "flush_timeout", "close_timeout", "rpc_timeout", "backoff_initial",
+                    "rendezvous_timeout")
+        for name in positive:
             if not getattr(self, name) > 0:
                 raise UsageError(f"Settings.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("spool_grace", "system_metrics_interval"):
+            if not getattr(self, name) >= 0:
+                raise UsageError(f"Settings.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_batch_points < 1:
             raise UsageError(f"Settings.max_batch_points must be >= 1, got {self.max_batch_points!r}")
         if self.backoff_max < self.backoff_initial:
             raise UsageError(
                 f"Settings.backoff_max ({self.backoff_max}) must be >= backoff_initial ({self.backoff_initial})"
             )
+        self._check_choices()
+        if self.memory_budget < 1 or self.spool_segment_bytes < 4096:
+            raise UsageError("Settings.memory_budget must be >= 1 and spool_segment_bytes >= 4096")
+        if not self.spool_dir:
+            raise UsageError("Settings.spool_dir must be a directory path")
+
+    def _check_choices(self) -> None:
+        if self.mode not in _MODES:
+            raise UsageError(f"Settings.mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
+        if self.ranks not in _RANKS:
+            raise UsageError(f"Settings.ranks must be one of {', '.join(_RANKS)}, got {self.ranks!r}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise UsageError(
+                f"Settings.rank ({self.rank}) must be in [0, world_size) and world_size ({self.world_size}) >= 1"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, overlaid by ``TRACKHOUSE_CLIENT_*`` variables, overlaid by ``overrides``."""
+        """Defaults, overlaid by ``TRACKHOUSE_CLIENT_*`` (and launcher) variables, overlaid by ``overrides``."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            raw = env.get(_PREFIX + field.name.upper())
-            if raw is None or raw.strip() == "":
+            names = (_PREFIX + field.name.upper(), *_LAUNCHER_VARS.get(field.name, ()))
+            raw = next((env[n] for n in names if env.get(n, "").strip() not in _UNSET), None)
+            if raw is None:
                 continue
-            values[field.name] = _convert(field.name, raw.strip(), _CONVERTERS.get(field.name, str))
+            values[field.name] = _convert(names[0], raw.strip(), _CONVERTERS.get(field.name, str))
         if "user" not in values:
             values["user"] = _login_name()
         values.update(overrides)
@@ -95,6 +189,21 @@ class Settings:
     def effective_query_url(self) -> str:
         return self.url if self.query_url is None else self.query_url
 
+    @property
+    def offline(self) -> bool:
+        return self.mode == "offline"
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_bool.__name__ = "boolean (1/0)"
 
 _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "flush_interval": float,
@@ -104,15 +213,23 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "rpc_timeout": float,
     "backoff_initial": float,
     "backoff_max": float,
+    "spool_grace": float,
+    "memory_budget": int,
+    "spool_segment_bytes": int,
+    "replay_orphans": _bool,
+    "rank": int,
+    "world_size": int,
+    "rendezvous_timeout": float,
+    "system_metrics_interval": float,
 }
 
 
-def _convert(name: str, raw: str, convert: Callable[[str], Any]) -> Any:
+def _convert(variable: str, raw: str, convert: Callable[[str], Any]) -> Any:
     try:
         return convert(raw)
     except ValueError:
         kind = getattr(convert, "__name__", "value")
-        raise UsageError(f"{_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
+        raise UsageError(f"{variable}={raw!r} is not a valid {kind}") from None
 
 
 def _login_name() -> str:

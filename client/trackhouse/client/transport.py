@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
@@ -58,6 +58,8 @@ _SERVICE_CONFIG = json.dumps(
 )
 _CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
+    # Reconnect promptly when the server comes back (gRPC's own default grows to 120 s).
+    ("grpc.max_reconnect_backoff_ms", 5000),
     ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -89,6 +91,8 @@ class Transport(Protocol):
     def get_run(self, request: query_pb2.GetRunRequest) -> common_pb2.Run: ...
     def search_runs(self, request: query_pb2.SearchRunsRequest) -> query_pb2.SearchRunsResponse: ...
     def get_metric_history(self, request: query_pb2.GetMetricHistoryRequest) -> query_pb2.MetricHistory: ...
+    def reopen(self) -> None:
+        """In a forked child: replace connections inherited from the parent (no I/O on them)."""
     def close(self) -> None: ...
 
 
@@ -96,7 +100,43 @@ def _translate(exc: grpc.RpcError) -> TrackhouseError:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     details = exc.details() if isinstance(exc, grpc.Call) else None
-    return error_for_code(name, str(details or exc))
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    return error_for_code(name, str(details or exc), retry_delay(trailing or ()))
+
+
+def retry_delay(metadata: Iterable[tuple[str, str | bytes]]) -> float | None:
+    """The server's retry delay in seconds, from trailing metadata, or None.
+
+    Understood: ``retry-delay`` (seconds, ``"1.5"`` or ``"1.5s"``), gRPC's
+    ``grpc-retry-pushback-ms``, and ``google.rpc.RetryInfo`` in
+    ``grpc-status-details-bin`` when googleapis-common-protos is installed.
+    """
+    for key, value in metadata:
+        try:
+            if key == "retry-delay" and isinstance(value, str):
+                return max(0.0, float(value.strip().removesuffix("s")))
+            if key == "grpc-retry-pushback-ms" and isinstance(value, str):
+                return max(0.0, int(value) / 1000)
+            if key == "grpc-status-details-bin" and isinstance(value, bytes):
+                found = _retry_info(value)
+                if found is not None:
+                    return found
+        except ValueError:
+            continue
+    return None
+
+
+def _retry_info(blob: bytes) -> float | None:
+    try:  # optional: only present when the user installed googleapis-common-protos
+        from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    except ImportError:
+        return None
+    status = status_pb2.Status.FromString(blob)
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
 
 
 def _open_channel(url: str) -> grpc.Channel:
@@ -104,6 +144,9 @@ def _open_channel(url: str) -> grpc.Channel:
     if secure:
         return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS)
     return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+_INHERITED: list[grpc.Channel] = []
 
 
 class _GrpcAckStream:
@@ -129,12 +172,22 @@ class GrpcTransport:
 
     def __init__(self, url: str, query_url: str | None = None, *, rpc_timeout: float = 30.0) -> None:
         self._timeout = rpc_timeout
-        self._ingest_channel = _open_channel(url)
-        same = query_url is None or query_url == url
-        self._query_channel = self._ingest_channel if same else _open_channel(cast(str, query_url))
+        self.url = url
+        self._query_url = url if query_url is None else query_url
+        self._connect()
+
+    def _connect(self) -> None:
+        self._ingest_channel = _open_channel(self.url)
+        same = self._query_url == self.url
+        self._query_channel = self._ingest_channel if same else _open_channel(self._query_url)
         self._ingest = ingest_pb2_grpc.IngestServiceStub(self._ingest_channel)  # type: ignore[no-untyped-call]
         self._query = query_pb2_grpc.QueryServiceStub(self._query_channel)  # type: ignore[no-untyped-call]
-        self.url = url
+
+    def reopen(self) -> None:
+        # The parent's channels share sockets with the parent: never close them here
+        # (a shutdown would cut the parent's connection); keep them referenced.
+        _INHERITED.extend((self._ingest_channel, self._query_channel))
+        self._connect()
 
     def _call(self, method: Callable[..., Any], request: Any, result: type[_T]) -> _T:
         try:

@@ -1,0 +1,49 @@
+"""Pure delivery decisions: reconnect delay, when to spill to disk, when a stream is stalled.
+
+No clock, no I/O, no randomness of their own (``rand`` is passed in), so the
+sender's choices are tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+# A stream with batches in flight and no ack for this long is treated as dead
+# (a half-open connection never errors by itself); the server acks within its
+# flush interval (0.5 s by default), so this is far beyond any healthy delay.
+ACK_TIMEOUT = 60.0
+# Bytes of spooled batches read back and in flight at once during a replay.
+REPLAY_WINDOW = 32 * 1024 * 1024
+
+
+class Spill(Enum):
+    NONE = "none"
+    OLDEST = "oldest"  # over the memory budget: spill the oldest until half of it is free
+    ALL = "all"  # server away past the grace period (or offline): everything goes to disk
+
+
+def backoff_delay(attempt: int, *, initial: float, maximum: float, retry_after: float | None,
+                  rand: Callable[[float, float], float]) -> float:
+    """Seconds before reconnect number ``attempt`` (0-based): the server's delay when it sent
+    one, else exponential from ``initial`` capped at ``maximum``, with jitter in [50 %, 100 %]."""
+    if retry_after is not None:
+        return max(0.0, retry_after)
+    return float(min(maximum, initial * 2 ** min(attempt, 32)) * rand(0.5, 1.0))
+
+
+def spill_decision(*, memory_bytes: int, budget: int, away_since: float | None, now: float,
+                   grace: float) -> Spill:
+    """What to move from memory to the spool now."""
+    if memory_bytes == 0:
+        return Spill.NONE
+    if away_since is not None and now - away_since >= grace:
+        return Spill.ALL
+    if memory_bytes > budget:
+        return Spill.OLDEST
+    return Spill.NONE
+
+
+def stalled(*, in_flight: bool, last_progress: float, now: float, timeout: float = ACK_TIMEOUT) -> bool:
+    """Whether an open stream should be abandoned for lack of acks."""
+    return in_flight and now - last_progress >= timeout
