@@ -13,7 +13,7 @@ from trackhouse.ingest.settings import BYTES_PER_POINT, IngestSettings
 
 def test_defaults_are_valid_and_frozen() -> None:
     s = IngestSettings()
-    assert s.flush_interval == 0.5 and s.buffer_bytes == 256 * 1024 * 1024
+    assert s.flush_interval == 0.5 and s.buffer_bytes == 64 * 1024 * 1024
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.flush_rows = 1  # type: ignore[misc]
     assert IngestSettings() == s
