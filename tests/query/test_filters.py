@@ -10,6 +10,7 @@ import re
 
 import pyarrow as pa
 import pytest
+
 from trackhouse.query.filters import (
     ATTRIBUTES,
     MAX_DEPTH,

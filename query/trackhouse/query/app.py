@@ -33,7 +33,7 @@ class QueryApp:
         self.search = RunSearch(store, tokens, self.settings)
         self.history = MetricHistory(store, tokens, self.settings)
         self.servicer = QueryServicer(store, self.search, self.history)
-        query_pb2_grpc.add_QueryServiceServicer_to_server(self.servicer, server)
+        query_pb2_grpc.add_QueryServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:
         return None

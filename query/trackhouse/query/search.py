@@ -2,10 +2,13 @@
 
 Two phases. Phase one picks the ids of one page: runs (FINAL) in scope that
 pass the compiled filter, each order key joined in from params, tags or
-latest_metrics (never from metrics), ordered with missing values last and a
-stable tiebreak (start_time DESC, run_id ASC, as MLflow), cut by a keyset
-predicate from the page token — never OFFSET. Phase two hydrates exactly those
-runs (params, tags, latest metrics) by id.
+latest_metrics (never from metrics), ordered as MLflow orders them — values,
+then NaN, then missing, whatever the direction — with a stable tiebreak
+(start_time DESC, run_id ASC), cut by a keyset predicate from the page token —
+never OFFSET. A cursor holds the last row's values as they are (NaN and ±inf
+included: the token's JSON carries them), so each value's rank is known from
+the value itself. Phase two hydrates exactly those runs (params, tags, latest
+metrics) by id.
 
 All user text travels as bound parameters; identifiers come from whitelists.
 """
@@ -78,26 +81,34 @@ def _key_expr(i: int, key: OrderKey, db: str, binder: Binder) -> tuple[str, str,
     return f"j{i}.v", f"LEFT JOIN ({sub}) AS j{i} ON j{i}.run_id = base.run_id", kind
 
 
+def _rank_expr(expr: str, kind: str) -> str:
+    """0 for a value, 1 for NaN (metrics), 2 for missing: sorted ascending whatever the direction."""
+    if kind == "Float64":
+        return f"multiIf(isNull({expr}), 2, isNaN({expr}), 1, 0)"
+    return f"if(isNull({expr}), 2, 0)"
+
+
+def _rank(value: Any) -> int:
+    """What `_rank_expr` gives for a value read back from a row or a cursor."""
+    if value is None:
+        return 2
+    return 1 if isinstance(value, float) and math.isnan(value) else 0
+
+
 def _keyset(exprs: Sequence[tuple[str, str]], keys: Sequence[OrderKey], cursor: Sequence[Any],
             binder: Binder) -> str:
-    """Rows strictly after `cursor` in the order (isNull(e) ASC, e dir) per key, expanded OR form."""
+    """Rows strictly after `cursor` in the order (rank ASC, e dir) per key, expanded OR form."""
     comps: list[tuple[str, str, Any, str]] = []  # (expr, op-after, value, type)
     for (expr, kind), key, value in zip(exprs, keys, cursor, strict=True):
-        comps.append((f"isNull({expr})", ">", 1 if value is None else 0, "UInt8"))
-        if value is not None:  # rows tied on "missing" are tied on the value too
+        rank = _rank(value)
+        comps.append((_rank_expr(expr, kind), ">", rank, "UInt8"))
+        if rank == 0:  # rows tied on NaN or on missing are tied on the value too
             comps.append((expr, ">" if key.ascending else "<", value, kind))
     terms = []
     for j, (expr, op, value, kind) in enumerate(comps):
         equal = [f"{e} = {binder.bind(v, t)}" for e, _, v, t in comps[:j]]
         terms.append("(" + " AND ".join([*equal, f"{expr} {op} {binder.bind(value, kind)}"]) + ")")
     return "(" + " OR ".join(terms) + ")"
-
-
-def _clean(value: Any) -> Any:
-    """A cursor value JSON can carry (NaN has no JSON form; it sorts as missing)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 class RunSearch:
@@ -126,7 +137,7 @@ class RunSearch:
         rows = self._store.query_rows(sql, params, settings={"join_use_nulls": 1})
         more = len(rows) > limit
         rows = rows[:limit]
-        token = self._tokens.encode(question, [_clean(v) for v in rows[-1][1:]]) if more else ""
+        token = self._tokens.encode(question, list(rows[-1][1:])) if more else ""
         return SearchPage(self._store.get_run_details([r[0] for r in rows]), token)
 
     def _sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any,
@@ -151,7 +162,8 @@ class RunSearch:
                 raise InvalidArgument("page_token: does not match this search's ordering")
             outer = "WHERE " + _keyset(exprs, keys, cursor, binder)
         order = ", ".join(
-            f"isNull({e}) ASC, {e} {'ASC' if k.ascending else 'DESC'}" for (e, _), k in zip(exprs, keys, strict=True)
+            f"{_rank_expr(e, t)} ASC, {e} {'ASC' if k.ascending else 'DESC'}"
+            for (e, t), k in zip(exprs, keys, strict=True)
         )
         select = ", ".join(["base.run_id", *(e for e, _ in exprs)])
         sql = (

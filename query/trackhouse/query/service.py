@@ -50,7 +50,7 @@ def _view(value: int) -> str:
         raise InvalidArgument(f"run_view_type: unknown value {value}") from None
 
 
-class QueryServicer(query_pb2_grpc.QueryServiceServicer):  # type: ignore[misc]
+class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     def __init__(self, store: Store, search: RunSearch, history: MetricHistory) -> None:
         self._store = store
         self._search = search

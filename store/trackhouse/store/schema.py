@@ -17,6 +17,8 @@ Tables (see docs/schema.md for the stable, user-facing description):
   (step, timestamp, value) tuple, min, max and count.
 - writer_progress — kept by a materialized view: the greatest batch seq stored
   per writer, which is what ingest's dedupe consults after a restart.
+- meta — server-side values (the page-token secret); the first value written for
+  a key wins, so replicas racing to create one still agree on it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def check_identifier(name: str) -> str:
     """Return `name` if it is a plain SQL identifier, else raise ValueError."""
-    if not _IDENT.match(name):
+    # fullmatch: `$` would also accept a trailing newline.
+    if not _IDENT.fullmatch(name):
         raise ValueError(
             f"invalid database name {name!r}: use letters, digits and underscores, "
             "starting with a letter or underscore, at most 64 characters"
@@ -140,8 +143,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             """
             CREATE TABLE IF NOT EXISTS {db}.meta (
                 key String,
-                value String
-            ) ENGINE = ReplacingMergeTree ORDER BY key
+                value String,
+                created DateTime64(9) DEFAULT now64(9)
+            ) ENGINE = MergeTree ORDER BY (key, created)
             """,
         ),
     ),

@@ -166,8 +166,14 @@ class Store:
         return int(rows[0][0]) if rows else 0
 
     def meta_value(self, key: str, default: Callable[[], str]) -> str:
-        """Read a value from the meta table, writing `default()` first if absent."""
-        sql = f"SELECT argMax(value, _part_offset) FROM {self.t('meta')} WHERE key = {{k:String}} HAVING count() > 0"
+        """Read a value from the meta table, writing `default()` first if absent.
+
+        First writer wins: every reader picks the earliest row (by server time, then
+        value), so two replicas that both found nothing and both wrote agree once each
+        has read after its own write.
+        """
+        sql = (f"SELECT argMin(value, (created, value)) FROM {self.t('meta')} "
+               "WHERE key = {k:String} HAVING count() > 0")
         rows = self.query_rows(sql, {"k": key})
         if rows:
             return str(rows[0][0])

@@ -15,7 +15,7 @@ STAGE_TO_PB = {ACTIVE: pb.ACTIVE, "deleted": pb.DELETED}
 
 def status_name(status: int) -> str:
     """'' for RUN_STATUS_UNSPECIFIED, else the status's name ('FINISHED')."""
-    return "" if status == pb.RUN_STATUS_UNSPECIFIED else str(pb.RunStatus.Name(status))  # type: ignore[arg-type]
+    return "" if status == pb.RUN_STATUS_UNSPECIFIED else str(pb.RunStatus.Name(status))
 
 
 def experiment_to_pb(rec: ExperimentRecord) -> Any:

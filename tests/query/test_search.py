@@ -1,0 +1,501 @@
+"""Run search through the real gRPC QueryService: scope, view, filters, ordering, keyset pages.
+
+Runs are written straight into the store; every expectation is computed from
+the same Python model of the seeded runs, with MLflow's ordering rules: missing
+values last in either direction, NaN metrics after numbers but before missing
+ones, ties broken by start_time DESC then run_id ASC.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import math
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pyarrow as pa
+import pytest
+
+from trackhouse.cli.server import ServerConfig, ServerThread
+from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
+from trackhouse.query.errors import InvalidArgument
+from trackhouse.query.search import RunSearch, SearchRequest
+from trackhouse.query.settings import QuerySettings
+from trackhouse.query.tokens import TokenCodec
+from trackhouse.store import ExperimentRecord, RunRecord, Store, new_version, open_store
+
+T0 = 1_700_000_000_000
+LRS = ["0.001", "0.01", "0.1", "1e-3", "10", "2", "abc"]
+OPTIMIZERS = ["adam", "sgd", "rmsprop"]
+XS = ["a'b", "back\\slash", "ünï", "", "tab\tx", "a", "b", "B", 'q"q']
+STATUSES = ["RUNNING", "FINISHED", "FAILED"]
+
+
+@dataclass
+class Model:
+    """What the seeded store holds, as search sees it."""
+
+    info: RunRecord
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # latest value per key
+
+    @property
+    def run_id(self) -> str:
+        return self.info.run_id
+
+
+def _metric_rows(run_id: str, key: str, latest: float, rng: random.Random) -> list[tuple[Any, ...]]:
+    """Three points; the last has the greatest step, so it is the latest."""
+    return [
+        (run_id, key, 0, T0, rng.random() * 100),
+        (run_id, key, 5, T0 + 1, rng.random() - 1),
+        (run_id, key, 9, T0 + 2, latest),
+    ]
+
+
+def seed(store: Store) -> list[Model]:
+    """~33 runs over e1, e2 and e3 with ties, missing keys, NaN/Inf, a deleted tag, deleted runs."""
+    rng = random.Random(20240611)
+    for eid in ("e1", "e2", "e3"):
+        store.put_experiment(ExperimentRecord(eid, f"exp-{eid}", f"file:///{eid}", "active", T0, T0))
+    models: list[Model] = []
+    ids = sorted({f"{rng.getrandbits(40):010x}" for _ in range(40)})
+    rng.shuffle(ids)
+    special_losses = {3: math.nan, 4: math.inf, 6: -math.inf, 10: math.nan, 12: 0.0}
+    for i in range(33):
+        info = RunRecord(
+            run_id=ids[i], experiment_id="e3" if i == 32 else ("e2" if i % 3 == 0 else "e1"),
+            run_name="" if i % 11 == 0 else f"run-{i % 6}", user_id="ann", status=STATUSES[i % 3],
+            start_time=T0 + (i % 5) * 1000, end_time=None if i % 4 == 0 else T0 + 10_000 + (i * 7) % 13,
+            lifecycle_stage="deleted" if i in (7, 20) else "active", artifact_uri=f"file:///a/{ids[i]}",
+        )
+        m = Model(info)
+        if i % 7 != 3:
+            m.params["lr"] = LRS[i % len(LRS)]
+        if i % 5 != 1:
+            m.params["optimizer"] = OPTIMIZERS[i % 3]
+        if i % 6 != 2:
+            m.tags["x"] = XS[i % len(XS)]
+        m.tags["i"] = str(i)
+        if i % 8 != 5:
+            m.metrics["loss"] = special_losses.get(i, round(rng.random(), 1))  # rounding makes ties
+        if i % 2 == 0:
+            m.metrics["acc"] = rng.choice([0.5, 0.75, rng.random()])
+        models.append(m)
+    # Run 14 was written active first; its newer version is deleted (ReplacingMergeTree).
+    for m in models:
+        if m.info.run_id == ids[14]:
+            store.put_run(RunRecord(**{**m.info.__dict__, "lifecycle_stage": "active"}))
+            m.info = RunRecord(**{**m.info.__dict__, "lifecycle_stage": "deleted"})
+    # One INSERT per table (the store's own put_* write one run each: too slow for 33 runs).
+    store.insert_rows("runs", (*RunRecord.__dataclass_fields__, "version"),
+                      [(*m.info.__dict__.values(), new_version()) for m in models])
+    store.insert_rows("params", ("run_id", "key", "value"),
+                      [(m.run_id, k, v) for m in models for k, v in sorted(m.params.items())])
+    store.insert_rows("tags", ("run_id", "key", "value", "deleted", "version"),
+                      [(m.run_id, k, v, 0, 1) for m in models for k, v in sorted(m.tags.items())])
+    rows = [row for m in models for key, latest in m.metrics.items()
+            for row in _metric_rows(m.run_id, key, latest, rng)]
+    # Runs 9 and 21: a tag x that was deleted is missing; run 2 had its x deleted and set again.
+    store.put_tags(ids[9], [("x", "gone")], deleted=True)
+    models[9].tags.pop("x", None)
+    store.put_tags(ids[21], [("x", "gone")], deleted=True)
+    models[21].tags.pop("x", None)
+    store.put_tags(ids[2], [("x", "zzz")])
+    models[2].tags["x"] = "zzz"
+    rng.shuffle(rows)
+    half = len(rows) // 2  # two INSERTs: latest_metrics holds two parts to combine
+    for chunk in (rows[:half], rows[half:]):
+        run_ids, keys, steps, tss, values = (list(c) for c in zip(*chunk, strict=True))
+        store.insert_arrow("metrics", pa.table({
+            "run_id": run_ids, "key": keys, "step": pa.array(steps, pa.int64()),
+            "timestamp": pa.array(tss, pa.int64()), "value": pa.array(values, pa.float64()),
+            "writer_id": ["w"] * len(chunk), "seq": pa.array([1] * len(chunk), pa.uint64()),
+        }))
+    return models
+
+
+# -- the Python model of ordering ------------------------------------------------------------
+
+
+def _value(m: Model, entity: str, key: str) -> Any:
+    if entity == "metrics":
+        return m.metrics.get(key)
+    if entity == "params":
+        return m.params.get(key)
+    if entity == "tags":
+        return m.tags.get(key)
+    return getattr(m.info, key)
+
+
+def _rank(v: Any) -> int:
+    """MLflow: values first, then NaN, then missing — whatever the direction."""
+    if v is None:
+        return 2
+    return 1 if isinstance(v, float) and math.isnan(v) else 0
+
+
+def _parse(clause: str) -> tuple[str, str, bool]:
+    words = clause.split()
+    ascending = len(words) == 1 or words[1].upper() == "ASC"
+    entity, _, key = words[0].rpartition(".")
+    return entity or "attributes", key, ascending
+
+
+def expected_order(models: list[Model], order_by: list[str]) -> list[str]:
+    keys = [_parse(c) for c in order_by]
+    for tie in (("attributes", "start_time", False), ("attributes", "run_id", True)):
+        if all(k[:2] != tie[:2] for k in keys):
+            keys.append(tie)
+
+    def compare(a: Model, b: Model) -> int:
+        for entity, key, ascending in keys:
+            va, vb = _value(a, entity, key), _value(b, entity, key)
+            ra, rb = _rank(va), _rank(vb)
+            if ra != rb:
+                return -1 if ra < rb else 1
+            if ra == 0 and va != vb:
+                return (-1 if va < vb else 1) * (1 if ascending else -1)
+        return 0
+
+    return [m.run_id for m in sorted(models, key=functools.cmp_to_key(compare))]
+
+
+def active(models: list[Model]) -> list[Model]:
+    return [m for m in models if m.info.lifecycle_stage == "active"]
+
+
+# -- fixtures and helpers ------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    stub: Any
+    models: list[Model]
+    store: Store
+
+    def search(self, **kwargs: Any) -> Any:
+        return self.stub.SearchRuns(query_pb2.SearchRunsRequest(**kwargs))
+
+    def ids(self, **kwargs: Any) -> list[str]:
+        response = self.search(**kwargs)
+        assert response.next_page_token == ""
+        return [r.info.run_id for r in response.runs]
+
+    def walk(self, **kwargs: Any) -> list[str]:
+        """Every page in turn; no page is empty and none but the last is short."""
+        ids: list[str] = []
+        token = ""
+        size = kwargs["max_results"]
+        for _ in range(1000):
+            response = self.search(page_token=token, **kwargs)
+            ids += [r.info.run_id for r in response.runs]
+            token = response.next_page_token
+            if not token:
+                assert 0 < len(response.runs) <= size or ids == []
+                return ids
+            assert len(response.runs) == size
+        raise AssertionError("paging does not end")
+
+    def by_id(self, run_id: str) -> Model:
+        return next(m for m in self.models if m.run_id == run_id)
+
+
+@pytest.fixture(scope="module")
+def env(chdb_dsn: str) -> Iterator[Env]:
+    """One seeded store and server for the whole module: every test here only reads.
+
+    Built like conftest's `server`, but once: seeding is the slow part.
+    """
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        thread = ServerThread(ServerConfig(store="", database=store.database, grpc_port=0), store=store)
+        address = thread.start()
+        channel = grpc.insecure_channel(address)
+        try:
+            yield Env(query_pb2_grpc.QueryServiceStub(channel), models, store)
+        finally:
+            channel.close()
+            thread.stop(grace=1.0)
+    finally:
+        store.close()
+
+
+def direct_search(store: Store) -> RunSearch:
+    """A RunSearch over `store` built as QueryApp.start builds it."""
+    secret = store.meta_value("page_token_secret", lambda: "00" * 32)
+    return RunSearch(store, TokenCodec(bytes.fromhex(secret)), QuerySettings())
+
+
+def assert_code(code: grpc.StatusCode, call: Callable[[], Any], *fragments: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err: Any = info.value
+    assert err.code() == code, err.details()
+    for fragment in fragments:
+        assert fragment in err.details()
+    return str(err.details())
+
+
+# -- ordering ----------------------------------------------------------------------------------
+
+
+def test_default_order_is_start_time_desc_then_run_id(env: Env) -> None:
+    ids = env.ids()
+    assert ids == expected_order(active(env.models), [])
+    # The seed has ties on start_time; the tiebreak decides within them.
+    starts = [env.by_id(r).info.start_time for r in ids]
+    assert starts == sorted(starts, reverse=True)
+    assert len(set(starts)) < len(starts)
+
+
+ORDERINGS = [
+    [],
+    ["metrics.loss ASC"],
+    ["metrics.loss DESC"],
+    ["metrics.loss"],
+    ["metrics.acc DESC"],
+    ["metrics.nosuch DESC"],
+    ["params.optimizer"],
+    ["params.optimizer DESC"],
+    ["params.lr DESC"],
+    ["tags.x"],
+    ["tags.x DESC"],
+    ["attributes.run_name"],
+    ["attributes.run_name DESC"],
+    ["attributes.end_time DESC"],
+    ["attributes.start_time ASC"],
+    ["attributes.status", "attributes.run_id DESC"],
+    ["params.optimizer DESC", "metrics.loss ASC"],
+    ["tags.x", "params.lr", "metrics.acc DESC"],
+    ["metrics.acc", "metrics.loss DESC", "attributes.run_name"],
+]
+
+
+@pytest.mark.parametrize("order_by", ORDERINGS, ids=lambda o: ",".join(o) or "default")
+def test_order_and_pages(env: Env, order_by: list[str]) -> None:
+    expected = expected_order(active(env.models), order_by)
+    assert env.ids(order_by=order_by) == expected
+    # Keyset pages of 7: their concatenation is the single page, nothing lost or repeated.
+    assert env.walk(order_by=order_by, max_results=7) == expected
+
+
+@pytest.mark.parametrize(
+    ("order_by", "size"),
+    [
+        *((["metrics.loss DESC", "tags.x"], size) for size in (1, 2, 3, 30, 31)),
+        (["metrics.loss", "attributes.end_time DESC"], 1),  # every row is a cursor: NaN, ±inf, missing
+        (["tags.x DESC", "params.lr"], 1),
+    ],
+)
+def test_page_sizes_around_the_edges(env: Env, order_by: list[str], size: int) -> None:
+    expected = expected_order(active(env.models), order_by)
+    assert len(expected) == 30
+    assert env.walk(order_by=order_by, max_results=size, run_view_type=common_pb2.ACTIVE_ONLY) == expected
+
+
+def test_pages_with_a_filter_and_all_views(env: Env) -> None:
+    order_by = ["params.lr", "metrics.loss DESC"]
+    chosen = [m for m in env.models if m.info.experiment_id in ("e1", "e3") and "optimizer" in m.params]
+    expected = expected_order(chosen, order_by)
+    kwargs: dict[str, Any] = dict(experiment_ids=["e3", "e1"], filter="params.optimizer IN ('adam', 'sgd', 'rmsprop')",
+                                  order_by=order_by, run_view_type=common_pb2.ALL)
+    assert env.ids(**kwargs) == expected
+    assert env.walk(max_results=7, **kwargs) == expected
+    assert env.walk(max_results=4, **kwargs) == expected
+
+
+def test_nan_latest_metrics_sort_after_numbers_and_before_missing(env: Env) -> None:
+    for direction in ("ASC", "DESC"):
+        ids = env.ids(order_by=[f"metrics.loss {direction}"])
+        ranks = [_rank(env.by_id(r).metrics.get("loss")) for r in ids]
+        assert ranks == sorted(ranks)
+        assert ranks.count(1) == 2 and ranks.count(2) > 0
+        # The infinities are numbers: at the ends of the numbers.
+        numbers = [env.by_id(r).metrics["loss"] for r, k in zip(ids, ranks, strict=True) if k == 0]
+        assert numbers[0] == (-math.inf if direction == "ASC" else math.inf)
+        assert numbers[-1] == (math.inf if direction == "ASC" else -math.inf)
+
+
+# -- scope, views, filters -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "experiments", [["e1"], ["e2"], ["e3"], ["e1", "e2"], ["e2", "e1", "e2"], [], ["nope"], ["e3", "nope"]]
+)
+def test_experiment_scope(env: Env, experiments: list[str]) -> None:
+    scope = [m for m in active(env.models) if not experiments or m.info.experiment_id in experiments]
+    assert env.ids(experiment_ids=experiments) == expected_order(scope, [])
+
+
+@pytest.mark.parametrize(
+    ("view", "stages"),
+    [
+        (common_pb2.VIEW_TYPE_UNSPECIFIED, {"active"}),
+        (common_pb2.ACTIVE_ONLY, {"active"}),
+        (common_pb2.DELETED_ONLY, {"deleted"}),
+        (common_pb2.ALL, {"active", "deleted"}),
+    ],
+)
+def test_run_view_type(env: Env, view: int, stages: set[str]) -> None:
+    scope = [m for m in env.models if m.info.lifecycle_stage in stages]
+    assert env.ids(run_view_type=view) == expected_order(scope, [])
+    if stages == {"deleted"}:
+        assert len(scope) == 3  # including the run whose older version is active
+
+
+def _lr(m: Model) -> float | None:
+    try:
+        return float(m.params["lr"])
+    except (KeyError, ValueError):
+        return None
+
+
+FILTERS: list[tuple[str, Callable[[Model], bool]]] = [
+    ("params.optimizer = 'adam'", lambda m: m.params.get("optimizer") == "adam"),
+    ("params.lr > 0.005", lambda m: (_lr(m) or 0) > 0.005),
+    ("params.lr <= 0.001", lambda m: _lr(m) is not None and _lr(m) <= 0.001),  # type: ignore[operator]
+    ("params.lr = '0.01'", lambda m: m.params.get("lr") == "0.01"),
+    ("params.lr > 0.005 AND params.optimizer = 'sgd'",
+     lambda m: (_lr(m) or 0) > 0.005 and m.params.get("optimizer") == "sgd"),
+    ("params.optimizer = 'adam' OR params.optimizer = 'sgd'",
+     lambda m: m.params.get("optimizer") in ("adam", "sgd")),
+    ("metrics.loss < 0.5 AND (tags.x = 'a''b' OR tags.x = 'back\\\\slash')",
+     lambda m: m.metrics.get("loss", math.nan) < 0.5 and m.tags.get("x") in ("a'b", "back\\slash")),
+    ("metrics.loss >= 0.5 OR metrics.acc = 0.75",
+     lambda m: m.metrics.get("loss", math.nan) >= 0.5 or m.metrics.get("acc") == 0.75),
+    ("tags.x = 'ünï'", lambda m: m.tags.get("x") == "ünï"),
+    ("attributes.status = 'FAILED' and attributes.run_name != ''",
+     lambda m: m.info.status == "FAILED" and m.info.run_name != ""),
+    ("tags.x = 'gone'", lambda m: False),
+]
+
+
+@pytest.mark.parametrize(("text", "predicate"), FILTERS, ids=[f for f, _ in FILTERS])
+def test_filters(env: Env, text: str, predicate: Callable[[Model], bool]) -> None:
+    chosen = [m for m in active(env.models) if predicate(m)]
+    assert env.ids(filter=text, order_by=["metrics.loss DESC"]) == expected_order(chosen, ["metrics.loss DESC"])
+
+
+def test_page_content_is_hydrated(env: Env) -> None:
+    response = env.search(experiment_ids=["e3"])
+    [run] = response.runs
+    m = env.by_id(run.info.run_id)
+    assert run.info.experiment_id == "e3"
+    assert run.info.run_name == m.info.run_name
+    assert run.info.start_time == m.info.start_time
+    assert {p.key: p.value for p in run.params} == m.params
+    assert {t.key: t.value for t in run.tags} == m.tags
+    assert {x.key: (x.value, x.step, x.count) for x in run.metrics} == {
+        k: (v, 9, 3) for k, v in m.metrics.items()
+    }
+    assert env.stub.GetRun(query_pb2.GetRunRequest(run_id=m.run_id)) == run
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [50_001, 2**31 - 1, -1, -50])
+def test_max_results_out_of_range(env: Env, size: int) -> None:
+    assert_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: env.search(max_results=size),
+                f"max_results: {size} is outside 1..50000")
+
+
+def test_max_results_limits(env: Env) -> None:
+    assert len(env.search(max_results=50_000).runs) == 30
+    assert len(env.search(max_results=0).runs) == 30
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"filter": "metrics.loss <"}, "at position 14"),
+        ({"filter": "metrics.loss < 1 and"}, "at position 20"),
+        ({"filter": "params.lr = 'x"}, "at position 12"),
+        ({"filter": "bogus.lr = 'x'"}, "at position 0"),
+        ({"filter": "x" * 10_001}, "10001"),
+        ({"order_by": ["metrics.loss", "params.lr up"]}, "order_by[1] at position 10"),
+        ({"order_by": ["attributes.nope"]}, "order_by[0] at position 11"),
+    ],
+)
+def test_malformed_requests_are_invalid_arguments(env: Env, kwargs: dict[str, Any], fragment: str) -> None:
+    assert_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: env.search(**kwargs), fragment)
+
+
+def test_unknown_view_type(env: Env) -> None:
+    assert_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: env.search(run_view_type=99), "run_view_type")
+
+
+def test_get_run_errors(env: Env) -> None:
+    assert_code(grpc.StatusCode.NOT_FOUND, lambda: env.stub.GetRun(query_pb2.GetRunRequest(run_id="nope")),
+                "no run 'nope'")
+    assert_code(grpc.StatusCode.INVALID_ARGUMENT, lambda: env.stub.GetRun(query_pb2.GetRunRequest()), "run_id")
+
+
+# -- page tokens -----------------------------------------------------------------------------------
+
+
+def _flip(token: str, i: int) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return token[:i] + alphabet[(alphabet.index(token[i]) + 1) % 64] + token[i + 1 :]
+
+
+def _with_version(token: str, version: int) -> str:
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    return base64.urlsafe_b64encode(bytes([version]) + raw[1:]).decode().rstrip("=")
+
+
+def test_page_tokens_are_refused_when_not_ours_for_this_question(env: Env) -> None:
+    question: dict[str, Any] = dict(order_by=["metrics.loss DESC"], max_results=7)
+    token = env.search(**question).next_page_token
+    assert token
+    assert len(env.search(page_token=token, **question).runs) == 7
+    bad = {
+        "flipped early": _flip(token, 3),
+        "flipped middle": _flip(token, len(token) // 2),
+        "flipped late": _flip(token, len(token) - 2),
+        "truncated": token[:-4],
+        "garbage": "not a token!",
+        "version": _with_version(token, 2),
+    }
+    for name, tampered in bad.items():
+        assert_code(grpc.StatusCode.INVALID_ARGUMENT, lambda t=tampered: env.search(page_token=t, **question),  # type: ignore[misc]
+                    "page_token: "), name
+    others: list[dict[str, Any]] = [
+        dict(order_by=["metrics.loss ASC"], max_results=7),
+        dict(order_by=["metrics.loss DESC"], max_results=8),
+        dict(order_by=["metrics.loss DESC"], max_results=7, filter="params.lr > 0"),
+        dict(order_by=["metrics.loss DESC"], max_results=7, experiment_ids=["e1"]),
+        dict(order_by=["metrics.loss DESC"], max_results=7, run_view_type=common_pb2.ALL),
+    ]
+    for other in others:
+        assert_code(grpc.StatusCode.INVALID_ARGUMENT, lambda o=other: env.search(page_token=token, **o),  # type: ignore[misc]
+                    "belongs to another search")
+
+
+def test_refused_tokens_never_reach_the_store(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    search = direct_search(env.store)
+    req = SearchRequest(order_by=("tags.x",), max_results=5)
+    token = search.search(req).next_page_token
+    assert token
+    executed: list[str] = []
+    real = env.store.query_rows
+
+    def spy(sql: str, *args: Any, **kwargs: Any) -> Any:
+        executed.append(sql)
+        return real(sql, *args, **kwargs)
+
+    monkeypatch.setattr(env.store, "query_rows", spy)
+    for tampered in (_flip(token, len(token) // 2), _with_version(token, 0), "@@@"):
+        with pytest.raises(InvalidArgument, match="page_token: "):
+            search.search(SearchRequest(order_by=("tags.x",), max_results=5, page_token=tampered))
+    with pytest.raises(InvalidArgument, match="belongs to another search"):
+        search.search(SearchRequest(order_by=("tags.x DESC",), max_results=5, page_token=token))
+    assert executed == []
