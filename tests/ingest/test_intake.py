@@ -11,7 +11,7 @@ import pytest
 
 from trackhouse.ingest.buffer import MetricBuffer
 from trackhouse.ingest.catalog import Catalog
-from trackhouse.ingest.errors import InvalidArgument, NotFound
+from trackhouse.ingest.errors import InvalidArgument, NotFound, Unavailable
 from trackhouse.ingest.flusher import Flusher
 from trackhouse.ingest.intake import Intake, Outcome, Verdict
 from trackhouse.ingest.progress import WriterProgress
@@ -148,10 +148,11 @@ def test_a_copy_in_flight_fails_with_the_original(store: Store, make_batch: Any)
     run_with_rig(store, test)
 
 
-def test_a_batch_whose_flush_failed_is_stored_when_resent_after_a_later_one(
+def test_a_failed_batch_blocks_its_writer_until_resent_so_stored_seqs_stay_a_prefix(
         store: Store, make_batch: Any) -> None:
-    """Seq 1's flush fails while seq 2 waits in the buffer for the next flush, which succeeds.
-    The client resends 1 (it was never acked): it must be stored, not acked DUPLICATE and lost."""
+    """Seq 1's flush fails while seq 2 waits in the buffer. Storing 2 first would leave a hole
+    that a restart (which knows only the high-water mark) would take 1's resend for a duplicate
+    of: so 2 is failed too, 3 is refused until 1 is resent, and then all land in order."""
 
     async def test(rig: Rig) -> None:
         one = make_batch(seq=1, run_ids=[rig.run_id], values=[1, 1, 1, 1])
@@ -160,17 +161,20 @@ def test_a_batch_whose_flush_failed_is_stored_when_resent_after_a_later_one(
         rig.inserts.gate.clear()
         flushing = asyncio.ensure_future(rig.flusher.flush_once())
         await asyncio.wait_for(rig.inserts.started.wait(), 5)
-        second = await rig.intake.accept(make_batch(seq=2, run_ids=[rig.run_id]))
+        second = asyncio.ensure_future(await rig.intake.accept(make_batch(seq=2, run_ids=[rig.run_id])))
         rig.inserts.gate.set()
         await asyncio.wait_for(flushing, 5)
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(first, 5)
+        with pytest.raises(Unavailable, match="failed to store"):
+            await asyncio.wait_for(second, 5)
+        assert len(rig.buffer) == 0
+        with pytest.raises(Unavailable, match="resend from seq 1"):
+            await rig.intake.accept(make_batch(seq=3, run_ids=[rig.run_id]))
+        resent = [await rig.intake.accept(make_batch(seq=seq, run_ids=[rig.run_id])) for seq in (1, 2, 3)]
         await rig.flusher.flush_once()
-        assert (await outcome(second)).verdict is Verdict.STORED
-        resent = await rig.intake.accept(one)
-        await rig.flusher.flush_once()
-        assert (await outcome(resent)).verdict is Verdict.STORED
-        assert [t.column("seq").to_pylist()[0] for t in rig.inserts.tables] == [2, 1]
+        assert [(await outcome(r)).verdict for r in resent] == [Verdict.STORED] * 3
+        assert rig.inserts.tables[-1].column("seq").to_pylist()[::4] == [1, 2, 3]
 
     run_with_rig(store, test)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from trackhouse.ingest.errors import Unavailable
 from trackhouse.ingest.progress import Admission, WriterProgress
 
 
@@ -95,19 +98,21 @@ def test_mark_advanced_while_loading_is_kept() -> None:
     asyncio.run(body())
 
 
-def test_batch_failed_after_a_later_one_was_stored_is_new_again() -> None:
-    """Seq 1's flush failed, seq 2 (in a later flush) was stored: a resent 1 must be stored, not
-    acknowledged as a duplicate — otherwise its data is lost while the client believes it durable."""
+def test_a_failed_batch_blocks_later_seqs_of_its_writer_until_it_is_resent() -> None:
+    """Seq 1 failed: seq 2 must not be stored before it (the stored seqs stay a prefix, which is
+    all a restart can know), so 2 is refused until 1 is resent; other writers are unaffected."""
 
     async def body() -> None:
         p = progress_with({})
         loop = asyncio.get_running_loop()
         p.track("w", 1, loop.create_future())
-        p.track("w", 2, loop.create_future())
         p.failed("w", 1)
-        p.stored("w", 2)
-        assert (await p.admit("w", 1))[0] is Admission.NEW
-        assert (await p.admit("w", 2))[0] is Admission.DUPLICATE
+        assert p.is_blocked("w", 2) and not p.is_blocked("w", 1) and not p.is_blocked("other", 5)
+        with pytest.raises(Unavailable, match="resend from seq 1"):
+            await p.admit("w", 2)
+        assert (await p.admit("other", 1))[0] is Admission.NEW
+        assert (await p.admit("w", 1))[0] is Admission.NEW  # the resend unblocks the writer
+        assert (await p.admit("w", 2))[0] is Admission.NEW
         p.track("w", 1, loop.create_future())
         p.stored("w", 1)
         assert (await p.admit("w", 1))[0] is Admission.DUPLICATE

@@ -17,6 +17,7 @@ Single event loop; no locks.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from trackhouse.ingest.convert import DecodedBatch
@@ -70,6 +71,18 @@ class MetricBuffer:
         if not self._pending:
             self.changed.clear()
         return taken
+
+    def remove(self, drop: Callable[[DecodedBatch], bool]) -> list[Pending]:
+        """Take out the pending batches `drop` selects (they stay counted until released)."""
+        kept = [p for p in self._pending if not drop(p.batch)]
+        removed = [p for p in self._pending if drop(p.batch)]
+        if removed:
+            self._pending = kept
+            self.rows -= sum(p.batch.points for p in removed)
+            self.oldest = kept[0].arrived if kept else None
+            if not kept:
+                self.changed.clear()
+        return removed
 
     async def release(self, nbytes: int) -> None:
         self.nbytes -= nbytes

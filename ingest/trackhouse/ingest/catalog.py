@@ -5,7 +5,11 @@ Owns the validation and semantics of the lifecycle RPCs:
 - a run belongs to an active experiment; deleted runs accept no writes;
 - params are write-once per (run, key): the same value again is accepted,
   another value is InvalidArgument naming both values;
-- tags are last-write-wins;
+- tags are last-write-wins; deleting a tag that is not there is NotFound;
+- deleted runs and experiments keep their data and can be restored; deleting an
+  experiment deletes its active runs, restoring it restores the runs deleted with it;
+- experiment tags live in the `tags` table under the pseudo run id
+  `experiment:<id>` (run ids are 32 hex characters, so they never collide);
 - limits as MLflow's: key ≤ 250 characters, param value ≤ 6,000, tag value ≤ 5,000.
 
 Keeps a cache of run states so metric batches are checked without a store
@@ -25,6 +29,7 @@ from trackhouse.ingest.convert import check_key
 from trackhouse.ingest.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from trackhouse.store import (
     ACTIVE,
+    DELETED,
     RUN_STATUSES,
     TERMINAL_STATUSES,
     ExperimentRecord,
@@ -39,6 +44,12 @@ MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 5000
 MAX_RUN_NAME = 250
 MAX_ITEMS_PER_CALL = 1000
+MAX_EXPERIMENT_TAG_VALUE = 20_000
+
+
+def experiment_tag_owner(experiment_id: str) -> str:
+    """The `tags.run_id` under which an experiment's tags are stored."""
+    return f"experiment:{experiment_id}"
 
 
 def now_ms() -> int:
@@ -101,6 +112,81 @@ class Catalog:
         if rec is None:
             raise NotFound(f"no experiment {'with id ' + repr(experiment_id) if experiment_id else repr(name)}")
         return rec
+
+    async def update_experiment(self, experiment_id: str, new_name: str) -> ExperimentRecord:
+        new_name = new_name.strip()
+        if not new_name:
+            raise InvalidArgument("new_name: an experiment needs a non-empty name")
+        if len(new_name) > MAX_EXPERIMENT_NAME:
+            raise InvalidArgument(f"new_name: {len(new_name)} characters, limit {MAX_EXPERIMENT_NAME}")
+        async with self._lock:
+            rec = await self.get_experiment(experiment_id=experiment_id)
+            if rec.lifecycle_stage != ACTIVE:
+                raise FailedPrecondition(f"experiment {experiment_id} is deleted; restore it to rename it")
+            other = await self._store.call(self._store.get_experiment, name=new_name)
+            if other is not None and other.lifecycle_stage == ACTIVE and other.experiment_id != experiment_id:
+                raise AlreadyExists(f"experiment {new_name!r} already exists (id {other.experiment_id})")
+            return await self._replace_experiment(rec, name=new_name)
+
+    async def set_experiment_stage(self, experiment_id: str, stage: str) -> ExperimentRecord:
+        """Delete (stage DELETED) or restore (ACTIVE) an experiment, and its runs with it."""
+        async with self._lock:
+            rec = await self.get_experiment(experiment_id=experiment_id)
+            if stage == ACTIVE and rec.lifecycle_stage != ACTIVE:
+                other = await self._store.call(self._store.get_experiment, name=rec.name)
+                if other is not None and other.lifecycle_stage == ACTIVE and other.experiment_id != experiment_id:
+                    raise AlreadyExists(f"cannot restore: another experiment is named {rec.name!r}")
+            if rec.lifecycle_stage == stage:
+                return rec
+            updated = await self._replace_experiment(rec, stage=stage)
+            # MLflow's cascade: deleting marks the active runs deleted; restoring brings back those
+            # deleted no earlier than the experiment was (a run deleted before stays deleted).
+            since = rec.last_update_time if stage == ACTIVE else 0
+            for run in await self._store.call(self._runs_of, experiment_id, ACTIVE if stage == DELETED else DELETED,
+                                              since):
+                await self._put_run(run, lifecycle_stage=stage)
+            return updated
+
+    def _runs_of(self, experiment_id: str, stage: str, since: int) -> list[RunRecord]:
+        # Blocking (store thread). Run records with their deletion time, through the store's bound SQL.
+        rows = self._store.query_rows(
+            f"SELECT run_id FROM {self._store.t('runs')} FINAL WHERE experiment_id = {{e:String}} "
+            "AND lifecycle_stage = {s:String} AND intDiv(version, 1000000) >= {t:Int64}",
+            {"e": experiment_id, "s": stage, "t": since},
+        )
+        return list(self._store.get_runs([r[0] for r in rows]).values())
+
+    async def _replace_experiment(self, rec: ExperimentRecord, *, name: str | None = None,
+                                  stage: str | None = None) -> ExperimentRecord:
+        new = ExperimentRecord(rec.experiment_id, rec.name if name is None else name, rec.artifact_location,
+                               rec.lifecycle_stage if stage is None else stage, rec.creation_time,
+                               max(now_ms(), rec.last_update_time))
+        await self._store.call(self._store.put_experiment, new)
+        return new
+
+    async def set_experiment_tags(self, experiment_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        _check_items(tags, "tags", MAX_EXPERIMENT_TAG_VALUE)
+        rec = await self.get_experiment(experiment_id=experiment_id)
+        if rec.lifecycle_stage != ACTIVE:
+            raise FailedPrecondition(f"experiment {experiment_id} is deleted; restore it to tag it")
+        await self._store.call(self._store.put_tags, experiment_tag_owner(experiment_id), list(tags))
+
+    async def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
+        rec = await self.get_experiment(experiment_id=experiment_id)
+        if rec.lifecycle_stage != ACTIVE:
+            raise FailedPrecondition(f"experiment {experiment_id} is deleted; restore it to change its tags")
+        await self._delete_tag(experiment_tag_owner(experiment_id), key, f"experiment {experiment_id}")
+
+    async def _delete_tag(self, owner: str, key: str, what: str) -> None:
+        rows = await self._store.call(
+            self._store.query_rows,
+            f"SELECT count() FROM {self._store.t('tags')} FINAL "
+            "WHERE run_id = {r:String} AND key = {k:String} AND deleted = 0",
+            {"r": owner, "k": key},
+        )
+        if not rows or not rows[0][0]:
+            raise NotFound(f"no tag {key!r} on {what}")
+        await self._store.call(self._store.put_tags, owner, [(key, "")], True)
 
     # -- runs --------------------------------------------------------------------------
 
@@ -169,6 +255,31 @@ class Catalog:
             await self._store.call(self._store.put_run, rec)
             self._runs[run_id] = rec
             return rec
+
+    async def set_run_stage(self, run_id: str, stage: str) -> RunRecord:
+        """Delete (stage DELETED) or restore (ACTIVE) a run; its data stays."""
+        async with self._lock:
+            run = (await self.get_runs([run_id])).get(run_id)
+            if run is None:
+                raise NotFound(f"run_id: no run {run_id!r}")
+            if stage == ACTIVE:
+                experiment = await self.get_experiment(experiment_id=run.experiment_id)
+                if experiment.lifecycle_stage != ACTIVE:
+                    raise FailedPrecondition(f"experiment {run.experiment_id} is deleted; restore it first")
+            if run.lifecycle_stage == stage:
+                return run
+            return await self._put_run(run, lifecycle_stage=stage)
+
+    async def _put_run(self, run: RunRecord, *, lifecycle_stage: str) -> RunRecord:
+        rec = RunRecord(run.run_id, run.experiment_id, run.run_name, run.user_id, run.status, run.start_time,
+                        run.end_time, lifecycle_stage, run.artifact_uri)
+        await self._store.call(self._store.put_run, rec)
+        self._runs[run.run_id] = rec
+        return rec
+
+    async def delete_tag(self, run_id: str, key: str) -> None:
+        await self.writable_run(run_id)
+        await self._delete_tag(run_id, key, f"run {run_id}")
 
     # -- params and tags -------------------------------------------------------------------
 

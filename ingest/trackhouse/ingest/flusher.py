@@ -20,6 +20,7 @@ from typing import Any
 
 from trackhouse.ingest.buffer import MetricBuffer, Pending
 from trackhouse.ingest.convert import to_arrow
+from trackhouse.ingest.errors import Unavailable
 from trackhouse.ingest.progress import WriterProgress
 from trackhouse.ingest.settings import IngestSettings
 
@@ -103,6 +104,11 @@ class Flusher:
             self.stats.failures += 1
             log.warning("flush of %d rows in %d batches failed: %s", rows, len(taken), exc)
             self._settle(taken, exc)
+            # Later batches of the same writers must not be stored before these are.
+            blocked = self._buffer.remove(lambda b: self._progress.is_blocked(b.writer_id, b.seq))
+            if blocked:
+                self._settle(blocked, Unavailable(f"an earlier batch of the writer failed to store: {exc}"))
+                nbytes += sum(p.batch.nbytes for p in blocked)
         else:
             self.stats.flushes += 1
             self.stats.rows += rows

@@ -10,10 +10,13 @@ A batch that is buffered but not yet flushed is "in flight": a copy of it that
 arrives meanwhile (a retry on a new stream) waits for the original's outcome
 instead of being stored twice.
 
-The prefix can have holes: when a flush fails, a later batch of the same writer
-may already sit in the next flush and be stored. Failed batches are remembered
-(until stored) so a resent copy is stored rather than taken for a duplicate of
-the mark; after a restart only the mark is known.
+The prefix must stay a prefix, or a restart (which knows only the mark) would
+take a resent batch below the mark for a duplicate and lose it. So when a batch
+fails to store, its writer is blocked at that seq: later batches of the writer
+are refused (Unavailable, "resend from seq N") and the flusher drops those
+already buffered, until the failed batch itself is resent (the buffer keeps
+arrival order and flushes take its oldest batches first, so it lands first). Clients resend
+unacknowledged batches in order, so the failed one comes first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from enum import Enum
+
+from trackhouse.ingest.errors import Unavailable
 
 
 class Admission(Enum):
@@ -34,7 +39,7 @@ class WriterProgress:
         self._load = load_committed
         self._committed: dict[str, int] = {}
         self._in_flight: dict[tuple[str, int], asyncio.Future[None]] = {}
-        self._failed: set[tuple[str, int]] = set()
+        self._blocked: dict[str, int] = {}  # writer -> lowest seq that failed to store
 
     async def committed(self, writer_id: str) -> int:
         if writer_id not in self._committed:
@@ -44,8 +49,18 @@ class WriterProgress:
         return self._committed[writer_id]
 
     async def admit(self, writer_id: str, seq: int) -> tuple[Admission, asyncio.Future[None] | None]:
-        if seq <= await self.committed(writer_id) and (writer_id, seq) not in self._failed:
+        """Raises Unavailable for a batch past its writer's failed one."""
+        if seq <= await self.committed(writer_id):
             return Admission.DUPLICATE, None
+        blocked_at = self._blocked.get(writer_id)
+        if blocked_at is not None and seq <= blocked_at:
+            # The failed batch is resent: buffered in order again, later seqs may follow it.
+            del self._blocked[writer_id]
+        elif blocked_at is not None:
+            raise Unavailable(
+                f"writer {writer_id}: batch {self._blocked[writer_id]} failed to store; "
+                f"resend from seq {self._blocked[writer_id]} in order"
+            )
         original = self._in_flight.get((writer_id, seq))
         if original is not None:
             return Admission.IN_FLIGHT, original
@@ -54,11 +69,16 @@ class WriterProgress:
     def track(self, writer_id: str, seq: int, done: asyncio.Future[None]) -> None:
         self._in_flight[(writer_id, seq)] = done
 
+    def is_blocked(self, writer_id: str, seq: int) -> bool:
+        """True when an earlier batch of this writer failed and was not stored since."""
+        return seq > self._blocked.get(writer_id, seq)
+
     def stored(self, writer_id: str, seq: int) -> None:
         self._in_flight.pop((writer_id, seq), None)
-        self._failed.discard((writer_id, seq))
+        if self._blocked.get(writer_id) == seq:
+            del self._blocked[writer_id]
         self._committed[writer_id] = max(self._committed.get(writer_id, 0), seq)
 
     def failed(self, writer_id: str, seq: int) -> None:
         self._in_flight.pop((writer_id, seq), None)
-        self._failed.add((writer_id, seq))
+        self._blocked[writer_id] = min(self._blocked.get(writer_id, seq), seq)

@@ -17,11 +17,13 @@ from trackhouse.ingest import errors
 from trackhouse.ingest.catalog import Catalog
 from trackhouse.ingest.intake import Intake, Outcome, Verdict
 from trackhouse.proto.v1 import ingest_pb2, ingest_pb2_grpc
-from trackhouse.store import StoreError, StoreUnavailable
+from trackhouse.store import ACTIVE, DELETED, StoreError, StoreUnavailable
 from trackhouse.store.wire import experiment_to_pb, run_info_to_pb, status_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# How often a unary LogMetrics call repeats its ask for a flush while it waits.
+SYNC_FLUSH_POLL = 0.002
 
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -83,9 +85,11 @@ def _ack(outcome: Outcome) -> Any:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, catalog: Catalog, intake: Intake) -> None:
+    def __init__(self, catalog: Catalog, intake: Intake,
+                 wake_flusher: Callable[[], None] | None = None) -> None:
         self._catalog = catalog
         self._intake = intake
+        self._wake_flusher = wake_flusher
         self.open_streams = 0
 
     async def CreateExperiment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -116,6 +120,64 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def SetTags(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await _handle(context, lambda: self._catalog.set_tags(request.run_id, _items(request.tags)))
         return ingest_pb2.SetTagsResponse()
+
+    async def DeleteRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rec = await _handle(context, lambda: self._catalog.set_run_stage(request.run_id, DELETED))
+        return run_info_to_pb(rec)
+
+    async def RestoreRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rec = await _handle(context, lambda: self._catalog.set_run_stage(request.run_id, ACTIVE))
+        return run_info_to_pb(rec)
+
+    async def DeleteTag(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _handle(context, lambda: self._catalog.delete_tag(request.run_id, request.key))
+        return ingest_pb2.DeleteTagResponse()
+
+    async def UpdateExperiment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rec = await _handle(context, lambda: self._catalog.update_experiment(
+            request.experiment_id, request.new_name))
+        return experiment_to_pb(rec)
+
+    async def DeleteExperiment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rec = await _handle(context, lambda: self._catalog.set_experiment_stage(request.experiment_id, DELETED))
+        return experiment_to_pb(rec)
+
+    async def RestoreExperiment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rec = await _handle(context, lambda: self._catalog.set_experiment_stage(request.experiment_id, ACTIVE))
+        return experiment_to_pb(rec)
+
+    async def SetExperimentTags(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _handle(context, lambda: self._catalog.set_experiment_tags(
+            request.experiment_id, _items(request.tags)))
+        return ingest_pb2.SetTagsResponse()
+
+    async def DeleteExperimentTag(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _handle(context, lambda: self._catalog.delete_experiment_tag(request.experiment_id, request.key))
+        return ingest_pb2.DeleteTagResponse()
+
+    async def LogMetrics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            outcome = await self._durable_soon(await self._intake.accept(request))
+        except (errors.IngestError, StoreError) as exc:
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+        return _ack(outcome)
+
+    async def _durable_soon(self, pending: Awaitable[Outcome]) -> Outcome:
+        """Await a batch's outcome, asking for a flush now rather than at the buffer's age limit.
+
+        The ask is repeated every SYNC_FLUSH_POLL seconds until the batch is settled: a flush
+        that was already running when it arrived clears the ask as it ends. Batches of
+        concurrent callers still share one INSERT (group commit).
+        """
+        task = asyncio.ensure_future(pending)
+        while self._wake_flusher is not None:
+            self._wake_flusher()
+            done, _ = await asyncio.wait({task}, timeout=SYNC_FLUSH_POLL)
+            if done:
+                break
+        return await task
 
     async def StreamMetrics(self, request_iterator: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
