@@ -1,0 +1,54 @@
+"""Limits at the wire: an oversize message is refused with RESOURCE_EXHAUSTED; other streams go on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from trackhouse.cli.server import ServerConfig, ServerThread
+from trackhouse.ingest.settings import IngestSettings
+from trackhouse.proto.v1 import ingest_pb2, ingest_pb2_grpc
+from trackhouse.store import Store
+
+LIMIT = 256 * 1024
+
+
+@pytest.fixture
+def small_server(store: Store) -> Iterator[ServerThread]:
+    settings = IngestSettings(flush_interval=0.05, max_message_bytes=LIMIT, max_batch_points=5_000,
+                              buffer_bytes=1 << 20)
+    thread = ServerThread(ServerConfig(store="", database=store.database, grpc_port=0, ingest=settings), store=store)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.stop(grace=1.0)
+
+
+def test_oversize_message_is_resource_exhausted_and_other_streams_are_unharmed(
+        small_server: ServerThread, make_batch: Any) -> None:
+    with grpc.insecure_channel(small_server.address) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        run_id = stub.CreateRun(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+        huge = make_batch(writer_id="big", run_ids=[run_id], points=12_000)  # 12k × 28 bytes > 256 KiB
+        assert huge.ByteSize() > LIMIT
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.StreamMetrics(iter([huge])))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        ok = make_batch(writer_id="small", run_ids=[run_id], points=1_000)
+        acks = list(stub.StreamMetrics(iter([ok])))
+        assert [(a.status, a.points) for a in acks] == [(ingest_pb2.STORED, 1_000)]
+
+
+def test_too_many_points_in_one_batch_is_rejected_naming_the_limit(
+        small_server: ServerThread, make_batch: Any) -> None:
+    with grpc.insecure_channel(small_server.address) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        run_id = stub.CreateRun(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+        acks = list(stub.StreamMetrics(iter([make_batch(run_ids=[run_id], points=6_000)])))
+        assert acks[0].status == ingest_pb2.REJECTED
+        assert acks[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "6000 points" in acks[0].message and "limit 5000" in acks[0].message
