@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _server import embedded_server, rss_mb
+from _server import cpu_seconds, embedded_server, rss_mb
 
 
 def _keys_for(run_index: int, fixed: int) -> int:
@@ -151,6 +151,7 @@ def run_bench(address: str, pid: int | None, args: argparse.Namespace) -> dict[s
     while time.time() < deadline_wall - args.seconds:
         time.sleep(0.05)
     t0, base = time.perf_counter(), counter.value
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     stop, rss_samples = threading.Event(), []
     progress = threading.Thread(target=_progress, args=(counter, args.seconds, stop, rss_samples, pid), daemon=True)
     progress.start()
@@ -160,6 +161,7 @@ def run_bench(address: str, pid: int | None, args: argparse.Namespace) -> dict[s
         stop.set()
         raise SystemExit("a client process failed (its traceback is above)") from None
     elapsed = time.perf_counter() - t0
+    server_cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
     stop.set()
     progress.join()
     for proc in procs:
@@ -178,6 +180,7 @@ def run_bench(address: str, pid: int | None, args: argparse.Namespace) -> dict[s
         "lost": lost,
         "duplicates": duplicates,
         "points_acked": sum(acked.values()),
+        "server_cpu_us_per_point": round(server_cpu / max(1, sum(acked.values()) - base) * 1e6, 3),
         "seconds": round(elapsed, 1),
     }
 
@@ -199,7 +202,7 @@ def main() -> None:
             result = run_bench(address, pid, args)
     print(f"{result['points_acked']:,} points acked in {result['seconds']} s from {result['streams']} streams: "
           f"{result['points_per_s']:,} points/s; ack p50 {result['ack_p50_ms']} ms, p99 {result['ack_p99_ms']} ms; "
-          f"server RSS {result['server_rss_mb']} MB; lost {result['lost']}, duplicates {result['duplicates']}")
+          f"server RSS {result['server_rss_mb']} MB, CPU {result['server_cpu_us_per_point']} µs/point; lost {result['lost']}, duplicates {result['duplicates']}")
     print(json.dumps(result))
 
 
