@@ -202,7 +202,8 @@ def main() -> None:
             result = run_bench(address, pid, args)
     print(f"{result['points_acked']:,} points acked in {result['seconds']} s from {result['streams']} streams: "
           f"{result['points_per_s']:,} points/s; ack p50 {result['ack_p50_ms']} ms, p99 {result['ack_p99_ms']} ms; "
-          f"server RSS {result['server_rss_mb']} MB, CPU {result['server_cpu_us_per_point']} µs/point; lost {result['lost']}, duplicates {result['duplicates']}")
+          f"server RSS {result['server_rss_mb']} MB, CPU {result['server_cpu_us_per_point']} µs/point; "
+          f"lost {result['lost']}, duplicates {result['duplicates']}")
     print(json.dumps(result))
 
 
