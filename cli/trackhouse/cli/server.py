@@ -2,9 +2,11 @@
 
 `EmbeddedServer` owns the gRPC server and the store it opened; the ingest and
 query apps register their services on it, plus the standard gRPC health
-service. `start()` returns the bound port (port 0 picks a free one, as tests do).
-`ServerThread` runs one on its own event loop in a background thread, for
-callers that are not async (tests, benchmarks, the demo).
+service. The HTTP listener serves /metrics, /health and the MLflow REST API,
+whose writes reach ingest through `GrpcIngestPort` — a gRPC channel to the
+ingest address (here our own port), as they would across processes. `start()`
+returns the bound port (port 0 picks a free one, as tests do). `ServerThread`
+runs one on its own event loop in a background thread, for callers that are not async (tests, benchmarks, the demo).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from trackhouse.cli.http import HttpListener, build_app
 from trackhouse.ingest.app import IngestApp
 from trackhouse.ingest.settings import IngestSettings
 from trackhouse.query.app import QueryApp
+from trackhouse.query.http.errors import IngestCallError
+from trackhouse.query.http.mlflow_api import MlflowApi
+from trackhouse.query.http.routes import mlflow_routes
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store, open_store
 
@@ -44,6 +49,37 @@ class ServerConfig:
     query: QuerySettings = field(default_factory=QuerySettings)
 
 
+class GrpcIngestPort:
+    """The MLflow API's write seam over gRPC: unary IngestService calls, errors translated.
+
+    grpc stays here (a seam module); the query package sees only IngestCallError.
+    """
+
+    def __init__(self, address: str, max_message_bytes: int, timeout: float = 60.0) -> None:
+        from trackhouse.proto.v1 import ingest_pb2_grpc
+
+        self._channel = grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ])
+        self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._timeout = timeout
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise IngestCallError(exc.code().name, exc.details() or "") from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _dial_host(host: str) -> str:
+    """Where to reach our own listener: a wildcard bind is reached on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
+
+
 class EmbeddedServer:
     def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
         self.config = config
@@ -55,6 +91,7 @@ class EmbeddedServer:
         self._http: HttpListener | None = None
         self._server: Any = None
         self._apps: list[IngestApp | QueryApp] = []
+        self._ingest_port: GrpcIngestPort | None = None
 
     async def start(self) -> int:
         cfg = self.config
@@ -78,7 +115,12 @@ class EmbeddedServer:
         await self._server.start()
         log.info("trackhouse gRPC on %s:%d, store %s", cfg.host, self.port, self.store.dsn.redacted())
         if cfg.http_port is not None:
-            self._http = HttpListener(build_app(self.registry, self.health), cfg.host, cfg.http_port)
+            query_app = self._apps[1]
+            assert isinstance(query_app, QueryApp)
+            self._ingest_port = GrpcIngestPort(f"{_dial_host(cfg.host)}:{self.port}", size)
+            api = MlflowApi(self.store, query_app.search, query_app.history, self._ingest_port)
+            http_app = build_app(self.registry, self.health, mlflow_routes(api))
+            self._http = HttpListener(http_app, cfg.host, cfg.http_port)
             self.http_port = await self._http.start()
             log.info("trackhouse HTTP on %s:%d", cfg.host, self.http_port)
         return self.port
@@ -98,6 +140,8 @@ class EmbeddedServer:
         """Stop taking calls, flush what ingest buffered, close the store if we opened it."""
         if self._http is not None:
             await self._http.stop()
+        if self._ingest_port is not None:
+            await self._ingest_port.close()
         if self._server is not None:
             await self._server.stop(grace)
         for app in self._apps:

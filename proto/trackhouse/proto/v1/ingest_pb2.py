@@ -25,35 +25,49 @@ _sym_db = _symbol_database.Default()
 from trackhouse.proto.v1 import common_pb2 as trackhouse_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n trackhouse/proto/v1/ingest.proto\x12\rtrackhouse.v1\x1a trackhouse/proto/v1/common.proto\"B\n\x17\x43reateExperimentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11\x61rtifact_location\x18\x02 \x01(\t\"F\n\x14GetExperimentRequest\x12\x17\n\rexperiment_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\x05\n\x03ref\"\xa8\x01\n\x10\x43reateRunRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x10\n\x08run_name\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nstart_time\x18\x04 \x01(\x03\x12$\n\x06params\x18\x05 \x03(\x0b\x32\x14.trackhouse.v1.Param\x12 \n\x04tags\x18\x06 \x03(\x0b\x32\x12.trackhouse.v1.Tag\"p\n\x10UpdateRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.trackhouse.v1.RunStatus\x12\x10\n\x08\x65nd_time\x18\x03 \x01(\x03\x12\x10\n\x08run_name\x18\x04 \x01(\t\"H\n\x10LogParamsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12$\n\x06params\x18\x02 \x03(\x0b\x32\x14.trackhouse.v1.Param\"\x13\n\x11LogParamsResponse\"B\n\x0eSetTagsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x04tags\x18\x02 \x03(\x0b\x32\x12.trackhouse.v1.Tag\"\x11\n\x0fSetTagsResponse\"\xa5\x01\n\x0bMetricBatch\x12\x11\n\twriter_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x07run_ids\x18\x03 \x03(\t\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x11\n\trun_index\x18\x05 \x01(\x0c\x12\x11\n\tkey_index\x18\x06 \x01(\x0c\x12\r\n\x05steps\x18\x07 \x01(\x0c\x12\x12\n\ntimestamps\x18\x08 \x01(\x0c\x12\x0e\n\x06values\x18\t \x01(\x0c\"p\n\x08\x42\x61tchAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.trackhouse.v1.AckStatus\x12\x0e\n\x06points\x18\x03 \x01(\r\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t*P\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06STORED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x32\xa7\x04\n\rIngestService\x12U\n\x10\x43reateExperiment\x12&.trackhouse.v1.CreateExperimentRequest\x1a\x19.trackhouse.v1.Experiment\x12O\n\rGetExperiment\x12#.trackhouse.v1.GetExperimentRequest\x1a\x19.trackhouse.v1.Experiment\x12\x44\n\tCreateRun\x12\x1f.trackhouse.v1.CreateRunRequest\x1a\x16.trackhouse.v1.RunInfo\x12\x44\n\tUpdateRun\x12\x1f.trackhouse.v1.UpdateRunRequest\x1a\x16.trackhouse.v1.RunInfo\x12N\n\tLogParams\x12\x1f.trackhouse.v1.LogParamsRequest\x1a .trackhouse.v1.LogParamsResponse\x12H\n\x07SetTags\x12\x1d.trackhouse.v1.SetTagsRequest\x1a\x1e.trackhouse.v1.SetTagsResponse\x12H\n\rStreamMetrics\x12\x1a.trackhouse.v1.MetricBatch\x1a\x17.trackhouse.v1.BatchAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n trackhouse/proto/v1/ingest.proto\x12\rtrackhouse.v1\x1a trackhouse/proto/v1/common.proto\"\x18\n\x06RunRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"&\n\rExperimentRef\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\"/\n\x10\x44\x65leteTagRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteTagResponse\"B\n\x17UpdateExperimentRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x10\n\x08new_name\x18\x02 \x01(\t\"S\n\x18SetExperimentTagsRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12 \n\x04tags\x18\x02 \x03(\x0b\x32\x12.trackhouse.v1.Tag\"@\n\x1a\x44\x65leteExperimentTagRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"B\n\x17\x43reateExperimentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11\x61rtifact_location\x18\x02 \x01(\t\"F\n\x14GetExperimentRequest\x12\x17\n\rexperiment_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\x05\n\x03ref\"\xa8\x01\n\x10\x43reateRunRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x10\n\x08run_name\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nstart_time\x18\x04 \x01(\x03\x12$\n\x06params\x18\x05 \x03(\x0b\x32\x14.trackhouse.v1.Param\x12 \n\x04tags\x18\x06 \x03(\x0b\x32\x12.trackhouse.v1.Tag\"p\n\x10UpdateRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.trackhouse.v1.RunStatus\x12\x10\n\x08\x65nd_time\x18\x03 \x01(\x03\x12\x10\n\x08run_name\x18\x04 \x01(\t\"H\n\x10LogParamsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12$\n\x06params\x18\x02 \x03(\x0b\x32\x14.trackhouse.v1.Param\"\x13\n\x11LogParamsResponse\"B\n\x0eSetTagsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x04tags\x18\x02 \x03(\x0b\x32\x12.trackhouse.v1.Tag\"\x11\n\x0fSetTagsResponse\"\xa5\x01\n\x0bMetricBatch\x12\x11\n\twriter_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x07run_ids\x18\x03 \x03(\t\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x11\n\trun_index\x18\x05 \x01(\x0c\x12\x11\n\tkey_index\x18\x06 \x01(\x0c\x12\r\n\x05steps\x18\x07 \x01(\x0c\x12\x12\n\ntimestamps\x18\x08 \x01(\x0c\x12\x0e\n\x06values\x18\t \x01(\x0c\"p\n\x08\x42\x61tchAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.trackhouse.v1.AckStatus\x12\x0e\n\x06points\x18\x03 \x01(\r\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t*P\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06STORED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x32\xe7\t\n\rIngestService\x12U\n\x10\x43reateExperiment\x12&.trackhouse.v1.CreateExperimentRequest\x1a\x19.trackhouse.v1.Experiment\x12O\n\rGetExperiment\x12#.trackhouse.v1.GetExperimentRequest\x1a\x19.trackhouse.v1.Experiment\x12\x44\n\tCreateRun\x12\x1f.trackhouse.v1.CreateRunRequest\x1a\x16.trackhouse.v1.RunInfo\x12\x44\n\tUpdateRun\x12\x1f.trackhouse.v1.UpdateRunRequest\x1a\x16.trackhouse.v1.RunInfo\x12N\n\tLogParams\x12\x1f.trackhouse.v1.LogParamsRequest\x1a .trackhouse.v1.LogParamsResponse\x12H\n\x07SetTags\x12\x1d.trackhouse.v1.SetTagsRequest\x1a\x1e.trackhouse.v1.SetTagsResponse\x12H\n\rStreamMetrics\x12\x1a.trackhouse.v1.MetricBatch\x1a\x17.trackhouse.v1.BatchAck(\x01\x30\x01\x12\x41\n\nLogMetrics\x12\x1a.trackhouse.v1.MetricBatch\x1a\x17.trackhouse.v1.BatchAck\x12:\n\tDeleteRun\x12\x15.trackhouse.v1.RunRef\x1a\x16.trackhouse.v1.RunInfo\x12;\n\nRestoreRun\x12\x15.trackhouse.v1.RunRef\x1a\x16.trackhouse.v1.RunInfo\x12N\n\tDeleteTag\x12\x1f.trackhouse.v1.DeleteTagRequest\x1a .trackhouse.v1.DeleteTagResponse\x12U\n\x10UpdateExperiment\x12&.trackhouse.v1.UpdateExperimentRequest\x1a\x19.trackhouse.v1.Experiment\x12K\n\x10\x44\x65leteExperiment\x12\x1c.trackhouse.v1.ExperimentRef\x1a\x19.trackhouse.v1.Experiment\x12L\n\x11RestoreExperiment\x12\x1c.trackhouse.v1.ExperimentRef\x1a\x19.trackhouse.v1.Experiment\x12\\\n\x11SetExperimentTags\x12\'.trackhouse.v1.SetExperimentTagsRequest\x1a\x1e.trackhouse.v1.SetTagsResponse\x12\x62\n\x13\x44\x65leteExperimentTag\x12).trackhouse.v1.DeleteExperimentTagRequest\x1a .trackhouse.v1.DeleteTagResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trackhouse.proto.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKSTATUS']._serialized_start=974
-  _globals['_ACKSTATUS']._serialized_end=1054
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=85
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=151
-  _globals['_GETEXPERIMENTREQUEST']._serialized_start=153
-  _globals['_GETEXPERIMENTREQUEST']._serialized_end=223
-  _globals['_CREATERUNREQUEST']._serialized_start=226
-  _globals['_CREATERUNREQUEST']._serialized_end=394
-  _globals['_UPDATERUNREQUEST']._serialized_start=396
-  _globals['_UPDATERUNREQUEST']._serialized_end=508
-  _globals['_LOGPARAMSREQUEST']._serialized_start=510
-  _globals['_LOGPARAMSREQUEST']._serialized_end=582
-  _globals['_LOGPARAMSRESPONSE']._serialized_start=584
-  _globals['_LOGPARAMSRESPONSE']._serialized_end=603
-  _globals['_SETTAGSREQUEST']._serialized_start=605
-  _globals['_SETTAGSREQUEST']._serialized_end=671
-  _globals['_SETTAGSRESPONSE']._serialized_start=673
-  _globals['_SETTAGSRESPONSE']._serialized_end=690
-  _globals['_METRICBATCH']._serialized_start=693
-  _globals['_METRICBATCH']._serialized_end=858
-  _globals['_BATCHACK']._serialized_start=860
-  _globals['_BATCHACK']._serialized_end=972
-  _globals['_INGESTSERVICE']._serialized_start=1057
-  _globals['_INGESTSERVICE']._serialized_end=1608
+  _globals['_ACKSTATUS']._serialized_start=1329
+  _globals['_ACKSTATUS']._serialized_end=1409
+  _globals['_RUNREF']._serialized_start=85
+  _globals['_RUNREF']._serialized_end=109
+  _globals['_EXPERIMENTREF']._serialized_start=111
+  _globals['_EXPERIMENTREF']._serialized_end=149
+  _globals['_DELETETAGREQUEST']._serialized_start=151
+  _globals['_DELETETAGREQUEST']._serialized_end=198
+  _globals['_DELETETAGRESPONSE']._serialized_start=200
+  _globals['_DELETETAGRESPONSE']._serialized_end=219
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=221
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=287
+  _globals['_SETEXPERIMENTTAGSREQUEST']._serialized_start=289
+  _globals['_SETEXPERIMENTTAGSREQUEST']._serialized_end=372
+  _globals['_DELETEEXPERIMENTTAGREQUEST']._serialized_start=374
+  _globals['_DELETEEXPERIMENTTAGREQUEST']._serialized_end=438
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=440
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=506
+  _globals['_GETEXPERIMENTREQUEST']._serialized_start=508
+  _globals['_GETEXPERIMENTREQUEST']._serialized_end=578
+  _globals['_CREATERUNREQUEST']._serialized_start=581
+  _globals['_CREATERUNREQUEST']._serialized_end=749
+  _globals['_UPDATERUNREQUEST']._serialized_start=751
+  _globals['_UPDATERUNREQUEST']._serialized_end=863
+  _globals['_LOGPARAMSREQUEST']._serialized_start=865
+  _globals['_LOGPARAMSREQUEST']._serialized_end=937
+  _globals['_LOGPARAMSRESPONSE']._serialized_start=939
+  _globals['_LOGPARAMSRESPONSE']._serialized_end=958
+  _globals['_SETTAGSREQUEST']._serialized_start=960
+  _globals['_SETTAGSREQUEST']._serialized_end=1026
+  _globals['_SETTAGSRESPONSE']._serialized_start=1028
+  _globals['_SETTAGSRESPONSE']._serialized_end=1045
+  _globals['_METRICBATCH']._serialized_start=1048
+  _globals['_METRICBATCH']._serialized_end=1213
+  _globals['_BATCHACK']._serialized_start=1215
+  _globals['_BATCHACK']._serialized_end=1327
+  _globals['_INGESTSERVICE']._serialized_start=1412
+  _globals['_INGESTSERVICE']._serialized_end=2667
 # @@protoc_insertion_point(module_scope)

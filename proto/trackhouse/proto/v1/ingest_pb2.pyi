@@ -19,6 +19,54 @@ STORED: AckStatus
 DUPLICATE: AckStatus
 REJECTED: AckStatus
 
+class RunRef(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ExperimentRef(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class DeleteTagRequest(_message.Message):
+    __slots__ = ("run_id", "key")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    key: str
+    def __init__(self, run_id: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class DeleteTagResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UpdateExperimentRequest(_message.Message):
+    __slots__ = ("experiment_id", "new_name")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_NAME_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    new_name: str
+    def __init__(self, experiment_id: _Optional[str] = ..., new_name: _Optional[str] = ...) -> None: ...
+
+class SetExperimentTagsRequest(_message.Message):
+    __slots__ = ("experiment_id", "tags")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    tags: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tag]
+    def __init__(self, experiment_id: _Optional[str] = ..., tags: _Optional[_Iterable[_Union[_common_pb2.Tag, _Mapping]]] = ...) -> None: ...
+
+class DeleteExperimentTagRequest(_message.Message):
+    __slots__ = ("experiment_id", "key")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    key: str
+    def __init__(self, experiment_id: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
 class CreateExperimentRequest(_message.Message):
     __slots__ = ("name", "artifact_location")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -70,6 +70,51 @@ class IngestServiceStub:
                 request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.MetricBatch.SerializeToString,
                 response_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.BatchAck.FromString,
                 _registered_method=True)
+        self.LogMetrics = channel.unary_unary(
+                '/trackhouse.v1.IngestService/LogMetrics',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.MetricBatch.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.BatchAck.FromString,
+                _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/trackhouse.v1.IngestService/DeleteRun',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.RunRef.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.RestoreRun = channel.unary_unary(
+                '/trackhouse.v1.IngestService/RestoreRun',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.RunRef.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.DeleteTag = channel.unary_unary(
+                '/trackhouse.v1.IngestService/DeleteTag',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagRequest.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagResponse.FromString,
+                _registered_method=True)
+        self.UpdateExperiment = channel.unary_unary(
+                '/trackhouse.v1.IngestService/UpdateExperiment',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.UpdateExperimentRequest.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.DeleteExperiment = channel.unary_unary(
+                '/trackhouse.v1.IngestService/DeleteExperiment',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.ExperimentRef.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.RestoreExperiment = channel.unary_unary(
+                '/trackhouse.v1.IngestService/RestoreExperiment',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.ExperimentRef.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.SetExperimentTags = channel.unary_unary(
+                '/trackhouse.v1.IngestService/SetExperimentTags',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.SetExperimentTagsRequest.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.SetTagsResponse.FromString,
+                _registered_method=True)
+        self.DeleteExperimentTag = channel.unary_unary(
+                '/trackhouse.v1.IngestService/DeleteExperimentTag',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteExperimentTagRequest.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -127,6 +172,71 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogMetrics(self, request, context):
+        """One metric batch, acknowledged once durable: for request/response writers
+        (the MLflow REST API) that wait on each write. It wakes the flusher at once
+        (group commit still merges whatever else is pending) instead of waiting for
+        the buffer's age limit. Same validation and dedupe as StreamMetrics; a
+        refused batch is an ack with status REJECTED, not an RPC error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """MLflow's lifecycle: deleted runs and experiments keep their data, are hidden
+        from default searches and accept no writes until restored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTag(self, request, context):
+        """NOT_FOUND when the run has no such tag (as in MLflow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateExperiment(self, request, context):
+        """Renames; ALREADY_EXISTS when an active experiment has the new name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteExperiment(self, request, context):
+        """Deleting an experiment deletes its active runs; restoring it restores them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetExperimentTags(self, request, context):
+        """Experiment tags: last-write-wins; deleting an absent tag is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteExperimentTag(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +274,51 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.StreamMetrics,
                     request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.MetricBatch.FromString,
                     response_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.BatchAck.SerializeToString,
+            ),
+            'LogMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogMetrics,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.MetricBatch.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.BatchAck.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.RunRef.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.RunInfo.SerializeToString,
+            ),
+            'RestoreRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreRun,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.RunRef.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.RunInfo.SerializeToString,
+            ),
+            'DeleteTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTag,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagRequest.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagResponse.SerializeToString,
+            ),
+            'UpdateExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateExperiment,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.UpdateExperimentRequest.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.SerializeToString,
+            ),
+            'DeleteExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteExperiment,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.ExperimentRef.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.SerializeToString,
+            ),
+            'RestoreExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreExperiment,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.ExperimentRef.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.SerializeToString,
+            ),
+            'SetExperimentTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetExperimentTags,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.SetExperimentTagsRequest.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.SetTagsResponse.SerializeToString,
+            ),
+            'DeleteExperimentTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteExperimentTag,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteExperimentTagRequest.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +510,249 @@ class IngestService:
             '/trackhouse.v1.IngestService/StreamMetrics',
             trackhouse_dot_proto_dot_v1_dot_ingest__pb2.MetricBatch.SerializeToString,
             trackhouse_dot_proto_dot_v1_dot_ingest__pb2.BatchAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/LogMetrics',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.MetricBatch.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.BatchAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/DeleteRun',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.RunRef.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_common__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/RestoreRun',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.RunRef.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_common__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/DeleteTag',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagRequest.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/UpdateExperiment',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.UpdateExperimentRequest.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/DeleteExperiment',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.ExperimentRef.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/RestoreExperiment',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.ExperimentRef.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_common__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetExperimentTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/SetExperimentTags',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.SetExperimentTagsRequest.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.SetTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteExperimentTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.IngestService/DeleteExperimentTag',
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteExperimentTagRequest.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_ingest__pb2.DeleteTagResponse.FromString,
             options,
             channel_credentials,
             insecure,
