@@ -52,7 +52,10 @@ async def _rank(stub: Any, pb: Any, run_id: str, keys: int, args: argparse.Names
     async def requests() -> Any:
         seq, step = 0, 0
         rng = np.random.default_rng(seq)
+        started = time.monotonic()
         while time.monotonic() < deadline:
+            if args.rate:  # pace like a rank producing `rate` points/s (a load generator may sleep)
+                await asyncio.sleep(max(0.0, started + seq * n / args.rate - time.monotonic()))
             seq += 1
             steps = np.repeat(np.arange(step, step + steps_per_batch, dtype="<i8"), keys)
             step += steps_per_batch
@@ -193,6 +196,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--keys", type=int, default=0, help="keys per run (default: 10-100, varying)")
     parser.add_argument("--batch-steps", type=int, default=200, help="steps per batch (default 200)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="points/s per stream, paced like a training rank (default 0: as fast as acks allow)")
     parser.add_argument("--window", type=int, default=2, help="unacknowledged batches per stream (default 2)")
     args = parser.parse_args()
     if args.url:
