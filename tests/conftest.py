@@ -2,20 +2,57 @@
 
 chDB allows one data path per process, so every test in this process shares one
 path (a session temp dir) and isolates itself in its own database.
+
+The same engine is also served over ClickHouse's HTTP interface
+(`clickhouse_http_url`, tests/support/chhttp.py), or a real ClickHouse server is
+used when TRACKHOUSE_TEST_CLICKHOUSE_URL is set. `store_url` picks the
+deployment the `store` fixture opens: the embedded engine unless a test asks for
+"http" (`@pytest.mark.parametrize("store_url", ["http"], indirect=True)`);
+tests/store runs every `store` test over both.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.ingest.settings import IngestSettings
-from trackhouse.store import Store, open_store
+from trackhouse.store import Store, open_store, parse_dsn
+from trackhouse.store.dsn import connect
+
+CLICKHOUSE_URL_ENV = "TRACKHOUSE_TEST_CLICKHOUSE_URL"
+DEPLOYMENTS = ("chdb", "http")
+
+
+def _load_support(name: str) -> ModuleType:
+    """Import tests/support/<name>.py by path.
+
+    tests/ is not on sys.path (importlib import mode; pytest's pythonpath lists only
+    the six source roots, and tests/test_layout.py keeps it so), so the support
+    modules are loaded from their files, once, under a private module name.
+    """
+    module_name = f"_trackhouse_test_support_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).parent / "support" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before exec: dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+chhttp = _load_support("chhttp")
 
 
 @pytest.fixture(scope="session")
@@ -29,13 +66,55 @@ def database() -> str:
     return f"t_{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(scope="session")
+def chhttp_module() -> ModuleType:
+    """tests/support/chhttp.py, for the tests of the fixture itself."""
+    return chhttp
+
+
+@pytest.fixture(scope="session")
+def clickhouse_http_url(chdb_dsn: str) -> Iterator[str]:
+    """A ClickHouse HTTP endpoint as a store DSN: $TRACKHOUSE_TEST_CLICKHOUSE_URL, else chDB served over HTTP.
+
+    The fixture serves the session's own chDB path (one path per process), so the
+    embedded and HTTP deployments see the same databases.
+    """
+    url = os.environ.get(CLICKHOUSE_URL_ENV, "")
+    if url:
+        yield url
+        return
+    server = chhttp.ChHttpServer(parse_dsn(chdb_dsn).path, password="fixture")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def store(chdb_dsn: str, database: str) -> Iterator[Store]:
-    s = open_store(chdb_dsn, database)
+def store_url(request: pytest.FixtureRequest, chdb_dsn: str) -> str:
+    """The DSN `store` opens: chdb_dsn, or clickhouse_http_url when parametrized (indirectly) with "http"."""
+    deployment = getattr(request, "param", "chdb")
+    assert deployment in DEPLOYMENTS, f"store_url: unknown deployment {deployment!r}, use one of {DEPLOYMENTS}"
+    return chdb_dsn if deployment == "chdb" else str(request.getfixturevalue("clickhouse_http_url"))
+
+
+@pytest.fixture
+def store(store_url: str, database: str) -> Iterator[Store]:
+    s = open_store(store_url, database)
     try:
         yield s
     finally:
         s.close()
+        if not parse_dsn(store_url).embedded:
+            _drop_database(store_url, database)  # a real server outlives the session: leave nothing behind
+
+
+def _drop_database(url: str, database: str) -> None:
+    client: Any = connect(parse_dsn(url))
+    try:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+    finally:
+        client.close()
 
 
 @dataclass
