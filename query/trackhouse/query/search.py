@@ -1,14 +1,16 @@
 """Run search: scope + filter + ordering + keyset pages, then hydrate one page.
 
-Two phases. Phase one picks the ids of one page: runs (FINAL) in scope that
-pass the compiled filter, each order key joined in from params, tags or
-latest_metrics (never from metrics), ordered as MLflow orders them — values,
+Two phases. Phase one picks the ids of one page over the search layout of
+schema migration 2 (`trackhouse.query.plan`, docs/search.md): runs
+(`search_runs` FINAL, sorted by start_time) in scope that pass the compiled
+filter, each order key joined in from the key-first copies of params, tags or
+latest metrics (never from metrics), ordered as MLflow orders them — values,
 then NaN, then missing, whatever the direction — with a stable tiebreak
 (start_time DESC, run_id ASC), cut by a keyset predicate from the page token —
 never OFFSET. A cursor holds the last row's values as they are (NaN and ±inf
 included: the token's JSON carries them), so each value's rank is known from
 the value itself. Phase two hydrates exactly those runs (params, tags, latest
-metrics) by id.
+metrics) by id. On request, a third query counts every match (`total`).
 
 All user text travels as bound parameters; identifiers come from whitelists.
 """
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from trackhouse.query.errors import InvalidArgument
-from trackhouse.query.filters import ATTRIBUTES, METRICS, PARAMS, Binder, compile_filter, parse_filter
+from trackhouse.query.filters import ATTRIBUTES, Binder, parse_filter
 from trackhouse.query.order import OrderKey, parse_order_by
+from trackhouse.query.plan import RUNS, compile_search_filter, key_values
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, Store
@@ -45,12 +48,15 @@ class SearchRequest:
     max_results: int = 0
     page_token: str = ""
     view: str = "ACTIVE_ONLY"
+    include_total: bool = False
 
 
 @dataclass(frozen=True)
 class SearchPage:
     runs: list[RunDetails]
     next_page_token: str
+    # Every run matching scope and filter (all pages), when the request asked for it.
+    total: int | None = None
 
 
 def sort_keys(order: Sequence[OrderKey]) -> list[OrderKey]:
@@ -67,17 +73,7 @@ def _key_expr(i: int, key: OrderKey, db: str, binder: Binder) -> tuple[str, str,
         if key.key not in ATTRIBUTE_TYPES:
             raise InvalidArgument(f"order_by: cannot order by attribute {key.key!r}")
         return f"base.{key.key}", "", ATTRIBUTE_TYPES[key.key]
-    k = binder.bind(key.key, "String")
-    if key.entity == METRICS:
-        sub = (f"SELECT run_id, tupleElement(max(last), 3) AS v FROM {db}.latest_metrics "
-               f"WHERE key = {k} GROUP BY run_id")
-        kind = "Float64"
-    elif key.entity == PARAMS:
-        sub = f"SELECT run_id, any(value) AS v FROM {db}.params WHERE key = {k} GROUP BY run_id"
-        kind = "String"
-    else:
-        sub = f"SELECT run_id, value AS v FROM {db}.tags FINAL WHERE key = {k} AND deleted = 0"
-        kind = "String"
+    sub, kind = key_values(key.entity, db, binder.bind(key.key, "String"))
     return f"j{i}.v", f"LEFT JOIN ({sub}) AS j{i} ON j{i}.run_id = base.run_id", kind
 
 
@@ -117,6 +113,10 @@ class RunSearch:
         self._tokens = tokens
         self._settings = settings
 
+    @property
+    def settings(self) -> QuerySettings:
+        return self._settings
+
     def _limit(self, asked: int) -> int:
         if asked < 0 or asked > self._settings.max_results:
             raise InvalidArgument(f"max_results: {asked} is outside 1..{self._settings.max_results}")
@@ -138,18 +138,31 @@ class RunSearch:
         more = len(rows) > limit
         rows = rows[:limit]
         token = self._tokens.encode(question, list(rows[-1][1:])) if more else ""
-        return SearchPage(self._store.get_run_details([r[0] for r in rows]), token)
+        total = self.count(req) if req.include_total else None
+        return SearchPage(self._store.get_run_details([r[0] for r in rows]), token, total)
 
-    def _sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any,
-             limit: int) -> tuple[str, dict[str, Any]]:
-        db = self._store.database
+    def count(self, req: SearchRequest) -> int:
+        """How many runs match the scope and filter of `req` (every page)."""
+        if req.view not in VIEWS:
+            raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
         binder = Binder()
+        sql = f"SELECT count() FROM {self._store.database}.{RUNS} FINAL WHERE {self._where(req, binder)}"
+        return int(self._store.query_rows(sql, binder.params)[0][0])
+
+    def _where(self, req: SearchRequest, binder: Binder) -> str:
         where = [f"lifecycle_stage IN {binder.bind(list(VIEWS[req.view]), 'Array(String)')}"]
         if req.experiment_ids:
             where.append(f"experiment_id IN {binder.bind(list(req.experiment_ids), 'Array(String)')}")
         node = parse_filter(req.filter)
         if node is not None:
-            where.append(compile_filter(node, db, binder))
+            where.append(compile_search_filter(node, self._store.database, binder))
+        return " AND ".join(where)
+
+    def _sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any,
+             limit: int) -> tuple[str, dict[str, Any]]:
+        db = self._store.database
+        binder = Binder()
+        where = self._where(req, binder)
         exprs, joins = [], []
         for i, key in enumerate(keys):
             expr, join, kind = _key_expr(i, key, db, binder)
@@ -167,7 +180,7 @@ class RunSearch:
         )
         select = ", ".join(["base.run_id", *(e for e, _ in exprs)])
         sql = (
-            f"SELECT {select} FROM (SELECT * FROM {db}.runs FINAL WHERE {' AND '.join(where)}) AS base "
+            f"SELECT {select} FROM (SELECT * FROM {db}.{RUNS} FINAL WHERE {where}) AS base "
             f"{' '.join(joins)} {outer} ORDER BY {order} LIMIT {int(limit) + 1}"
         )
         return sql, binder.params

@@ -17,6 +17,12 @@ Tables (see docs/schema.md for the stable, user-facing description):
   (step, timestamp, value) tuple, min, max and count.
 - writer_progress — kept by a materialized view: the greatest batch seq stored
   per writer, which is what ingest's dedupe consults after a restart.
+- search_runs, search_params, search_tags, search_metrics (migration 2) — the
+  run-search layout: copies kept by materialized views, sorted for the
+  questions search asks (runs by start_time; params, tags and latest metrics
+  key-first, so one key is one primary-key range). Same engines and the same
+  merge rules as their sources, so FINAL reads give the same answers. See
+  docs/search.md for the measurements behind it.
 - meta — server-side values (the page-token secret); the first value written for
   a key wins, so replicas racing to create one still agree on it.
 """
@@ -149,6 +155,87 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+)
+
+
+# Migration 2: the run-search layout (docs/search.md). Each copy is created with its
+# view first and back-filled second, so no row written during the migration is
+# missed; a row both back-filled and seen by the view is harmless, because every
+# engine here keeps one row per key (Replacing by version, max of the latest tuple).
+# search_runs is ordered by (start_time, run_id): start_time never changes after a
+# run is created (as in MLflow), so the key still identifies one run.
+_SEARCH_LAYOUT = (
+    """
+    CREATE TABLE IF NOT EXISTS {db}.search_runs (
+        start_time Int64,
+        run_id String,
+        experiment_id LowCardinality(String),
+        run_name String,
+        user_id String,
+        status LowCardinality(String),
+        end_time Nullable(Int64),
+        lifecycle_stage LowCardinality(String),
+        artifact_uri String,
+        version UInt64
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY (start_time, run_id)
+    """,
+    """
+    CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.search_runs_mv TO {db}.search_runs AS
+    SELECT start_time, run_id, experiment_id, run_name, user_id, status, end_time,
+           lifecycle_stage, artifact_uri, version
+    FROM {db}.runs
+    """,
+    """
+    INSERT INTO {db}.search_runs
+    SELECT start_time, run_id, experiment_id, run_name, user_id, status, end_time,
+           lifecycle_stage, artifact_uri, version
+    FROM {db}.runs
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS {db}.search_params (
+        key LowCardinality(String),
+        value String,
+        run_id String
+    ) ENGINE = ReplacingMergeTree ORDER BY (key, value, run_id)
+    """,
+    """
+    CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.search_params_mv TO {db}.search_params AS
+    SELECT key, value, run_id FROM {db}.params
+    """,
+    "INSERT INTO {db}.search_params SELECT key, value, run_id FROM {db}.params",
+    """
+    CREATE TABLE IF NOT EXISTS {db}.search_tags (
+        key LowCardinality(String),
+        run_id String,
+        value String,
+        deleted UInt8,
+        version UInt64
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY (key, run_id)
+    """,
+    """
+    CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.search_tags_mv TO {db}.search_tags AS
+    SELECT key, run_id, value, deleted, version FROM {db}.tags
+    """,
+    "INSERT INTO {db}.search_tags SELECT key, run_id, value, deleted, version FROM {db}.tags",
+    """
+    CREATE TABLE IF NOT EXISTS {db}.search_metrics (
+        key LowCardinality(String),
+        run_id String,
+        last SimpleAggregateFunction(max, Tuple(Int64, Int64, Float64))
+    ) ENGINE = AggregatingMergeTree ORDER BY (key, run_id)
+    """,
+    # Cascades from latest_metrics (whose view already aggregated each insert), so
+    # the metrics insert path pays for one GROUP BY, not two.
+    """
+    CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.search_metrics_mv TO {db}.search_metrics AS
+    SELECT key, run_id, last FROM {db}.latest_metrics
+    """,
+    "INSERT INTO {db}.search_metrics SELECT key, run_id, max(last) FROM {db}.latest_metrics GROUP BY key, run_id",
+)
+
+MIGRATIONS = (
+    *MIGRATIONS,
+    Migration(2, "run-search layout: search_runs, search_params, search_tags, search_metrics", _SEARCH_LAYOUT),
 )
 
 

@@ -1,0 +1,77 @@
+"""Run-search SQL over the search layout (schema migration 2), from a parsed filter.
+
+Owns the translation of filter ASTs (`trackhouse.query.filters`) and order keys
+into SQL over `search_runs`, `search_params`, `search_tags` and
+`search_metrics`: the copies kept by materialized views and sorted so that one
+key is one primary-key range (docs/search.md). Semantics are those of
+`filters.compile_filter` exactly — the same operators, the same bound values,
+params compared numerically where they parse as numbers, `!=` and NOT IN
+matching only runs that have the key — only the tables differ.
+
+Invariants: user text only ever travels as bound parameters (`Binder`); the
+only names pasted are our own columns and the whitelisted database name; every
+mutable copy is read with FINAL (latest tag version, latest metric tuple).
+"""
+
+from __future__ import annotations
+
+from trackhouse.query.filters import (
+    ATTRIBUTES,
+    METRICS,
+    PARAMS,
+    And,
+    Binder,
+    Comparison,
+    Node,
+    Or,
+)
+from trackhouse.store.schema import check_identifier
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# One run per row, latest version: the base of every search.
+RUNS = "search_runs"
+
+
+def key_values(entity: str, db: str, key: str) -> tuple[str, str]:
+    """(subquery of run_id, v for one key, ClickHouse type of v); `key` is a bound placeholder."""
+    if entity == METRICS:
+        return f"SELECT run_id, last.3 AS v FROM {db}.search_metrics FINAL WHERE key = {key}", "Float64"
+    if entity == PARAMS:
+        return f"SELECT run_id, value AS v FROM {db}.search_params FINAL WHERE key = {key}", "String"
+    return f"SELECT run_id, value AS v FROM {db}.search_tags FINAL WHERE key = {key} AND deleted = 0", "String"
+
+
+def compile_search_filter(node: Node, db: str, binder: Binder) -> str:
+    """A boolean expression over the columns of `search_runs FINAL`."""
+    check_identifier(db)
+    if isinstance(node, And | Or):
+        joiner = " AND " if isinstance(node, And) else " OR "
+        return "(" + joiner.join(compile_search_filter(item, db, binder) for item in node.items) + ")"
+    return _comparison(node, db, binder)
+
+
+def _comparison(c: Comparison, db: str, binder: Binder) -> str:
+    if c.entity == ATTRIBUTES:
+        return condition(c.key, c, binder)
+    key = binder.bind(c.key, "String")
+    sub, _ = key_values(c.entity, db, key)
+    numeric_param = c.entity == PARAMS and not isinstance(c.value, str | tuple)
+    column = "toFloat64OrNull(v)" if numeric_param else "v"
+    number_type = "Float64" if c.entity in (METRICS, PARAMS) else ""
+    return f"run_id IN (SELECT run_id FROM ({sub}) WHERE {condition(column, c, binder, number_type)})"
+
+
+def condition(column: str, c: Comparison, binder: Binder, number_type: str = "") -> str:
+    """`column <op> <bound value>`; `column` is always our own SQL, never user text."""
+    if isinstance(c.value, tuple):
+        return f"{column} {c.op} {binder.bind(list(c.value), 'Array(String)')}"
+    if isinstance(c.value, str):
+        placeholder = binder.bind(c.value, "String")
+        if c.op in ("LIKE", "ILIKE"):
+            return f"{c.op.lower()}({column}, {placeholder})"
+        return f"{column} {c.op} {placeholder}"
+    if not number_type:
+        in_int64 = isinstance(c.value, int) and _INT64_MIN <= c.value <= _INT64_MAX
+        number_type = "Int64" if in_int64 else "Float64"
+    value = float(c.value) if number_type == "Float64" else c.value
+    return f"{column} {c.op} {binder.bind(value, number_type)}"
