@@ -499,3 +499,33 @@ def test_refused_tokens_never_reach_the_store(env: Env, monkeypatch: pytest.Monk
     with pytest.raises(InvalidArgument, match="belongs to another search"):
         search.search(SearchRequest(order_by=("tags.x DESC",), max_results=5, page_token=token))
     assert executed == []
+
+
+# -- total count -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "predicate"), FILTERS[:6], ids=[f for f, _ in FILTERS[:6]])
+def test_total_counts_every_match_on_every_page(env: Env, text: str, predicate: Callable[[Model], bool]) -> None:
+    chosen = [m for m in active(env.models) if predicate(m)]
+    first = env.search(filter=text, max_results=2, include_total=True)
+    assert first.HasField("total") and first.total == len(chosen)
+    if first.next_page_token:
+        second = env.search(filter=text, max_results=2, include_total=True, page_token=first.next_page_token)
+        assert second.total == len(chosen)
+    assert not env.search(filter=text, max_results=2).HasField("total")
+
+
+def test_total_respects_scope_and_view(env: Env) -> None:
+    assert env.search(experiment_ids=["e1"], run_view_type=common_pb2.ALL, include_total=True).total == len(
+        [m for m in env.models if m.info.experiment_id == "e1"])
+    assert env.search(run_view_type=common_pb2.DELETED_ONLY, include_total=True).total == 3
+    assert env.search(experiment_ids=["nope"], include_total=True).total == 0
+
+
+def test_in_on_string_attributes_and_aliases(env: Env) -> None:
+    chosen = [m for m in active(env.models) if m.info.status in ("FAILED", "RUNNING") and m.info.run_name != "run-1"]
+    text = "attributes.status IN ('FAILED', 'RUNNING') AND `Run name` NOT IN ('run-1')"
+    assert env.ids(filter=text) == expected_order(chosen, [])
+    assert env.ids(filter="run.status IN ('FAILED', 'RUNNING') AND run_name NOT IN ('run-1')") == env.ids(filter=text)
+    one = env.models[0]
+    assert env.ids(filter=f"attr.run_id IN ('{one.run_id}')", run_view_type=common_pb2.ALL) == [one.run_id]

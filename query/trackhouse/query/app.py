@@ -10,6 +10,7 @@ import secrets
 from typing import Any
 
 from trackhouse.proto.v1 import query_pb2_grpc
+from trackhouse.query.downsample import MetricCharts
 from trackhouse.query.history import MetricHistory
 from trackhouse.query.search import RunSearch
 from trackhouse.query.service import QueryServicer
@@ -32,7 +33,8 @@ class QueryApp:
         tokens = TokenCodec(bytes.fromhex(secret))
         self.search = RunSearch(store, tokens, self.settings)
         self.history = MetricHistory(store, tokens, self.settings)
-        self.servicer = QueryServicer(store, self.search, self.history)
+        self.charts = MetricCharts(store, self.settings)
+        self.servicer = QueryServicer(store, self.search, self.history, self.charts)
         query_pb2_grpc.add_QueryServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:

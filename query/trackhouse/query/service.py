@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
+from trackhouse.query.downsample import BucketRequest, Buckets, ExportRequest, MetricCharts
 from trackhouse.query.errors import InvalidArgument, NotFound, QueryError
 from trackhouse.query.filters import FilterError
 from trackhouse.query.history import HistoryRequest, MetricHistory
@@ -51,10 +52,12 @@ def _view(value: int) -> str:
 
 
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):
-    def __init__(self, store: Store, search: RunSearch, history: MetricHistory) -> None:
+    def __init__(self, store: Store, search: RunSearch, history: MetricHistory,
+                 charts: MetricCharts | None = None) -> None:
         self._store = store
         self._search = search
         self._history = history
+        self._charts = charts or MetricCharts(store, search.settings)
 
     async def SearchRuns(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def call() -> Any:
@@ -62,12 +65,16 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 experiment_ids=tuple(request.experiment_ids), filter=request.filter,
                 order_by=tuple(request.order_by), max_results=request.max_results,
                 page_token=request.page_token, view=_view(request.run_view_type),
+                include_total=request.include_total,
             )
             return await self._store.call(self._search.search, req)
 
         page = await _handle(context, call)
-        return query_pb2.SearchRunsResponse(runs=[run_to_pb(r) for r in page.runs],
-                                            next_page_token=page.next_page_token)
+        response = query_pb2.SearchRunsResponse(runs=[run_to_pb(r) for r in page.runs],
+                                                next_page_token=page.next_page_token)
+        if page.total is not None:
+            response.total = page.total
+        return response
 
     async def GetRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def call() -> Any:
@@ -93,3 +100,42 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             timestamps=page.timestamps.astype("<i8").tobytes(), values=page.values.astype("<f8").tobytes(),
             next_page_token=page.next_page_token,
         )
+
+    async def GetMetricBuckets(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        req = BucketRequest(
+            run_ids=tuple(request.run_ids), key=request.key, buckets=request.buckets or 1000,
+            min_step=request.min_step if request.HasField("min_step") else None,
+            max_step=request.max_step if request.HasField("max_step") else None,
+        )
+        result: Buckets = await _handle(context, lambda: self._store.call(self._charts.buckets, req))
+        return query_pb2.MetricBuckets(
+            key=req.key, min_step=result.lo, max_step=result.hi, buckets=req.buckets,
+            series=[
+                query_pb2.MetricBucketSeries(
+                    run_id=s.run_id, bucket=s.bucket.astype("<i8").tobytes(),
+                    min_steps=s.min_step.astype("<i8").tobytes(), min_values=s.min_value.astype("<f8").tobytes(),
+                    max_steps=s.max_step.astype("<i8").tobytes(), max_values=s.max_value.astype("<f8").tobytes(),
+                    counts=s.count.astype("<i8").tobytes(),
+                )
+                for s in result.series
+            ],
+        )
+
+    async def ExportMetrics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        req = ExportRequest(
+            run_ids=tuple(request.run_ids), keys=tuple(request.keys),
+            min_step=request.min_step if request.HasField("min_step") else None,
+            max_step=request.max_step if request.HasField("max_step") else None,
+        )
+        table = await _handle(context, lambda: self._store.call(self._charts.export, req))
+        return query_pb2.ExportMetricsResponse(arrow_stream=arrow_stream(table), rows=table.num_rows)
+
+
+def arrow_stream(table: Any) -> bytes:
+    """One Arrow IPC stream (schema, record batches, end marker) holding `table`."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())

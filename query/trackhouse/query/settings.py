@@ -7,6 +7,8 @@ Every variable (all optional):
     TRACKHOUSE_QUERY_HISTORY_PAGE           points per history page when none is asked (default 25000)
     TRACKHOUSE_QUERY_MAX_HISTORY_PAGE       largest history page (default 1000000)
     TRACKHOUSE_QUERY_MAX_FILTER_LENGTH      longest filter string accepted (default 10000 characters)
+    TRACKHOUSE_QUERY_MAX_EXPORT_RUNS        most runs in one metrics export (default 10000)
+    TRACKHOUSE_QUERY_MAX_EXPORT_POINTS      most points in one metrics export (default 50000000)
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class QuerySettings:
     history_page: int = 25_000
     max_history_page: int = 1_000_000
     max_filter_length: int = 10_000
+    max_export_runs: int = 10_000
+    max_export_points: int = 50_000_000
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from trackhouse.proto.v1 import common_pb2 as trackhouse_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftrackhouse/proto/v1/query.proto\x12\rtrackhouse.v1\x1a trackhouse/proto/v1/common.proto\"\xa6\x01\n\x11SearchRunsRequest\x12\x16\n\x0e\x65xperiment_ids\x18\x01 \x03(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x10\n\x08order_by\x18\x03 \x03(\t\x12\x13\n\x0bmax_results\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12.\n\rrun_view_type\x18\x06 \x01(\x0e\x32\x17.trackhouse.v1.ViewType\"O\n\x12SearchRunsResponse\x12 \n\x04runs\x18\x01 \x03(\x0b\x32\x12.trackhouse.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xa7\x01\n\x17GetMetricHistoryRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x15\n\x08min_step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08max_step\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x0bmax_results\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\tB\x0b\n\t_min_stepB\x0b\n\t_max_step\"x\n\rMetricHistory\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x0c\x12\x12\n\ntimestamps\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\x12\x17\n\x0fnext_page_token\x18\x06 \x01(\t2\xf7\x01\n\x0cQueryService\x12Q\n\nSearchRuns\x12 .trackhouse.v1.SearchRunsRequest\x1a!.trackhouse.v1.SearchRunsResponse\x12:\n\x06GetRun\x12\x1c.trackhouse.v1.GetRunRequest\x1a\x12.trackhouse.v1.Run\x12X\n\x10GetMetricHistory\x12&.trackhouse.v1.GetMetricHistoryRequest\x1a\x1c.trackhouse.v1.MetricHistoryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftrackhouse/proto/v1/query.proto\x12\rtrackhouse.v1\x1a trackhouse/proto/v1/common.proto\"\xbd\x01\n\x11SearchRunsRequest\x12\x16\n\x0e\x65xperiment_ids\x18\x01 \x03(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x10\n\x08order_by\x18\x03 \x03(\t\x12\x13\n\x0bmax_results\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12.\n\rrun_view_type\x18\x06 \x01(\x0e\x32\x17.trackhouse.v1.ViewType\x12\x15\n\rinclude_total\x18\x07 \x01(\x08\"m\n\x12SearchRunsResponse\x12 \n\x04runs\x18\x01 \x03(\x0b\x32\x12.trackhouse.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\x05total\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_total\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xa7\x01\n\x17GetMetricHistoryRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x15\n\x08min_step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08max_step\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x0bmax_results\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\tB\x0b\n\t_min_stepB\x0b\n\t_max_step\"x\n\rMetricHistory\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x0c\x12\x12\n\ntimestamps\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\x12\x17\n\x0fnext_page_token\x18\x06 \x01(\t\"\x90\x01\n\x17GetMetricBucketsRequest\x12\x0f\n\x07run_ids\x18\x01 \x03(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x03 \x01(\x05\x12\x15\n\x08min_step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08max_step\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\x0b\n\t_min_stepB\x0b\n\t_max_step\"\x92\x01\n\x12MetricBucketSeries\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\x0c\x12\x11\n\tmin_steps\x18\x03 \x01(\x0c\x12\x12\n\nmin_values\x18\x04 \x01(\x0c\x12\x11\n\tmax_steps\x18\x05 \x01(\x0c\x12\x12\n\nmax_values\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x07 \x01(\x0c\"\x84\x01\n\rMetricBuckets\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08min_step\x18\x02 \x01(\x03\x12\x10\n\x08max_step\x18\x03 \x01(\x03\x12\x0f\n\x07\x62uckets\x18\x04 \x01(\x05\x12\x31\n\x06series\x18\x05 \x03(\x0b\x32!.trackhouse.v1.MetricBucketSeries\"}\n\x14\x45xportMetricsRequest\x12\x0f\n\x07run_ids\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x15\n\x08min_step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08max_step\x18\x04 \x01(\x03H\x01\x88\x01\x01\x42\x0b\n\t_min_stepB\x0b\n\t_max_step\";\n\x15\x45xportMetricsResponse\x12\x14\n\x0c\x61rrow_stream\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x32\xad\x03\n\x0cQueryService\x12Q\n\nSearchRuns\x12 .trackhouse.v1.SearchRunsRequest\x1a!.trackhouse.v1.SearchRunsResponse\x12:\n\x06GetRun\x12\x1c.trackhouse.v1.GetRunRequest\x1a\x12.trackhouse.v1.Run\x12X\n\x10GetMetricHistory\x12&.trackhouse.v1.GetMetricHistoryRequest\x1a\x1c.trackhouse.v1.MetricHistory\x12X\n\x10GetMetricBuckets\x12&.trackhouse.v1.GetMetricBucketsRequest\x1a\x1c.trackhouse.v1.MetricBuckets\x12Z\n\rExportMetrics\x12#.trackhouse.v1.ExportMetricsRequest\x1a$.trackhouse.v1.ExportMetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trackhouse.proto.v1.query_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEARCHRUNSREQUEST']._serialized_start=85
-  _globals['_SEARCHRUNSREQUEST']._serialized_end=251
-  _globals['_SEARCHRUNSRESPONSE']._serialized_start=253
-  _globals['_SEARCHRUNSRESPONSE']._serialized_end=332
-  _globals['_GETRUNREQUEST']._serialized_start=334
-  _globals['_GETRUNREQUEST']._serialized_end=365
-  _globals['_GETMETRICHISTORYREQUEST']._serialized_start=368
-  _globals['_GETMETRICHISTORYREQUEST']._serialized_end=535
-  _globals['_METRICHISTORY']._serialized_start=537
-  _globals['_METRICHISTORY']._serialized_end=657
-  _globals['_QUERYSERVICE']._serialized_start=660
-  _globals['_QUERYSERVICE']._serialized_end=907
+  _globals['_SEARCHRUNSREQUEST']._serialized_end=274
+  _globals['_SEARCHRUNSRESPONSE']._serialized_start=276
+  _globals['_SEARCHRUNSRESPONSE']._serialized_end=385
+  _globals['_GETRUNREQUEST']._serialized_start=387
+  _globals['_GETRUNREQUEST']._serialized_end=418
+  _globals['_GETMETRICHISTORYREQUEST']._serialized_start=421
+  _globals['_GETMETRICHISTORYREQUEST']._serialized_end=588
+  _globals['_METRICHISTORY']._serialized_start=590
+  _globals['_METRICHISTORY']._serialized_end=710
+  _globals['_GETMETRICBUCKETSREQUEST']._serialized_start=713
+  _globals['_GETMETRICBUCKETSREQUEST']._serialized_end=857
+  _globals['_METRICBUCKETSERIES']._serialized_start=860
+  _globals['_METRICBUCKETSERIES']._serialized_end=1006
+  _globals['_METRICBUCKETS']._serialized_start=1009
+  _globals['_METRICBUCKETS']._serialized_end=1141
+  _globals['_EXPORTMETRICSREQUEST']._serialized_start=1143
+  _globals['_EXPORTMETRICSREQUEST']._serialized_end=1268
+  _globals['_EXPORTMETRICSRESPONSE']._serialized_start=1270
+  _globals['_EXPORTMETRICSRESPONSE']._serialized_end=1329
+  _globals['_QUERYSERVICE']._serialized_start=1332
+  _globals['_QUERYSERVICE']._serialized_end=1761
 # @@protoc_insertion_point(module_scope)

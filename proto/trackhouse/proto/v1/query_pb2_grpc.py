@@ -50,6 +50,16 @@ class QueryServiceStub:
                 request_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.GetMetricHistoryRequest.SerializeToString,
                 response_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.MetricHistory.FromString,
                 _registered_method=True)
+        self.GetMetricBuckets = channel.unary_unary(
+                '/trackhouse.v1.QueryService/GetMetricBuckets',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.GetMetricBucketsRequest.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.MetricBuckets.FromString,
+                _registered_method=True)
+        self.ExportMetrics = channel.unary_unary(
+                '/trackhouse.v1.QueryService/ExportMetrics',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsRequest.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -73,6 +83,20 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetricBuckets(self, request, context):
+        """One key of 1..100 runs downsampled to N buckets keeping min and max (charts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportMetrics(self, request, context):
+        """Raw points of many runs x keys, long format, as one Arrow IPC stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +114,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.GetMetricHistory,
                     request_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.GetMetricHistoryRequest.FromString,
                     response_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.MetricHistory.SerializeToString,
+            ),
+            'GetMetricBuckets': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetricBuckets,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.GetMetricBucketsRequest.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.MetricBuckets.SerializeToString,
+            ),
+            'ExportMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportMetrics,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsRequest.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +207,60 @@ class QueryService:
             '/trackhouse.v1.QueryService/GetMetricHistory',
             trackhouse_dot_proto_dot_v1_dot_query__pb2.GetMetricHistoryRequest.SerializeToString,
             trackhouse_dot_proto_dot_v1_dot_query__pb2.MetricHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetricBuckets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.QueryService/GetMetricBuckets',
+            trackhouse_dot_proto_dot_v1_dot_query__pb2.GetMetricBucketsRequest.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_query__pb2.MetricBuckets.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.QueryService/ExportMetrics',
+            trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsRequest.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,
