@@ -48,5 +48,5 @@ def test_migrate_in_a_subprocess_is_idempotent(tmp_path: object) -> None:
     cmd = [sys.executable, "-m", "trackhouse.cli.main", "migrate", "--store", store, "--database", db]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
-    assert "applied [1]" in first.stdout
+    assert "applied [1, 2]" in first.stdout
     assert "nothing to do" in second.stdout
