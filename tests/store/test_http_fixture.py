@@ -8,6 +8,7 @@ fixture's own parsing and are skipped against a real server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -194,6 +195,29 @@ def test_streamed_results(clickhouse_http_url: str) -> None:
         assert client.command("SELECT 2") == 2  # the client and the server are still usable
     finally:
         client.close()
+
+
+def test_async_client_round_trip(clickhouse_http_url: str, db: tuple[Any, str]) -> None:
+    """The async (aiohttp) transport, which the query service uses against a server."""
+    _, name = db
+    dsn = parse_dsn(clickhouse_http_url)
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        client = await clickhouse_connect.get_async_client(
+            host=dsn.host, port=dsn.port, username=dsn.username, password=dsn.password,
+            autogenerate_session_id=False)
+        try:
+            await client.command(f"CREATE TABLE {name}.a (x Int64, s String) ENGINE = MergeTree ORDER BY x")
+            await client.insert(f"{name}.a", [(1, "one")], column_names=["x", "s"])
+            await client.insert_arrow(f"{name}.a", pa.table({"x": pa.array([2], pa.int64()), "s": ["two"]}))
+            rows = (await client.query(f"SELECT x, s FROM {name}.a WHERE x >= {{lo:Int64}} ORDER BY x",
+                                       parameters={"lo": 1})).result_rows
+            table = await client.query_arrow(f"SELECT s FROM {name}.a ORDER BY x")
+            return rows, table.column("s").to_pylist(), await client.command(f"SELECT sum(x) FROM {name}.a")
+        finally:
+            await client.close()
+
+    assert asyncio.run(scenario()) == ([(1, "one"), (2, "two")], ["one", "two"], 3)
 
 
 def test_wrong_password_is_authentication_failed(clickhouse_http_url: str) -> None:
