@@ -27,6 +27,7 @@ class Connection:
 
     abort_after: int | None = None  # abort (UNAVAILABLE) after storing this many batches, none acked
     ack: bool = True
+    retry_delay: str | None = None  # sent as trailing metadata "retry-delay" with the abort
 
 
 @dataclass
@@ -68,6 +69,8 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
         for n, batch in enumerate(request_iterator, start=1):
             ack = self._store(batch)
             if conn.abort_after is not None and n >= conn.abort_after:
+                if conn.retry_delay is not None:
+                    context.set_trailing_metadata((("retry-delay", conn.retry_delay),))
                 context.abort(grpc.StatusCode.UNAVAILABLE, "fake: dropping the stream")
             if not conn.ack:
                 self.release.wait(30.0)

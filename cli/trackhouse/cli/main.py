@@ -2,6 +2,7 @@
 
     trackhouse serve    run ingest and query in one process on one store (embedded by default)
     trackhouse migrate  create or upgrade the schema of a store, then exit
+    trackhouse sync     upload a client spool directory (offline runs, undelivered points)
 
 `trackhouse COMMAND --help` explains each command's options.
 """
@@ -15,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from trackhouse.cli import sync
 from trackhouse.cli.server import EmbeddedServer, ServerConfig, new_event_loop
 from trackhouse.cli.settings import ServerSettings
 from trackhouse.ingest.settings import IngestSettings
@@ -54,6 +56,7 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="create or upgrade the schema of a store, then exit",
                              description="Apply the schema migrations a store is missing. Idempotent.")
     _store_options(migrate, env)
+    sync.add_parser(sub)
     return parser
 
 
@@ -110,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         env = ServerSettings.from_env()
         args = build_parser(env).parse_args(argv)
+        if args.command == "sync":
+            return sync.run(args)
         ServerSettings(args.store, args.database, getattr(args, "host", env.host),
                        getattr(args, "grpc_port", env.grpc_port), getattr(args, "http_port", env.http_port))
         if args.command == "migrate":

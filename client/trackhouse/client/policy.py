@@ -9,10 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum
 
-# A stream with batches in flight and no ack for this long is treated as dead
-# (a half-open connection never errors by itself); the server acks within its
-# flush interval (0.5 s by default), so this is far beyond any healthy delay.
-ACK_TIMEOUT = 60.0
 # Bytes of spooled batches read back and in flight at once during a replay.
 REPLAY_WINDOW = 32 * 1024 * 1024
 
@@ -44,6 +40,7 @@ def spill_decision(*, memory_bytes: int, budget: int, away_since: float | None, 
     return Spill.NONE
 
 
-def stalled(*, in_flight: bool, last_progress: float, now: float, timeout: float = ACK_TIMEOUT) -> bool:
-    """Whether an open stream should be abandoned for lack of acks."""
+def stalled(*, in_flight: bool, last_progress: float, now: float, timeout: float) -> bool:
+    """Whether an open stream should be abandoned for lack of acks (``Settings.ack_timeout``):
+    a half-open connection, or a server gone without closing it, never errors by itself."""
     return in_flight and now - last_progress >= timeout

@@ -4,9 +4,11 @@ A spool directory holds one writer's batches and run operations (``spool.py``).
 ``replay_dir`` takes the directory's lock (so a live writer or another replayer
 is never raced), then:
 
-1. creates the runs an offline writer recorded (once: the local -> server run id
-   map is saved in ``runs.json`` before any batch that needs it is sent, so a
-   re-run never creates a run twice), then sends params and tags;
+1. creates the runs an offline writer recorded, once: the local -> server run id
+   map is saved in ``runs.json`` before any batch that needs it is sent, and a
+   run is first looked up by its ``trackhouse.local_run_id`` tag, so a re-run —
+   even from a copy of the spool taken before the first sync — finds the run
+   instead of creating another; then sends params and tags;
 2. streams the batches in seq order with the writer's own ``(writer_id, seq)``
    — the server's dedupe makes a replay, or a second replay, exactly-once in
    effect — at most ``policy.REPLAY_WINDOW`` bytes in flight, reconnecting with
@@ -49,7 +51,7 @@ from trackhouse.client.spool import (
     writer_dirs,
 )  # fmt: skip
 from trackhouse.client.transport import Transport
-from trackhouse.proto.v1 import ingest_pb2
+from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class ReplayReport:
     duplicate_batches: int = 0
     rejected_points: int = 0
     runs_created: int = 0
+    runs: dict[str, str] = field(default_factory=dict)  # offline run id -> server run id
     ops: int = 0
     corruptions: list[Corruption] = field(default_factory=list)
     complete: bool = False
@@ -85,6 +88,7 @@ def replay_dir(directory: Path, transport: Transport, *, progress: Progress | No
         runs = _load_runs(directory)
         ops = _records(directory / OPS, report) if (directory / OPS).exists() else []
         _create_runs(directory, transport, ops, runs, report)
+        report.runs = dict(runs)
         _send_ops(transport, ops, runs, report, final=False)
         _send_batches(directory, transport, runs, report, progress, max_attempts, backoff)
         _send_ops(transport, ops, runs, report, final=True)
@@ -128,6 +132,11 @@ def _create_runs(directory: Path, transport: Transport, ops: list[Record], runs:
         local = tags.get(LOCAL_RUN_TAG, "")
         if not local or local in runs:
             continue
+        found = _find_run(transport, local)
+        if found:
+            runs[local] = found
+            write_json_atomic(directory / RUNS, runs)
+            continue
         name = tags.get(EXPERIMENT_TAG)
         if name:
             request.experiment_id = _experiment_id(transport, name)
@@ -137,6 +146,19 @@ def _create_runs(directory: Path, transport: Transport, ops: list[Record], runs:
         runs[local] = transport.create_run(request).run_id
         write_json_atomic(directory / RUNS, runs)  # before any batch refers to it
         report.runs_created += 1
+
+
+def _find_run(transport: Transport, local: str) -> str:
+    """The server run created from offline run ``local`` by an earlier sync, or ""."""
+    request = query_pb2.SearchRunsRequest(filter=f"tags.`{LOCAL_RUN_TAG}` = '{local}'", max_results=1,
+                                          run_view_type=common_pb2.ALL)
+    try:
+        runs = transport.search_runs(request).runs
+    except ServerUnavailable:
+        raise
+    except TrackhouseError:  # no query service at this address: fall back to runs.json alone
+        return ""
+    return str(runs[0].info.run_id) if runs else ""
 
 
 def _experiment_id(transport: Transport, name: str) -> str:

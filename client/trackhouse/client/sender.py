@@ -29,7 +29,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from trackhouse.client import policy
 from trackhouse.client.batcher import Batcher, due_at, encode, is_due
@@ -38,16 +38,10 @@ from trackhouse.client.ops import OP_KINDS, Op, PendingOps
 from trackhouse.client.outbox import Entry, Outbox
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import Location, WriterSpool
-from trackhouse.client.transport import AckStream, Transport
+from trackhouse.client.transport import AckStream, Transport, queued_requests
 from trackhouse.proto.v1 import ingest_pb2
 
 logger = logging.getLogger(__name__)
-
-
-def _requests(q: queue.SimpleQueue[ingest_pb2.MetricBatch | None]) -> Iterator[ingest_pb2.MetricBatch]:
-    """The request iterator gRPC consumes on its own thread; None half-closes the stream."""
-    while (item := q.get()) is not None:
-        yield item
 
 
 class Sender:
@@ -82,7 +76,7 @@ class Sender:
         self._ops_retry = PendingOps()
         self._counts = dict.fromkeys(
             ("points_acked", "points_rejected", "points_offline", "points_lost", "batches_sent", "batches_acked",
-             "batches_duplicate", "batches_rejected", "batches_spilled", "reconnects"), 0,
+             "batches_duplicate", "batches_rejected", "batches_spilled", "reconnects", "spools_replayed"), 0,
         )  # fmt: skip
 
     def start(self) -> None:
@@ -147,24 +141,18 @@ class Sender:
         self.spool.abandon()
         self._reset()
 
-    # -- the worker --------------------------------------------------------------------------
-
     def _run(self) -> None:
         if self._settings.replay_orphans and not self._settings.offline:
-            from trackhouse.client.replay import adopt_orphans
-
-            threading.Thread(target=adopt_orphans, args=(self._transport, self._settings, self.writer_id),
-                             name="trackhouse-replay", daemon=True).start()
+            threading.Thread(target=self._adopt, name="trackhouse-replay", daemon=True).start()
         try:
             while True:
                 self._wake.wait(self._wait_timeout())
                 self._wake.clear()
                 with self._cond:
-                    forced, stopping = self._forced or self._stopping, self._stopping
-                    self._forced = False
+                    forced, stopping, self._forced = self._forced or self._stopping, self._stopping, False
                 s, now = self._settings, self._clock()
-                if is_due(self._batcher.state(), now, max_points=s.max_batch_points,
-                          interval=s.flush_interval, forced=forced):  # fmt: skip
+                if is_due(self._batcher.state(), now, max_points=s.max_batch_points, interval=s.flush_interval,
+                          forced=forced):
                     self._drain()
                 self._housekeep(now)
                 if stopping:
@@ -177,12 +165,20 @@ class Sender:
         finally:
             self._finish()
 
+    def _adopt(self) -> None:
+        from trackhouse.client.replay import adopt_orphans
+
+        done = sum(r.complete for r in adopt_orphans(self._transport, self._settings, self.writer_id))
+        with self._cond:
+            self._counts["spools_replayed"] += done
+            self._cond.notify_all()
+
     def _wait_timeout(self) -> float | None:
         s, box, away = self._settings, self._outbox, self._away_since
         with self._cond:
             times = [
                 due_at(self._batcher.state(), interval=s.flush_interval),
-                (self._reconnect_at if self._stream is None else self._last_progress + policy.ACK_TIMEOUT)
+                (self._reconnect_at if self._stream is None else self._last_progress + s.ack_timeout)
                 if box else None,
                 away + s.spool_grace if box.memory_bytes and away is not None else None,
                 self._ops_retry.retry_at if self._ops_retry.ops else None,
@@ -243,6 +239,7 @@ class Sender:
                     self._released.append(loc)
                     continue
                 self._counts["batches_spilled"] += 1
+                self._cond.notify_all()
             spilled += 1
         self.spool.sync()
         if spilled and not self._spill_warned:
@@ -257,10 +254,11 @@ class Sender:
             if stream is None and (not box or now < self._reconnect_at):
                 return
             if stream is not None and not policy.stalled(in_flight=box.in_flight(), last_progress=self._last_progress,
-                                                         now=now):  # fmt: skip
+                                                         now=now, timeout=self._settings.ack_timeout):
                 return
+            self._last_progress = now  # one cancel per stall
         if stream is not None:
-            logger.warning("trackhouse: no ack for %.0f s; reconnecting", policy.ACK_TIMEOUT)
+            logger.warning("trackhouse: no ack for %.0f s; reconnecting", self._settings.ack_timeout)
             stream.cancel()  # the reader sees the end and schedules the reconnect
             return
         with self._cond:
@@ -270,7 +268,7 @@ class Sender:
             self._queue, self._last_progress = q, now
             self._outbox.restart()
         try:
-            stream = self._transport.stream_metrics(_requests(q))
+            stream = self._transport.stream_metrics(queued_requests(q))
         except TrackhouseError as exc:
             self._on_stream_end(generation, exc)
             return
@@ -283,8 +281,10 @@ class Sender:
         """Queue outbox entries in seq order; entries on disk within the replay window."""
         while True:
             with self._cond:
-                q, generation, box = self._queue, self._generation, self._outbox
+                q, generation, box, idle = self._queue, self._generation, self._outbox, not self._outbox.in_flight()
                 entry = None if q is None else box.queue_next(self._seq, q.put, policy.REPLAY_WINDOW)
+                if idle and box.in_flight():  # the ack clock starts when something is in flight
+                    self._last_progress = self._clock()
                 if entry is None or entry.loc is None:
                     return
             try:
@@ -384,6 +384,7 @@ class Sender:
             first = self._attempt == 0
             self._attempt += 1
             self._counts["reconnects"] += 1
+            self._cond.notify_all()
             if not self._outbox:
                 self._away_since = None  # nothing at risk
             elif self._away_since is None:

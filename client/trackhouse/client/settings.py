@@ -63,6 +63,10 @@ class Settings:
     ``TRACKHOUSE_CLIENT_CLOSE_TIMEOUT``
         Longest wait in seconds of ``Run.finish()``, ``Client.close()`` and of the close at
         interpreter exit; what is undelivered then is spooled and reported. Default 30.0.
+    ``TRACKHOUSE_CLIENT_ACK_TIMEOUT``
+        Seconds a stream with batches in flight may go without an ack before it is
+        treated as dead and reopened (a half-open connection never errors by
+        itself; the server acks within its flush interval). Default 60.0.
     ``TRACKHOUSE_CLIENT_BACKOFF_INITIAL`` / ``TRACKHOUSE_CLIENT_BACKOFF_MAX``
         First and largest delay in seconds between reconnects of the metric stream
         (exponential, jittered; a retry delay sent by the server wins). Defaults 0.5, 30.0.
@@ -119,6 +123,7 @@ class Settings:
     max_batch_points: int = 10_000
     flush_timeout: float = 10.0
     close_timeout: float = 30.0
+    ack_timeout: float = 60.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     spool_dir: str = ".trackhouse/spool"
@@ -140,7 +145,7 @@ class Settings:
         if self.query_url is not None:
             parse_url(self.query_url)
         positive = ("flush_interval", "flush_timeout", "close_timeout", "rpc_timeout", "backoff_initial",
-                    "rendezvous_timeout")
+                    "rendezvous_timeout", "ack_timeout")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UsageError(f"Settings.{name} must be > 0, got {getattr(self, name)!r}")
@@ -210,6 +215,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "max_batch_points": int,
     "flush_timeout": float,
     "close_timeout": float,
+    "ack_timeout": float,
     "rpc_timeout": float,
     "backoff_initial": float,
     "backoff_max": float,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
@@ -36,13 +37,15 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 # gRPC's own retry of unary calls: only UNAVAILABLE, which means the call did
-# not reach the service, so even CreateRun is safe to repeat.
+# not reach the service, so even CreateRun is safe to repeat. Not StreamMetrics:
+# the sender owns its reconnects (resend in seq order, spool, the server's delay).
+_UNARY = ("CreateExperiment", "GetExperiment", "CreateRun", "UpdateRun", "LogParams", "SetTags")
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
                 "name": [
-                    {"service": "trackhouse.v1.IngestService"},
+                    *({"service": "trackhouse.v1.IngestService", "method": m} for m in _UNARY),
                     {"service": "trackhouse.v1.QueryService"},
                 ],
                 "retryPolicy": {
@@ -147,6 +150,13 @@ def _open_channel(url: str) -> grpc.Channel:
 
 
 _INHERITED: list[grpc.Channel] = []
+
+
+def queued_requests(q: queue.SimpleQueue[Any]) -> Iterator[Any]:
+    """A request iterator for a streaming call, fed through ``q``: None half-closes the stream.
+    gRPC consumes it on its own thread, so the producer never blocks on the network."""
+    while (item := q.get()) is not None:
+        yield item
 
 
 class _GrpcAckStream:

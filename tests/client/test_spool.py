@@ -1,0 +1,133 @@
+"""The spool format (checksummed records, corruption resync), the writer's segments, the pure policy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from trackhouse.client import policy
+from trackhouse.client.spool import (
+    MAGIC,
+    Corruption,
+    Kind,
+    Record,
+    WriterSpool,
+    encode_record,
+    scan,
+    segments,
+    try_lock,
+    writer_dirs,
+)  # fmt: skip
+from trackhouse.client.transport import retry_delay
+
+
+def _write(path: Path, payloads: list[bytes]) -> list[int]:
+    offsets, data = [], b""
+    for p in payloads:
+        offsets.append(len(data))
+        data += encode_record(Kind.BATCH, p)
+    path.write_bytes(data)
+    return offsets
+
+
+def test_scan_reads_back_every_record(tmp_path: Path) -> None:
+    payloads = [b"a" * 10, b"", b"\x00" * 1000]
+    offsets = _write(tmp_path / "s", payloads)
+    assert list(scan(tmp_path / "s")) == [Record(Kind.BATCH, p, o) for p, o in zip(payloads, offsets, strict=True)]
+
+
+@pytest.mark.parametrize("where", ["payload", "length", "magic", "truncated tail"])
+def test_a_damaged_record_is_reported_and_the_rest_read(tmp_path: Path, where: str) -> None:
+    payloads = [bytes([i]) * 200 for i in range(5)]
+    offsets = _write(tmp_path / "s", payloads)
+    data = bytearray((tmp_path / "s").read_bytes())
+    if where == "payload":
+        data[offsets[2] + 50] ^= 0xFF
+    elif where == "length":
+        data[offsets[2] + 5 : offsets[2] + 9] = (10**6).to_bytes(4, "little")
+    elif where == "magic":
+        data[offsets[2]] = 0
+    else:
+        data = data[: offsets[4] + 100]
+    (tmp_path / "s").write_bytes(bytes(data))
+    items = list(scan(tmp_path / "s"))
+    good = [i.payload for i in items if isinstance(i, Record)]
+    bad = [i for i in items if isinstance(i, Corruption)]
+    lost = 4 if where == "truncated tail" else 2
+    assert good == [p for i, p in enumerate(payloads) if i != lost]
+    assert len(bad) == 1 and bad[0].offset == offsets[lost] and bad[0].skipped > 0
+    assert str(tmp_path / "s") in str(bad[0])
+
+
+def test_a_payload_containing_the_magic_does_not_confuse_resync(tmp_path: Path) -> None:
+    payloads = [MAGIC * 20, b"x" * 30, MAGIC + b"y" * 30]
+    offsets = _write(tmp_path / "s", payloads)
+    data = bytearray((tmp_path / "s").read_bytes())
+    data[offsets[0] + 20] ^= 1
+    (tmp_path / "s").write_bytes(bytes(data))
+    good = [i.payload for i in scan(tmp_path / "s") if isinstance(i, Record)]
+    assert good == payloads[1:]
+
+
+def test_writer_spool_is_lazy_rotates_reads_releases_and_cleans_up(tmp_path: Path) -> None:
+    spool = WriterSpool(tmp_path / "root", "w1", segment_bytes=4096, meta={"mode": "online", "url": "x:1"})
+    assert not (tmp_path / "root").exists()  # no I/O until something is spooled
+    locs = [spool.append_batch(bytes([i]) * 1500) for i in range(6)]
+    assert len(segments(spool.path)) == 3 and spool.records == 6
+    assert [spool.read(loc) for loc in locs] == [bytes([i]) * 1500 for i in range(6)]
+    assert writer_dirs(tmp_path / "root") == [spool.path]
+    assert try_lock(spool.path) is None  # held by its live owner
+    for loc in locs[:2]:
+        spool.release(loc)
+    assert len(segments(spool.path)) == 2  # a fully acknowledged segment is deleted
+    assert spool.close(ops_done=True) is False  # records remain: the directory stays
+    assert len(segments(spool.path)) == 2
+    fd = try_lock(spool.path)  # released at close
+    assert fd is not None
+    os.close(fd)
+
+
+def test_writer_spool_removes_its_directory_when_everything_was_acknowledged(tmp_path: Path) -> None:
+    spool = WriterSpool(tmp_path, "w2", segment_bytes=4096, meta={})
+    loc = spool.append_batch(b"x" * 100)
+    spool.append_op(Kind.UPDATE_RUN, b"op")
+    spool.release(loc)
+    assert spool.close(ops_done=False) is False  # an op not yet delivered keeps it
+    spool = WriterSpool(tmp_path, "w3", segment_bytes=4096, meta={})
+    spool.release(spool.append_batch(b"x"))
+    assert spool.close(ops_done=True) is True and not spool.path.exists()
+
+
+def test_backoff_is_jittered_exponential_capped_and_the_server_delay_wins() -> None:
+    low, high = (lambda a, b: a), (lambda a, b: b)
+    assert policy.backoff_delay(0, initial=0.5, maximum=30, retry_after=None, rand=high) == 0.5
+    assert policy.backoff_delay(3, initial=0.5, maximum=30, retry_after=None, rand=low) == 2.0
+    assert policy.backoff_delay(99, initial=0.5, maximum=30, retry_after=None, rand=high) == 30
+    assert policy.backoff_delay(5, initial=0.5, maximum=30, retry_after=7.5, rand=low) == 7.5
+
+
+def test_spill_decision() -> None:
+    decide = policy.spill_decision
+    assert decide(memory_bytes=0, budget=10, away_since=0.0, now=100.0, grace=1.0) is policy.Spill.NONE
+    assert decide(memory_bytes=5, budget=10, away_since=99.5, now=100.0, grace=1.0) is policy.Spill.NONE
+    assert decide(memory_bytes=5, budget=10, away_since=99.0, now=100.0, grace=1.0) is policy.Spill.ALL
+    assert decide(memory_bytes=11, budget=10, away_since=None, now=100.0, grace=1.0) is policy.Spill.OLDEST
+    assert policy.stalled(in_flight=True, last_progress=0.0, now=60.0, timeout=60.0)
+    assert not policy.stalled(in_flight=True, last_progress=0.0, now=59.0, timeout=60.0)
+    assert not policy.stalled(in_flight=False, last_progress=0.0, now=1e9, timeout=60.0)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ([("retry-delay", "1.5")], 1.5),
+        ([("retry-delay", "2s")], 2.0),
+        ([("other", "x"), ("grpc-retry-pushback-ms", "250")], 0.25),
+        ([("retry-delay", "soon")], None),
+        ([], None),
+    ],
+)
+def test_server_retry_delay_from_trailing_metadata(metadata: list[tuple[str, str]], expected: float | None) -> None:
+    assert retry_delay(metadata) == expected
