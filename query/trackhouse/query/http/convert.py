@@ -91,7 +91,30 @@ def pairs(body: Body, name: str) -> list[tuple[str, str]]:
 
 
 def metric_batch(run_id: str, metrics: Sequence[Any], writer_id: str, seq: int, now: int) -> Any:
-    """One MetricBatch (columns as little-endian bytes) from MLflow's metric objects."""
+    """One MetricBatch (columns as little-endian bytes) from MLflow's metric objects.
+
+    Columns are built with one comprehension each; anything unusual (a missing field,
+    a wrong type) falls back to the checked path, which names the offending item.
+    """
+    try:
+        names = [m["key"] for m in metrics]
+        raw_values = [m["value"] for m in metrics]
+        if not all(type(k) is str and k for k in names) or any(type(v) is bool for v in raw_values):
+            raise TypeError
+        values = np.array(raw_values, dtype="<f8")
+        stamps = np.array([m.get("timestamp", now) for m in metrics], dtype="<i8")
+        steps = np.array([m.get("step", 0) for m in metrics], dtype="<i8")
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return _checked_batch(run_id, metrics, writer_id, seq, now)
+    keys: dict[str, int] = {}
+    key_index = np.array([keys.setdefault(k, len(keys)) for k in names], dtype="<u4")
+    return ingest_pb2.MetricBatch(
+        writer_id=writer_id, seq=seq, run_ids=[run_id], keys=list(keys), key_index=key_index.tobytes(),
+        steps=steps.tobytes(), timestamps=stamps.tobytes(), values=values.tobytes(),
+    )
+
+
+def _checked_batch(run_id: str, metrics: Sequence[Any], writer_id: str, seq: int, now: int) -> Any:
     keys: dict[str, int] = {}
     n = len(metrics)
     key_index = np.empty(n, "<u4")
