@@ -22,18 +22,50 @@ def test_from_env_reads_every_documented_variable() -> None:
         "TRACKHOUSE_CLIENT_BACKOFF_INITIAL": "0.1",
         "TRACKHOUSE_CLIENT_BACKOFF_MAX": "2",
         "TRACKHOUSE_CLIENT_USER": "alice",
+        "TRACKHOUSE_CLIENT_MODE": "offline",
+        "TRACKHOUSE_CLIENT_ACK_TIMEOUT": "9",
+        "TRACKHOUSE_CLIENT_SPOOL_DIR": "/spool",
+        "TRACKHOUSE_CLIENT_SPOOL_GRACE": "0",
+        "TRACKHOUSE_CLIENT_MEMORY_BUDGET": "1000",
+        "TRACKHOUSE_CLIENT_SPOOL_SEGMENT_BYTES": "8192",
+        "TRACKHOUSE_CLIENT_REPLAY_ORPHANS": "0",
+        "TRACKHOUSE_CLIENT_RANKS": "all",
+        "TRACKHOUSE_CLIENT_RANK": "3",
+        "TRACKHOUSE_CLIENT_WORLD_SIZE": "4",
+        "TRACKHOUSE_CLIENT_JOB_ID": "j",
+        "TRACKHOUSE_CLIENT_RUN_ID": "r" * 32,
+        "TRACKHOUSE_CLIENT_RENDEZVOUS_DIR": "/shared",
+        "TRACKHOUSE_CLIENT_RENDEZVOUS_TIMEOUT": "7",
+        "TRACKHOUSE_CLIENT_SYSTEM_METRICS_INTERVAL": "15",
         "UNRELATED": "x",
     }
     s = Settings.from_env(env)
     assert s == Settings(
         url="grpc://ingest:1", query_url="query:2", flush_interval=0.25, max_batch_points=500,
         flush_timeout=3.0, close_timeout=4.0, rpc_timeout=5.0, backoff_initial=0.1, backoff_max=2.0,
-        user="alice",
+        user="alice", mode="offline", ack_timeout=9.0, spool_dir="/spool", spool_grace=0.0, memory_budget=1000,
+        spool_segment_bytes=8192, replay_orphans=False, ranks="all", rank=3, world_size=4, job_id="j",
+        run_id="r" * 32, rendezvous_dir="/shared", rendezvous_timeout=7.0, system_metrics_interval=15.0,
     )  # fmt: skip
     assert s.effective_query_url == "query:2"
     documented = Settings.__doc__ or ""
     for field in dataclasses.fields(Settings):
         assert f"TRACKHOUSE_CLIENT_{field.name.upper()}" in documented
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "1", "WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "abc"}, (1, 8, "abc")),
+        ({"RANK": "1", "WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "77"}, (1, 8, "77")),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_JOB_ID": "77"}, (5, 6, "77")),
+        ({"RANK": "1", "WORLD_SIZE": "2", "TRACKHOUSE_CLIENT_RANK": "0"}, (0, 2, "")),
+        ({}, (0, 1, "")),
+    ],
+)
+def test_rank_world_size_and_job_id_come_from_the_launcher(env: dict[str, str], expected: tuple[int, int, str]) -> None:
+    s = Settings.from_env({"TRACKHOUSE_CLIENT_USER": "u", **env})
+    assert (s.rank, s.world_size, s.job_id) == expected
 
 
 def test_from_env_defaults_and_overrides() -> None:
@@ -51,6 +83,11 @@ def test_from_env_defaults_and_overrides() -> None:
         ({"TRACKHOUSE_CLIENT_MAX_BATCH_POINTS": "0"}, "max_batch_points must be >= 1"),
         ({"TRACKHOUSE_CLIENT_BACKOFF_MAX": "0.1"}, "backoff_max"),
         ({"TRACKHOUSE_CLIENT_URL": "http://x:1"}, "unsupported trackhouse URL"),
+        ({"TRACKHOUSE_CLIENT_MODE": "sometimes"}, "mode must be one of online, offline"),
+        ({"TRACKHOUSE_CLIENT_RANKS": "some"}, "ranks must be one of zero, all"),
+        ({"TRACKHOUSE_CLIENT_RANK": "2", "TRACKHOUSE_CLIENT_WORLD_SIZE": "2"}, r"rank \(2\) must be in"),
+        ({"TRACKHOUSE_CLIENT_REPLAY_ORPHANS": "maybe"}, "not a valid boolean"),
+        ({"TRACKHOUSE_CLIENT_SPOOL_GRACE": "-1"}, "spool_grace must be >= 0"),
     ],
 )
 def test_impossible_values_are_rejected_at_start(env: dict[str, str], match: str) -> None:

@@ -317,6 +317,8 @@ class Sender:
         """At close: spool every unacknowledged batch and pending operation, close the spool."""
         try:
             self._housekeep(self._clock())
+            self._ops_retry.retry_at = 0.0  # one last try for operations that met an absent server
+            self._retry_ops(self._clock())
             self._spill(policy.Spill.ALL)
             with self._cond:
                 stream, self._stream = self._stream, None
@@ -332,7 +334,6 @@ class Sender:
         with self._cond:
             self._cond.notify_all()
 
-    # -- the ack reader ------------------------------------------------------------------------
     def _read_acks(self, stream: AckStream, generation: int) -> None:
         error: TrackhouseError | None = None
         try:
