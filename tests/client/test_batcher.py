@@ -130,3 +130,19 @@ def test_state_tracks_the_oldest_point_with_an_injected_clock() -> None:
     assert b.state() == BufferState(0, None)
     assert b.discard() == 0
     assert isinstance(b.intern_keys([]), array)
+
+
+def test_vectorized_chunks_are_copied_into_a_recycled_arena() -> None:
+    b = Batcher(max_points=10)
+    run, key = b.intern_run(RUN_A), b.intern_keys(["r"])[0]
+    steps, values = np.arange(4, dtype=np.int32), np.array([1, 2, 3, 4], np.int16)  # converted on copy
+    b.append_arrays(run, key, steps, 9, values)
+    values[:] = 0  # the caller's buffer is its own again
+    first = _take(b)
+    assert first.values.tolist() == [1.0, 2.0, 3.0, 4.0] and first.steps.dtype == np.int64
+    arena = b._lent
+    b.recycle()
+    b.append_arrays(run, key, np.arange(10, 12), 9, np.array([5.0, 6.0]))
+    assert b._arena is arena  # the same memory, no new pages to fault in
+    second = _take(b)
+    assert second.steps.tolist() == [10, 11] and second.values.tolist() == [5.0, 6.0]

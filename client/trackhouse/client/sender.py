@@ -202,6 +202,7 @@ class Sender:
                     self._counts["points_offline"] += len(part)
                 self._taken += len(part)
                 self._counts["batches_sent"] += 1
+        self._batcher.recycle()  # encoded: the arena of vectorized calls may be reused
         if offline:
             self.spool.sync()
             with self._cond:
@@ -321,8 +322,7 @@ class Sender:
             self._retry_ops(self._clock())
             self._spill(policy.Spill.ALL)
             with self._cond:
-                stream, self._stream = self._stream, None
-                self._generation += 1
+                stream, self._stream, self._generation = self._stream, None, self._generation + 1
                 if self._queue is not None:
                     self._queue.put(None)
                 self._queue = None
