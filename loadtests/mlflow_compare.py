@@ -24,11 +24,13 @@ Requires the `loadtests` extra (full `mlflow`, for its server).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -72,17 +74,20 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> 
 @contextmanager
 def process(cmd: list[str], health: str, log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Its own process group: `mlflow server` starts uvicorn and job consumers that outlive a
+        # SIGTERM to the parent alone.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
         try:
             wait_http(health, proc)
             yield
         finally:
-            proc.terminate()
-            try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # -- the data set: the same runs for both stores ------------------------------------------
