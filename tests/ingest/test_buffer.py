@@ -118,3 +118,19 @@ def test_release_admits_only_what_fits(make_batch: Any) -> None:
         assert buf.nbytes == 2 * one.nbytes
 
     asyncio.run(body())
+
+
+def test_urgent_batches_are_counted_until_taken_or_removed(make_batch: Any) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        buf = MetricBuffer(1 << 20)
+        buf.add(decoded(make_batch, 4, 1), loop.create_future(), now=0.0)
+        buf.add(decoded(make_batch, 4, 2), loop.create_future(), now=0.0, urgent=True)
+        buf.add(decoded(make_batch, 4, 3), loop.create_future(), now=0.0, urgent=True)
+        assert buf.urgent == 2
+        buf.take(max_rows=8)
+        assert buf.urgent == 1
+        buf.remove(lambda b: b.seq == 3)
+        assert buf.urgent == 0
+
+    asyncio.run(body())

@@ -190,3 +190,22 @@ def test_a_stream_waiting_for_room_gets_a_flush_at_once(make_batch: Any) -> None
         await asyncio.wait_for(task, 5)
 
     asyncio.run(body())
+
+
+def test_an_urgent_batch_is_flushed_without_waiting_for_age(make_batch: Any) -> None:
+    """A unary writer waits for its own batch: it goes out as soon as the flusher is free."""
+
+    async def body() -> None:
+        buf, progress, _inserts, flusher, clock = parts()
+        task = asyncio.ensure_future(flusher.run())
+        plain = add(buf, progress, make_batch, 1, now=clock.now)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch = decode_batch(make_batch(seq=2, points=5), SETTINGS)
+        progress.track(batch.writer_id, 2, done)
+        buf.add(batch, done, clock.now, urgent=True)  # the clock never moves: age never triggers
+        await asyncio.wait_for(done, 5)
+        assert plain.result() is None and flusher.stats.flushes == 1  # the older one shared the INSERT
+        flusher.stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(body())

@@ -52,16 +52,10 @@ class IngestApp:
         histograms = FlushHistograms(self.registry)
         self.flusher = Flusher(self.buffer, self.progress, insert, self.settings, on_flush=histograms.observe)
         self.intake = Intake(self.catalog, self.buffer, self.progress, self.settings)
-        self.servicer = IngestServicer(self.catalog, self.intake, self.flush_soon)
+        self.servicer = IngestServicer(self.catalog, self.intake)
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         self.registry.register(IngestCollector(self.counters))
         self._flusher_task = asyncio.create_task(self.flusher.run(), name="trackhouse-flusher")
-
-    def flush_soon(self) -> None:
-        """Ask the flusher to flush what is pending now (a unary writer waits on its reply)."""
-        # flush_due() treats this like a stream waiting for room: flush at once.
-        self.buffer.room_wanted = True
-        self.buffer.changed.set()
 
     def counters(self) -> dict[str, Any]:
         """The live counters and gauges (what /metrics shows)."""

@@ -28,6 +28,8 @@ class Pending:
     batch: DecodedBatch
     done: asyncio.Future[None]
     arrived: float
+    # A caller waits on this batch alone (a unary write): flush as soon as the flusher is free.
+    urgent: bool = False
 
 
 class MetricBuffer:
@@ -38,14 +40,16 @@ class MetricBuffer:
         self.nbytes = 0
         self.oldest: float | None = None
         self.room_wanted = False
+        self.urgent = 0  # pending batches whose caller waits for them alone
         self.changed = asyncio.Event()
         self._room = asyncio.Condition()
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, batch: DecodedBatch, done: asyncio.Future[None], now: float) -> None:
-        self._pending.append(Pending(batch, done, now))
+    def add(self, batch: DecodedBatch, done: asyncio.Future[None], now: float, urgent: bool = False) -> None:
+        self._pending.append(Pending(batch, done, now, urgent))
+        self.urgent += urgent
         self.rows += batch.points
         self.nbytes += batch.nbytes
         if self.oldest is None:
@@ -66,6 +70,7 @@ class MetricBuffer:
             count += 1
         taken, self._pending = self._pending[:count], self._pending[count:]
         self.rows -= rows
+        self.urgent -= sum(p.urgent for p in taken)
         self.oldest = self._pending[0].arrived if self._pending else None
         self.room_wanted = False
         if not self._pending:
@@ -79,6 +84,7 @@ class MetricBuffer:
         if removed:
             self._pending = kept
             self.rows -= sum(p.batch.points for p in removed)
+            self.urgent -= sum(p.urgent for p in removed)
             self.oldest = kept[0].arrived if kept else None
             if not kept:
                 self.changed.clear()

@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 def flush_due(rows: int, oldest: float | None, nbytes: int, now: float, settings: IngestSettings,
               room_wanted: bool = False) -> bool:
-    """True when the buffer should be flushed now (`room_wanted`: a stream waits for room)."""
+    """True when the buffer should be flushed now.
+
+    `room_wanted`: a stream waits for room, or a unary caller waits for its batch.
+    """
     if rows == 0 or oldest is None:
         return False
     return (
@@ -77,7 +80,8 @@ class Flusher:
         """Flush whenever due, until `stop()`; then flush what is left."""
         buf = self._buffer
         while not self._stopping:
-            if flush_due(buf.rows, buf.oldest, buf.nbytes, self._clock(), self._settings, buf.room_wanted):
+            if flush_due(buf.rows, buf.oldest, buf.nbytes, self._clock(), self._settings,
+                         buf.room_wanted or buf.urgent > 0):
                 await self.flush_once()
                 continue
             timeout = seconds_until_due(buf.oldest, self._clock(), self._settings)

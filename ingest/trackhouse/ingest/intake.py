@@ -62,8 +62,12 @@ class Intake:
         self.points_received = 0
         self.rejected: dict[str, int] = {}
 
-    async def accept(self, message: Any) -> Awaitable[Outcome]:
-        """Take one MetricBatch message; return an awaitable of its outcome."""
+    async def accept(self, message: Any, urgent: bool = False) -> Awaitable[Outcome]:
+        """Take one MetricBatch message; return an awaitable of its outcome.
+
+        `urgent`: the caller waits for this batch alone (a unary write), so it is flushed
+        as soon as the flusher is free instead of at the buffer's age limit.
+        """
         seq = int(message.seq)
         try:
             batch = decode_batch(message, self._settings)
@@ -87,6 +91,6 @@ class Intake:
             done.set_exception(Unavailable("the stream closed before the batch was buffered"))
             done.exception()  # retrieved: only copies waiting on it care
             raise
-        self._buffer.add(batch, done, time.monotonic())
+        self._buffer.add(batch, done, time.monotonic(), urgent)
         self.points_received += batch.points
         return _after(done, seq, batch.points)

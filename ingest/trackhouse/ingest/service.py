@@ -22,8 +22,6 @@ from trackhouse.store.wire import experiment_to_pb, run_info_to_pb, status_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# How often a unary LogMetrics call repeats its ask for a flush while it waits.
-SYNC_FLUSH_POLL = 0.002
 
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -85,11 +83,9 @@ def _ack(outcome: Outcome) -> Any:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, catalog: Catalog, intake: Intake,
-                 wake_flusher: Callable[[], None] | None = None) -> None:
+    def __init__(self, catalog: Catalog, intake: Intake) -> None:
         self._catalog = catalog
         self._intake = intake
-        self._wake_flusher = wake_flusher
         self.open_streams = 0
 
     async def CreateExperiment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -157,27 +153,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     async def LogMetrics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            outcome = await self._durable_soon(await self._intake.accept(request))
+            # Urgent: flushed as soon as the flusher is free; concurrent callers still share INSERTs.
+            outcome = await (await self._intake.accept(request, urgent=True))
         except (errors.IngestError, StoreError) as exc:
             code, message = status_for(exc)
             await context.abort(code, message)
             raise  # unreachable: abort raises
         return _ack(outcome)
-
-    async def _durable_soon(self, pending: Awaitable[Outcome]) -> Outcome:
-        """Await a batch's outcome, asking for a flush now rather than at the buffer's age limit.
-
-        The ask is repeated every SYNC_FLUSH_POLL seconds until the batch is settled: a flush
-        that was already running when it arrived clears the ask as it ends. Batches of
-        concurrent callers still share one INSERT (group commit).
-        """
-        task = asyncio.ensure_future(pending)
-        while self._wake_flusher is not None:
-            self._wake_flusher()
-            done, _ = await asyncio.wait({task}, timeout=SYNC_FLUSH_POLL)
-            if done:
-                break
-        return await task
 
     async def StreamMetrics(self, request_iterator: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
