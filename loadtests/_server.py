@@ -23,7 +23,7 @@ def embedded_server(env: dict[str, str] | None = None) -> Iterator[tuple[str, in
     """Yield (address, pid) of a fresh embedded server over a temporary store."""
     with tempfile.TemporaryDirectory(prefix="trackhouse-bench-") as tmp:
         cmd = [sys.executable, "-m", "trackhouse.cli.main", "serve",
-               "--store", f"chdb://{Path(tmp) / 'data'}", "--grpc-port", "0"]
+               "--store", f"chdb://{Path(tmp) / 'data'}", "--grpc-port", "0", "--http-port", "0"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 env={**os.environ, **(env or {})})
         try:

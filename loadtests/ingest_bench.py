@@ -188,6 +188,34 @@ def run_bench(address: str, pid: int | None, args: argparse.Namespace) -> dict[s
     }
 
 
+def mlflow_baseline(procs: int, seconds: float) -> float:
+    """MLflow's log_batch throughput (points/s) from `procs` processes, its server started here.
+
+    The same machine, the same run: `mlflow server` over SQLite with --workers 1 (its best
+    configuration, MEASURED.md), 1,000 metrics per log_batch through MlflowClient.
+    """
+    import shutil
+    import tempfile
+
+    from mlflow_compare import free_port, log_throughput, process
+
+    tmp = Path(tempfile.mkdtemp(prefix="ingest-bench-mlflow-"))
+    try:
+        port = free_port()
+        uri = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+               "--default-artifact-root", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+        with process(cmd, f"{uri}/health", tmp / "mlflow.log"):
+            from mlflow import MlflowClient
+
+            experiment = MlflowClient(tracking_uri=uri).create_experiment("ingest-bench")
+            print(f"[mlflow] log_batch from {procs} processes for {seconds:.0f} s …", file=sys.stderr, flush=True)
+            return log_throughput(uri, experiment, seconds, clients=procs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="server address (default: start an embedded server)")
@@ -199,7 +227,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="points/s per stream, paced like a training rank (default 0: as fast as acks allow)")
     parser.add_argument("--window", type=int, default=2, help="unacknowledged batches per stream (default 2)")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="also measure MLflow's log_batch throughput in this run (needs the loadtests extra)")
     args = parser.parse_args()
+    baseline = mlflow_baseline(args.procs, args.seconds) if args.mlflow else None
     if args.url:
         result = run_bench(args.url, None, args)
     else:
@@ -209,6 +240,11 @@ def main() -> None:
           f"{result['points_per_s']:,} points/s; ack p50 {result['ack_p50_ms']} ms, p99 {result['ack_p99_ms']} ms; "
           f"server RSS {result['server_rss_mb']} MB, CPU {result['server_cpu_us_per_point']} µs/point; "
           f"lost {result['lost']}, duplicates {result['duplicates']}")
+    if baseline is not None:
+        result["mlflow_log_batch_points_per_s"] = round(baseline)
+        result["ratio_vs_mlflow"] = round(result["points_per_s"] / baseline, 1)
+        print(f"MLflow log_batch (SQLite, --workers 1, {args.procs} processes): {baseline:,.0f} points/s; "
+              f"trackhouse/MLflow = {result['ratio_vs_mlflow']}×")
     print(json.dumps(result))
 
 

@@ -121,7 +121,12 @@ class EmbeddedServer:
             api = MlflowApi(self.store, query_app.search, query_app.history, self._ingest_port)
             http_app = build_app(self.registry, self.health, mlflow_routes(api))
             self._http = HttpListener(http_app, cfg.host, cfg.http_port)
-            self.http_port = await self._http.start()
+            try:
+                self.http_port = await self._http.start()
+            except OSError:
+                self._http = None
+                await self.stop(grace=0)  # the gRPC side is up already: take it down cleanly
+                raise
             log.info("trackhouse HTTP on %s:%d", cfg.host, self.http_port)
         return self.port
 
