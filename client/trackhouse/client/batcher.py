@@ -85,6 +85,9 @@ def due_at(state: BufferState, *, interval: float) -> float | None:
 
 def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
     """(used table positions, index renumbered into them), in O(n) without sorting."""
+    low = int(index.min())
+    if low == int(index.max()):  # one run / one key: the common case, no table lookup
+        return np.array([low], np.intp), np.zeros(len(index), np.uint32)
     used = np.flatnonzero(np.bincount(index, minlength=size))
     lookup = np.zeros(size, np.uint32)
     lookup[used] = np.arange(len(used), dtype=np.uint32)
@@ -101,12 +104,17 @@ def encode(cols: Columns, run_ids: Sequence[str], keys: Sequence[str], *, writer
         seq=seq,
         run_ids=[run_ids[i] for i in runs_used],
         keys=[keys[i] for i in keys_used],
-        run_index=b"" if len(runs_used) == 1 else run_index.astype("<u4").tobytes(),
-        key_index=key_index.astype("<u4").tobytes(),
-        steps=cols.steps.astype("<i8").tobytes(),
-        timestamps=cols.timestamps.astype("<i8").tobytes(),
-        values=cols.values.astype("<f8").tobytes(),
+        run_index=b"" if len(runs_used) == 1 else _le(run_index, "<u4"),
+        key_index=_le(key_index, "<u4"),
+        steps=_le(cols.steps, "<i8"),
+        timestamps=_le(cols.timestamps, "<i8"),
+        values=_le(cols.values, "<f8"),
     )
+
+
+def _le(column: npt.NDArray[Any], dtype: str) -> bytes:
+    """The column's little-endian bytes, copied once (no conversion when it already matches)."""
+    return np.ascontiguousarray(column, dtype).tobytes()
 
 
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
@@ -288,9 +296,8 @@ def _expand(rows: tuple[array[int], ...], key_index: array[int], values: array[f
             chunks: list[_Chunk]) -> Columns:
     row_run, row_step, row_ts, row_len = (np.frombuffer(c, c.typecode) for c in rows)
     parts = [Columns(
-        np.repeat(row_run, row_len).astype(np.uint32), np.frombuffer(key_index, np.uint32),
-        np.repeat(row_step, row_len).astype(np.int64), np.repeat(row_ts, row_len).astype(np.int64),
-        np.frombuffer(values, np.float64),
+        np.repeat(row_run, row_len), np.frombuffer(key_index, np.uint32), np.repeat(row_step, row_len),
+        np.repeat(row_ts, row_len), np.frombuffer(values, np.float64),
     )] if len(values) else []  # fmt: skip
     for run, key, steps, ts, vals in chunks:
         n = len(vals)
