@@ -1,7 +1,7 @@
 """Run search, history downsampling and charts at scale, straight against the store.
 
     python loadtests/search_bench.py --runs 1000000            # generate into a temp dir, then time
-    python loadtests/search_bench.py --runs 10000000 --path /data/bench10m --keep
+    python loadtests/search_bench.py --runs 10000000 --path /data/bench10m --generate-only
     python loadtests/search_bench.py --path /data/bench10m --no-generate   # time an existing store
 
 Generates N runs (loadtests/_searchdata.py: 8 params, 5 tags, 4 latest metrics
@@ -41,6 +41,74 @@ HISTORY_RUN = "history-1m"
 CHART_RUNS = [f"chart-{i:03d}" for i in range(100)]
 FILTER = "metrics.loss < 0.5 and params.optimizer = 'adam'"
 
+# Views the bench's fast path replaces by writing every copy itself, in key order.
+VIEWS = ("search_runs_mv", "search_params_mv", "search_tags_mv", "search_metrics_mv",
+         "latest_metrics_mv", "writer_progress_mv")
+
+
+def _ids(run_ids: pa.Array, rows: np.ndarray[Any, Any]) -> pa.Array:
+    """Run ids (fixed 32 characters) at `rows`, gathered as one numpy byte matrix."""
+    fixed = np.frombuffer(run_ids.buffers()[2], dtype="S32", count=len(run_ids), offset=32 * run_ids.offset)
+    offsets = np.arange(0, 32 * len(rows) + 1, 32, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(rows), pa.py_buffer(offsets), pa.py_buffer(fixed[rows].tobytes()))
+
+
+def _take(table: pa.Table, rows: np.ndarray[Any, Any], n: int) -> pa.Table:
+    """`table` at `rows`; its run_id column (row r is run r % n) by `_ids`, the rest by Arrow."""
+    ids = table.column("run_id").chunk(0)[:n]
+    rest = [c for c in table.column_names if c != "run_id"]
+    taken = table.select(rest).take(pa.array(rows))
+    return pa.table({"run_id": _ids(ids, rows % n), **dict(zip(rest, taken.columns, strict=True))}).select(
+        table.column_names)
+
+
+def sorted_chunk(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    """Every table of one chunk (base tables and search copies) sorted by its ORDER BY.
+
+    ClickHouse checks whether an inserted block is already in sorting-key order and
+    skips the sort when it is: what made inserts slow was sorting random 32-hex ids,
+    and every view sorting the same rows again by another key. Here the run ids are
+    sorted once (numpy, fixed-width bytes); every other order is index arithmetic on
+    the chunk's layout (long tables are key-major: row i belongs to run i % n) or a
+    stable numpy sort of one short value column within one key.
+    """
+    runs = tables["runs"]
+    n = runs.num_rows
+    ids = runs.column("run_id").combine_chunks()
+    by_id = np.argsort(np.frombuffer(ids.buffers()[2], dtype="S32", count=n, offset=32 * ids.offset), kind="stable")
+    start = runs.column("start_time").to_numpy()
+    out = {
+        "runs": _take(runs, by_id, n),
+        "search_runs": _take(runs.select(["start_time", "run_id", "experiment_id", "run_name", "user_id", "status",
+                                          "end_time", "lifecycle_stage", "artifact_uri", "version"]),
+                             by_id[np.argsort(start[by_id], kind="stable")], n),
+    }
+    for name in ("params", "tags", "metrics"):
+        t = tables[name].combine_chunks()
+        keys = t.column("key").to_numpy(zero_copy_only=False)[::n]  # one per block of n rows
+        blocks = np.argsort(keys.astype(str), kind="stable") * n  # block offsets in key order
+        run_major = (by_id[:, None] + blocks[None, :]).ravel()  # (run_id, key)
+        key_major = (blocks[:, None] + by_id[None, :]).ravel()  # (key, run_id)
+        out[name] = _take(t, run_major, n)
+        if name == "params":  # (key, value, run_id): within each key, a stable sort by value
+            values = t.column("value").to_numpy(zero_copy_only=False)
+            order = np.concatenate([
+                rows[np.argsort(values[rows].astype(bytes), kind="stable")]
+                for rows in key_major.reshape(len(blocks), n)])
+            out["search_params"] = _take(t.select(["key", "value", "run_id"]), order, n)
+        elif name == "tags":
+            out["search_tags"] = _take(t.select(["key", "run_id", "value", "deleted", "version"]), key_major, n)
+        else:
+            last = pa.StructArray.from_arrays(
+                [t.column("step").chunk(0), t.column("timestamp").chunk(0), t.column("value").chunk(0)],
+                names=["1", "2", "3"])
+            latest = pa.table({"run_id": t.column("run_id"), "key": t.column("key"), "last": last,
+                               "min_value": t.column("value"), "max_value": t.column("value"),
+                               "count": pa.array(np.ones(t.num_rows, np.uint64))})
+            out["latest_metrics"] = _take(latest, run_major, n)
+            out["search_metrics"] = _take(latest.select(["key", "run_id", "last"]), key_major, n)
+    return out
+
 
 def _points(run_ids: list[str], key: str, n: int, seed: int) -> pa.Table:
     rng = np.random.default_rng(seed)
@@ -56,10 +124,41 @@ def _points(run_ids: list[str], key: str, n: int, seed: int) -> pa.Table:
     })
 
 
-def generate(store: Store, runs: int) -> None:
+def _check_copies(store: Store) -> None:
+    """Each search copy holds what its source holds (fingerprints: count and sum of row hashes)."""
+    pairs = [("runs", "search_runs", "run_id, start_time, lifecycle_stage"),
+             ("params", "search_params", "run_id, key, value"),
+             ("tags", "search_tags", "run_id, key, value, deleted"),
+             ("latest_metrics", "search_metrics", "run_id, key, last")]
+    for source, copy, cols in pairs:
+        a, b = (store.query_rows(f"SELECT count(), sum(cityHash64({cols})) FROM {store.t(t)}")[0]
+                for t in (source, copy))
+        if a != b:
+            raise RuntimeError(f"{copy} differs from {source}: {b} != {a}")
+
+
+def generate(store: Store, runs: int, chunk: int, via_views: bool = False) -> None:
+    """N runs in chunks; by default every table written directly in key order (views detached)."""
     store.insert_rows("experiments", ("experiment_id", "name", "artifact_location", "lifecycle_stage",
                                       "creation_time", "last_update_time", "version"), data.experiment_rows())
-    data.generate(store.insert_arrow, runs)
+    if via_views:  # the production path: base tables only, views write the copies
+        data.generate(store.insert_arrow, runs, chunk)
+    else:
+        for view in VIEWS:
+            store.command(f"DETACH TABLE {store.t(view)}")
+        try:
+            started = time.monotonic()
+            data.progress(0, runs, started)
+            for start in range(0, runs, chunk):
+                n = min(chunk, runs - start)
+                for table, rows in sorted_chunk(data.chunk_tables(start, n)).items():
+                    store.insert_arrow(table, rows)
+                data.progress(start + n, runs, started)
+            store.insert_rows("writer_progress", ("writer_id", "max_seq"), [("bench", 1)])
+        finally:
+            for view in VIEWS:
+                store.command(f"ATTACH TABLE {store.t(view)}")
+        _check_copies(store)
     for lo in range(0, 1_000_000, 250_000):  # the 1M-point series, in four INSERTs
         t = _points([HISTORY_RUN], "loss", 1_000_000, 1)
         store.insert_arrow("metrics", t.slice(lo, 250_000))
@@ -110,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1_000_000)
     parser.add_argument("--path", help="chDB data directory (default: a temporary one)")
     parser.add_argument("--no-generate", action="store_true", help="time an already generated store")
+    parser.add_argument("--chunk", type=int, default=500_000, help="runs per INSERT (default 500k)")
+    parser.add_argument("--via-views", action="store_true",
+                        help="insert base tables only and let the views write the copies (slow: ~5k runs/s)")
+    parser.add_argument("--generate-only", action="store_true", help="generate (use with --path --keep) and stop")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--only", nargs="*", help="time only these queries")
     args = parser.parse_args(argv)
@@ -119,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if not args.no_generate:
                 started = time.monotonic()
-                generate(store, args.runs)
-                print(f"generated {args.runs:,} runs in {time.monotonic() - started:.0f} s", file=sys.stderr)
-            results = {}
+                generate(store, args.runs, args.chunk, args.via_views)
+                elapsed = time.monotonic() - started
+                print(f"generated {args.runs:,} runs in {elapsed:.0f} s ({args.runs / elapsed:,.0f} runs/s)",
+                      file=sys.stderr)
+            results: dict[str, dict[str, float]] = {}
+            if args.generate_only:
+                return 0
             for name, fn in queries(store).items():
                 if args.only and name not in args.only:
                     continue

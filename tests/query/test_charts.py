@@ -17,6 +17,7 @@ import pytest
 
 from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.proto.v1 import query_pb2, query_pb2_grpc
+from trackhouse.query.downsample import rollup_level
 from trackhouse.store import Store, open_store
 
 SPIKY = "spiky"
@@ -122,7 +123,8 @@ def _same(a: dict[int, tuple[Any, ...]], b: dict[int, tuple[Any, ...]]) -> None:
 
 
 @pytest.mark.parametrize(("buckets", "lo", "hi"), [(1000, None, None), (7, None, None), (1, None, None),
-                                                   (50_000, None, None), (100, 10, 2_000), (3, 0, 0)])
+                                                   (50_000, None, None), (100, 10, 2_000), (3, 0, 0),
+                                                   (100, 0, 4_999), (5, -1_000, 3_999), (51, None, None)])
 def test_one_run_keeps_min_and_max_of_every_bucket(env: Env, buckets: int, lo: int | None, hi: int | None) -> None:
     p = env.series[RUNS[0], SPIKY]
     req = query_pb2.GetMetricBucketsRequest(run_ids=[RUNS[0]], key=SPIKY, buckets=buckets)
@@ -140,6 +142,22 @@ def test_one_run_keeps_min_and_max_of_every_bucket(env: Env, buckets: int, lo: i
         # No spike is lost: the ±1e6 points are some buckets' max or min.
         assert np.count_nonzero(np.frombuffer(s.max_values, "<f8") == 1e6) >= 1
         assert np.count_nonzero(np.frombuffer(s.min_values, "<f8") == -1e6) >= 1
+
+
+@pytest.mark.parametrize(("lo", "hi", "n", "given", "level"), [
+    (0, 4_999, 100, (True, True), 10),  # buckets of 50 steps from 0: cells of 10
+    (-1_000, 3_999, 5, (True, True), 1_000),  # buckets of 1,000 steps: the coarse cells
+    (-100, 4_999, 51, (False, False), 10),  # bounds from the data need not fall on cells
+    (-100, 4_999, 51, (True, True), 10),
+    (-95, 4_999, 51, (True, False), 0),  # a given bound inside a cell: points beyond it count
+    (0, 999_999, 1_000, (False, False), 1_000),  # the benchmark's 1M-point series
+    (0, 9_999, 1_000, (False, False), 10),  # the benchmark's chart
+    (-100, 4_999, 1_000, (False, False), 0),  # buckets of 5.1 steps: points
+    (3, 3, 1, (False, False), 1_000),  # one bucket: any cell lies inside it
+])
+def test_rollup_level_only_when_every_bucket_is_whole_cells(
+        lo: int, hi: int, n: int, given: tuple[bool, bool], level: int) -> None:
+    assert rollup_level(lo, hi, n, *given) == level
 
 
 def test_chart_of_a_hundred_runs_shares_one_step_range(env: Env) -> None:

@@ -9,6 +9,7 @@ from version 1 (back-fill) and after every kind of change.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -41,6 +42,31 @@ def _copies(store: Store) -> dict[str, Any]:
     }
 
 
+def _rollup(store: Store) -> list[tuple[Any, ...]]:
+    """metric_rollup decoded: per (run, key, g, cell) min (value, step), max (value, step), numbers, count."""
+    kmin, kmax = "min(min_key)", "max(max_key)"
+    return sorted(store.query_rows(
+        f"SELECT run_id, key, g, cell, {schema_module.decode_value(kmin)}, {schema_module.decode_step(kmin, False)}, "
+        f"{schema_module.decode_value(kmax)}, {schema_module.decode_step(kmax, True)}, sum(numbers), sum(count) "
+        f"FROM {store.t('metric_rollup')} GROUP BY run_id, key, g, cell"))
+
+
+def _rollup_of_points(store: Store) -> list[tuple[Any, ...]]:
+    """The same, recomputed in Python from every point (floor cells; ties to the smallest step)."""
+    cells: dict[tuple[Any, ...], list[tuple[int, float]]] = {}
+    for run_id, key, step, value in store.query_rows(f"SELECT run_id, key, step, value FROM {store.t('metrics')}"):
+        for g in schema_module.ROLLUP_LEVELS:
+            cells.setdefault((run_id, key, g, step // g), []).append((step, value))
+    out = []
+    for cell, points in cells.items():
+        nums = [(v + 0.0, s) for s, v in points if not math.isnan(v)]
+        lo = min(nums) if nums else None
+        hi = min(nums, key=lambda p: (-p[0], p[1])) if nums else None
+        assert lo is not None and hi is not None  # every test point is a number
+        out.append((*cell, lo[0], lo[1], hi[0], hi[1], len(nums), len(points)))
+    return sorted(out)
+
+
 def _write_some(store: Store, prefix: str) -> None:
     for i in range(3):
         store.put_run(run(f"{prefix}{i}", start_time=1_000 + i))
@@ -52,6 +78,7 @@ def _write_some(store: Store, prefix: str) -> None:
 def test_the_copies_follow_every_kind_of_change(store: Store) -> None:
     _write_some(store, "r")
     assert _copies(store) == _sources(store)
+    assert _rollup(store) == _rollup_of_points(store)
     # A run finishes, another is deleted (newer versions win), params repeated (write-once: same value).
     store.put_run(run("r0", start_time=1_000, status="FINISHED", end_time=9_000))
     store.put_run(run("r1", start_time=1_001, lifecycle_stage="deleted"))
@@ -91,10 +118,12 @@ def test_upgrading_a_version_1_store_back_fills_the_copies(
     monkeypatch.undo()
     new = open_store(chdb_dsn, database, migrate=False)
     try:
-        assert new.migrate() == [2]
+        assert new.migrate() == [2, 3]
         assert _copies(new) == _sources(new)
+        assert _rollup(new) == _rollup_of_points(new)
         _write_some(new, "v2-")  # and the views keep them equal afterwards
         assert _copies(new) == _sources(new)
         assert len(_copies(new)["runs"]) == 6
+        assert _rollup(new) == _rollup_of_points(new)
     finally:
         new.close()

@@ -26,6 +26,7 @@ import numpy as np
 from trackhouse.query.errors import InvalidArgument
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store
+from trackhouse.store.schema import MAX_KEY, MIN_KEY, ROLLUP_LEVELS, cell_of, decode_step, decode_value
 
 MAX_CHART_RUNS = 100
 MAX_BUCKETS = 100_000
@@ -85,6 +86,50 @@ def _range_where(run_ids: tuple[str, ...], min_step: int | None, max_step: int |
     return " AND ".join(where), params
 
 
+def rollup_level(lo: int, hi: int, n: int, lo_given: bool, hi_given: bool) -> int:
+    """The widest rollup cell whose boundaries every bucket boundary falls on (0: none).
+
+    Bucket i starts at lo + ceil(i * width / n). Cells are [c*g, c*g + g). A bound the
+    caller gave must be a cell boundary too (points beyond it exist); a bound found
+    from the data need not be (no point lies beyond it).
+    """
+    width = hi - lo + 1
+    if width * n >= 2**62 or lo < -(2**62):  # cells use Int64 arithmetic (cell * g, (step - lo) * n)
+        return 0
+    i = np.arange(1, n, dtype=np.int64)
+    starts = lo - (-(i * width) // n)
+    for g in reversed(ROLLUP_LEVELS):
+        if (lo_given and lo % g) or (hi_given and (hi + 1) % g):
+            continue
+        if not np.any(starts % g):
+            return g
+    return 0
+
+
+def _bucket_of(step: str, int64: bool) -> str:
+    """floor((step - lo) * N / width) with bound parameters; Int64 when it cannot overflow."""
+    if int64:
+        return f"intDiv(({step} - {{b_lo:Int64}}) * {{b_n:Int64}}, {{b_width:Int64}})"
+    # Int128 arithmetic: (step - lo) * N cannot overflow whatever the steps.
+    return f"toInt64(intDiv((toInt128({step}) - {{b_lo:Int64}}) * {{b_n:Int64}}, toInt128({{b_width:Int64}})))"
+
+
+def _bucket_select(bucket: str, kmin: str, kmax: str, numbers: str, count: str, source: str) -> str:
+    """Per (run, bucket): the packed extremes (schema.MIN_KEY/MAX_KEY) decoded into steps and values."""
+    return (
+        f"SELECT run_id, b, {decode_step('kmin', False)} AS min_step, {decode_value('kmin')} AS min_value, "
+        f"{decode_step('kmax', True)} AS max_step, {decode_value('kmax')} AS max_value, numbers, count FROM ("
+        f"SELECT run_id, {bucket} AS b, {kmin} AS kmin, {kmax} AS kmax, {numbers} AS numbers, {count} AS count "
+        f"FROM {source} GROUP BY run_id, b) ORDER BY run_id, b"
+    )
+
+
+def _cells_where(where: str, g: int) -> str:
+    """The step bounds of `where` as cell bounds (cells lie wholly inside, `rollup_level`)."""
+    return (where.replace("step >= {lo:Int64}", f"cell >= {cell_of('{lo:Int64}', g)}")
+            .replace("step <= {hi:Int64}", f"cell <= {cell_of('{hi:Int64}', g)}"))
+
+
 def _check_runs(run_ids: tuple[str, ...], limit: int) -> tuple[str, ...]:
     ids = tuple(dict.fromkeys(run_ids))  # keep the order asked, drop repeats
     if not ids or not all(ids):
@@ -109,11 +154,15 @@ class MetricCharts:
         where, params = _range_where(ids, req.min_step, req.max_step)
         where += " AND key = {key:String}"
         params["key"] = req.key
-        metrics = self._store.t("metrics")
         lo, hi = req.min_step, req.max_step
         if lo is None or hi is None:
+            # Without bounds the coarsest cells know the step range; with one, only points do.
+            table, cond = ((self._store.t("metric_rollup"), f"{where} AND g = {ROLLUP_LEVELS[-1]}")
+                           if lo is None and hi is None else (self._store.t("metrics"), where))
             found = self._store.query_rows(
-                f"SELECT min(step), max(step), count() FROM {metrics} WHERE {where}", params)[0]
+                f"SELECT min(min_step), max(max_step), count() FROM {table} WHERE {cond}"
+                if lo is None and hi is None else
+                f"SELECT min(step), max(step), count() FROM {table} WHERE {cond}", params)[0]
             if not found[2]:
                 return Buckets([], lo or 0, hi or 0)
             lo = int(found[0]) if lo is None else lo
@@ -121,19 +170,25 @@ class MetricCharts:
         if hi < lo:
             raise InvalidArgument(f"min_step {lo} is greater than max_step {hi}")
         params.update(b_lo=lo, b_width=hi - lo + 1, b_n=req.buckets)
-        # Int128 arithmetic: (step - lo) * N cannot overflow whatever the steps.
-        bucket = ("toInt64(intDiv((toInt128(step) - {b_lo:Int64}) * {b_n:Int64}, "
-                  "toInt128({b_width:Int64})))")
+        g = rollup_level(lo, hi, req.buckets, req.min_step is not None, req.max_step is not None)
+        sql = self._cells_sql(where, g) if g else self._points_sql(where, lo, hi, req.buckets)
+        return Buckets(_split(self._store.query_arrow(sql, params), ids), lo, hi)
+
+    def _points_sql(self, where: str, lo: int, hi: int, n: int) -> str:
+        """Buckets from the points themselves."""
         numbers = "NOT isNaN(value)"
-        table = self._store.query_arrow(
-            f"SELECT run_id, {bucket} AS b, "
-            f"argMinIf(step, (value, step), {numbers}) AS min_step, minIf(value, {numbers}) AS min_value, "
-            f"argMaxIf(step, (value, -step), {numbers}) AS max_step, maxIf(value, {numbers}) AS max_value, "
-            f"countIf({numbers}) AS numbers, count() AS count "
-            f"FROM {metrics} WHERE {where} GROUP BY run_id, b ORDER BY run_id, b",
-            params,
-        )
-        return Buckets(_split(table, ids), lo, hi)
+        return _bucket_select(
+            _bucket_of("step", (hi - lo + 1) * n < 2**63),
+            f"minIf({MIN_KEY}, {numbers})", f"maxIf({MAX_KEY}, {numbers})",
+            f"countIf({numbers})", "count()", f"{self._store.t('metrics')} WHERE {where}")
+
+    def _cells_sql(self, where: str, g: int) -> str:
+        """Buckets from cells of `g` steps, each inside one bucket (`rollup_level`)."""
+        # A cell's steps in range share one bucket: that of its first step in range.
+        first = f"greatest(cell * {g}, {{b_lo:Int64}})"
+        return _bucket_select(
+            _bucket_of(first, True), "min(min_key)", "max(max_key)", "sum(numbers)", "sum(count)",
+            f"{self._store.t('metric_rollup')} WHERE {_cells_where(where, g)} AND g = {g}")
 
     def export(self, req: ExportRequest) -> Any:
         """Raw points of runs × keys as one pyarrow Table in long format (blocking)."""
@@ -156,20 +211,22 @@ class MetricCharts:
 
 def _split(table: Any, ids: tuple[str, ...]) -> list[BucketSeries]:
     """Cut the grouped rows (sorted by run_id) into one series per run, in the order asked."""
-    runs = np.asarray(table.column("run_id").to_pylist(), dtype=object)
+    runs = table.column("run_id").to_pylist()
     cols = {name: table.column(name).to_numpy() for name in
             ("b", "min_step", "min_value", "max_step", "max_value", "numbers", "count")}
     nothing = cols["numbers"] == 0  # a bucket of NaNs only: no min, no max
     cols["min_value"] = np.where(nothing, np.nan, cols["min_value"])
     cols["max_value"] = np.where(nothing, np.nan, cols["max_value"])
-    series = []
-    for run_id in ids:
-        rows = runs == run_id
-        if not rows.any():
-            continue
-        series.append(BucketSeries(
+    cols["min_step"] = np.where(nothing, 0, cols["min_step"])
+    cols["max_step"] = np.where(nothing, 0, cols["max_step"])
+    # Rows are sorted by run_id: each run is one slice [start, end).
+    starts = [i for i in range(len(runs)) if i == 0 or runs[i] != runs[i - 1]]
+    slices = {runs[a]: slice(a, b) for a, b in zip(starts, [*starts[1:], len(runs)], strict=True)}
+    return [
+        BucketSeries(
             run_id, cols["b"][rows].astype(np.int64), cols["min_step"][rows].astype(np.int64),
             cols["min_value"][rows].astype(np.float64), cols["max_step"][rows].astype(np.int64),
             cols["max_value"][rows].astype(np.float64), cols["count"][rows].astype(np.int64),
-        ))
-    return series
+        )
+        for run_id in ids if (rows := slices.get(run_id)) is not None
+    ]

@@ -241,3 +241,70 @@ MIGRATIONS = (
 
 def latest_version() -> int:
     return MIGRATIONS[-1].version
+
+
+# Migration 3: metric_rollup (docs/search.md, "History downsampling"). Per (run, key) and
+# cell of G consecutive steps (G = 10 and G = 1000, floor division so negative steps
+# work), the extremes of the cell's numbers packed into one UInt128 each, so min/max
+# are native integer aggregates that also carry a step: high 64 bits = the value
+# mapped to an order-preserving UInt64, low 64 bits = the step mapped likewise
+# (inverted for the max, so ties go to the smallest step either way). A NaN point
+# counts but is never an extreme: the sentinels lose to every real key. Charts whose
+# bucket boundaries fall on cell boundaries read cells instead of points.
+ROLLUP_LEVELS = (10, 1000)
+_U63 = "9223372036854775808"
+_VALUE_KEY = (f"if(reinterpretAsUInt64(value + 0.) >= {_U63}, bitNot(reinterpretAsUInt64(value + 0.)), "
+              f"bitOr(reinterpretAsUInt64(value + 0.), {_U63}))")  # + 0.: -0.0 and 0.0 are one value
+_STEP_KEY = f"bitXor(reinterpretAsUInt64(step), {_U63})"
+MIN_KEY = f"bitOr(bitShiftLeft(toUInt128({_VALUE_KEY}), 64), toUInt128({_STEP_KEY}))"
+MAX_KEY = f"bitOr(bitShiftLeft(toUInt128({_VALUE_KEY}), 64), toUInt128(bitNot({_STEP_KEY})))"
+_NO_MIN = "toUInt128('340282366920938463463374607431768211455')"
+
+
+def cell_of(step: str, g: int) -> str:
+    """Floor division of `step` by the cell width (intDiv truncates towards zero)."""
+    return f"(intDiv({step}, {int(g)}) - toInt64({step} < 0 AND {step} % {int(g)} != 0))"
+
+
+def decode_value(k: str) -> str:
+    hi = f"toUInt64(bitShiftRight({k}, 64))"
+    return f"reinterpretAsFloat64(if({hi} >= {_U63}, bitXor({hi}, {_U63}), bitNot({hi})))"
+
+
+def decode_step(k: str, inverted: bool) -> str:
+    lo = f"toUInt64(bitAnd({k}, toUInt128('18446744073709551615')))"
+    return f"reinterpretAsInt64(bitXor({f'bitNot({lo})' if inverted else lo}, {_U63}))"
+
+
+def _rollup_select(g: int) -> str:
+    return (f"SELECT run_id, key, {int(g)} AS g, {cell_of('step', g)} AS cell, "
+            f"min(if(isNaN(value), {_NO_MIN}, {MIN_KEY})) AS min_key, "
+            f"max(if(isNaN(value), toUInt128(0), {MAX_KEY})) AS max_key, "
+            "min(step) AS min_step, max(step) AS max_step, "
+            "countIf(NOT isNaN(value)) AS numbers, count() AS count "
+            "FROM {db}.metrics GROUP BY run_id, key, cell")
+
+
+_ROLLUP = (
+    """
+    CREATE TABLE IF NOT EXISTS {db}.metric_rollup (
+        run_id String,
+        key LowCardinality(String),
+        g UInt32,
+        cell Int64,
+        min_key SimpleAggregateFunction(min, UInt128),
+        max_key SimpleAggregateFunction(max, UInt128),
+        min_step SimpleAggregateFunction(min, Int64),
+        max_step SimpleAggregateFunction(max, Int64),
+        numbers SimpleAggregateFunction(sum, UInt64),
+        count SimpleAggregateFunction(sum, UInt64)
+    ) ENGINE = AggregatingMergeTree ORDER BY (run_id, key, g, cell)
+    """,
+    *(stmt for g in ROLLUP_LEVELS for stmt in (
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.metric_rollup_{g}_mv TO {{db}}.metric_rollup AS "
+        + _rollup_select(g),
+        "INSERT INTO {db}.metric_rollup " + _rollup_select(g),
+    )),
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(3, "metric_rollup: per-cell extremes for charts", _ROLLUP))
