@@ -10,6 +10,7 @@ import pytest
 
 from trackhouse.cli.main import main
 from trackhouse.cli.settings import ServerSettings
+from trackhouse.store.schema import MIGRATIONS
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,5 +49,5 @@ def test_migrate_in_a_subprocess_is_idempotent(tmp_path: object) -> None:
     cmd = [sys.executable, "-m", "trackhouse.cli.main", "migrate", "--store", store, "--database", db]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
-    assert "applied [1, 2]" in first.stdout
+    assert "applied [1, 2, 3]" in first.stdout
     assert "nothing to do" in second.stdout
