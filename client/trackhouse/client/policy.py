@@ -11,6 +11,9 @@ from enum import Enum
 
 # Bytes of spooled batches read back and in flight at once during a replay.
 REPLAY_WINDOW = 32 * 1024 * 1024
+# Most points in one MetricBatch whatever max_batch_points says: the server's default
+# limit, and 28 MB on the wire, under gRPC's 64 MiB message limit.
+MAX_MESSAGE_POINTS = 1_000_000
 
 
 class Spill(Enum):

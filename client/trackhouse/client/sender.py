@@ -191,7 +191,7 @@ class Sender:
         if cols is None:
             return
         offline = self._settings.offline
-        for part in cols.split(self._settings.max_batch_points):
+        for part in cols.split(min(self._settings.max_batch_points, policy.MAX_MESSAGE_POINTS)):
             self._seq += 1  # only this thread numbers batches
             batch = encode(part, self._batcher.run_ids, self._batcher.keys, writer_id=self.writer_id, seq=self._seq)
             loc = self.spool.append_batch(batch.SerializeToString()) if offline else None
