@@ -3,6 +3,7 @@ of a simulated training loop (1 ms steps, 20 metrics a step) with logging agains
 
     python loadtests/client_overhead.py                        # starts an embedded server (a separate process)
     python loadtests/client_overhead.py --url 127.0.0.1:50051  # against a running server
+    python loadtests/client_overhead.py --buffer-only          # the calls alone: no server, sender idle
 
 The client streams to a real server in another process while the figures are taken,
 so the background sender's CPU (encoding, gRPC) is part of what the loop pays. The
@@ -175,6 +176,31 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
+def bench_buffer_only(args: argparse.Namespace) -> dict[str, float]:
+    """The logging calls alone: a client whose sender never wakes during the measurement
+    (no server, nothing sent until the end), i.e. the cost of moving values into the buffer."""
+    settings = th.Settings(flush_interval=600.0, max_batch_points=10**9, memory_budget=2**34,
+                           spool_dir=args.spool_dir, replay_orphans=False)
+    client = th.Client(th.MemoryTransport(), settings)
+    run = client.start_run(experiment="bench-client-overhead")
+    result = {}
+    for name, measure in (("ns_per_value_log", lambda: ns_per_value_log(run, args.calls)),
+                          ("ns_per_value_log_metrics", lambda: ns_per_value_log_metrics(run, args.calls)),
+                          ("ns_per_value_array", lambda: ns_per_value_array(run, args.array_values, args.chunk))):
+        samples = []
+        for _ in range(3):
+            samples.append(measure())
+            client._batcher.take()  # drop what was measured (the sender is idle)
+            client._batcher.recycle()
+        result[name] = statistics.median(samples)
+    result["values_per_s_array"] = 1e9 / result["ns_per_value_array"]
+    result["step_loop_slowdown_pct"] = len(KEYS) * result["ns_per_value_log_metrics"] / 1e6 * 100  # of a 1 ms step
+    result["machine"] = f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    client._batcher.discard()
+    client.close(timeout=1.0)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--url", help="server address (default: start an embedded server)")
@@ -184,7 +210,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="steps per slowdown trial")
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--spool-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trackhouse-bench-spool"))
+    parser.add_argument("--buffer-only", action="store_true",
+                        help="measure only the logging calls into the buffer (no server, sender idle)")
     args = parser.parse_args()
+    if args.buffer_only:
+        result = bench_buffer_only(args)
+        rate = result["values_per_s_array"] / 1e6
+        print(f"buffer only: log {result['ns_per_value_log']:.0f} ns/value, log_metrics "
+              f"{result['ns_per_value_log_metrics']:.0f} ns/value, log_array {rate:,.0f} M values/s; "
+              f"20 metrics cost {result['step_loop_slowdown_pct']:.2f} % of a 1 ms step")
+        print(json.dumps(result))
+        return
     if args.url:
         result = bench(args.url, args)
     else:
