@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -42,6 +43,8 @@ CHART_RUNS = [f"chart-{i:03d}" for i in range(100)]
 FILTER = "metrics.loss < 0.5 and params.optimizer = 'adam'"
 
 # Views the bench's fast path replaces by writing every copy itself, in key order.
+OPTIMIZED = ("runs", "params", "tags", "metrics", "latest_metrics", "search_runs", "search_params", "search_tags",
+             "search_metrics", "metric_rollup")
 VIEWS = ("search_runs_mv", "search_params_mv", "search_tags_mv", "search_metrics_mv",
          "latest_metrics_mv", "writer_progress_mv")
 
@@ -212,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=500_000, help="runs per INSERT (default 500k)")
     parser.add_argument("--via-views", action="store_true",
                         help="insert base tables only and let the views write the copies (slow: ~5k runs/s)")
-    parser.add_argument("--generate-only", action="store_true", help="generate (use with --path --keep) and stop")
+    parser.add_argument("--generate-only", action="store_true", help="generate (use with --path) and stop")
+    parser.add_argument("--optimize", action="store_true",
+                        help="OPTIMIZE TABLE ... FINAL every table before timing: the steady state after merges")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--only", nargs="*", help="time only these queries")
     args = parser.parse_args(argv)
@@ -229,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             results: dict[str, dict[str, float]] = {}
             if args.generate_only:
                 return 0
+            if args.optimize:
+                started = time.monotonic()
+                for table in OPTIMIZED:
+                    store.command(f"OPTIMIZE TABLE {store.t(table)} FINAL")
+                print(f"optimized in {time.monotonic() - started:.0f} s", file=sys.stderr)
+            print(f"load average {os.getloadavg()} (before timing)", file=sys.stderr)
             for name, fn in queries(store).items():
                 if args.only and name not in args.only:
                     continue
@@ -237,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
         finally:
             store.close()
+    print(f"load average {os.getloadavg()} (after timing)", file=sys.stderr)
     print(json.dumps(results))
     return 0
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from trackhouse.query.errors import InvalidArgument
-from trackhouse.query.filters import ATTRIBUTES, Binder, parse_filter
+from trackhouse.query.filters import ATTRIBUTES, Binder, Comparison, Node, parse_filter
 from trackhouse.query.order import OrderKey, parse_order_by
-from trackhouse.query.plan import RUNS, compile_search_filter, key_values
+from trackhouse.query.plan import RUNS, compile_search_filter, key_values, split_pushed, value_condition
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, Store
@@ -67,13 +67,22 @@ def sort_keys(order: Sequence[OrderKey]) -> list[OrderKey]:
     return keys + [k for k in TIEBREAK if (k.entity, k.key) not in seen]
 
 
-def _key_expr(i: int, key: OrderKey, db: str, binder: Binder) -> tuple[str, str, str]:
-    """(select expression, join clause, ClickHouse type) for one order key."""
+def _key_expr(i: int, key: OrderKey, db: str, binder: Binder,
+              pushed: Sequence[Comparison] = ()) -> tuple[str, str, str]:
+    """(select expression, join clause, ClickHouse type) for one order key.
+
+    With `pushed` filter terms on the same key (`plan.split_pushed`), the join is an
+    INNER JOIN on the key's rows that pass them: they are the filter's terms.
+    """
     if key.entity == ATTRIBUTES:
         if key.key not in ATTRIBUTE_TYPES:
             raise InvalidArgument(f"order_by: cannot order by attribute {key.key!r}")
         return f"base.{key.key}", "", ATTRIBUTE_TYPES[key.key]
     sub, kind = key_values(key.entity, db, binder.bind(key.key, "String"))
+    if pushed:
+        conds = " AND ".join(value_condition(c, binder) for c in pushed)
+        passing = f"SELECT run_id, v FROM ({sub}) WHERE {conds}"
+        return f"j{i}.v", f"INNER JOIN ({passing}) AS j{i} ON j{i}.run_id = base.run_id", kind
     return f"j{i}.v", f"LEFT JOIN ({sub}) AS j{i} ON j{i}.run_id = base.run_id", kind
 
 
@@ -149,11 +158,12 @@ class RunSearch:
         sql = f"SELECT count() FROM {self._store.database}.{RUNS} FINAL WHERE {self._where(req, binder)}"
         return int(self._store.query_rows(sql, binder.params)[0][0])
 
-    def _where(self, req: SearchRequest, binder: Binder) -> str:
+    def _where(self, req: SearchRequest, binder: Binder, node: Node | str | None = "parse") -> str:
         where = [f"lifecycle_stage IN {binder.bind(list(VIEWS[req.view]), 'Array(String)')}"]
         if req.experiment_ids:
             where.append(f"experiment_id IN {binder.bind(list(req.experiment_ids), 'Array(String)')}")
-        node = parse_filter(req.filter)
+        if isinstance(node, str):
+            node = parse_filter(req.filter)
         if node is not None:
             where.append(compile_search_filter(node, self._store.database, binder))
         return " AND ".join(where)
@@ -162,10 +172,13 @@ class RunSearch:
              limit: int) -> tuple[str, dict[str, Any]]:
         db = self._store.database
         binder = Binder()
-        where = self._where(req, binder)
+        node, pushed = parse_filter(req.filter), list[Comparison]()
+        if keys[0].entity != ATTRIBUTES:  # the first order key's own filter terms ride on its join
+            node, pushed = split_pushed(node, keys[0].entity, keys[0].key)
+        where = self._where(req, binder, node)
         exprs, joins = [], []
         for i, key in enumerate(keys):
-            expr, join, kind = _key_expr(i, key, db, binder)
+            expr, join, kind = _key_expr(i, key, db, binder, pushed if i == 0 else ())
             exprs.append((expr, kind))
             if join:
                 joins.append(join)

@@ -217,11 +217,16 @@ class Store:
     def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
         if not run_ids:
             return {}
+        # argMax by version, not FINAL: FINAL merge-sorts every granule the ids touch in
+        # every part (with random ids, most of the table); PREWHERE on run_id then one
+        # small GROUP BY reads the same granules without merging (docs/search.md).
+        rest = _RUN_COLUMNS.split(", ")[1:]
         rows = self.query_rows(
-            f"SELECT {_RUN_COLUMNS} FROM {self.t('runs')} FINAL WHERE run_id IN {{ids:Array(String)}}",
+            f"SELECT run_id, argMax(({', '.join(rest)}), version) FROM {self.t('runs')} "
+            "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id",
             {"ids": list(run_ids)},
         )
-        return {row[0]: RunRecord(*row) for row in rows}
+        return {row[0]: RunRecord(row[0], *row[1]) for row in rows}
 
     # -- params and tags ---------------------------------------------------------
 
@@ -266,21 +271,22 @@ class Store:
         params: dict[str, dict[str, str]] = {r: {} for r in ids}
         for run_id, key, value in self.query_rows(
             f"SELECT run_id, key, any(value) FROM {self.t('params')} "
-            "WHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY run_id, key",
+            "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY run_id, key",
             bound,
         ):
             params[run_id][key] = value
         tags: dict[str, dict[str, str]] = {r: {} for r in ids}
-        for run_id, key, value in self.query_rows(
-            f"SELECT run_id, key, value FROM {self.t('tags')} FINAL "
-            "WHERE run_id IN {ids:Array(String)} AND deleted = 0 ORDER BY run_id, key",
+        for run_id, key, value in self.query_rows(  # the last write per (run, key), as get_runs
+            f"SELECT run_id, key, argMax(value, version) FROM {self.t('tags')} "
+            "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id, key "
+            "HAVING argMax(deleted, version) = 0 ORDER BY run_id, key",
             bound,
         ):
             tags[run_id][key] = value
         metrics: dict[str, list[LatestMetricRecord]] = {r: [] for r in ids}
         for run_id, key, last, lo, hi, count in self.query_rows(
             f"SELECT run_id, key, max(last), min(min_value), max(max_value), sum(count) "
-            f"FROM {self.t('latest_metrics')} WHERE run_id IN {{ids:Array(String)}} "
+            f"FROM {self.t('latest_metrics')} PREWHERE run_id IN {{ids:Array(String)}} "
             "GROUP BY run_id, key ORDER BY run_id, key",
             bound,
         ):
