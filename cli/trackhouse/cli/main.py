@@ -67,7 +67,8 @@ async def _serve(args: argparse.Namespace) -> int:
     port = await server.start()
     address = f"{args.host}:{port}"
     print(f"trackhouse serving\n  gRPC (ingest + query): {address}\n"
-          f"  HTTP: http://{args.host}:{server.http_port}/metrics (Prometheus), /health\n  store: {config.store} "
+          f"  HTTP: http://{args.host}:{server.http_port} — MLflow REST API (MLFLOW_TRACKING_URI), "
+          f"/metrics (Prometheus), /health\n  store: {config.store} "
           f"(database {config.database})\n  Python: import trackhouse.client as th; "
           f"client = th.connect({address!r})", flush=True)
     stop = asyncio.Event()
