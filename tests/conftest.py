@@ -17,7 +17,8 @@ import importlib.util
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -124,19 +125,41 @@ class RunningServer:
     thread: ServerThread
 
 
-@pytest.fixture
-def server(store: Store) -> Iterator[RunningServer]:
-    """The real embedded ingest + query gRPC server on 127.0.0.1, port 0, over this test's database.
+@contextmanager
+def running_server(store: Store, http: bool = False) -> Iterator[ServerThread]:
+    """The real embedded server (gRPC, and HTTP when asked) on 127.0.0.1, free ports, over `store`.
 
     Flushes quickly (50 ms) so tests that wait for acks do not wait on the default age.
     """
-    config = ServerConfig(
-        store="", database=store.database, grpc_port=0,
-        ingest=IngestSettings(flush_interval=0.05),
-    )
+    config = ServerConfig(store="", database=store.database, grpc_port=0, http_port=0 if http else None,
+                          ingest=IngestSettings(flush_interval=0.05))
     thread = ServerThread(config, store=store)
-    address = thread.start()
+    thread.start()
     try:
-        yield RunningServer(address, store, thread)
+        yield thread
     finally:
         thread.stop(grace=1.0)
+
+
+@pytest.fixture(scope="session")
+def module_server_factory(chdb_dsn: str) -> Callable[..., AbstractContextManager[ServerThread]]:
+    """For module-scoped servers: `with module_server_factory(http=True) as thread:` — a server over
+    a fresh database of its own, closed with it."""
+
+    @contextmanager
+    def start(http: bool = False) -> Iterator[ServerThread]:
+        store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+        try:
+            with running_server(store, http) as thread:
+                yield thread
+        finally:
+            store.close()
+
+    return start
+
+
+@pytest.fixture
+def server(store: Store) -> Iterator[RunningServer]:
+    """The real embedded ingest + query gRPC server on 127.0.0.1, port 0, over this test's database."""
+    with running_server(store) as thread:
+        yield RunningServer(thread.address, store, thread)

@@ -13,24 +13,14 @@ from typing import Any
 import grpc
 import pytest
 
-from trackhouse.cli.server import ServerConfig, ServerThread
-from trackhouse.ingest.settings import IngestSettings
+from trackhouse.cli.server import ServerThread
 from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2, query_pb2_grpc
-from trackhouse.store import open_store
 
 
 @pytest.fixture(scope="module")
-def module_server(chdb_dsn: str) -> Iterator[Any]:
-    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
-    config = ServerConfig(store="", database=store.database, grpc_port=0,
-                          ingest=IngestSettings(flush_interval=0.05))
-    thread = ServerThread(config, store=store)
-    try:
-        thread.start()
+def module_server(module_server_factory: Any) -> Iterator[Any]:
+    with module_server_factory() as thread:
         yield thread
-    finally:
-        thread.stop(grace=1.0)
-        store.close()
 
 
 @pytest.fixture

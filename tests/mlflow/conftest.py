@@ -6,29 +6,18 @@ these tests fast; tests isolate themselves with their own experiments.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from trackhouse.cli.server import ServerConfig, ServerThread
-from trackhouse.ingest.settings import IngestSettings
-from trackhouse.store import open_store
+from trackhouse.cli.server import ServerThread
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(chdb_dsn: str) -> Iterator[ServerThread]:
-    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
-    config = ServerConfig(store="", database=store.database, grpc_port=0, http_port=0,
-                          ingest=IngestSettings(flush_interval=0.05))
-    thread = ServerThread(config, store=store)
-    try:
-        thread.start()
+def mlflow_server(module_server_factory: Any) -> Iterator[ServerThread]:
+    with module_server_factory(http=True) as thread:
         yield thread
-    finally:
-        thread.stop(grace=1.0)
-        store.close()
 
 
 @pytest.fixture(scope="module")
