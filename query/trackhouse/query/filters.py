@@ -445,21 +445,21 @@ def compile_filter(node: Node, db: str, binder: Binder) -> str:
 
 def _compile_comparison(c: Comparison, db: str, binder: Binder) -> str:
     if c.entity == ATTRIBUTES:
-        return _condition(c.key, c, binder)
+        return condition(c.key, c, binder)
     key = binder.bind(c.key, "String")
     if c.entity == METRICS:
-        condition = _condition("tupleElement(max(last), 3)", c, binder, "Float64")
+        cond = condition("tupleElement(max(last), 3)", c, binder, "Float64")
         return (f"run_id IN (SELECT run_id FROM {db}.latest_metrics WHERE key = {key} "
-                f"GROUP BY run_id HAVING {condition})")
+                f"GROUP BY run_id HAVING {cond})")
     if c.entity == PARAMS:
         column = "value" if isinstance(c.value, str | tuple) else "toFloat64OrNull(value)"
-        condition = _condition(column, c, binder, "Float64")
-        return f"run_id IN (SELECT run_id FROM {db}.params WHERE key = {key} AND {condition})"
-    condition = _condition("value", c, binder)
-    return f"run_id IN (SELECT run_id FROM {db}.tags FINAL WHERE deleted = 0 AND key = {key} AND {condition})"
+        cond = condition(column, c, binder, "Float64")
+        return f"run_id IN (SELECT run_id FROM {db}.params WHERE key = {key} AND {cond})"
+    cond = condition("value", c, binder)
+    return f"run_id IN (SELECT run_id FROM {db}.tags FINAL WHERE deleted = 0 AND key = {key} AND {cond})"
 
 
-def _condition(column: str, c: Comparison, binder: Binder, number_type: str = "") -> str:
+def condition(column: str, c: Comparison, binder: Binder, number_type: str = "") -> str:
     """`column <op> <bound value>`; `column` is always our own SQL, never user text."""
     if isinstance(c.value, tuple):
         return f"{column} {c.op} {binder.bind(list(c.value), 'Array(String)')}"

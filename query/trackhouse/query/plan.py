@@ -24,10 +24,10 @@ from trackhouse.query.filters import (
     Comparison,
     Node,
     Or,
+    condition,
 )
 from trackhouse.store.schema import check_identifier
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # One run per row, latest version: the base of every search.
 RUNS = "search_runs"
 
@@ -86,18 +86,3 @@ def split_pushed(node: Node | None, entity: str, key: str) -> tuple[Node | None,
         return node, []
     return (None if not rest else rest[0] if len(rest) == 1 else And(rest)), pushed
 
-
-def condition(column: str, c: Comparison, binder: Binder, number_type: str = "") -> str:
-    """`column <op> <bound value>`; `column` is always our own SQL, never user text."""
-    if isinstance(c.value, tuple):
-        return f"{column} {c.op} {binder.bind(list(c.value), 'Array(String)')}"
-    if isinstance(c.value, str):
-        placeholder = binder.bind(c.value, "String")
-        if c.op in ("LIKE", "ILIKE"):
-            return f"{c.op.lower()}({column}, {placeholder})"
-        return f"{column} {c.op} {placeholder}"
-    if not number_type:
-        in_int64 = isinstance(c.value, int) and _INT64_MIN <= c.value <= _INT64_MAX
-        number_type = "Int64" if in_int64 else "Float64"
-    value = float(c.value) if number_type == "Float64" else c.value
-    return f"{column} {c.op} {binder.bind(value, number_type)}"
