@@ -159,6 +159,13 @@ def module_server_factory(chdb_dsn: str) -> Callable[..., AbstractContextManager
 
 
 @pytest.fixture
+def http_server(store: Store) -> Iterator[ServerThread]:
+    """The embedded server with its HTTP listener too (MLflow REST, /metrics, /health), free ports."""
+    with running_server(store, http=True) as thread:
+        yield thread
+
+
+@pytest.fixture
 def server(store: Store) -> Iterator[RunningServer]:
     """The real embedded ingest + query gRPC server on 127.0.0.1, port 0, over this test's database."""
     with running_server(store) as thread:

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 
 import grpc
 import numpy as np
-import pytest
 
-from trackhouse.cli.server import ServerConfig, ServerThread
-from trackhouse.ingest.settings import IngestSettings
+from trackhouse.cli.server import ServerThread
 from trackhouse.proto.v1 import ingest_pb2, ingest_pb2_grpc
-from trackhouse.store import Store
-
-
-@pytest.fixture
-def http_server(store: Store) -> Iterator[ServerThread]:
-    config = ServerConfig(store="", database=store.database, grpc_port=0, http_port=0,
-                          ingest=IngestSettings(flush_interval=0.05))
-    thread = ServerThread(config, store=store)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        thread.stop(grace=1.0)
 
 
 def _get(thread: ServerThread, path: str) -> tuple[str, str]:
