@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias
 
-from trackhouse.store.schema import check_identifier
+from trackhouse.store.schema import check_identifier, latest_value
 
 METRICS = "metrics"
 PARAMS = "params"
@@ -448,7 +448,7 @@ def _compile_comparison(c: Comparison, db: str, binder: Binder) -> str:
         return condition(c.key, c, binder)
     key = binder.bind(c.key, "String")
     if c.entity == METRICS:
-        cond = condition("tupleElement(max(last), 3)", c, binder, "Float64")
+        cond = condition(latest_value("max(last_key)"), c, binder, "Float64")
         return (f"run_id IN (SELECT run_id FROM {db}.latest_metrics WHERE key = {key} "
                 f"GROUP BY run_id HAVING {cond})")
     if c.entity == PARAMS:

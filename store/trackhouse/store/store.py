@@ -284,13 +284,14 @@ class Store:
         ):
             tags[run_id][key] = value
         metrics: dict[str, list[LatestMetricRecord]] = {r: [] for r in ids}
-        for run_id, key, last, lo, hi, count in self.query_rows(
-            f"SELECT run_id, key, max(last), min(min_value), max(max_value), sum(count) "
+        last = "max(last_key)"
+        for run_id, key, step, ts, value, lo, hi, count in self.query_rows(
+            f"SELECT run_id, key, {schema.latest_step(last)}, {schema.latest_timestamp(last)}, "
+            f"{schema.latest_value(last)}, min(min_value), max(max_value), sum(count) "
             f"FROM {self.t('latest_metrics')} PREWHERE run_id IN {{ids:Array(String)}} "
             "GROUP BY run_id, key ORDER BY run_id, key",
             bound,
         ):
-            step, ts, value = last
             metrics[run_id].append(LatestMetricRecord(key, value, ts, step, lo, hi, int(count)))
         return [RunDetails(infos[r], params[r], tags[r], metrics[r]) for r in ids]
 
