@@ -41,8 +41,9 @@ def _host_creds(uri: str) -> MlflowHostCreds:
     # `Authorization: Bearer …`, the cert path verifies a private CA (docs/security.md).
     from mlflow.environment_variables import MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_TOKEN
 
-    return MlflowHostCreds(  # type: ignore[no-untyped-call]
-        uri, token=MLFLOW_TRACKING_TOKEN.get(), server_cert_path=MLFLOW_TRACKING_SERVER_CERT_PATH.get())
+    token = MLFLOW_TRACKING_TOKEN.get()  # type: ignore[no-untyped-call]
+    cert_path = MLFLOW_TRACKING_SERVER_CERT_PATH.get()  # type: ignore[no-untyped-call]
+    return MlflowHostCreds(uri, token=token, server_cert_path=cert_path)  # type: ignore[no-untyped-call]
 
 
 class TrackhouseStore(RestStore):
