@@ -126,13 +126,14 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(store: Store, http: bool = False) -> Iterator[ServerThread]:
+def running_server(store: Store, http: bool = False, **config_fields: Any) -> Iterator[ServerThread]:
     """The real embedded server (gRPC, and HTTP when asked) on 127.0.0.1, free ports, over `store`.
 
     Flushes quickly (50 ms) so tests that wait for acks do not wait on the default age.
+    `config_fields` override ServerConfig fields (auth="on", tls_cert=..., ...).
     """
     config = ServerConfig(store="", database=store.database, grpc_port=0, http_port=0 if http else None,
-                          ingest=IngestSettings(flush_interval=0.05))
+                          ingest=IngestSettings(flush_interval=0.05), **config_fields)
     thread = ServerThread(config, store=store)
     thread.start()
     try:
@@ -170,3 +171,14 @@ def server(store: Store) -> Iterator[RunningServer]:
     """The real embedded ingest + query gRPC server on 127.0.0.1, port 0, over this test's database."""
     with running_server(store) as thread:
         yield RunningServer(thread.address, store, thread)
+
+
+@pytest.fixture
+def start_server(store: Store) -> Callable[..., AbstractContextManager[ServerThread]]:
+    """`with start_server(http=True, auth="on") as thread:` — the embedded server over `store`,
+    with ServerConfig fields overridden (auth, TLS files, ...)."""
+
+    def start(http: bool = False, **config_fields: Any) -> AbstractContextManager[ServerThread]:
+        return running_server(store, http, **config_fields)
+
+    return start

@@ -3,6 +3,7 @@
     trackhouse serve    run ingest and query in one process on one store (embedded by default)
     trackhouse migrate  create or upgrade the schema of a store, then exit
     trackhouse sync     upload a client spool directory (offline runs, undelivered points)
+    trackhouse token    create, list and revoke API tokens (docs/security.md)
 
 `trackhouse COMMAND --help` explains each command's options.
 """
@@ -16,7 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from trackhouse.cli import sync
+from trackhouse.cli import sync, tokens
 from trackhouse.cli.server import EmbeddedServer, ServerConfig, new_event_loop
 from trackhouse.cli.settings import ServerSettings
 from trackhouse.ingest.settings import IngestSettings
@@ -51,23 +52,35 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
                        help="gRPC port for ingest and query (default %(default)s; 0 picks a free port)")
     serve.add_argument("--http-port", type=int, default=env.http_port,
                        help="HTTP port: Prometheus /metrics and /health (default %(default)s; 0 picks a free port)")
+    serve.add_argument("--auth", choices=("auto", "on", "off"), default=env.auth,
+                       help="require API tokens: auto (default %(default)s from TRACKHOUSE_SERVER_AUTH) = on "
+                            "iff --host is not loopback")
+    serve.add_argument("--tls-cert", default=env.tls_cert, metavar="PEM",
+                       help="certificate file: serve gRPC and HTTP over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", default=env.tls_key, metavar="PEM", help="private key file of --tls-cert")
     serve.add_argument("--demo", action="store_true",
                        help="seed a small demo sweep (once per store) so there is data to look at")
     migrate = sub.add_parser("migrate", help="create or upgrade the schema of a store, then exit",
                              description="Apply the schema migrations a store is missing. Idempotent.")
     _store_options(migrate, env)
     sync.add_parser(sub)
+    tokens.add_parser(sub, lambda p: _store_options(p, env))
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    env = ServerSettings.from_env()
     config = ServerConfig(store=args.store, database=args.database, host=args.host, grpc_port=args.grpc_port,
-                          http_port=args.http_port, ingest=IngestSettings.from_env(), query=QuerySettings.from_env())
+                          http_port=args.http_port, ingest=IngestSettings.from_env(), query=QuerySettings.from_env(),
+                          auth=args.auth, auth_cache_ttl=env.auth_cache_ttl, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key)
     server = EmbeddedServer(config)
     port = await server.start()
     address = f"{args.host}:{port}"
-    print(f"trackhouse serving\n  gRPC (ingest + query): {address}\n"
-          f"  HTTP: http://{args.host}:{server.http_port} — MLflow REST API (MLFLOW_TRACKING_URI), "
+    scheme = "https" if config.tls else "http"
+    print(f"trackhouse serving\n  gRPC (ingest + query): {address}{' (TLS)' if config.tls else ''}\n"
+          f"  auth: {'on: API tokens required' if config.auth_on else 'off (loopback only)'}\n"
+          f"  HTTP: {scheme}://{args.host}:{server.http_port} — MLflow REST API (MLFLOW_TRACKING_URI), "
           f"/metrics (Prometheus), /health\n  store: {config.store} "
           f"(database {config.database})\n  Python: import trackhouse.client as th; "
           f"client = th.connect({address!r})", flush=True)
@@ -117,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sync":
             return sync.run(args)
         ServerSettings(args.store, args.database, getattr(args, "host", env.host),
-                       getattr(args, "grpc_port", env.grpc_port), getattr(args, "http_port", env.http_port))
+                       getattr(args, "grpc_port", env.grpc_port), getattr(args, "http_port", env.http_port),
+                       getattr(args, "auth", env.auth), env.auth_cache_ttl, getattr(args, "tls_cert", env.tls_cert),
+                       getattr(args, "tls_key", env.tls_key))
+        if args.command == "token":
+            return tokens.run(args)
         if args.command == "migrate":
             return _migrate(args)
         loop = new_event_loop()

@@ -7,12 +7,20 @@ whose writes reach ingest through `GrpcIngestPort` — a gRPC channel to the
 ingest address (here our own port), as they would across processes. `start()`
 returns the bound port (port 0 picks a free one, as tests do). `ServerThread`
 runs one on its own event loop in a background thread, for callers that are not async (tests, benchmarks, the demo).
+
+Security (docs/security.md): with auth on (`auth_enabled`: TRACKHOUSE_SERVER_AUTH, `auto` =
+on iff the bind address is not loopback) both listeners check API tokens (cli/guard.py);
+with a cert and key both serve TLS. The MLflow API's writes then reach ingest over a
+private unix socket (a TLS hop to our own port would need the certificate to name it),
+still carrying the caller's own token, so they are authorized as the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -22,6 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from trackhouse.cli.guard import GrpcAuthInterceptor, HttpAuthMiddleware, auth_enabled
 from trackhouse.cli.http import HttpListener, build_app
 from trackhouse.ingest.app import IngestApp
 from trackhouse.ingest.settings import IngestSettings
@@ -31,6 +40,7 @@ from trackhouse.query.http.mlflow_api import MlflowApi
 from trackhouse.query.http.routes import mlflow_routes
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store, open_store
+from trackhouse.store.auth import Authenticator, current_principal
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,21 @@ class ServerConfig:
     http_port: int | None = None
     ingest: IngestSettings = field(default_factory=IngestSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    # auto: auth on iff `host` is not loopback; on; off.
+    auth: str = "auto"
+    # Seconds a token lookup is cached: a revoke takes effect within it.
+    auth_cache_ttl: float = 5.0
+    # PEM files: both set, both listeners serve TLS only.
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @property
+    def auth_on(self) -> bool:
+        return auth_enabled(self.auth, self.host)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
 
 class GrpcIngestPort:
@@ -67,7 +92,9 @@ class GrpcIngestPort:
 
     async def call(self, method: str, request: Any) -> Any:
         try:
-            return await getattr(self._stub, method)(request, timeout=self._timeout)
+            bearer = current_principal().bearer  # act as the HTTP caller, never as more
+            metadata = (("authorization", bearer),) if bearer else None
+            return await getattr(self._stub, method)(request, timeout=self._timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise IngestCallError(exc.code().name, exc.details() or "") from None
 
@@ -92,13 +119,54 @@ class EmbeddedServer:
         self._server: Any = None
         self._apps: list[IngestApp | QueryApp] = []
         self._ingest_port: GrpcIngestPort | None = None
+        self._socket_dir: str | None = None
+        self.authenticator: Authenticator | None = None
+
+    def _start_auth(self, store: Store) -> list[Any]:
+        """The interceptors of the gRPC server: the token check when auth is on."""
+        cfg = self.config
+        if not cfg.auth_on:
+            log.warning("auth is off (TRACKHOUSE_SERVER_AUTH=%s, bind %s): every caller may read and write",
+                        cfg.auth, cfg.host)
+            return []
+
+        async def load(token_id: str) -> Any:
+            return await store.call(store.get_token, token_id)
+
+        self.authenticator = Authenticator(load, ttl=cfg.auth_cache_ttl)
+        tokens = store.list_tokens()
+        live = sum(1 for t in tokens if not t.revoked)
+        log.info("auth is on: %d live API token(s)%s", live, "" if live else (
+            "; every call will be refused until one exists: trackhouse token create --name NAME "
+            "--scope admin --store DSN"))
+        return [GrpcAuthInterceptor(self.authenticator)]
+
+    def _bind_grpc(self) -> int:
+        cfg = self.config
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        if not cfg.tls:
+            return int(self._server.add_insecure_port(address))
+        with open(cfg.tls_key, "rb") as key, open(cfg.tls_cert, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        return int(self._server.add_secure_port(address, credentials))
+
+    def _internal_address(self) -> str:
+        """Where the MLflow API reaches ingest: our own port, or a private unix socket under TLS."""
+        if not self.config.tls:
+            return f"{_dial_host(self.config.host)}:{self.port}"
+        self._socket_dir = tempfile.mkdtemp(prefix="trackhouse-")  # mode 0700: this user only
+        address = f"unix:{self._socket_dir}/ingest.sock"
+        if not self._server.add_insecure_port(address):
+            raise OSError(f"cannot bind the internal socket {address}")
+        return address
 
     async def start(self) -> int:
         cfg = self.config
         if self.store is None:
             self.store = await asyncio.to_thread(open_store, cfg.store, cfg.database)
         size = cfg.ingest.max_message_bytes
-        self._server = grpc.aio.server(options=[
+        interceptors = await asyncio.to_thread(self._start_auth, self.store)
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
         ])
@@ -109,18 +177,21 @@ class EmbeddedServer:
         for name in ("", *SERVICES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
-        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        self.port = self._bind_grpc()
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
+        internal = self._internal_address() if cfg.http_port is not None else ""
         await self._server.start()
         log.info("trackhouse gRPC on %s:%d, store %s", cfg.host, self.port, self.store.dsn.redacted())
         if cfg.http_port is not None:
             query_app = self._apps[1]
             assert isinstance(query_app, QueryApp)
-            self._ingest_port = GrpcIngestPort(f"{_dial_host(cfg.host)}:{self.port}", size)
+            self._ingest_port = GrpcIngestPort(internal, size)
             api = MlflowApi(self.store, query_app.search, query_app.history, self._ingest_port)
-            http_app = build_app(self.registry, self.health, mlflow_routes(api))
-            self._http = HttpListener(http_app, cfg.host, cfg.http_port)
+            http_app: Any = build_app(self.registry, self.health, mlflow_routes(api))
+            if self.authenticator is not None:
+                http_app = HttpAuthMiddleware(http_app, self.authenticator)
+            self._http = HttpListener(http_app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)
             try:
                 self.http_port = await self._http.start()
             except OSError:
@@ -153,6 +224,8 @@ class EmbeddedServer:
             await app.stop()
         if self._given_store is None and self.store is not None:
             await asyncio.to_thread(self.store.close)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

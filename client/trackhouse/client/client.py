@@ -39,19 +39,22 @@ _LIVE: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 def connect(url: str | None = None, *, query_url: str | None = None, mode: str | None = None,
-            settings: Settings | None = None) -> Client:
-    """A client for the trackhouse server at ``url`` (``host:port`` or ``grpc://host:port``).
+            settings: Settings | None = None, token: str | None = None, tls_ca: str | None = None) -> Client:
+    """A client for the trackhouse server at ``url`` (``host:port``, ``grpc://host:port`` or
+    ``grpcs://host:port`` for TLS).
 
-    ``settings`` default to ``Settings.from_env()``; ``url``, ``query_url`` and ``mode``
-    (``"online"`` / ``"offline"``), when given, override them. No connection is made
-    until the first call; offline, none ever is.
+    ``settings`` default to ``Settings.from_env()``; ``url``, ``query_url``, ``mode``
+    (``"online"`` / ``"offline"``), ``token`` (an API token, sent as a Bearer credential) and
+    ``tls_ca`` (a PEM file to trust for ``grpcs://``), when given, override them. No
+    connection is made until the first call; offline, none ever is.
     """
     settings = Settings.from_env() if settings is None else settings
-    overrides: dict[str, Any] = {k: v for k, v in (("url", url), ("query_url", query_url), ("mode", mode))
-                                 if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("url", url), ("query_url", query_url), ("mode", mode),
+                                                   ("token", token), ("tls_ca", tls_ca)) if v is not None}
     if overrides:
         settings = dataclasses.replace(settings, **overrides)
-    transport = GrpcTransport(settings.url, settings.effective_query_url, rpc_timeout=settings.rpc_timeout)
+    transport = GrpcTransport(settings.url, settings.effective_query_url, rpc_timeout=settings.rpc_timeout,
+                              token=settings.token, tls_ca=settings.tls_ca)
     return Client(transport, settings)
 
 

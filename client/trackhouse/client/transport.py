@@ -142,10 +142,14 @@ def _retry_info(blob: bytes) -> float | None:
     return None
 
 
-def _open_channel(url: str) -> grpc.Channel:
+def _open_channel(url: str, tls_ca: str = "") -> grpc.Channel:
     target, secure = parse_url(url)
     if secure:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS)
+        roots = None
+        if tls_ca:
+            with open(tls_ca, "rb") as f:
+                roots = f.read()
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=_CHANNEL_OPTIONS)
     return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
 
 
@@ -177,19 +181,23 @@ class _GrpcAckStream:
 class GrpcTransport:
     """``Transport`` over two gRPC channels (one when ingest and query share an address).
 
-    Creating it does no I/O: gRPC channels connect on first use.
+    Creating it does no I/O: gRPC channels connect on first use (``tls_ca`` is read here).
+    ``token``, when given, travels as ``authorization: Bearer <token>`` on every call.
     """
 
-    def __init__(self, url: str, query_url: str | None = None, *, rpc_timeout: float = 30.0) -> None:
+    def __init__(self, url: str, query_url: str | None = None, *, rpc_timeout: float = 30.0,
+                 token: str = "", tls_ca: str = "") -> None:
         self._timeout = rpc_timeout
         self.url = url
         self._query_url = url if query_url is None else query_url
+        self._tls_ca = tls_ca
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._connect()
 
     def _connect(self) -> None:
-        self._ingest_channel = _open_channel(self.url)
+        self._ingest_channel = _open_channel(self.url, self._tls_ca)
         same = self._query_url == self.url
-        self._query_channel = self._ingest_channel if same else _open_channel(self._query_url)
+        self._query_channel = self._ingest_channel if same else _open_channel(self._query_url, self._tls_ca)
         self._ingest = ingest_pb2_grpc.IngestServiceStub(self._ingest_channel)  # type: ignore[no-untyped-call]
         self._query = query_pb2_grpc.QueryServiceStub(self._query_channel)  # type: ignore[no-untyped-call]
 
@@ -201,7 +209,7 @@ class GrpcTransport:
 
     def _call(self, method: Callable[..., Any], request: Any, result: type[_T]) -> _T:
         try:
-            return cast(_T, method(request, timeout=self._timeout))
+            return cast(_T, method(request, timeout=self._timeout, metadata=self._metadata))
         except grpc.RpcError as exc:
             raise _translate(exc) from None
         except ValueError as exc:  # grpc raises ValueError on a closed channel
@@ -228,7 +236,7 @@ class GrpcTransport:
     def stream_metrics(self, requests: Iterator[ingest_pb2.MetricBatch]) -> AckStream:
         """Open the long-lived stream; no deadline, the sender cancels it when done."""
         try:
-            return _GrpcAckStream(self._ingest.StreamMetrics(requests))
+            return _GrpcAckStream(self._ingest.StreamMetrics(requests, metadata=self._metadata))
         except ValueError as exc:
             raise ServerUnavailable(f"channel closed: {exc}") from None
 

@@ -307,12 +307,15 @@ class Catalog:
         await self.writable_run(run_id)
         await self._store.call(self._store.put_tags, run_id, list(tags))
 
-    async def check_metric_runs(self, run_ids: Sequence[str]) -> None:
-        """Raise unless every run exists and accepts writes (for a metric batch)."""
+    async def check_metric_runs(self, run_ids: Sequence[str], allowed: frozenset[str] | None = None) -> None:
+        """Raise unless every run exists and accepts writes (for a metric batch).
+
+        `allowed`: the caller's experiments (None: all); a run outside them is not found.
+        """
         runs = await self.get_runs(run_ids)
         for i, run_id in enumerate(run_ids):
             run = runs.get(run_id)
-            if run is None:
+            if run is None or (allowed is not None and run.experiment_id not in allowed):
                 raise NotFound(f"run_ids[{i}]: no run {run_id!r}")
             if run.lifecycle_stage != ACTIVE:
                 raise FailedPrecondition(f"run_ids[{i}]: run {run_id} is deleted")

@@ -62,16 +62,18 @@ class Intake:
         self.points_received = 0
         self.rejected: dict[str, int] = {}
 
-    async def accept(self, message: Any, urgent: bool = False) -> Awaitable[Outcome]:
+    async def accept(self, message: Any, urgent: bool = False,
+                     allowed: frozenset[str] | None = None) -> Awaitable[Outcome]:
         """Take one MetricBatch message; return an awaitable of its outcome.
 
         `urgent`: the caller waits for this batch alone (a unary write), so it is flushed
-        as soon as the flusher is free instead of at the buffer's age limit.
+        as soon as the flusher is free instead of at the buffer's age limit. `allowed`: the
+        caller's experiments (None: all); a batch naming a run outside them is rejected.
         """
         seq = int(message.seq)
         try:
             batch = decode_batch(message, self._settings)
-            await self._catalog.check_metric_runs(batch.run_ids)
+            await self._catalog.check_metric_runs(batch.run_ids, allowed)
         except IngestError as exc:
             name = type(exc).__name__
             self.rejected[name] = self.rejected.get(name, 0) + 1

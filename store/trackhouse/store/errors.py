@@ -4,6 +4,7 @@
     ├── StoreUnavailable       the store cannot be reached (connection refused, timeout)
     ├── InvalidDSN             the DSN is not one the store understands
     └── QueryFailed            the engine refused or failed a statement
+        └── QueryTimeout       a read ran past its time limit (ClickHouse max_execution_time)
 
 No `clickhouse_connect` exception leaves this package: `translate()` is the seam.
 """
@@ -27,6 +28,14 @@ class QueryFailed(StoreError):
     """The engine refused or failed a statement."""
 
 
+class QueryTimeout(QueryFailed):
+    """A read ran longer than the limit it was given (ClickHouse TIMEOUT_EXCEEDED)."""
+
+
+# ClickHouse's error codes for a statement stopped by max_execution_time.
+_TIMEOUT_CODES = ("Code: 159.", "TIMEOUT_EXCEEDED")
+
+
 def translate(exc: BaseException) -> StoreError:
     """Map a clickhouse-connect exception to the store's own hierarchy."""
     from clickhouse_connect.driver import exceptions as ch
@@ -35,4 +44,6 @@ def translate(exc: BaseException) -> StoreError:
         return exc
     if isinstance(exc, ch.OperationalError):
         return StoreUnavailable(str(exc))
+    if any(code in str(exc) for code in _TIMEOUT_CODES):
+        return QueryTimeout(str(exc))
     return QueryFailed(str(exc))

@@ -25,6 +25,9 @@ Tables (see docs/schema.md for the stable, user-facing description):
   docs/search.md for the measurements behind it.
 - meta — server-side values (the page-token secret); the first value written for
   a key wins, so replicas racing to create one still agree on it.
+- api_tokens (migration 4) — API tokens: id, name, scope, experiment ids and the
+  SHA-256 of the secret (never the secret); ReplacingMergeTree(version), so a
+  revoke is a newer row.
 """
 
 from __future__ import annotations
@@ -416,3 +419,24 @@ _CHEAPER_INSERT = (
 
 MIGRATIONS = (*MIGRATIONS, Migration(4, "cheaper insert: packed latest key, cascaded rollup levels",
                                      _CHEAPER_INSERT))
+
+
+# Migration 5: API tokens (docs/security.md). One row per version of a token; a revoke
+# writes a new version with revoked = 1, and readers take the latest (argMax by version).
+# Only a SHA-256 of the token's secret is stored: the token itself is shown once, at creation.
+_TOKENS = (
+    """
+    CREATE TABLE IF NOT EXISTS {db}.api_tokens (
+        token_id String,
+        name String,
+        secret_sha256 String,
+        scope LowCardinality(String),
+        experiment_ids Array(String),
+        created_at Int64,
+        revoked UInt8,
+        version UInt64
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY token_id
+    """,
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(5, "api_tokens: hashed API tokens and their scopes", _TOKENS))

@@ -29,6 +29,7 @@ from trackhouse.store.records import (
     LatestMetricRecord,
     RunDetails,
     RunRecord,
+    TokenRecord,
 )
 
 P = ParamSpec("P")
@@ -38,6 +39,7 @@ _RUN_COLUMNS = (
     "run_id, experiment_id, run_name, user_id, status, start_time, end_time, "
     "lifecycle_stage, artifact_uri"
 )
+_TOKEN_COLUMNS = ("token_id", "name", "secret_sha256", "scope", "experiment_ids", "created_at", "revoked")
 _EXPERIMENT_COLUMNS = "experiment_id, name, artifact_location, lifecycle_stage, creation_time, last_update_time"
 
 
@@ -58,6 +60,14 @@ class Store:
         self._readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(max_workers=readers + 1, thread_name_prefix="trackhouse-store")
         self._closed = False
+        # Applied to every read: ClickHouse stops a read past it (TIMEOUT_EXCEEDED → QueryTimeout).
+        self._read_settings: dict[str, Any] = {}
+
+    def limit_reads(self, max_seconds: float) -> None:
+        """Stop every read that runs longer than `max_seconds` (raises QueryTimeout)."""
+        if not max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
+        self._read_settings = {"max_execution_time": max_seconds}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -111,7 +121,7 @@ class Store:
         with self._reader() as client:
             try:
                 rows: list[tuple[Any, ...]] = client.query(
-                    sql, parameters=parameters, settings=settings
+                    sql, parameters=parameters, settings={**self._read_settings, **(settings or {})}
                 ).result_rows
             except Exception as exc:
                 raise translate(exc) from None
@@ -120,7 +130,7 @@ class Store:
     def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         with self._reader() as client:
             try:
-                return client.query_arrow(sql, parameters=parameters)
+                return client.query_arrow(sql, parameters=parameters, settings=self._read_settings or None)
             except Exception as exc:
                 raise translate(exc) from None
 
@@ -180,6 +190,29 @@ class Store:
         value = default()
         self.insert_rows("meta", ("key", "value"), [(key, value)])
         return str(self.query_rows(sql, {"k": key})[0][0])
+
+    # -- API tokens (latest version per token id) ----------------------------------
+
+    def put_token(self, rec: TokenRecord) -> None:
+        self.insert_rows("api_tokens", (*_TOKEN_COLUMNS, "version"), [(
+            rec.token_id, rec.name, rec.secret_sha256, rec.scope, list(rec.experiment_ids), rec.created_at,
+            int(rec.revoked), new_version(),
+        )])
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        found = self._tokens("WHERE token_id = {t:String}", {"t": token_id})
+        return found[0] if found else None
+
+    def list_tokens(self) -> list[TokenRecord]:
+        return self._tokens("", {})
+
+    def _tokens(self, where: str, parameters: dict[str, Any]) -> list[TokenRecord]:
+        rest = ", ".join(_TOKEN_COLUMNS[1:])
+        rows = self.query_rows(
+            f"SELECT token_id, argMax(({rest}), version) FROM {self.t('api_tokens')} {where} "
+            "GROUP BY token_id ORDER BY token_id", parameters)
+        return [TokenRecord(row[0], name, digest, scope, tuple(exps), int(created), bool(revoked))
+                for row in rows for name, digest, scope, exps, created, revoked in [row[1]]]
 
     # -- experiments ------------------------------------------------------------
 

@@ -168,7 +168,9 @@ class ExperimentReader:
         return out
 
     def search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
-               view: str) -> tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]:
+               view: str, allowed: Sequence[str] | None = None,
+               ) -> tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]:
+        """One page of experiments; `allowed`: only these experiment ids (an experiment-scoped caller)."""
         limit = DEFAULT_MAX_RESULTS if max_results is None else max_results
         if not 0 < limit <= MAX_RESULTS:
             raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be at most "
@@ -179,9 +181,12 @@ class ExperimentReader:
         order = parse_order(order_by)
         question = hashlib.sha256(orjson.dumps([filter_text, list(order_by), limit, view])).hexdigest()[:16]
         offset = _decode_token(page_token, question) if page_token else 0
-        rows = self._store.query_rows(
-            f"SELECT {_COLUMNS} FROM {self._store.t('experiments')} FINAL "
-            "WHERE lifecycle_stage IN {stages:Array(String)}", {"stages": list(VIEWS[view])})
+        where, params = "lifecycle_stage IN {stages:Array(String)}", {"stages": list(VIEWS[view])}
+        if allowed is not None:
+            where += " AND experiment_id IN {allowed:Array(String)}"
+            params["allowed"] = list(allowed)
+        rows = self._store.query_rows(f"SELECT {_COLUMNS} FROM {self._store.t('experiments')} FINAL WHERE {where}",
+                                      params)
         records = [ExperimentRecord(*row) for row in rows]
         tags = self.tags([r.experiment_id for r in records])
         found = [r for r in records if all(matches(c, r, tags[r.experiment_id]) for c in conditions)]
