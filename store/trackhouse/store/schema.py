@@ -440,3 +440,30 @@ _TOKENS = (
 )
 
 MIGRATIONS = (*MIGRATIONS, Migration(5, "api_tokens: hashed API tokens and their scopes", _TOKENS))
+
+
+# Migration 6: experiment tags in their own table. Until now they were rows of `tags`
+# under the pseudo run id `experiment:<id>`, which SQL users saw among run tags. They
+# move (copied, then deleted from `tags` and its search copy); a rerun copies again
+# rows already there with their versions, which ReplacingMergeTree keeps once.
+_EXPERIMENT_TAGS = (
+    """
+    CREATE TABLE IF NOT EXISTS {db}.experiment_tags (
+        experiment_id String,
+        key String,
+        value String,
+        deleted UInt8,
+        version UInt64
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY (experiment_id, key)
+    """,
+    """
+    INSERT INTO {db}.experiment_tags
+    SELECT substring(run_id, 12), key, value, deleted, version FROM {db}.tags
+    WHERE startsWith(run_id, 'experiment:')
+    """,
+    "ALTER TABLE {db}.tags DELETE WHERE startsWith(run_id, 'experiment:') SETTINGS mutations_sync = 2",
+    "ALTER TABLE {db}.search_tags DELETE WHERE startsWith(run_id, 'experiment:') SETTINGS mutations_sync = 2",
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(6, "experiment_tags: experiment tags out of the run tags table",
+                                     _EXPERIMENT_TAGS))

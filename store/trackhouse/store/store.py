@@ -282,6 +282,28 @@ class Store:
             [(run_id, k, v, int(deleted), version) for k, v in tags],
         )
 
+    def put_experiment_tags(self, experiment_id: str, tags: Sequence[tuple[str, str]], deleted: bool = False) -> None:
+        version = new_version()
+        self.insert_rows(
+            "experiment_tags",
+            ("experiment_id", "key", "value", "deleted", "version"),
+            [(experiment_id, k, v, int(deleted), version) for k, v in tags],
+        )
+
+    def get_experiment_tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The live tags of each experiment (latest version per key, deleted ones left out)."""
+        out: dict[str, dict[str, str]] = {e: {} for e in experiment_ids}
+        if not experiment_ids:
+            return out
+        for experiment_id, key, value in self.query_rows(
+            f"SELECT experiment_id, key, argMax(value, version) FROM {self.t('experiment_tags')} "
+            "PREWHERE experiment_id IN {ids:Array(String)} GROUP BY experiment_id, key "
+            "HAVING argMax(deleted, version) = 0 ORDER BY experiment_id, key",
+            {"ids": list(experiment_ids)},
+        ):
+            out[experiment_id][key] = value
+        return out
+
     # -- metrics --------------------------------------------------------------------
 
     def writer_max_seq(self, writer_id: str) -> int:

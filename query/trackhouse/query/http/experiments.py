@@ -9,8 +9,7 @@ Order keys are `name`, `experiment_id`, `creation_time`, `last_update_time`
 (default: creation_time DESC, experiment_id ASC, as MLflow). Page tokens carry an
 offset and a fingerprint of the question (a token from another question is refused).
 
-Experiment tags are rows of the `tags` table under the pseudo run id
-`experiment:<id>` (written by the ingest service).
+Experiment tags are rows of the `experiment_tags` table (written by the ingest service).
 """
 
 from __future__ import annotations
@@ -155,17 +154,7 @@ class ExperimentReader:
         return self._store.get_experiment(experiment_id=experiment_id, name=name)
 
     def tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {e: {} for e in experiment_ids}
-        if not experiment_ids:
-            return out
-        rows = self._store.query_rows(
-            f"SELECT run_id, key, value FROM {self._store.t('tags')} FINAL "
-            "WHERE run_id IN {ids:Array(String)} AND deleted = 0 ORDER BY run_id, key",
-            {"ids": [f"experiment:{e}" for e in experiment_ids]},
-        )
-        for owner, key, value in rows:
-            out[owner.partition(":")[2]][key] = value
-        return out
+        return self._store.get_experiment_tags(experiment_ids)
 
     def search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
                view: str, allowed: Sequence[str] | None = None,
