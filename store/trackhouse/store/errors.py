@@ -1,7 +1,7 @@
 """Errors raised by the store package.
 
     StoreError                 anything the store could not do
-    ├── StoreUnavailable       the store cannot be reached (connection refused, timeout)
+    ├── StoreUnavailable       the store cannot be reached (connection refused, timeout) or its disk is full
     ├── InvalidDSN             the DSN is not one the store understands
     └── QueryFailed            the engine refused or failed a statement
 
@@ -35,4 +35,7 @@ def translate(exc: BaseException) -> StoreError:
         return exc
     if isinstance(exc, ch.OperationalError):
         return StoreUnavailable(str(exc))
+    if "NOT_ENOUGH_SPACE" in str(exc) or "No space left on device" in str(exc):
+        # Disk full (ClickHouse error 243, or ENOSPC from the filesystem): retryable once space returns.
+        return StoreUnavailable(f"the store is out of disk space: {exc}")
     return QueryFailed(str(exc))
