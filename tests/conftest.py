@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.ingest.settings import IngestSettings
@@ -32,6 +33,23 @@ from trackhouse.store import Store, open_store, parse_dsn
 from trackhouse.store.dsn import connect
 
 CLICKHOUSE_URL_ENV = "TRACKHOUSE_TEST_CLICKHOUSE_URL"
+FUZZ_EXAMPLES_ENV = "TRACKHOUSE_FUZZ_EXAMPLES"
+
+# Fuzz tests (hypothesis): modest by default so the suite stays fast; `--hypothesis-profile=soak`
+# or TRACKHOUSE_FUZZ_EXAMPLES=N runs more. No deadline: a shared CI machine must not turn a
+# slow example into a failure (hangs are caught by pytest-timeout instead).
+settings.register_profile(
+    "default",
+    max_examples=int(os.environ.get(FUZZ_EXAMPLES_ENV, "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "soak",
+    parent=settings.get_profile("default"),
+    max_examples=int(os.environ.get(FUZZ_EXAMPLES_ENV, "20000")),
+)
+settings.load_profile("default")
 DEPLOYMENTS = ("chdb", "http")
 
 

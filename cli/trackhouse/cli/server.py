@@ -22,7 +22,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,112 @@ from trackhouse.store.auth import Authenticator, current_principal
 log = logging.getLogger(__name__)
 
 SERVICES = ("trackhouse.v1.IngestService", "trackhouse.v1.QueryService")
+
+
+class _Malformed:
+    """A request whose bytes are not the method's message: answered INVALID_ARGUMENT, not UNKNOWN."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = f"malformed request: the message does not parse ({error})"
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or whatever hostile bytes make a parser raise
+            return _Malformed(exc)
+
+    return deserialize
+
+
+async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+class _Checked:
+    """A request stream that ends at the first malformed message and remembers it.
+
+    It is read on the handler's own tasks (StreamMetrics reads in a task of its
+    own), so it must not abort the call itself: the wrapper aborts once the
+    handler has answered what came before.
+    """
+
+    def __init__(self, requests: AsyncIterator[Any]) -> None:
+        self._requests = requests
+        self.malformed: _Malformed | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async for request in self._requests:
+            if isinstance(request, _Malformed):
+                self.malformed = request
+                return
+            yield request
+
+    async def refuse(self, context: grpc.aio.ServicerContext) -> None:
+        if self.malformed is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.malformed.message)
+
+
+async def _replies(result: Any) -> AsyncIterator[Any]:
+    """The replies of a streaming behaviour: an async generator, or a coroutine that
+    writes through its context (as the auth interceptor's refusals do)."""
+    if hasattr(result, "__aiter__"):
+        async for reply in result:
+            yield reply
+    else:
+        await result
+
+
+class MalformedRequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Bytes that do not parse as the request message end the call with INVALID_ARGUMENT.
+
+    gRPC answers a deserializer's exception with UNKNOWN; a client cannot tell that
+    from a server bug. Requests are parsed leniently and refused here instead.
+    """
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = _lenient(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await _refuse(request, context)
+                return await inner_uu(request, context)
+
+            return handler._replace(request_deserializer=parse, unary_unary=unary_unary)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await _refuse(request, context)
+                async for reply in _replies(inner_us(request, context)):
+                    yield reply
+
+            return handler._replace(request_deserializer=parse, unary_stream=unary_stream)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                checked = _Checked(requests)
+                reply = await inner_su(checked.__aiter__(), context)
+                await checked.refuse(context)
+                return reply
+
+            return handler._replace(request_deserializer=parse, stream_unary=stream_unary)
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            checked = _Checked(requests)
+            async for reply in _replies(inner_ss(checked.__aiter__(), context)):
+                yield reply
+            await checked.refuse(context)
+
+        return handler._replace(request_deserializer=parse, stream_stream=stream_stream)
 
 
 @dataclass(frozen=True)
@@ -166,7 +272,7 @@ class EmbeddedServer:
             self.store = await asyncio.to_thread(open_store, cfg.store, cfg.database)
         size = cfg.ingest.max_message_bytes
         interceptors = await asyncio.to_thread(self._start_auth, self.store)
-        self._server = grpc.aio.server(interceptors=interceptors, options=[
+        self._server = grpc.aio.server(interceptors=[MalformedRequestGuard(), *interceptors], options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
         ])

@@ -29,6 +29,11 @@ from trackhouse.store.wire import experiment_to_pb, run_info_to_pb, status_name
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Sent with UNAVAILABLE as trailing metadata (`retry-delay`, seconds; the client honours it):
+# long enough that a fleet of clients does not hammer a store that is down, short enough to
+# resume quickly once it is back.
+RETRY_DELAY_SECONDS = 0.5
+
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -51,12 +56,18 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """End the call with the status for `exc`; UNAVAILABLE carries a retry delay."""
+    code, message = status_for(exc)
+    trailing = (("retry-delay", f"{RETRY_DELAY_SECONDS}s"),) if code == grpc.StatusCode.UNAVAILABLE else ()
+    await context.abort(code, message, trailing_metadata=trailing)
+
+
 async def _handle(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
     try:
         return await call()
     except (errors.IngestError, StoreError) as exc:
-        code, message = status_for(exc)
-        await context.abort(code, message)
+        await _abort(context, exc)
         raise  # unreachable: abort raises
 
 
@@ -216,8 +227,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             # Urgent: flushed as soon as the flusher is free; concurrent callers still share INSERTs.
             outcome = await (await self._intake.accept(request, urgent=True, allowed=_allowed()))
         except (errors.IngestError, StoreError) as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
+            await _abort(context, exc)
             raise  # unreachable: abort raises
         return _ack(outcome)
 
@@ -238,8 +248,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     outcome = await pending
                 except (errors.IngestError, StoreError) as exc:
                     # Not durable: end the stream so the client resends what is unacknowledged.
-                    code, message = status_for(exc)
-                    await context.abort(code, message)
+                    await _abort(context, exc)
                 yield _ack(outcome)
             await reader
         finally:

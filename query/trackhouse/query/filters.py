@@ -339,8 +339,13 @@ class _FilterParser(Parser):
         if token.kind == "number":
             if not _NUMBER.fullmatch(token.text):
                 self.error(token.pos, f"bad number {token.text!r}: expected a number like 42, -1.5 or 1e-3")
-            is_int = not any(c in token.text for c in ".eE")
-            return int(token.text) if is_int else float(token.text)
+            if any(c in token.text for c in ".eE"):
+                return float(token.text)
+            # Integers beyond Int64 compare as Float64 anyway; int() of thousands of digits
+            # raises (Python's int max_str_digits) and float(int) overflows: go through float.
+            digits = token.text.lstrip("+-").lstrip("0")
+            number = int(token.text) if len(digits) <= 19 else float(token.text)
+            return number if isinstance(number, float) or _INT64_MIN <= number <= _INT64_MAX else float(number)
         self.fail(token, "a value: a quoted string or a number")
 
     def value_list(self) -> tuple[str, ...]:

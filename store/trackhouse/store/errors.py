@@ -1,7 +1,7 @@
 """Errors raised by the store package.
 
     StoreError                 anything the store could not do
-    ├── StoreUnavailable       the store cannot be reached (connection refused, timeout)
+    ├── StoreUnavailable       the store cannot be reached (connection refused, timeout) or its disk is full
     ├── InvalidDSN             the DSN is not one the store understands
     └── QueryFailed            the engine refused or failed a statement
         └── QueryTimeout       a read ran past its time limit (ClickHouse max_execution_time)
@@ -44,6 +44,9 @@ def translate(exc: BaseException) -> StoreError:
         return exc
     if isinstance(exc, ch.OperationalError):
         return StoreUnavailable(str(exc))
+    if "NOT_ENOUGH_SPACE" in str(exc) or "No space left on device" in str(exc):
+        # Disk full (ClickHouse error 243, or ENOSPC from the filesystem): retryable once space returns.
+        return StoreUnavailable(f"the store is out of disk space: {exc}")
     if any(code in str(exc) for code in _TIMEOUT_CODES):
         return QueryTimeout(str(exc))
     return QueryFailed(str(exc))
