@@ -42,9 +42,9 @@ def test_migrate_is_idempotent(store: Store) -> None:
     # The fixture's open_store already migrated: a second and third call apply nothing.
     assert store.migrate() == []
     assert store.migrate() == []
-    assert store.schema_version() == latest_version() == 3
+    assert store.schema_version() == latest_version() == 4
     rows = store.query_rows(f"SELECT version, description FROM {store.t('schema_migrations')} FINAL")
-    assert sorted(r[0] for r in rows) == [1, 2, 3]
+    assert sorted(r[0] for r in rows) == [1, 2, 3, 4]
     tables = {r[0] for r in store.query_rows(
         "SELECT name FROM system.tables WHERE database = {db:String}", {"db": store.database})}
     assert tables >= {
@@ -59,7 +59,7 @@ def test_open_store_on_a_fresh_database_applies_every_version(chdb_dsn: str, dat
     try:
         assert s.migrate() == [1, 2, 3]
         assert s.migrate() == []
-        assert s.schema_version() == 3
+        assert s.schema_version() == 4
     finally:
         s.close()
 

@@ -10,6 +10,8 @@ No `clickhouse_connect` exception leaves this package: `translate()` is the seam
 
 from __future__ import annotations
 
+import re
+
 
 class StoreError(Exception):
     """Base class of every store error."""
@@ -24,7 +26,11 @@ class InvalidDSN(StoreError, ValueError):
 
 
 class QueryFailed(StoreError):
-    """The engine refused or failed a statement."""
+    """The engine refused or failed a statement; `code` is ClickHouse's error code when known."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def translate(exc: BaseException) -> StoreError:
@@ -35,4 +41,8 @@ def translate(exc: BaseException) -> StoreError:
         return exc
     if isinstance(exc, ch.OperationalError):
         return StoreUnavailable(str(exc))
-    return QueryFailed(str(exc))
+    code = getattr(exc, "code", None)
+    if not isinstance(code, int):  # e.g. an error in the middle of a streamed answer
+        found = re.search(r"\bCode: (\d+)\.", str(exc))
+        code = int(found.group(1)) if found else None
+    return QueryFailed(str(exc), code)
