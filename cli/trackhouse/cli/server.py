@@ -2,7 +2,7 @@
 
 `EmbeddedServer` owns the gRPC server and the store it opened; the ingest and
 query apps register their services on it, plus the standard gRPC health
-service. The HTTP listener serves /metrics, /health and the MLflow REST API,
+service. The HTTP listener serves /metrics, /health, `POST /api/v1/sql` and the MLflow REST API,
 whose writes reach ingest through `GrpcIngestPort` — a gRPC channel to the
 ingest address (here our own port), as they would across processes. `start()`
 returns the bound port (port 0 picks a free one, as tests do). `ServerThread`
@@ -29,6 +29,7 @@ from trackhouse.query.app import QueryApp
 from trackhouse.query.http.errors import IngestCallError
 from trackhouse.query.http.mlflow_api import MlflowApi
 from trackhouse.query.http.routes import mlflow_routes
+from trackhouse.query.http.sql import sql_routes
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store, open_store
 
@@ -119,7 +120,7 @@ class EmbeddedServer:
             assert isinstance(query_app, QueryApp)
             self._ingest_port = GrpcIngestPort(f"{_dial_host(cfg.host)}:{self.port}", size)
             api = MlflowApi(self.store, query_app.search, query_app.history, self._ingest_port)
-            http_app = build_app(self.registry, self.health, mlflow_routes(api))
+            http_app = build_app(self.registry, self.health, [*mlflow_routes(api), *sql_routes(query_app.sql)])
             self._http = HttpListener(http_app, cfg.host, cfg.http_port)
             try:
                 self.http_port = await self._http.start()
