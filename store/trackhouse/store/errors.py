@@ -39,10 +39,12 @@ def translate(exc: BaseException) -> StoreError:
 
     if isinstance(exc, StoreError):
         return exc
-    if isinstance(exc, ch.OperationalError):
-        return StoreUnavailable(str(exc))
     code = getattr(exc, "code", None)
     if not isinstance(code, int):  # e.g. an error in the middle of a streamed answer
-        found = re.search(r"\bCode: (\d+)\.", str(exc))
+        found = re.search(r"\bcode:? (\d+)", str(exc), re.IGNORECASE)
         code = int(found.group(1)) if found else None
+    # An error the server answered with (it has a ClickHouse code) is about the statement,
+    # even when it arrives mid-stream as a transport-level error.
+    if isinstance(exc, ch.OperationalError) and code is None:
+        return StoreUnavailable(str(exc))
     return QueryFailed(str(exc), code)
