@@ -262,14 +262,19 @@ class Engine:
         except queue.Empty:
             conn = chdb.connect(self.path)
 
+        # readonly cannot be set back on a chDB connection ("Cannot modify 'readonly' setting
+        # in readonly mode"), where a server applies it to one query: such a request gets a
+        # connection of its own, closed after it.
+        disposable = "readonly" in stmt.settings
+
         def release(reusable: bool) -> None:
-            if reusable and not stmt.changes_connection:
+            if reusable and not stmt.changes_connection and not disposable:
                 self._idle.put(conn)
             else:  # a SET or USE outside a session lasts for that request only: drop the connection
                 conn.close()
             self._slots.release()
 
-        return self._run_then(conn, stmt, restore=True, release=release)
+        return self._run_then(conn, stmt, restore=not disposable, release=release)
 
     def _run_then(self, conn: Any, stmt: Statement, *, restore: bool, release: Any) -> Outcome:
         """`_run`, then `release(reusable)` exactly once: now, or when a streamed body ends."""

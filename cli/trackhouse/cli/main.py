@@ -4,6 +4,7 @@
     trackhouse migrate  create or upgrade the schema of a store, then exit
     trackhouse sync     upload a client spool directory (offline runs, undelivered points)
     trackhouse token    create, list and revoke API tokens (docs/security.md)
+    trackhouse sql      run one read-only SELECT (docs/sql.md) and print the answer
 
 `trackhouse COMMAND --help` explains each command's options.
 """
@@ -17,10 +18,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from trackhouse.cli import sync, tokens
+from trackhouse.cli import sqlcmd, sync, tokens
 from trackhouse.cli.server import EmbeddedServer, ServerConfig, new_event_loop
 from trackhouse.cli.settings import ServerSettings
+from trackhouse.client import TrackhouseError
 from trackhouse.ingest.settings import IngestSettings
+from trackhouse.query.errors import QueryError
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import StoreError, open_store
 
@@ -65,6 +68,7 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
     _store_options(migrate, env)
     sync.add_parser(sub)
     tokens.add_parser(sub, lambda p: _store_options(p, env))
+    sqlcmd.add_parser(sub)
     return parser
 
 
@@ -129,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(env).parse_args(argv)
         if args.command == "sync":
             return sync.run(args)
+        if args.command == "sql":
+            return sqlcmd.run(args)
         ServerSettings(args.store, args.database, getattr(args, "host", env.host),
                        getattr(args, "grpc_port", env.grpc_port), getattr(args, "http_port", env.http_port),
                        getattr(args, "auth", env.auth), env.auth_cache_ttl, getattr(args, "tls_cert", env.tls_cert),
@@ -142,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return loop.run_until_complete(_serve(args))
         finally:
             loop.close()
-    except (StoreError, ValueError, OSError) as exc:
+    except (StoreError, ValueError, OSError, TrackhouseError, QueryError) as exc:
         print(f"trackhouse: error: {exc}", file=sys.stderr)
         return 2
 

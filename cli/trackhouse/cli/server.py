@@ -2,7 +2,7 @@
 
 `EmbeddedServer` owns the gRPC server and the store it opened; the ingest and
 query apps register their services on it, plus the standard gRPC health
-service. The HTTP listener serves /metrics, /health and the MLflow REST API,
+service. The HTTP listener serves /metrics, /health, `POST /api/v1/sql` and the MLflow REST API,
 whose writes reach ingest through `GrpcIngestPort` — a gRPC channel to the
 ingest address (here our own port), as they would across processes. `start()`
 returns the bound port (port 0 picks a free one, as tests do). `ServerThread`
@@ -38,6 +38,8 @@ from trackhouse.query.app import QueryApp
 from trackhouse.query.http.errors import IngestCallError
 from trackhouse.query.http.mlflow_api import MlflowApi
 from trackhouse.query.http.routes import mlflow_routes
+from trackhouse.query.http.sql import sql_routes
+from trackhouse.query.scope import sql_experiments
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store, open_store
 from trackhouse.store.auth import Authenticator, current_principal
@@ -294,7 +296,8 @@ class EmbeddedServer:
             assert isinstance(query_app, QueryApp)
             self._ingest_port = GrpcIngestPort(internal, size)
             api = MlflowApi(self.store, query_app.search, query_app.history, self._ingest_port)
-            http_app: Any = build_app(self.registry, self.health, mlflow_routes(api))
+            routes = [*mlflow_routes(api), *sql_routes(query_app.sql, sql_experiments)]
+            http_app: Any = build_app(self.registry, self.health, routes)
             if self.authenticator is not None:
                 http_app = HttpAuthMiddleware(http_app, self.authenticator)
             self._http = HttpListener(http_app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)

@@ -290,6 +290,17 @@ class Client:
             max_results=max_results, page_size=page_size, run_view=run_view,
         )  # fmt: skip
 
+    def sql(self, query: str, *, timeout: float | None = None) -> Any:
+        """Run one read-only SELECT on the server (docs/sql.md); the answer as a ``pyarrow.Table``.
+
+        ``.to_pandas()`` on it gives a DataFrame when pandas is installed. A refused query
+        raises InvalidArgument saying what is not allowed; a limit hit raises the server's
+        RESOURCE_EXHAUSTED error naming the limit. ``timeout``: seconds (default: the RPC timeout).
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise UsageError("sql: pass one SELECT statement as a string")
+        return reads.sql_table(self.transport.sql(query_pb2.SqlRequest(query=query), timeout))
+
     def metric_history(self, run_id: str, key: str, min_step: int | None = None, max_step: int | None = None) -> Any:
         """Every point of one series as a ``pyarrow.Table`` (step, timestamp, value), step order."""
         return reads.history_table(*reads.history_arrays(self.transport, run_id, key, min_step, max_step))

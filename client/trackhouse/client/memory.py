@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from trackhouse.client.errors import AlreadyExists, InvalidArgument, NotFound, ServerUnavailable
+from trackhouse.client.errors import AlreadyExists, InvalidArgument, NotFound, ServerUnavailable, UsageError
 from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 
 _Point = tuple[int, int, float]
@@ -216,6 +216,9 @@ class MemoryTransport:
                                     strict=True))  # fmt: skip
         return query_pb2.MetricHistory(run_id=request.run_id, key=request.key, steps=steps.tobytes(),
                                        timestamps=times.tobytes(), values=values.tobytes())
+
+    def sql(self, request: query_pb2.SqlRequest, timeout: float | None = None) -> Iterator[query_pb2.SqlChunk]:
+        raise UsageError("MemoryTransport does not run SQL: connect to a trackhouse server")
 
     def reopen(self) -> None:
         pass

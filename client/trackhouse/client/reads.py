@@ -130,3 +130,13 @@ def history_table(steps: np.ndarray[Any, Any], timestamps: np.ndarray[Any, Any],
         ],
         schema=schema,
     )
+
+
+def sql_table(chunks: Iterator[query_pb2.SqlChunk]) -> Any:
+    """The ``pyarrow.Table`` of one SQL answer: the chunks joined into one Arrow IPC stream."""
+    try:
+        import pyarrow as pa
+    except ImportError:  # the light client does not depend on pyarrow
+        raise UsageError("sql needs pyarrow: pip install pyarrow") from None
+    data = b"".join(chunk.arrow for chunk in chunks)
+    return pa.ipc.open_stream(data).read_all()

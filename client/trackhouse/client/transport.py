@@ -94,6 +94,7 @@ class Transport(Protocol):
     def get_run(self, request: query_pb2.GetRunRequest) -> common_pb2.Run: ...
     def search_runs(self, request: query_pb2.SearchRunsRequest) -> query_pb2.SearchRunsResponse: ...
     def get_metric_history(self, request: query_pb2.GetMetricHistoryRequest) -> query_pb2.MetricHistory: ...
+    def sql(self, request: query_pb2.SqlRequest, timeout: float | None = None) -> Iterator[query_pb2.SqlChunk]: ...
     def reopen(self) -> None:
         """In a forked child: replace connections inherited from the parent (no I/O on them)."""
     def close(self) -> None: ...
@@ -248,6 +249,16 @@ class GrpcTransport:
 
     def get_metric_history(self, request: query_pb2.GetMetricHistoryRequest) -> query_pb2.MetricHistory:
         return self._call(self._query.GetMetricHistory, request, query_pb2.MetricHistory)
+
+    def sql(self, request: query_pb2.SqlRequest, timeout: float | None = None) -> Iterator[query_pb2.SqlChunk]:
+        """The chunks of one SQL answer, read as they arrive (deadline: `timeout` or the RPC timeout)."""
+        try:
+            for chunk in self._query.Sql(request, timeout=self._timeout if timeout is None else timeout):
+                yield cast(query_pb2.SqlChunk, chunk)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        except ValueError as exc:
+            raise ServerUnavailable(f"channel closed: {exc}") from None
 
     def close(self) -> None:
         self._ingest_channel.close()

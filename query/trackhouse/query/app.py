@@ -12,9 +12,11 @@ from typing import Any
 from trackhouse.proto.v1 import query_pb2_grpc
 from trackhouse.query.downsample import MetricCharts
 from trackhouse.query.history import MetricHistory
+from trackhouse.query.scope import sql_experiments
 from trackhouse.query.search import RunSearch
 from trackhouse.query.service import QueryServicer
 from trackhouse.query.settings import QuerySettings
+from trackhouse.query.sql import SqlQueries
 from trackhouse.query.tokens import TokenCodec
 from trackhouse.store import Store
 
@@ -35,7 +37,9 @@ class QueryApp:
         self.search = RunSearch(store, tokens, self.settings)
         self.history = MetricHistory(store, tokens, self.settings)
         self.charts = MetricCharts(store, self.settings)
-        self.servicer = QueryServicer(store, self.search, self.history, self.charts)
+        self.sql = SqlQueries(store, self.settings)
+        self.servicer = QueryServicer(store, self.search, self.history, self.charts, self.sql,
+                                      sql_scope=sql_experiments)
         query_pb2_grpc.add_QueryServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:

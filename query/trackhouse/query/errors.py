@@ -2,8 +2,11 @@
 
     QueryError              base; never raised itself
     ├── InvalidArgument     a bad filter, order_by, page token or limit     → INVALID_ARGUMENT
-    └── NotFound            a run that does not exist                        → NOT_FOUND
+    ├── NotFound            a run that does not exist                        → NOT_FOUND
+    └── ResourceExhausted   a SQL query hit one of its limits (time, rows,   → RESOURCE_EXHAUSTED
+                            bytes, memory); the message names the limit
 
+`SqlRefused` (trackhouse.query.sqlcheck) is an InvalidArgument too.
 `FilterError` (from trackhouse.query.filters) is an InvalidArgument too: the
 service treats both alike. Store errors map to UNAVAILABLE.
 """
@@ -20,4 +23,8 @@ class InvalidArgument(QueryError, ValueError):
 
 
 class NotFound(QueryError):
+    pass
+
+
+class ResourceExhausted(QueryError):
     pass

@@ -22,6 +22,12 @@ def allowed_experiments() -> tuple[str, ...] | None:
     return None if experiments is None else tuple(sorted(experiments))
 
 
+def sql_experiments(*_call: object) -> frozenset[str] | None:
+    """The experiments the current caller's SQL may read (None: all); the SQL endpoint's
+    scope hook for gRPC (given the call's context) and HTTP (given the request)."""
+    return current_principal().experiments
+
+
 def check_visible(runs: Mapping[str, RunRecord], run_ids: Sequence[str], allowed: tuple[str, ...] | None) -> None:
     """Raise NotFound for the first run id that is absent or outside `allowed`."""
     if allowed is None:

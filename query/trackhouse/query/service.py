@@ -6,18 +6,21 @@ Owns the translation between wire messages and domain calls and, in
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import pyarrow as pa
 
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query.downsample import BucketRequest, Buckets, ExportRequest, MetricCharts
-from trackhouse.query.errors import InvalidArgument, NotFound, QueryError
+from trackhouse.query.errors import InvalidArgument, NotFound, QueryError, ResourceExhausted
 from trackhouse.query.filters import FilterError
 from trackhouse.query.history import HistoryRequest, MetricHistory
 from trackhouse.query.scope import allowed_experiments, check_visible
 from trackhouse.query.search import RunSearch, SearchRequest
+from trackhouse.query.sql import SqlQueries
+from trackhouse.query.sqlformat import IpcChunks, pieces
 from trackhouse.store import QueryTimeout, Store, StoreError
 from trackhouse.store.wire import run_to_pb
 
@@ -32,6 +35,8 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, QueryTimeout):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"query time limit (TRACKHOUSE_QUERY_MAX_QUERY_SECONDS) exceeded: {exc}")
+    if isinstance(exc, ResourceExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, f"store error: {exc}"
     return grpc.StatusCode.INTERNAL, "internal error"
@@ -55,13 +60,40 @@ def _view(value: int) -> str:
         raise InvalidArgument(f"run_view_type: unknown value {value}") from None
 
 
+# Which experiments a call may read with SQL: None = all (auth wires the principal's set here).
+SqlScope = Callable[[grpc.aio.ServicerContext], "frozenset[str] | None"]
+
+
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     def __init__(self, store: Store, search: RunSearch, history: MetricHistory,
-                 charts: MetricCharts | None = None) -> None:
+                 charts: MetricCharts | None = None, sql: SqlQueries | None = None,
+                 sql_scope: SqlScope = lambda _: None) -> None:
         self._store = store
         self._search = search
         self._history = history
         self._charts = charts or MetricCharts(store, search.settings)
+        self._sql = sql or SqlQueries(store, search.settings)
+        self._sql_scope = sql_scope
+
+    async def Sql(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """One Arrow IPC stream in chunks: schema first, then batches as the engine makes them."""
+        try:
+            async with self._sql.run(request.query, experiment_ids=self._sql_scope(context)) as answer:
+                chunks: IpcChunks | None = None
+                if answer.schema is not None:
+                    chunks = IpcChunks(answer.schema)
+                    yield query_pb2.SqlChunk(arrow=chunks.take())
+                async for batch in answer:
+                    if chunks is None:
+                        chunks = IpcChunks(batch.schema)
+                    for piece in pieces(batch):
+                        yield query_pb2.SqlChunk(arrow=chunks.write(piece), rows=piece.num_rows)
+                if chunks is None:
+                    chunks = IpcChunks(pa.schema([]))
+                yield query_pb2.SqlChunk(arrow=chunks.close())
+        except (QueryError, FilterError, StoreError) as exc:
+            code, message = status_for(exc)
+            await context.abort(code, message)
 
     async def _check_visible(self, run_ids: tuple[str, ...]) -> None:
         allowed = allowed_experiments()

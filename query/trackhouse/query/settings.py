@@ -11,6 +11,11 @@ Every variable (all optional):
     TRACKHOUSE_QUERY_MAX_EXPORT_POINTS      most points in one metrics export (default 50000000)
     TRACKHOUSE_QUERY_MAX_QUERY_SECONDS      longest a store read may run (ClickHouse max_execution_time);
                                             past it the call fails with RESOURCE_EXHAUSTED (default 30.0)
+    TRACKHOUSE_QUERY_SQL_MAX_EXECUTION_TIME seconds one SQL query may run (default 30)
+    TRACKHOUSE_QUERY_SQL_MAX_RESULT_ROWS    rows one SQL answer may hold (default 10000000)
+    TRACKHOUSE_QUERY_SQL_MAX_RESULT_BYTES   bytes one SQL answer may hold, uncompressed (default 268435456)
+    TRACKHOUSE_QUERY_SQL_MAX_MEMORY_USAGE   bytes of memory one SQL query may use (default 4294967296)
+    TRACKHOUSE_QUERY_SQL_MAX_QUERY_LENGTH   longest SQL text accepted (default 100000 characters)
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ class QuerySettings:
     max_export_runs: int = 10_000
     max_export_points: int = 50_000_000
     max_query_seconds: float = 30.0
+    sql_max_execution_time: int = 30
+    sql_max_result_rows: int = 10_000_000
+    sql_max_result_bytes: int = 256 * 1024 * 1024
+    sql_max_memory_usage: int = 4 * 1024 * 1024 * 1024
+    sql_max_query_length: int = 100_000
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -190,7 +190,7 @@ _INGEST = "/trackhouse.v1.IngestService/"
 _QUERY = "/trackhouse.v1.QueryService/"
 GRPC_SCOPES: dict[str, Scope] = {
     **{_QUERY + m: Scope.READ for m in (
-        "SearchRuns", "GetRun", "GetMetricHistory", "GetMetricBuckets", "ExportMetrics")},
+        "SearchRuns", "GetRun", "GetMetricHistory", "GetMetricBuckets", "ExportMetrics", "Sql")},
     _INGEST + "GetExperiment": Scope.READ,
     **{_INGEST + m: Scope.WRITE for m in (
         "CreateExperiment", "CreateRun", "UpdateRun", "LogParams", "SetTags", "StreamMetrics", "LogMetrics",
@@ -205,7 +205,7 @@ MLFLOW_READS = frozenset({
     "metrics/get-history", "metrics/get-history-bulk-interval",
 })
 # /metrics shows server-wide counters (no experiment data): any valid token may scrape it.
-HTTP_SCOPES: dict[str, Scope | None] = {"/health": None, "/metrics": Scope.READ}
+HTTP_SCOPES: dict[str, Scope | None] = {"/health": None, "/metrics": Scope.READ, "/api/v1/sql": Scope.READ}
 
 
 def grpc_scope(method: str) -> Scope | None:

@@ -11,6 +11,8 @@ No `clickhouse_connect` exception leaves this package: `translate()` is the seam
 
 from __future__ import annotations
 
+import re
+
 
 class StoreError(Exception):
     """Base class of every store error."""
@@ -25,7 +27,11 @@ class InvalidDSN(StoreError, ValueError):
 
 
 class QueryFailed(StoreError):
-    """The engine refused or failed a statement."""
+    """The engine refused or failed a statement; `code` is ClickHouse's error code when known."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class QueryTimeout(QueryFailed):
@@ -42,11 +48,17 @@ def translate(exc: BaseException) -> StoreError:
 
     if isinstance(exc, StoreError):
         return exc
-    if isinstance(exc, ch.OperationalError):
+    code = getattr(exc, "code", None)
+    if not isinstance(code, int):  # e.g. an error in the middle of a streamed answer
+        found = re.search(r"\bcode:? (\d+)", str(exc), re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    # An error the server answered with (it has a ClickHouse code) is about the statement,
+    # even when it arrives mid-stream as a transport-level error.
+    if isinstance(exc, ch.OperationalError) and code is None:
         return StoreUnavailable(str(exc))
     if "NOT_ENOUGH_SPACE" in str(exc) or "No space left on device" in str(exc):
         # Disk full (ClickHouse error 243, or ENOSPC from the filesystem): retryable once space returns.
         return StoreUnavailable(f"the store is out of disk space: {exc}")
-    if any(code in str(exc) for code in _TIMEOUT_CODES):
-        return QueryTimeout(str(exc))
-    return QueryFailed(str(exc))
+    if any(marker in str(exc) for marker in _TIMEOUT_CODES):
+        return QueryTimeout(str(exc), code)
+    return QueryFailed(str(exc), code)

@@ -467,3 +467,18 @@ _EXPERIMENT_TAGS = (
 
 MIGRATIONS = (*MIGRATIONS, Migration(6, "experiment_tags: experiment tags out of the run tags table",
                                      _EXPERIMENT_TAGS))
+
+
+# Migration 7: the SQL sandbox (docs/sql.md). User SQL runs on connections whose current
+# database is this one, which holds nothing: the validator admits only trackhouse's
+# table names, which the SQL endpoint defines as CTEs over {db}; should a name ever
+# slip past the validator it resolves here and fails instead of reading another table.
+SANDBOX_SUFFIX = "_sql"
+
+
+def sandbox_database(db: str) -> str:
+    return check_identifier(db) + SANDBOX_SUFFIX
+
+
+MIGRATIONS = (*MIGRATIONS, Migration(7, "sql sandbox: an empty database for user SQL",
+                                     ("CREATE DATABASE IF NOT EXISTS {db}" + SANDBOX_SUFFIX,)))

@@ -31,6 +31,7 @@ from trackhouse.store.records import (
     RunRecord,
     TokenRecord,
 )
+from trackhouse.store.sandbox import SqlSandbox
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -60,6 +61,7 @@ class Store:
         self._readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(max_workers=readers + 1, thread_name_prefix="trackhouse-store")
         self._closed = False
+        self._sandbox: SqlSandbox | None = None
         # Applied to every read: ClickHouse stops a read past it (TIMEOUT_EXCEEDED → QueryTimeout).
         self._read_settings: dict[str, Any] = {}
 
@@ -81,6 +83,8 @@ class Store:
             return
         self._closed = True
         self._executor.shutdown(wait=True)
+        if self._sandbox is not None:
+            self._sandbox.close()
         clients = [self._writer]
         while not self._readers.empty():
             clients.append(self._readers.get_nowait())
@@ -93,6 +97,13 @@ class Store:
         """Run a blocking store method on the store's thread pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    @property
+    def sandbox(self) -> SqlSandbox:
+        """The SQL endpoint's own connections (opened on first use; schema migration 4)."""
+        if self._sandbox is None:
+            self._sandbox = SqlSandbox(self.dsn, schema.sandbox_database(self.database), self._reader_count)
+        return self._sandbox
 
     def t(self, table: str) -> str:
         """The qualified name of one of our tables (never user text)."""

@@ -138,3 +138,17 @@ class ExportMetricsResponse(_message.Message):
     arrow_stream: bytes
     rows: int
     def __init__(self, arrow_stream: _Optional[bytes] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class SqlRequest(_message.Message):
+    __slots__ = ("query",)
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    def __init__(self, query: _Optional[str] = ...) -> None: ...
+
+class SqlChunk(_message.Message):
+    __slots__ = ("arrow", "rows")
+    ARROW_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    arrow: bytes
+    rows: int
+    def __init__(self, arrow: _Optional[bytes] = ..., rows: _Optional[int] = ...) -> None: ...

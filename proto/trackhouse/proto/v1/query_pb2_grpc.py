@@ -60,6 +60,11 @@ class QueryServiceStub:
                 request_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsRequest.SerializeToString,
                 response_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsResponse.FromString,
                 _registered_method=True)
+        self.Sql = channel.unary_stream(
+                '/trackhouse.v1.QueryService/Sql',
+                request_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.SqlRequest.SerializeToString,
+                response_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.SqlChunk.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -97,6 +102,13 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sql(self, request, context):
+        """Read-only SQL over trackhouse's tables (docs/sql.md), streamed as it is computed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +136,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ExportMetrics,
                     request_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsRequest.FromString,
                     response_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsResponse.SerializeToString,
+            ),
+            'Sql': grpc.unary_stream_rpc_method_handler(
+                    servicer.Sql,
+                    request_deserializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.SqlRequest.FromString,
+                    response_serializer=trackhouse_dot_proto_dot_v1_dot_query__pb2.SqlChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +278,33 @@ class QueryService:
             '/trackhouse.v1.QueryService/ExportMetrics',
             trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsRequest.SerializeToString,
             trackhouse_dot_proto_dot_v1_dot_query__pb2.ExportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sql(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trackhouse.v1.QueryService/Sql',
+            trackhouse_dot_proto_dot_v1_dot_query__pb2.SqlRequest.SerializeToString,
+            trackhouse_dot_proto_dot_v1_dot_query__pb2.SqlChunk.FromString,
             options,
             channel_credentials,
             insecure,

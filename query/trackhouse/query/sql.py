@@ -1,0 +1,200 @@
+"""Read-only analytical SQL over trackhouse's tables: validate, restrict, run with limits, stream Arrow.
+
+The entry point is `SqlQueries.stream(query, experiment_ids=...)`, an async
+iterator of pyarrow RecordBatches shared by the gRPC `Sql` RPC, the HTTP
+`POST /api/v1/sql` route and `trackhouse sql --store`.
+
+How a query runs (docs/sql.md):
+1. Its length is checked, then ClickHouse's parser parses it — the text bound as a
+   parameter of `parseQueryToJSON` / `formatQuery`, so nothing in it executes
+   (pasting it after `EXPLAIN AST` would not do: chDB runs every statement of a
+   multi-statement string).
+2. `sqlcheck.check` walks the AST: one SELECT over the stable table names only.
+3. The query, as ClickHouse formatted it (no comments, one statement; refused if
+   re-parsing the formatted text does not give the same AST), becomes a subquery
+   under CTEs that define each stable name over trackhouse's database; with
+   `experiment_ids` every CTE keeps only those experiments' rows, through a bound
+   parameter (`{th_experiments:Array(String)}`), never pasted text.
+4. It runs on the store's sandbox connections (current database: an empty one)
+   with readonly=2 and the limits of `QuerySettings` (TRACKHOUSE_QUERY_SQL_*).
+Engine errors become `ResourceExhausted` (a limit, named) or `InvalidArgument`
+(ClickHouse's message); an unreachable store stays a StoreError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from trackhouse.query.errors import InvalidArgument, ResourceExhausted
+from trackhouse.query.settings import QuerySettings
+from trackhouse.query.sqlcheck import TABLES, check
+from trackhouse.store import QueryFailed, Store, StoreError
+from trackhouse.store.schema import latest_step, latest_timestamp, latest_value
+
+_EXPERIMENTS = "{th_experiments:Array(String)}"
+_BY_EXPERIMENT = f" WHERE experiment_id IN {_EXPERIMENTS}"
+_BY_RUN = f" WHERE run_id IN (SELECT run_id FROM {{db}}.runs WHERE experiment_id IN {_EXPERIMENTS})"
+
+# The stable names (sqlcheck.TABLES) as SELECTs over the database; `{where}` is the
+# restriction, empty when unrestricted. Mutable tables show their latest state.
+CATALOG: dict[str, tuple[str, str]] = {
+    "experiments": ("SELECT experiment_id, name, artifact_location, lifecycle_stage, creation_time, "
+                    "last_update_time FROM {db}.experiments FINAL{where}", _BY_EXPERIMENT),
+    "runs": ("SELECT run_id, experiment_id, run_name, user_id, status, start_time, end_time, lifecycle_stage, "
+             "artifact_uri FROM {db}.runs FINAL{where}", _BY_EXPERIMENT),
+    "params": ("SELECT run_id, key, value FROM {db}.params FINAL{where}", _BY_RUN),
+    "tags": ("SELECT run_id, key, value FROM (SELECT run_id, key, value, deleted FROM {db}.tags FINAL{where}) "
+             "WHERE deleted = 0", _BY_RUN),
+    "metrics": ("SELECT run_id, key, step, timestamp, value FROM {db}.metrics{where}", _BY_RUN),
+    "latest_metrics": (f"SELECT run_id, key, {latest_step('max(last_key)')} AS step, "
+                       f"{latest_timestamp('max(last_key)')} AS timestamp, "
+                       f"{latest_value('max(last_key)')} AS value, "
+                       "min(min_value) AS min_value, max(max_value) AS max_value, "
+                       "sum(count) AS count FROM {db}.latest_metrics{where} GROUP BY run_id, key", _BY_RUN),
+    "experiment_tags": ("SELECT experiment_id, key, value FROM (SELECT experiment_id, key, value, deleted "
+                        "FROM {db}.experiment_tags FINAL{where}) WHERE deleted = 0", _BY_EXPERIMENT),
+}
+assert tuple(CATALOG) == TABLES
+
+# ClickHouse error codes of the limits we set → what to call them.
+_TIMEOUT = frozenset({159, 160})  # TIMEOUT_EXCEEDED, TOO_SLOW
+_RESULT = frozenset({396})  # TOO_MANY_ROWS_OR_BYTES
+_MEMORY = frozenset({241})  # MEMORY_LIMIT_EXCEEDED
+_COMPLEXITY = frozenset({167, 168, 306})  # TOO_DEEP_AST, TOO_BIG_AST, TOO_DEEP_RECURSION
+_CH_MESSAGE = re.compile(r"DB::Exception: (.*?)(?: \(version [^)]*\))?\.?$", re.S)
+
+
+@dataclass(frozen=True)
+class PreparedSql:
+    sql: str
+    parameters: dict[str, Any] | None
+    tables: frozenset[str]  # the stable names the query reads
+
+
+class SqlQueries:
+    def __init__(self, store: Store, settings: QuerySettings | None = None) -> None:
+        self._store = store
+        self.settings = settings or QuerySettings()
+
+    def engine_settings(self) -> dict[str, Any]:
+        """ClickHouse settings of every SQL call, in the order applied: readonly last."""
+        s = self.settings
+        return {
+            "max_execution_time": s.sql_max_execution_time,
+            "max_result_rows": s.sql_max_result_rows,
+            "max_result_bytes": s.sql_max_result_bytes,
+            "result_overflow_mode": "throw",
+            "max_memory_usage": s.sql_max_memory_usage,
+            "readonly": 2,
+        }
+
+    # -- blocking steps (threads) -------------------------------------------------------
+
+    def prepare(self, query: str, experiment_ids: frozenset[str] | None = None) -> PreparedSql:
+        """Validate `query` and build what runs; raises SqlRefused / InvalidArgument."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidArgument("query: required (one SELECT statement)")
+        if len(query) > self.settings.sql_max_query_length:
+            raise InvalidArgument(f"query of {len(query)} characters; the limit is "
+                                  f"{self.settings.sql_max_query_length} (TRACKHOUSE_QUERY_SQL_MAX_QUERY_LENGTH)")
+        try:
+            parsed = self._store.sandbox.parse(query, self.engine_settings())
+        except QueryFailed as exc:
+            raise InvalidArgument(f"cannot parse the query: {_message(exc)}") from None
+        tables = check(parsed.ast_json)
+        if not parsed.round_trip:
+            raise InvalidArgument("query is not allowed: ClickHouse formats it into a different query")
+        return PreparedSql(*self.wrap(parsed.formatted, experiment_ids), tables)
+
+    def wrap(self, formatted: str, experiment_ids: frozenset[str] | None) -> tuple[str, dict[str, Any] | None]:
+        """The validated query under the CTEs that define the stable names."""
+        db = self._store.database
+        # str.replace, not format: the restriction holds a {name:Type} placeholder.
+        ctes = ",\n".join(
+            f"{name} AS ({select.replace('{where}', '' if experiment_ids is None else where).replace('{db}', db)})"
+            for name, (select, where) in CATALOG.items()
+        )
+        params = None if experiment_ids is None else {"th_experiments": sorted(experiment_ids)}
+        return f"WITH {ctes}\nSELECT * FROM (\n{formatted}\n)", params
+
+    def _next(self, batches: Iterator[Any]) -> Any:
+        with self._errors():
+            return next(batches, None)
+
+    def _open(self, prepared: PreparedSql) -> tuple[Any, Any, Iterator[Any]]:
+        context = self._store.sandbox.stream(prepared.sql, prepared.parameters, self.engine_settings())
+        with self._errors():
+            schema, batches = context.__enter__()
+        return context, schema, batches
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except QueryFailed as exc:
+            raise self.domain_error(exc) from None
+
+    def domain_error(self, exc: QueryFailed) -> Exception:
+        """The query-domain error for an engine error of a user's query."""
+        s, code, text = self.settings, exc.code, _message(exc)
+        if code in _TIMEOUT:
+            return ResourceExhausted(f"time limit: max_execution_time = {s.sql_max_execution_time} s "
+                                     f"(TRACKHOUSE_QUERY_SQL_MAX_EXECUTION_TIME): {text}")
+        if code in _RESULT:
+            return ResourceExhausted(
+                f"result limit: max_result_rows = {s.sql_max_result_rows}, max_result_bytes = "
+                f"{s.sql_max_result_bytes} (TRACKHOUSE_QUERY_SQL_MAX_RESULT_ROWS / _BYTES): {text}")
+        if code in _MEMORY:
+            return ResourceExhausted(f"memory limit: max_memory_usage = {s.sql_max_memory_usage} bytes "
+                                     f"(TRACKHOUSE_QUERY_SQL_MAX_MEMORY_USAGE): {text}")
+        if code in _COMPLEXITY:
+            return ResourceExhausted(f"complexity limit: {text}")
+        if code is None:
+            return exc  # not an answer about the query: the store failed
+        return InvalidArgument(f"query failed: {text}")
+
+    # -- the entry point ------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def run(self, query: str, *, experiment_ids: frozenset[str] | None = None) -> AsyncIterator[SqlAnswer]:
+        """Validate and start `query`: `async with sql.run(q) as answer:` then `answer.schema`
+        and `async for batch in answer` (pyarrow RecordBatches, as the engine produces them).
+
+        `experiment_ids`: None reads every experiment; a set restricts every table to the
+        rows of those experiments (an empty set sees no rows). Raises on entry when the query
+        is refused (SqlRefused / InvalidArgument); a limit hit raises ResourceExhausted, on
+        entry or while iterating.
+        """
+        store = self._store
+        prepared = await store.call(self.prepare, query, experiment_ids)
+        context, schema, batches = await store.call(self._open, prepared)
+        try:
+            yield SqlAnswer(self, schema, batches)
+        finally:
+            await store.call(context.__exit__, None, None, None)
+
+
+class SqlAnswer:
+    """The answer of one running query: its Arrow schema, then its record batches."""
+
+    def __init__(self, queries: SqlQueries, schema: Any, batches: Iterator[Any]) -> None:
+        self._queries = queries
+        self._batches = batches
+        self.schema = schema
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        queries = self._queries
+        while (batch := await queries._store.call(queries._next, self._batches)) is not None:
+            yield batch
+
+
+def _message(exc: StoreError) -> str:
+    """ClickHouse's own sentence from an engine error (without the code and version)."""
+    text = str(exc).strip()
+    found = _CH_MESSAGE.search(text)
+    text = (found.group(1) if found else text).strip()
+    return text.split(": In scope ", 1)[0].split(". In scope ", 1)[0]
