@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -21,15 +22,18 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from trackhouse.store import schema
+from trackhouse.store import layout, schema
 from trackhouse.store.dsn import DSN, connect, parse_dsn
-from trackhouse.store.errors import StoreError, translate
+from trackhouse.store.errors import InvalidDSN, QueryFailed, StoreError, translate
 from trackhouse.store.records import (
     ExperimentRecord,
     LatestMetricRecord,
     RunDetails,
     RunRecord,
 )
+from trackhouse.store.settings import StoreSettings
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -49,9 +53,14 @@ def new_version() -> int:
 class Store:
     """Typed access to one trackhouse database. Build it with `open_store`."""
 
-    def __init__(self, dsn: DSN, database: str, readers: int = 2) -> None:
+    def __init__(self, dsn: DSN, database: str, readers: int = 2, settings: StoreSettings | None = None) -> None:
         self.dsn = dsn
         self.database = schema.check_identifier(database)
+        self.settings = settings or StoreSettings()
+        if self.settings.cluster is not None and dsn.embedded:
+            raise InvalidDSN(f"cluster {self.settings.cluster!r}: cluster mode needs a ClickHouse server "
+                             "(http(s)://…), not the embedded store")
+        self.layout = layout.Layout(self.database, self.settings.cluster)
         self._reader_count = readers
         self._writer: Any = None
         self._write_lock = threading.Lock()
@@ -62,9 +71,10 @@ class Store:
     # -- lifecycle -------------------------------------------------------------
 
     def open(self) -> None:
-        self._writer = connect(self.dsn)
+        options = self.settings
+        self._writer = connect(self.dsn, layout.client_settings(self.layout, writer=True), options)
         for _ in range(self._reader_count):
-            self._readers.put(connect(self.dsn))
+            self._readers.put(connect(self.dsn, layout.client_settings(self.layout, writer=False), options))
 
     def close(self) -> None:
         if self._closed:
@@ -144,22 +154,64 @@ class Store:
     # -- schema ---------------------------------------------------------------
 
     def migrate(self) -> list[int]:
-        """Create the database and apply missing migrations; return the versions applied."""
-        db = self.database
-        self.command(f"CREATE DATABASE IF NOT EXISTS {db}")
-        self.command(schema.MIGRATIONS_TABLE.format(db=db))
-        done = {row[0] for row in self.query_rows(f"SELECT version FROM {db}.schema_migrations")}
+        """Create the database and apply missing migrations; return the versions applied.
+
+        Safe to run from several replicas at once: each migration is claimed by creating
+        its lock table (exactly one CREATE succeeds), the others wait until the version is
+        recorded, which happens only after every statement of the migration returned.
+        """
+        self.command(layout.create_database(self.layout))
+        for statement in layout.render(schema.MIGRATIONS_TABLE, self.layout):
+            self.command(statement)
         applied = []
         for migration in schema.MIGRATIONS:
-            if migration.version in done:
+            if self._applied(migration.version) or not self._claim(migration.version):
                 continue
-            for statement in migration.statements:
-                self.command(statement.format(db=db))
+            for template in migration.statements:
+                for statement in layout.render(template, self.layout):
+                    self.command(statement)
             self.insert_rows(
                 "schema_migrations", ("version", "description"), [(migration.version, migration.description)]
             )
             applied.append(migration.version)
         return applied
+
+    def _applied(self, version: int) -> bool:
+        rows = self.query_rows(f"SELECT count() FROM {self.t('schema_migrations')} WHERE version = {{v:UInt32}}",
+                               {"v": version})
+        return bool(rows and rows[0][0])
+
+    def _claim(self, version: int) -> bool:
+        """Own migration `version` (True), or wait until another migrator applied it (False)."""
+        name, create = layout.migration_lock(self.layout, version)
+        timeout = self.settings.migration_lock_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.command(create)
+            except QueryFailed as exc:
+                if "TABLE_ALREADY_EXISTS" not in str(exc) and "Code: 57." not in str(exc):
+                    raise
+            else:
+                return not self._applied(version)  # it may have finished just before our CREATE
+            if self._applied(version):
+                return False
+            age = self._table_age(name)
+            if age is not None and age > timeout:
+                log.warning("migration %d: taking over %s.%s, left %.0f s ago by a migrator that did not finish",
+                            version, self.database, name, age)
+                self.command(f"DROP TABLE IF EXISTS {self.t(name)}{self.layout.on_cluster}")
+                continue
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"migration {version}: another migrator holds {self.t(name)} and has not finished after "
+                    f"{timeout:.0f} s; if it died, drop that table (DROP TABLE {self.t(name)}) and run migrate again")
+            time.sleep(0.1)  # polling the store: there is no notification to wait on
+
+    def _table_age(self, name: str) -> float | None:
+        rows = self.query_rows("SELECT dateDiff('second', metadata_modification_time, now()) FROM system.tables "
+                               "WHERE database = {d:String} AND name = {n:String}", {"d": self.database, "n": name})
+        return float(rows[0][0]) if rows else None
 
     def schema_version(self) -> int:
         rows = self.query_rows(f"SELECT max(version) FROM {self.t('schema_migrations')}")
@@ -251,6 +303,16 @@ class Store:
 
     # -- metrics --------------------------------------------------------------------
 
+    def insert_metrics(self, data: Any) -> None:
+        """Insert one flush of metric rows (a pyarrow Table with writer_id and seq) in one INSERT.
+
+        On a cluster the writers' marks are written after the whole INSERT returned (see
+        trackhouse.store.layout); on one node a materialized view keeps them.
+        """
+        self.insert_arrow("metrics", data)
+        if self.layout.cluster is not None:
+            self.insert_arrow("writer_progress", progress_rows(data))
+
     def writer_max_seq(self, writer_id: str) -> int:
         """The greatest batch seq stored for `writer_id` (0 if none)."""
         rows = self.query_rows(
@@ -295,9 +357,19 @@ class Store:
         return [RunDetails(infos[r], params[r], tags[r], metrics[r]) for r in ids]
 
 
-def open_store(dsn: str, database: str = "trackhouse", *, readers: int = 2, migrate: bool = True) -> Store:
+def progress_rows(data: Any) -> Any:
+    """writer_id, max_seq per writer of a metrics table (vectorised, no per-row Python)."""
+    import pyarrow as pa
+
+    writers = data.select(["writer_id", "seq"]).cast(pa.schema([("writer_id", pa.string()), ("seq", pa.uint64())]))
+    out = writers.group_by("writer_id").aggregate([("seq", "max")])
+    return pa.table({"writer_id": out["writer_id"], "max_seq": out["seq_max"]})
+
+
+def open_store(dsn: str, database: str = "trackhouse", *, readers: int = 2, migrate: bool = True,
+               settings: StoreSettings | None = None) -> Store:
     """Open (and by default migrate) the store at `dsn`. Raises StoreError subclasses."""
-    store = Store(parse_dsn(dsn), database, readers=readers)
+    store = Store(parse_dsn(dsn), database, readers=readers, settings=settings)
     try:
         store.open()
         if migrate:

@@ -1,0 +1,131 @@
+"""Where the tables live: one node, or a cluster of shards and replicas. Pure functions, no I/O.
+
+The migrations in `schema` are written for one node. `render(statement, layout)`
+returns what to run for one of them:
+
+- one node: the statement with the database name filled in;
+- a cluster (`Layout(db, cluster="NAME")`), every DDL `ON CLUSTER NAME`:
+  - `CREATE TABLE {db}.t (…) ENGINE = XMergeTree(args) ORDER BY …` becomes the
+    shard-local table `{db}.t_local` with `ReplicatedXMergeTree('/clickhouse/tables/
+    {shard}/{db}/t_local', '{replica}', args)` and, under the old name, a
+    `Distributed(NAME, db, t_local, <sharding key>)` over it. Readers and writers
+    keep using `{db}.t`.
+  - The sharding key keeps one run on one shard (`cityHash64(run_id)`) for every
+    run-keyed table, so a run's series, its latest metrics, rollups and search
+    copies are co-located: materialized views run on the shard-local tables
+    (`… TO {db}.t_local AS SELECT … FROM {db}.s_local`) and never move rows
+    between shards, and FINAL / GROUP BY run_id per shard equals the global answer.
+  - `writer_progress` is sharded by writer and written by the store after the
+    whole metrics INSERT returned (`progress_rows`), not by a view on the shards:
+    a view would record a batch whose rows reached one shard while another shard
+    failed, and the resend would be taken for a duplicate (data lost). See
+    docs/deploy.md.
+  - back-fill `INSERT … SELECT` statements run unchanged, through the
+    Distributed tables.
+
+Identifiers (database, cluster) are whitelisted; nothing here is user text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from trackhouse.store.schema import check_identifier
+
+# Sharding expression per table; every other table is run-keyed.
+SHARD_KEYS = {
+    "experiments": "cityHash64(experiment_id)",
+    "writer_progress": "cityHash64(writer_id)",
+    "meta": "cityHash64(key)",
+    "schema_migrations": "version",
+}
+RUN_SHARD_KEY = "cityHash64(run_id)"
+# Views replaced by an explicit write in cluster mode (see the module docstring).
+CLUSTER_SKIPS_VIEWS = frozenset({"writer_progress_mv"})
+LOCAL_SUFFIX = "_local"
+ZK_PATH = "/clickhouse/tables/{shard}/%s/%s"
+
+_CREATE_TABLE = re.compile(
+    r"\s*CREATE TABLE IF NOT EXISTS (?P<db>\w+)\.(?P<name>\w+) \((?P<columns>.*)\)\s*"
+    r"ENGINE = (?P<engine>\w*MergeTree)(?:\((?P<args>[^()]*)\))?\s+(?P<rest>ORDER BY .*?)\s*",
+    re.DOTALL,
+)
+_CREATE_VIEW = re.compile(
+    r"\s*CREATE MATERIALIZED VIEW IF NOT EXISTS (?P<db>\w+)\.(?P<name>\w+) "
+    r"TO (?P<to_db>\w+)\.(?P<to>\w+) AS\s+(?P<select>.*?)\s*",
+    re.DOTALL,
+)
+_INSERT_SELECT = re.compile(r"\s*INSERT INTO \w+\.\w+\s.*SELECT\s.*", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Layout:
+    database: str
+    cluster: str | None = None
+
+    def __post_init__(self) -> None:
+        check_identifier(self.database)
+        if self.cluster is not None:
+            check_identifier(self.cluster, "cluster name")
+
+    @property
+    def on_cluster(self) -> str:
+        return f" ON CLUSTER {self.cluster}" if self.cluster else ""
+
+
+def create_database(layout: Layout) -> str:
+    return f"CREATE DATABASE IF NOT EXISTS {layout.database}{layout.on_cluster}"
+
+
+def migration_lock(layout: Layout, version: int) -> tuple[str, str]:
+    """(name, CREATE statement) of the table whose creation claims migration `version`.
+
+    CREATE TABLE without IF NOT EXISTS succeeds for exactly one of several racing
+    migrators (on a cluster: the first entry of the distributed DDL queue).
+    """
+    name = f"migration_lock_{int(version)}"
+    return name, (f"CREATE TABLE {layout.database}.{name}{layout.on_cluster} "
+                  "(owner String) ENGINE = Memory")
+
+
+def render(statement: str, layout: Layout) -> list[str]:
+    """The statements to run for one migration statement (its `{db}` template) in `layout`."""
+    sql = statement.format(db=layout.database)
+    if layout.cluster is None:
+        return [sql]
+    if m := _CREATE_TABLE.fullmatch(sql):
+        return _cluster_table(m, layout)
+    if m := _CREATE_VIEW.fullmatch(sql):
+        if m["name"] in CLUSTER_SKIPS_VIEWS:
+            return []
+        select = re.sub(rf"\bFROM {layout.database}\.(\w+)", rf"FROM {layout.database}.\1{LOCAL_SUFFIX}", m["select"])
+        return [f"CREATE MATERIALIZED VIEW IF NOT EXISTS {m['db']}.{m['name']}{layout.on_cluster} "
+                f"TO {m['to_db']}.{m['to']}{LOCAL_SUFFIX} AS {select}"]
+    if _INSERT_SELECT.fullmatch(sql):
+        return [sql]
+    raise ValueError(f"no cluster form for this statement; teach trackhouse.store.layout about it: {sql[:120]!r}")
+
+
+def _cluster_table(m: re.Match[str], layout: Layout) -> list[str]:
+    db, name, cluster = m["db"], m["name"], layout.cluster
+    local = name + LOCAL_SUFFIX
+    args = ", ".join(a for a in (f"'{ZK_PATH % (db, local)}'", "'{replica}'", (m["args"] or "").strip()) if a)
+    return [
+        f"CREATE TABLE IF NOT EXISTS {db}.{local}{layout.on_cluster} ({m['columns']}) "
+        f"ENGINE = Replicated{m['engine']}({args}) {m['rest']}",
+        f"CREATE TABLE IF NOT EXISTS {db}.{name}{layout.on_cluster} AS {db}.{local} "
+        f"ENGINE = Distributed({cluster}, {db}, {local}, {SHARD_KEYS.get(name, RUN_SHARD_KEY)})",
+    ]
+
+
+def client_settings(layout: Layout, writer: bool) -> dict[str, object]:
+    """ClickHouse settings every request of a client carries in this layout."""
+    if layout.cluster is None:
+        return {}
+    if writer:
+        # An ack means durable: the INSERT returns only once every shard has its rows
+        # (the default queues them on the initiator and sends them later).
+        return {"insert_distributed_sync": 1}
+    # IN / JOIN subqueries over Distributed tables run once, globally: always correct.
+    return {"distributed_product_mode": "global"}
