@@ -8,19 +8,27 @@ Command-line flags override these. Every variable (all optional):
     TRACKHOUSE_SERVER_HOST        address to bind (default 127.0.0.1, loopback only)
     TRACKHOUSE_SERVER_GRPC_PORT   gRPC port for ingest and query (default 50051; 0 picks a free one)
     TRACKHOUSE_SERVER_HTTP_PORT   HTTP port: Prometheus /metrics and /health (default 5000, as MLflow's)
+    TRACKHOUSE_SERVER_INGEST_ADDRESS
+                                  `trackhouse query` only: HOST:PORT of the ingest service (a load
+                                  balancer in front of the replicas) for MLflow REST writes;
+                                  unset: REST writes are refused
 
 The ingest and query services read their own TRACKHOUSE_INGEST_* and
-TRACKHOUSE_QUERY_* variables (trackhouse.ingest.settings, trackhouse.query.settings).
+TRACKHOUSE_QUERY_* variables (trackhouse.ingest.settings, trackhouse.query.settings), and
+the connection to a ClickHouse server TRACKHOUSE_STORE_* (trackhouse.store.settings).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from trackhouse.store import DEFAULT_DSN, parse_dsn
 from trackhouse.store.schema import check_identifier
+
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 5000
+    ingest_address: str = ""
 
     def __post_init__(self) -> None:
         parse_dsn(self.store)  # raises InvalidDSN saying what is accepted
@@ -37,6 +46,8 @@ class ServerSettings:
         for name in ("grpc_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} {getattr(self, name)} is not a TCP port (0..65535)")
+        if self.ingest_address and not _ADDRESS.fullmatch(self.ingest_address):
+            raise ValueError(f"ingest address {self.ingest_address!r}: expected HOST:PORT")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
@@ -52,5 +63,6 @@ class ServerSettings:
             store=env.get("TRACKHOUSE_SERVER_STORE", DEFAULT_DSN),
             database=env.get("TRACKHOUSE_SERVER_DATABASE", "trackhouse"),
             host=env.get("TRACKHOUSE_SERVER_HOST", "127.0.0.1"),
+            ingest_address=env.get("TRACKHOUSE_SERVER_INGEST_ADDRESS", ""),
             **ports,
         )

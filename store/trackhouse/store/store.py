@@ -213,6 +213,17 @@ class Store:
                                "WHERE database = {d:String} AND name = {n:String}", {"d": self.database, "n": name})
         return float(rows[0][0]) if rows else None
 
+    def check_schema(self) -> None:
+        """Raise StoreError unless the store's schema is the one this release needs."""
+        try:
+            version = self.schema_version()
+        except StoreError as exc:
+            raise StoreError(f"{self.dsn.redacted()} database {self.database}: no trackhouse schema ({exc}); "
+                             "run `trackhouse migrate` first") from None
+        if version < schema.latest_version():
+            raise StoreError(f"{self.dsn.redacted()} database {self.database}: schema at version {version}, "
+                             f"this release needs {schema.latest_version()}; run `trackhouse migrate`")
+
     def schema_version(self) -> int:
         rows = self.query_rows(f"SELECT max(version) FROM {self.t('schema_migrations')}")
         return int(rows[0][0]) if rows else 0
