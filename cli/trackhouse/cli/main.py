@@ -121,7 +121,7 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    seeding = asyncio.create_task(_seed_demo(address)) if args.demo else None
+    seeding = asyncio.create_task(_seed_demo(address)) if getattr(args, "demo", False) else None
     await stop.wait()
     if seeding is not None:
         seeding.cancel()
