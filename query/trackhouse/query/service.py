@@ -67,7 +67,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 page_token=request.page_token, view=_view(request.run_view_type),
                 include_total=request.include_total,
             )
-            return await self._store.call(self._search.search, req)
+            return await self._search.asearch(req)
 
         page = await _handle(context, call)
         response = query_pb2.SearchRunsResponse(runs=[run_to_pb(r) for r in page.runs],
@@ -80,7 +80,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         async def call() -> Any:
             if not request.run_id:
                 raise InvalidArgument("run_id: required")
-            runs = await self._store.call(self._store.get_run_details, [request.run_id])
+            runs = await self._store.arun(self._store.run_details_steps([request.run_id]))
             if not runs:
                 raise NotFound(f"run_id: no run {request.run_id!r}")
             return runs[0]
@@ -94,7 +94,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             max_step=request.max_step if request.HasField("max_step") else None,
             max_results=request.max_results, page_token=request.page_token,
         )
-        page = await _handle(context, lambda: self._store.call(self._history.page, req))
+        page = await _handle(context, lambda: self._history.apage(req))
         return query_pb2.MetricHistory(
             run_id=req.run_id, key=req.key, steps=page.steps.astype("<i8").tobytes(),
             timestamps=page.timestamps.astype("<i8").tobytes(), values=page.values.astype("<f8").tobytes(),
@@ -107,7 +107,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             min_step=request.min_step if request.HasField("min_step") else None,
             max_step=request.max_step if request.HasField("max_step") else None,
         )
-        result: Buckets = await _handle(context, lambda: self._store.call(self._charts.buckets, req))
+        result: Buckets = await _handle(context, lambda: self._charts.abuckets(req))
         return query_pb2.MetricBuckets(
             key=req.key, min_step=result.lo, max_step=result.hi, buckets=req.buckets,
             series=[
@@ -127,7 +127,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             min_step=request.min_step if request.HasField("min_step") else None,
             max_step=request.max_step if request.HasField("max_step") else None,
         )
-        table = await _handle(context, lambda: self._store.call(self._charts.export, req))
+        table = await _handle(context, lambda: self._charts.aexport(req))
         return query_pb2.ExportMetricsResponse(arrow_stream=arrow_stream(table), rows=table.num_rows)
 
 

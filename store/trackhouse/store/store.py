@@ -8,6 +8,9 @@ and binds every value as a server-side parameter; no user text is pasted.
 
 Blocking methods are for threads; async callers use `call()`, which runs a
 method on the store's own bounded thread pool (chDB has no async client).
+Reads written as steps (trackhouse.store.reads) run either way: `run()` on the
+blocking readers, `arun()` on clickhouse-connect's async client when the store is
+a server and `open_async()` was awaited (the query service), else on the pool.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from trackhouse.store import layout, schema
-from trackhouse.store.dsn import DSN, connect, parse_dsn
+from trackhouse.store.dsn import DSN, connect, connect_async, parse_dsn
 from trackhouse.store.errors import InvalidDSN, QueryFailed, StoreError, translate
+from trackhouse.store.reads import Arrow, Rows, Steps
 from trackhouse.store.records import (
     ExperimentRecord,
     LatestMetricRecord,
@@ -66,6 +70,7 @@ class Store:
         self._write_lock = threading.Lock()
         self._readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(max_workers=readers + 1, thread_name_prefix="trackhouse-store")
+        self._async: Any = None  # clickhouse-connect's AsyncClient, server stores only
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -75,6 +80,52 @@ class Store:
         self._writer = connect(self.dsn, layout.client_settings(self.layout, writer=True), options)
         for _ in range(self._reader_count):
             self._readers.put(connect(self.dsn, layout.client_settings(self.layout, writer=False), options))
+
+    async def open_async(self) -> None:
+        """Open the async client (a server store; the embedded one keeps its thread pool)."""
+        if self.dsn.embedded or self._async is not None:
+            return
+        self._async = await connect_async(self.dsn, layout.client_settings(self.layout, writer=False), self.settings)
+
+    async def close_async(self) -> None:
+        client, self._async = self._async, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    def run(self, steps: Steps[T]) -> T:
+        """Drive a read's steps on the blocking reader clients."""
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self._execute(request))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def arun(self, steps: Steps[T]) -> T:
+        """Drive a read's steps on the async client, or on the thread pool without one."""
+        client = self._async
+        if client is None:
+            return await self.call(self.run, steps)
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    if isinstance(request, Rows):
+                        result: Any = (await client.query(request.sql, parameters=request.parameters,
+                                                          settings=request.settings)).result_rows
+                    else:
+                        result = await client.query_arrow(request.sql, parameters=request.parameters)
+                except Exception as exc:
+                    raise translate(exc) from None
+                request = steps.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _execute(self, request: Rows | Arrow) -> Any:
+        if isinstance(request, Rows):
+            return self.query_rows(request.sql, request.parameters, request.settings)
+        return self.query_arrow(request.sql, request.parameters)
 
     def close(self) -> None:
         if self._closed:
@@ -257,8 +308,12 @@ class Store:
         )
 
     def get_experiment(self, *, experiment_id: str | None = None, name: str | None = None) -> ExperimentRecord | None:
+        return self.run(self.experiment_steps(experiment_id=experiment_id, name=name))
+
+    def experiment_steps(self, *, experiment_id: str | None = None,
+                         name: str | None = None) -> Steps[ExperimentRecord | None]:
         column, value = ("experiment_id", experiment_id) if experiment_id is not None else ("name", name)
-        rows = self.query_rows(
+        rows = yield Rows(
             f"SELECT {_EXPERIMENT_COLUMNS} FROM {self.t('experiments')} FINAL "
             f"WHERE {column} = {{v:String}} ORDER BY lifecycle_stage = 'active' DESC LIMIT 1",
             {"v": value},
@@ -278,13 +333,16 @@ class Store:
         )
 
     def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        return self.run(self.runs_steps(run_ids))
+
+    def runs_steps(self, run_ids: Sequence[str]) -> Steps[dict[str, RunRecord]]:
         if not run_ids:
             return {}
         # argMax by version, not FINAL: FINAL merge-sorts every granule the ids touch in
         # every part (with random ids, most of the table); PREWHERE on run_id then one
         # small GROUP BY reads the same granules without merging (docs/search.md).
         rest = _RUN_COLUMNS.split(", ")[1:]
-        rows = self.query_rows(
+        rows = yield Rows(
             f"SELECT run_id, argMax(({', '.join(rest)}), version) FROM {self.t('runs')} "
             "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id",
             {"ids": list(run_ids)},
@@ -336,33 +394,36 @@ class Store:
 
     def get_run_details(self, run_ids: Sequence[str]) -> list[RunDetails]:
         """Runs with params, tags and latest metrics, in the order of `run_ids`."""
-        infos = self.get_runs(run_ids)
+        return self.run(self.run_details_steps(run_ids))
+
+    def run_details_steps(self, run_ids: Sequence[str]) -> Steps[list[RunDetails]]:
+        infos = yield from self.runs_steps(run_ids)
         ids = [r for r in run_ids if r in infos]
         if not ids:
             return []
         bound = {"ids": ids}
         params: dict[str, dict[str, str]] = {r: {} for r in ids}
-        for run_id, key, value in self.query_rows(
+        for run_id, key, value in (yield Rows(
             f"SELECT run_id, key, any(value) FROM {self.t('params')} "
             "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY run_id, key",
             bound,
-        ):
+        )):
             params[run_id][key] = value
         tags: dict[str, dict[str, str]] = {r: {} for r in ids}
-        for run_id, key, value in self.query_rows(  # the last write per (run, key), as get_runs
+        for run_id, key, value in (yield Rows(  # the last write per (run, key), as get_runs
             f"SELECT run_id, key, argMax(value, version) FROM {self.t('tags')} "
             "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id, key "
             "HAVING argMax(deleted, version) = 0 ORDER BY run_id, key",
             bound,
-        ):
+        )):
             tags[run_id][key] = value
         metrics: dict[str, list[LatestMetricRecord]] = {r: [] for r in ids}
-        for run_id, key, last, lo, hi, count in self.query_rows(
+        for run_id, key, last, lo, hi, count in (yield Rows(
             f"SELECT run_id, key, max(last), min(min_value), max(max_value), sum(count) "
             f"FROM {self.t('latest_metrics')} PREWHERE run_id IN {{ids:Array(String)}} "
             "GROUP BY run_id, key ORDER BY run_id, key",
             bound,
-        ):
+        )):
             step, ts, value = last
             metrics[run_id].append(LatestMetricRecord(key, value, ts, step, lo, hi, int(count)))
         return [RunDetails(infos[r], params[r], tags[r], metrics[r]) for r in ids]

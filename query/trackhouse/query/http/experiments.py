@@ -26,6 +26,7 @@ import orjson
 
 from trackhouse.query.http.errors import invalid
 from trackhouse.store import ExperimentRecord, Store
+from trackhouse.store.reads import Rows, Steps
 
 _COLUMNS = "experiment_id, name, artifact_location, lifecycle_stage, creation_time, last_update_time"
 VIEWS = {"ACTIVE_ONLY": ("active",), "DELETED_ONLY": ("deleted",), "ALL": ("active", "deleted")}
@@ -146,19 +147,26 @@ def parse_order(items: Sequence[str]) -> list[tuple[str, bool]]:
 
 
 class ExperimentReader:
-    """Blocking reads (run them on the store's thread with `Store.call`)."""
+    """Reads of experiments, async (on the store's async client, or its thread pool)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def get(self, *, experiment_id: str | None = None, name: str | None = None) -> ExperimentRecord | None:
-        return self._store.get_experiment(experiment_id=experiment_id, name=name)
+    async def get(self, *, experiment_id: str | None = None, name: str | None = None) -> ExperimentRecord | None:
+        return await self._store.arun(self._store.experiment_steps(experiment_id=experiment_id, name=name))
 
-    def tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    async def tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        return await self._store.arun(self._tags(experiment_ids))
+
+    async def search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
+                     view: str) -> tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]:
+        return await self._store.arun(self._search(filter_text, order_by, max_results, page_token, view))
+
+    def _tags(self, experiment_ids: Sequence[str]) -> Steps[dict[str, dict[str, str]]]:
         out: dict[str, dict[str, str]] = {e: {} for e in experiment_ids}
         if not experiment_ids:
             return out
-        rows = self._store.query_rows(
+        rows = yield Rows(
             f"SELECT run_id, key, value FROM {self._store.t('tags')} FINAL "
             "WHERE run_id IN {ids:Array(String)} AND deleted = 0 ORDER BY run_id, key",
             {"ids": [f"experiment:{e}" for e in experiment_ids]},
@@ -167,8 +175,8 @@ class ExperimentReader:
             out[owner.partition(":")[2]][key] = value
         return out
 
-    def search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
-               view: str) -> tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]:
+    def _search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
+                view: str) -> Steps[tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]]:
         limit = DEFAULT_MAX_RESULTS if max_results is None else max_results
         if not 0 < limit <= MAX_RESULTS:
             raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be at most "
@@ -179,11 +187,11 @@ class ExperimentReader:
         order = parse_order(order_by)
         question = hashlib.sha256(orjson.dumps([filter_text, list(order_by), limit, view])).hexdigest()[:16]
         offset = _decode_token(page_token, question) if page_token else 0
-        rows = self._store.query_rows(
+        rows = yield Rows(
             f"SELECT {_COLUMNS} FROM {self._store.t('experiments')} FINAL "
             "WHERE lifecycle_stage IN {stages:Array(String)}", {"stages": list(VIEWS[view])})
         records = [ExperimentRecord(*row) for row in rows]
-        tags = self.tags([r.experiment_id for r in records])
+        tags = yield from self._tags([r.experiment_id for r in records])
         found = [r for r in records if all(matches(c, r, tags[r.experiment_id]) for c in conditions)]
         for field, ascending in reversed(order):
             found.sort(key=lambda r, f=field: getattr(r, f), reverse=not ascending)  # type: ignore[misc]

@@ -171,11 +171,11 @@ class MlflowApi:
         return {"experiment_id": rec.experiment_id}
 
     async def _experiment_json(self, *, experiment_id: str | None = None, name: str | None = None) -> JSON:
-        rec = await self._store.call(self._experiments.get, experiment_id=experiment_id, name=name)
+        rec = await self._experiments.get(experiment_id=experiment_id, name=name)
         if rec is None:
             raise missing(f"No Experiment with id={experiment_id} exists" if experiment_id is not None
                           else f"Could not find experiment with name '{name}'")
-        tags = await self._store.call(self._experiments.tags, [rec.experiment_id])
+        tags = await self._experiments.tags([rec.experiment_id])
         return {"experiment": convert.experiment(rec, tags[rec.experiment_id])}
 
     async def get_experiment(self, body: Body) -> JSON:
@@ -185,8 +185,8 @@ class MlflowApi:
         return await self._experiment_json(name=text(body, "experiment_name", required=True))
 
     async def search_experiments(self, body: Body) -> JSON:
-        found, token = await self._store.call(
-            self._experiments.search, text(body, "filter"), strings(body, "order_by"),
+        found, token = await self._experiments.search(
+            text(body, "filter"), strings(body, "order_by"),
             integer(body, "max_results"), text(body, "page_token"), _view(body, "view_type"))
         out: JSON = {"experiments": [convert.experiment(rec, tags) for rec, tags in found]}
         if token:
@@ -239,7 +239,7 @@ class MlflowApi:
 
     async def get_run(self, body: Body) -> JSON:
         run_id = _run_id(body)
-        runs = await self._store.call(self._store.get_run_details, [run_id])
+        runs = await self._store.arun(self._store.run_details_steps([run_id]))
         if not runs:
             raise missing(f"Run with id={run_id} not found")
         return {"run": convert.run(runs[0])}
@@ -272,7 +272,7 @@ class MlflowApi:
             order_by=tuple(strings(body, "order_by")), max_results=integer(body, "max_results", 0) or 0,
             page_token=text(body, "page_token"), view=_view(body, "run_view_type"),
         )
-        page = await self._store.call(self._search.search, req)
+        page = await self._search.asearch(req)
         out: JSON = {"runs": [convert.run(r) for r in page.runs]}
         if page.next_page_token:
             out["next_page_token"] = page.next_page_token
@@ -336,7 +336,7 @@ class MlflowApi:
     async def log_inputs(self, body: Body) -> JSON:
         # Datasets are accepted and not stored (see docs/mlflow.md); the run must exist.
         run_id = _run_id(body)
-        if not await self._store.call(self._store.get_runs, [run_id]):
+        if not await self._store.arun(self._store.runs_steps([run_id])):
             raise missing(f"Run with id={run_id} not found")
         return {}
 
@@ -362,7 +362,7 @@ class MlflowApi:
 
     async def get_metric_history(self, body: Body) -> JSON:
         key = text(body, "metric_key", required=True)
-        page = await self._store.call(self._history.page, HistoryRequest(
+        page = await self._history.apage(HistoryRequest(
             run_id=_run_id(body), key=key, max_results=integer(body, "max_results", 0) or 0,
             page_token=text(body, "page_token")))
         out: JSON = {"metrics": convert.points(key, page.steps, page.timestamps, page.values)}
@@ -386,7 +386,7 @@ class MlflowApi:
             raise invalid("If either start step or end step are specified, both must be specified.")
         if start is not None and end is not None and start > end:
             raise invalid(f"end_step must be greater than start_step. Found start_step={start} and end_step={end}.")
-        pages = [await self._store.call(self._history.page, HistoryRequest(
+        pages = [await self._history.apage(HistoryRequest(
             run_id=r, key=key, min_step=start, max_step=end, max_results=BULK_HISTORY_POINTS)) for r in run_ids]
         # MLflow's sampling: up to max_results steps of the union, evenly spaced, first and last included.
         steps = np.unique(np.concatenate([p.steps for p in pages])) if pages else np.empty(0, np.int64)
