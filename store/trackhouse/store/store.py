@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import queue
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from trackhouse.store import layout, schema
 from trackhouse.store.dsn import DSN, connect, connect_async, parse_dsn
-from trackhouse.store.errors import InvalidDSN, QueryFailed, StoreError, translate
+from trackhouse.store.errors import InvalidDSN, StoreError, translate
 from trackhouse.store.reads import Arrow, Rows, Steps
 from trackhouse.store.records import (
     ExperimentRecord,
@@ -36,8 +35,6 @@ from trackhouse.store.records import (
     RunRecord,
 )
 from trackhouse.store.settings import StoreSettings
-
-log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -207,62 +204,11 @@ class Store:
     def migrate(self) -> list[int]:
         """Create the database and apply missing migrations; return the versions applied.
 
-        Safe to run from several replicas at once: each migration is claimed by creating
-        its lock table (exactly one CREATE succeeds), the others wait until the version is
-        recorded, which happens only after every statement of the migration returned.
+        Safe to run from several replicas at once (trackhouse.store.migrator).
         """
-        self.command(layout.create_database(self.layout))
-        for statement in layout.render(schema.MIGRATIONS_TABLE, self.layout):
-            self.command(statement)
-        applied = []
-        for migration in schema.MIGRATIONS:
-            if self._applied(migration.version) or not self._claim(migration.version):
-                continue
-            for template in migration.statements:
-                for statement in layout.render(template, self.layout):
-                    self.command(statement)
-            self.insert_rows(
-                "schema_migrations", ("version", "description"), [(migration.version, migration.description)]
-            )
-            applied.append(migration.version)
-        return applied
+        from trackhouse.store.migrator import migrate
 
-    def _applied(self, version: int) -> bool:
-        rows = self.query_rows(f"SELECT count() FROM {self.t('schema_migrations')} WHERE version = {{v:UInt32}}",
-                               {"v": version})
-        return bool(rows and rows[0][0])
-
-    def _claim(self, version: int) -> bool:
-        """Own migration `version` (True), or wait until another migrator applied it (False)."""
-        name, create = layout.migration_lock(self.layout, version)
-        timeout = self.settings.migration_lock_timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.command(create)
-            except QueryFailed as exc:
-                if "TABLE_ALREADY_EXISTS" not in str(exc) and "Code: 57." not in str(exc):
-                    raise
-            else:
-                return not self._applied(version)  # it may have finished just before our CREATE
-            if self._applied(version):
-                return False
-            age = self._table_age(name)
-            if age is not None and age > timeout:
-                log.warning("migration %d: taking over %s.%s, left %.0f s ago by a migrator that did not finish",
-                            version, self.database, name, age)
-                self.command(f"DROP TABLE IF EXISTS {self.t(name)}{self.layout.on_cluster}")
-                continue
-            if time.monotonic() > deadline:
-                raise StoreError(
-                    f"migration {version}: another migrator holds {self.t(name)} and has not finished after "
-                    f"{timeout:.0f} s; if it died, drop that table (DROP TABLE {self.t(name)}) and run migrate again")
-            time.sleep(0.1)  # polling the store: there is no notification to wait on
-
-    def _table_age(self, name: str) -> float | None:
-        rows = self.query_rows("SELECT dateDiff('second', metadata_modification_time, now()) FROM system.tables "
-                               "WHERE database = {d:String} AND name = {n:String}", {"d": self.database, "n": name})
-        return float(rows[0][0]) if rows else None
+        return migrate(self)
 
     def check_schema(self) -> None:
         """Raise StoreError unless the store's schema is the one this release needs."""
