@@ -71,6 +71,9 @@ _CHANNEL_OPTIONS = [
     # Reconnect promptly when the server comes back (gRPC's own default grows to 120 s).
     ("grpc.max_reconnect_backoff_ms", 5000),
     ("grpc.service_config", _SERVICE_CONFIG),
+    # A DNS name with several addresses (a headless Kubernetes service): spread calls and streams
+    # over the ready ones, and drop one that goes away (gRPC's default, pick_first, uses only one).
+    ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
