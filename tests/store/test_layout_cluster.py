@@ -98,9 +98,10 @@ def test_cluster_names_are_whitelisted(bad: str) -> None:
         layout.Layout("trackhouse", bad)
 
 
-def test_cluster_writers_insert_synchronously_and_readers_run_subqueries_globally() -> None:
-    assert layout.client_settings(CLUSTER, writer=True) == {"insert_distributed_sync": 1}
-    assert layout.client_settings(CLUSTER, writer=False) == {"distributed_product_mode": "global"}
+def test_cluster_clients_insert_synchronously_read_globally_and_use_the_same_replicas() -> None:
+    assert layout.client_settings(CLUSTER, writer=True) == {"insert_distributed_sync": 1, "load_balancing": "in_order"}
+    assert layout.client_settings(CLUSTER, writer=False) == {"distributed_product_mode": "global",
+                                                             "load_balancing": "in_order"}
 
 
 def test_progress_rows_are_the_max_seq_per_writer() -> None:

@@ -123,9 +123,12 @@ def client_settings(layout: Layout, writer: bool) -> dict[str, object]:
     """ClickHouse settings every request of a client carries in this layout."""
     if layout.cluster is None:
         return {}
+    # Writers and readers pick the same replica of each shard (the first live one), so a
+    # read after a write sees it without waiting for replication (writer marks, meta).
+    same_replica = {"load_balancing": "in_order"}
     if writer:
         # An ack means durable: the INSERT returns only once every shard has its rows
         # (the default queues them on the initiator and sends them later).
-        return {"insert_distributed_sync": 1}
+        return {**same_replica, "insert_distributed_sync": 1}
     # IN / JOIN subqueries over Distributed tables run once, globally: always correct.
-    return {"distributed_product_mode": "global"}
+    return {**same_replica, "distributed_product_mode": "global"}
