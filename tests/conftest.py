@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.ingest.settings import IngestSettings
@@ -32,6 +33,23 @@ from trackhouse.store import Store, open_store, parse_dsn
 from trackhouse.store.dsn import connect
 
 CLICKHOUSE_URL_ENV = "TRACKHOUSE_TEST_CLICKHOUSE_URL"
+FUZZ_EXAMPLES_ENV = "TRACKHOUSE_FUZZ_EXAMPLES"
+
+# Fuzz tests (hypothesis): modest by default so the suite stays fast; `--hypothesis-profile=soak`
+# or TRACKHOUSE_FUZZ_EXAMPLES=N runs more. No deadline: a shared CI machine must not turn a
+# slow example into a failure (hangs are caught by pytest-timeout instead).
+settings.register_profile(
+    "default",
+    max_examples=int(os.environ.get(FUZZ_EXAMPLES_ENV, "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "soak",
+    parent=settings.get_profile("default"),
+    max_examples=int(os.environ.get(FUZZ_EXAMPLES_ENV, "20000")),
+)
+settings.load_profile("default")
 DEPLOYMENTS = ("chdb", "http")
 
 
@@ -126,13 +144,14 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(store: Store, http: bool = False) -> Iterator[ServerThread]:
+def running_server(store: Store, http: bool = False, **config_fields: Any) -> Iterator[ServerThread]:
     """The real embedded server (gRPC, and HTTP when asked) on 127.0.0.1, free ports, over `store`.
 
     Flushes quickly (50 ms) so tests that wait for acks do not wait on the default age.
+    `config_fields` override ServerConfig fields (auth="on", tls_cert=..., ...).
     """
     config = ServerConfig(store="", database=store.database, grpc_port=0, http_port=0 if http else None,
-                          ingest=IngestSettings(flush_interval=0.05))
+                          ingest=IngestSettings(flush_interval=0.05), **config_fields)
     thread = ServerThread(config, store=store)
     thread.start()
     try:
@@ -170,3 +189,14 @@ def server(store: Store) -> Iterator[RunningServer]:
     """The real embedded ingest + query gRPC server on 127.0.0.1, port 0, over this test's database."""
     with running_server(store) as thread:
         yield RunningServer(thread.address, store, thread)
+
+
+@pytest.fixture
+def start_server(store: Store) -> Callable[..., AbstractContextManager[ServerThread]]:
+    """`with start_server(http=True, auth="on") as thread:` — the embedded server over `store`,
+    with ServerConfig fields overridden (auth, TLS files, ...)."""
+
+    def start(http: bool = False, **config_fields: Any) -> AbstractContextManager[ServerThread]:
+        return running_server(store, http, **config_fields)
+
+    return start

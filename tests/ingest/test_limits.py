@@ -52,3 +52,34 @@ def test_too_many_points_in_one_batch_is_rejected_naming_the_limit(
         assert acks[0].status == ingest_pb2.REJECTED
         assert acks[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "6000 points" in acks[0].message and "limit 5000" in acks[0].message
+
+
+def test_streams_per_connection_are_limited_naming_the_setting(store: Store, make_batch: Any) -> None:
+    import queue
+
+    settings = IngestSettings(flush_interval=0.05, max_streams_per_connection=2)
+    thread = ServerThread(ServerConfig(store="", database=store.database, grpc_port=0, ingest=settings), store=store)
+    thread.start()
+    try:
+        with grpc.insecure_channel(thread.address) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            run_id = stub.CreateRun(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+            feeds: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue(), queue.SimpleQueue()]
+            calls = []
+            for i, feed in enumerate(feeds):
+                feed.put(make_batch(writer_id=f"w{i}", run_ids=[run_id]))
+                call = stub.StreamMetrics(iter(feed.get, None))
+                assert next(call).status == ingest_pb2.STORED  # the stream is open on the server
+                calls.append(call)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.StreamMetrics(iter([make_batch(writer_id="w3", run_ids=[run_id])])))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "TRACKHOUSE_INGEST_MAX_STREAMS_PER_CONNECTION" in (err.value.details() or "")
+            feeds[0].put(None)
+            assert list(calls[0]) == []  # ended: its slot is free again
+            acks = list(stub.StreamMetrics(iter([make_batch(writer_id="w4", run_ids=[run_id])])))
+            assert [a.status for a in acks] == [ingest_pb2.STORED]
+            feeds[1].put(None)
+            list(calls[1])
+    finally:
+        thread.stop(grace=1.0)

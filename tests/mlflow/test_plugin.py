@@ -44,3 +44,8 @@ def test_mlflow_client_accepts_a_trackhouse_uri(mlflow_server: Any) -> None:
 
     client = MlflowClient(tracking_uri=f"trackhouse://127.0.0.1:{mlflow_server.server.http_port}")
     assert client.get_experiment("0").name == "Default"
+
+
+def test_plugin_sends_mlflow_tracking_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "th_0123456789abcdef_x")
+    assert TrackhouseStore("trackhouse://127.0.0.1:1").get_host_creds().token == "th_0123456789abcdef_x"

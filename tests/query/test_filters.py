@@ -29,8 +29,11 @@ from trackhouse.query.filters import (
 )
 from trackhouse.query.order import OrderKey, parse_order_by
 from trackhouse.store import RunRecord, Store
+from trackhouse.store.schema import latest_value
 
 C = Comparison
+
+LATEST = latest_value("max(last_key)")
 
 
 def parse(text: str) -> Node:
@@ -326,7 +329,7 @@ _PLACEHOLDER = re.compile(r"\{p\d+:(?:String|Float64|Int64|Array\(String\))\}")
         (
             "metrics.acc > 1",
             "run_id IN (SELECT run_id FROM db.latest_metrics WHERE key = {p0:String} "
-            "GROUP BY run_id HAVING tupleElement(max(last), 3) > {p1:Float64})",
+            f"GROUP BY run_id HAVING {LATEST} > {{p1:Float64}})",
             {"p0": "acc", "p1": 1.0},
         ),
         (
@@ -360,7 +363,7 @@ _PLACEHOLDER = re.compile(r"\{p\d+:(?:String|Float64|Int64|Array\(String\))\}")
         (
             "status = 'A' OR (metrics.m < 1 AND start_time > 2)",
             "(status = {p0:String} OR (run_id IN (SELECT run_id FROM db.latest_metrics WHERE key = "
-            "{p1:String} GROUP BY run_id HAVING tupleElement(max(last), 3) < {p2:Float64}) "
+            f"{{p1:String}} GROUP BY run_id HAVING {LATEST} < {{p2:Float64}}) "
             "AND start_time > {p3:Int64}))",
             {"p0": "A", "p1": "m", "p2": 1.0, "p3": 2},
         ),

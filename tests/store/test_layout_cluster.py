@@ -49,16 +49,53 @@ def test_one_node_statements_are_the_templates() -> None:
 
 
 def test_every_cluster_ddl_runs_on_cluster_and_every_table_is_replicated_and_distributed() -> None:
-    ddl = [s for s in cluster_script() if s.startswith("CREATE")]
+    ddl = [s for s in cluster_script() if s.startswith(("CREATE", "DROP", "ALTER"))]
     assert all(re.search(r" ON CLUSTER th_cluster( |$)", s) for s in ddl)
     create = re.compile(r"CREATE TABLE IF NOT EXISTS trackhouse\.(\w+) .*?ENGINE = (\w+)")
     tables = {m[1]: m[2] for s in ddl if (m := create.match(s))}
+    assert {"api_tokens", "experiment_tags"} <= set(tables)
     for name, engine in tables.items():
         if name.endswith("_local"):
             assert engine.startswith("Replicated") and engine.endswith("MergeTree"), name
             assert tables[name.removesuffix("_local")] == "Distributed", name
+        elif name in layout.NULL_TABLES:
+            assert engine == "Null" and name + "_local" not in tables, name
         elif not name.startswith("migration_lock_"):
             assert engine == "Distributed" and name + "_local" in tables, name
+
+
+def test_null_tables_exist_on_every_node_under_their_own_name() -> None:
+    assert set(layout.NULL_TABLES) == {"metric_cells"}
+    script = cluster_script()
+    assert ("CREATE TABLE IF NOT EXISTS trackhouse.metric_cells ON CLUSTER th_cluster ( run_id String, "
+            in " ".join(script))
+    assert not any("metric_cells_local" in s or "Distributed(th_cluster, trackhouse, metric_cells" in s
+                   for s in script)
+
+
+def test_drops_run_on_cluster_and_a_dropped_table_goes_with_its_local_half() -> None:
+    drops = [s for s in cluster_script() if s.startswith("DROP")]
+    assert drops and all(s.endswith(" ON CLUSTER th_cluster SYNC") for s in drops)
+    dropped = [re.match(r"DROP TABLE IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
+               for s in drops if s.startswith("DROP TABLE")]
+    assert dropped == ["search_metrics", "search_metrics_local", "latest_metrics", "latest_metrics_local"]
+    views = [re.match(r"DROP VIEW IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
+             for s in drops if s.startswith("DROP VIEW")]
+    assert views == ["search_metrics_mv", "latest_metrics_mv", "metric_rollup_10_mv", "metric_rollup_1000_mv"]
+    # Each dropped table is created again afterwards, in both halves (migration 4).
+    script = cluster_script()
+    last_drop = max(i for i, s in enumerate(script) if s.startswith("DROP TABLE"))
+    for name in ("search_metrics", "latest_metrics"):
+        for half in (name, name + "_local"):
+            assert any(s.startswith(f"CREATE TABLE IF NOT EXISTS trackhouse.{half} ON CLUSTER")
+                       for s in script[last_drop:]), half
+
+
+def test_mutations_run_on_the_shard_local_tables() -> None:
+    alters = [s for s in cluster_script() if s.startswith("ALTER")]
+    assert [re.match(r"ALTER TABLE trackhouse\.(\w+) ON CLUSTER th_cluster DELETE WHERE ", s)[1]  # type: ignore[index]
+            for s in alters] == ["tags_local", "search_tags_local"]
+    assert all(s.endswith("SETTINGS mutations_sync = 2") for s in alters)
 
 
 def test_run_keyed_tables_are_sharded_by_run_so_a_run_lives_on_one_shard() -> None:
@@ -69,16 +106,29 @@ def test_run_keyed_tables_are_sharded_by_run_so_a_run_lives_on_one_shard() -> No
         assert keys[name] == "cityHash64(run_id)", name
     assert keys["writer_progress"] == "cityHash64(writer_id)"
     assert keys["experiments"] == "cityHash64(experiment_id)"
+    assert keys["experiment_tags"] == "cityHash64(experiment_id)"
+    assert keys["api_tokens"] == "cityHash64(token_id)"
 
 
 def test_views_read_and_write_shard_local_tables_and_writer_progress_has_none() -> None:
-    views = [s for s in cluster_script() if "MATERIALIZED VIEW" in s]
+    """Shard-local (`_local`) tables, or a Null table, which every node has under its own name."""
+    views = [s for s in cluster_script() if s.startswith("CREATE MATERIALIZED VIEW")]
     assert views
+    local = re.compile(rf"\w+_local|{'|'.join(layout.NULL_TABLES)}")
     for view in views:
-        assert re.search(r" TO trackhouse\.\w+_local AS ", view), view
+        target = re.search(r" TO trackhouse\.(\w+) AS ", view)
+        assert target and local.fullmatch(target[1]), view
         sources = re.findall(r"FROM trackhouse\.(\w+)", view)
-        assert sources and all(src.endswith("_local") for src in sources), view
+        assert sources and all(local.fullmatch(src) for src in sources), view
     assert not any("writer_progress_mv" in v for v in views)
+    # The rollup cascade: metrics_local -> metric_cells (Null) -> metric_rollup_local, on each shard.
+    cascade = {re.search(r"VIEW IF NOT EXISTS trackhouse\.(\w+) ", v)[1]: v for v in views  # type: ignore[index]
+               if "metric_cells" in v}
+    assert "TO trackhouse.metric_cells AS " in cascade["metric_cells_mv"]
+    assert "FROM trackhouse.metrics_local " in cascade["metric_cells_mv"]
+    for g in (10, 1000):
+        assert "TO trackhouse.metric_rollup_local AS " in cascade[f"metric_rollup_{g}_mv"]
+        assert "FROM trackhouse.metric_cells" in cascade[f"metric_rollup_{g}_mv"]
 
 
 def test_back_fills_go_through_the_distributed_tables() -> None:
@@ -124,8 +174,21 @@ def test_the_shard_local_tables_and_views_execute_on_chdb(store: Store) -> None:
     for migration in schema.MIGRATIONS:
         for template in migration.statements:
             for statement in layout.render(template, local):
-                if "_local" in statement.split(" AS ")[0] or "MATERIALIZED VIEW" in statement:
+                # Everything but the Distributed tables and the back-fills through them (which need
+                # a cluster): shard-local tables, Null tables, views, drops and mutations.
+                if "ENGINE = Distributed" not in statement and not statement.lstrip().startswith("INSERT"):
                     store.command(_declustered(statement).replace(f"{db}.", f"{db}.c_"))
     names = {r[0] for r in store.query_rows("SELECT name FROM system.tables WHERE database = {d:String}",
                                             {"d": db})}
-    assert {"c_metrics_local", "c_latest_metrics_mv", "c_metric_rollup_1000_mv"} <= names
+    assert {"c_metrics_local", "c_latest_metrics_mv", "c_metric_rollup_1000_mv", "c_metric_cells",
+            "c_metric_cells_mv", "c_api_tokens_local", "c_experiment_tags_local"} <= names
+    # The cascade works on one shard: points into metrics_local reach latest_metrics_local,
+    # search_metrics_local (migration 4's packed key) and both rollup levels through metric_cells.
+    store.command(f"INSERT INTO {db}.c_metrics_local (run_id, key, step, timestamp, value, writer_id, seq) "
+                  "VALUES ('r', 'loss', 1, 10, 0.5, 'w', 1), ('r', 'loss', 2, 20, 0.25, 'w', 1)")
+    last = "max(last_key)"
+    assert store.query_rows(f"SELECT {schema.latest_step(last)}, {schema.latest_value(last)} "
+                            f"FROM {db}.c_latest_metrics_local") == [(2, 0.25)]
+    assert store.query_rows(f"SELECT count() FROM {db}.c_search_metrics_local") == [(1,)]
+    assert store.query_rows(f"SELECT g, sum(count) FROM {db}.c_metric_rollup_local GROUP BY g ORDER BY g") == [
+        (10, 2), (1000, 2)]

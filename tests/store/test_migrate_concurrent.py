@@ -26,13 +26,16 @@ def _metrics(n: int) -> pa.Table:
 
 def test_concurrent_migrations_apply_each_version_once_and_back_fill_once(
         store_url: str, database: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A store at version 1 holding data that migrations 2 and 3 back-fill.
+    # A store at version 1 holding data that migrations 2, 3, 4 and 6 back-fill (4 drops and
+    # rebuilds the latest tables, 6 moves experiment tags and deletes them from `tags`).
     with monkeypatch.context() as m:
         m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
         old = open_store(store_url, database)
     try:
         old.insert_rows("params", ("run_id", "key", "value"), [("r1", "lr", "0.1"), ("r2", "lr", "0.2")])
         old.insert_arrow("metrics", _metrics(2500))
+        old.insert_rows("tags", ("run_id", "key", "value", "deleted", "version"),
+                        [("experiment:0", "team", "vision", 0, 1), ("r1", "note", "x", 0, 1)])
     finally:
         old.close()
 
@@ -49,15 +52,23 @@ def test_concurrent_migrations_apply_each_version_once_and_back_fill_once(
     with ThreadPoolExecutor(MIGRATORS) as pool:
         results = list(pool.map(lambda _: migrate(), range(MIGRATORS)))
 
-    assert sorted(v for applied in results for v in applied) == [2, 3]  # each version applied by one migrator
+    # Each version applied by one migrator.
+    assert sorted(v for applied in results for v in applied) == [2, 3, 4, 5, 6]
     store = open_store(store_url, database, migrate=False)
     try:
         assert store.schema_version() == schema.latest_version()
         assert store.query_rows(f"SELECT version, count() FROM {store.t('schema_migrations')} "
-                                "GROUP BY version ORDER BY version") == [(1, 1), (2, 1), (3, 1)]
+                                "GROUP BY version ORDER BY version") == [(v, 1) for v in range(1, 7)]
         # No FINAL, no merge: rows as inserted. A second back-fill would double them.
         assert store.query_rows(f"SELECT count() FROM {store.t('search_params')}") == [(2,)]
         assert store.query_rows(f"SELECT g, sum(count) FROM {store.t('metric_rollup')} GROUP BY g ORDER BY g"
                                 ) == [(10, 2500), (1000, 2500)]
+        last = "max(last_key)"
+        assert store.query_rows(f"SELECT sum(count), {schema.latest_step(last)}, {schema.latest_value(last)} "
+                                f"FROM {store.t('latest_metrics')}") == [(2500, 2499, 2499.0)]
+        assert store.query_rows(f"SELECT count() FROM {store.t('search_metrics')}") == [(1,)]
+        assert store.query_rows(f"SELECT experiment_id, key, value FROM {store.t('experiment_tags')}") == [
+            ("0", "team", "vision")]
+        assert store.query_rows(f"SELECT run_id FROM {store.t('tags')}") == [("r1",)]
     finally:
         store.close()

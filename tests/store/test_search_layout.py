@@ -20,6 +20,17 @@ from trackhouse.store import schema as schema_module
 from .test_store import insert_metrics, run
 
 
+def _latest_of_points(store: Store) -> list[tuple[Any, ...]]:
+    """MLflow's latest metric straight from the points: max of (step, timestamp, value)."""
+    return sorted(store.query_rows(f"SELECT run_id, toString(key), max((step, timestamp, value)) "
+                                   f"FROM {store.t('metrics')} GROUP BY run_id, key"))
+
+
+def _decoded(k: str) -> str:
+    """The packed latest key as the (step, timestamp, value) tuple MLflow orders by."""
+    return f"({schema_module.latest_step(k)}, {schema_module.latest_timestamp(k)}, {schema_module.latest_value(k)})"
+
+
 def _sources(store: Store) -> dict[str, Any]:
     q = store.query_rows
     return {
@@ -27,7 +38,8 @@ def _sources(store: Store) -> dict[str, Any]:
                          f"FROM {store.t('runs')} FINAL")),
         "params": sorted(q(f"SELECT DISTINCT run_id, key, value FROM {store.t('params')}")),
         "tags": sorted(q(f"SELECT run_id, key, value, deleted FROM {store.t('tags')} FINAL")),
-        "metrics": sorted(q(f"SELECT run_id, key, max(last) FROM {store.t('latest_metrics')} GROUP BY run_id, key")),
+        "metrics": sorted(q(f"SELECT run_id, key, {_decoded('max(last_key)')} FROM {store.t('latest_metrics')} "
+                            "GROUP BY run_id, key")),
     }
 
 
@@ -38,7 +50,7 @@ def _copies(store: Store) -> dict[str, Any]:
                          f"FROM {store.t('search_runs')} FINAL")),
         "params": sorted(q(f"SELECT run_id, key, value FROM {store.t('search_params')} FINAL")),
         "tags": sorted(q(f"SELECT run_id, key, value, deleted FROM {store.t('search_tags')} FINAL")),
-        "metrics": sorted(q(f"SELECT run_id, key, last FROM {store.t('search_metrics')} FINAL")),
+        "metrics": sorted(q(f"SELECT run_id, key, {_decoded('last_key')} FROM {store.t('search_metrics')} FINAL")),
     }
 
 
@@ -118,12 +130,14 @@ def test_upgrading_a_version_1_store_back_fills_the_copies(
     monkeypatch.undo()
     new = open_store(chdb_dsn, database, migrate=False)
     try:
-        assert new.migrate() == [2, 3]
+        assert new.migrate() == [2, 3, 4, 5, 6]
         assert _copies(new) == _sources(new)
+        assert repr(_sources(new)["metrics"]) == repr(_latest_of_points(new))  # migration 4 rebuilt it
         assert _rollup(new) == _rollup_of_points(new)
         _write_some(new, "v2-")  # and the views keep them equal afterwards
         assert _copies(new) == _sources(new)
         assert len(_copies(new)["runs"]) == 6
+        assert repr(_sources(new)["metrics"]) == repr(_latest_of_points(new))
         assert _rollup(new) == _rollup_of_points(new)
     finally:
         new.close()

@@ -42,24 +42,25 @@ def test_migrate_is_idempotent(store: Store) -> None:
     # The fixture's open_store already migrated: a second and third call apply nothing.
     assert store.migrate() == []
     assert store.migrate() == []
-    assert store.schema_version() == latest_version() == 3
+    assert store.schema_version() == latest_version() == 6
     rows = store.query_rows(f"SELECT version, description FROM {store.t('schema_migrations')} FINAL")
-    assert sorted(r[0] for r in rows) == [1, 2, 3]
+    assert sorted(r[0] for r in rows) == [1, 2, 3, 4, 5, 6]
     tables = {r[0] for r in store.query_rows(
         "SELECT name FROM system.tables WHERE database = {db:String}", {"db": store.database})}
     assert tables >= {
         "experiments", "runs", "params", "tags", "metrics", "latest_metrics", "latest_metrics_mv",
         "writer_progress", "writer_progress_mv", "meta", "schema_migrations",
-        "search_runs", "search_params", "search_tags", "search_metrics", "metric_rollup",
+        "search_runs", "search_params", "search_tags", "search_metrics", "metric_rollup", "metric_cells",
+        "experiment_tags",
     }
 
 
 def test_open_store_on_a_fresh_database_applies_every_version(chdb_dsn: str, database: str) -> None:
     s = open_store(chdb_dsn, database, migrate=False)
     try:
-        assert s.migrate() == [1, 2, 3]
+        assert s.migrate() == [1, 2, 3, 4, 5, 6]
         assert s.migrate() == []
-        assert s.schema_version() == 3
+        assert s.schema_version() == latest_version()
     finally:
         s.close()
 
@@ -209,3 +210,28 @@ def test_meta_value_first_writer_wins_when_two_replicas_race(store: Store) -> No
     assert store.meta_value("race", lambda: "from-c") == "from-a"
     store.command(f"OPTIMIZE TABLE {store.t('meta')} FINAL")
     assert store.meta_value("race", lambda: "from-c") == "from-a"
+
+
+def test_migration_6_moves_experiment_tags_out_of_the_run_tags(
+    chdb_dsn: str, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trackhouse.store import schema as schema_module
+
+    monkeypatch.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:5])
+    old = open_store(chdb_dsn, database)
+    try:  # as versions up to 5 wrote them: rows of `tags` under a pseudo run id
+        old.put_tags("experiment:7", [("team", "vision"), ("gone", "x")])
+        old.put_tags("experiment:7", [("gone", "")], deleted=True)
+        old.put_tags("a" * 32, [("team", "run-tag")])
+    finally:
+        old.close()
+    monkeypatch.undo()
+    new = open_store(chdb_dsn, database, migrate=False)
+    try:
+        assert new.migrate() == [6]
+        assert new.get_experiment_tags(["7"]) == {"7": {"team": "vision"}}
+        for table in ("tags", "search_tags"):
+            assert new.query_rows(f"SELECT run_id, key FROM {new.t(table)} FINAL ORDER BY key") == [
+                ("a" * 32, "team")]
+    finally:
+        new.close()

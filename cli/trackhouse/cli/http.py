@@ -43,8 +43,11 @@ def build_app(registry: CollectorRegistry, health: Callable[[], dict[str, Any]],
 
 
 class HttpListener:
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    """Serves `app` on host:port; over TLS when given a PEM certificate and key."""
+
+    def __init__(self, app: Any, host: str, port: int, tls_cert: str = "", tls_key: str = "") -> None:
         self._app = app
+        self._tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
         self._host = host
         self._port = port
         self._server: _EmbeddedUvicorn | None = None
@@ -62,7 +65,13 @@ class HttpListener:
             raise OSError(f"cannot bind HTTP to {self._host}:{self._port}: {exc.strerror}") from None
         sock.listen(1024)
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._app, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(self._app, log_level="warning", access_log=False, lifespan="off",
+                                **self._tls)  # type: ignore[arg-type]
+        try:
+            config.load()  # reads the certificate and key now: a bad file fails start(), not the task
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise OSError(f"cannot serve HTTPS with {self._tls.get('ssl_certfile')}: {exc}") from None
         self._server = _EmbeddedUvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="trackhouse-http")
         return self.port

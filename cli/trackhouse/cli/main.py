@@ -5,6 +5,7 @@
     trackhouse query    run the query service and MLflow REST API alone (a replica over a ClickHouse server)
     trackhouse migrate  create or upgrade the schema of a store, then exit (safe from several replicas)
     trackhouse sync     upload a client spool directory (offline runs, undelivered points)
+    trackhouse token    create, list and revoke API tokens (docs/security.md)
 
 `trackhouse COMMAND --help` explains each command's options.
 """
@@ -19,7 +20,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from trackhouse.cli import sync
+from trackhouse.cli import sync, tokens
 from trackhouse.cli.server import EmbeddedServer, ServerConfig, new_event_loop
 from trackhouse.cli.settings import ServerSettings
 from trackhouse.ingest.settings import IngestSettings
@@ -51,6 +52,16 @@ def _listen_options(parser: argparse.ArgumentParser, env: ServerSettings, grpc_d
                         help=f"HTTP port: {http_help} (default %(default)s; 0 picks a free port)")
 
 
+def _security_options(parser: argparse.ArgumentParser, env: ServerSettings) -> None:
+    """Auth and TLS, the same for every command that serves (serve, ingest, query)."""
+    parser.add_argument("--auth", choices=("auto", "on", "off"), default=env.auth,
+                        help="require API tokens: auto (default %(default)s from TRACKHOUSE_SERVER_AUTH) = on "
+                             "iff --host is not loopback")
+    parser.add_argument("--tls-cert", default=env.tls_cert, metavar="PEM",
+                        help="certificate file: serve gRPC and HTTP over TLS (with --tls-key)")
+    parser.add_argument("--tls-key", default=env.tls_key, metavar="PEM", help="private key file of --tls-cert")
+
+
 def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trackhouse",
@@ -68,6 +79,7 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
                        help="gRPC port for ingest and query (default %(default)s; 0 picks a free port)")
     serve.add_argument("--http-port", type=int, default=env.http_port,
                        help="HTTP port: Prometheus /metrics and /health (default %(default)s; 0 picks a free port)")
+    _security_options(serve, env)
     serve.add_argument("--demo", action="store_true",
                        help="seed a small demo sweep (once per store) so there is data to look at")
     for name, grpc_port, http_port, what, http_help in (
@@ -80,6 +92,7 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
                                              "The schema must be current: run `trackhouse migrate` first.")
         _store_options(service, env)
         _listen_options(service, env, grpc_port, http_port, http_help)
+        _security_options(service, env)
     query = sub.choices["query"]
     query.add_argument("--ingest-address", default=env.ingest_address or None, metavar="HOST:PORT",
                        help="the ingest service (its load balancer) for MLflow REST writes; unset: REST writes "
@@ -89,6 +102,7 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
                                          "to run from several replicas at once (one applies, the others wait).")
     _store_options(migrate, env)
     sync.add_parser(sub)
+    tokens.add_parser(sub, lambda p: _store_options(p, env))
     return parser
 
 
@@ -99,24 +113,30 @@ def _store_settings(args: argparse.Namespace) -> StoreSettings:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    env = ServerSettings.from_env()
     services = ("ingest", "query") if args.command == "serve" else (args.command,)
     config = ServerConfig(store=args.store, database=args.database, host=args.host, grpc_port=args.grpc_port,
                           http_port=args.http_port, ingest=IngestSettings.from_env(), query=QuerySettings.from_env(),
                           services=services, ingest_address=getattr(args, "ingest_address", None),
-                          store_settings=_store_settings(args), migrate=args.command == "serve")
+                          store_settings=_store_settings(args), migrate=args.command == "serve",
+                          auth=args.auth, auth_cache_ttl=env.auth_cache_ttl, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key)
     server = EmbeddedServer(config)
     port = await server.start()
     address = f"{args.host}:{port}"
+    scheme = "https" if config.tls else "http"
+    tls = " (TLS)" if config.tls else ""
+    auth = f"  auth: {'on: API tokens required' if config.auth_on else 'off (loopback only)'}\n"
     store = f"  store: {server.store.dsn.redacted() if server.store else config.store} (database {config.database})"
     if args.command == "serve":
-        print(f"trackhouse serving\n  gRPC (ingest + query): {address}\n"
-              f"  HTTP: http://{args.host}:{server.http_port} — MLflow REST API (MLFLOW_TRACKING_URI), "
+        print(f"trackhouse serving\n  gRPC (ingest + query): {address}{tls}\n{auth}"
+              f"  HTTP: {scheme}://{args.host}:{server.http_port} — MLflow REST API (MLFLOW_TRACKING_URI), "
               f"/metrics (Prometheus), /health\n{store}\n  Python: import trackhouse.client as th; "
               f"client = th.connect({address!r})", flush=True)
     else:
         routes = "MLflow REST API, /metrics, /health" if args.command == "query" else "/metrics, /health"
-        print(f"trackhouse {args.command} serving\n  gRPC ({args.command}): {address}\n"
-              f"  HTTP: http://{args.host}:{server.http_port} — {routes}\n{store}", flush=True)
+        print(f"trackhouse {args.command} serving\n  gRPC ({args.command}): {address}{tls}\n{auth}"
+              f"  HTTP: {scheme}://{args.host}:{server.http_port} — {routes}\n{store}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,7 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sync.run(args)
         ServerSettings(args.store, args.database, getattr(args, "host", env.host),
                        getattr(args, "grpc_port", env.grpc_port), getattr(args, "http_port", env.http_port),
-                       getattr(args, "ingest_address", None) or "")
+                       auth=getattr(args, "auth", env.auth), auth_cache_ttl=env.auth_cache_ttl,
+                       tls_cert=getattr(args, "tls_cert", env.tls_cert), tls_key=getattr(args, "tls_key", env.tls_key),
+                       ingest_address=getattr(args, "ingest_address", None) or "")
+        if args.command == "token":
+            return tokens.run(args, _store_settings(args))
         if args.command == "migrate":
             return _migrate(args)
         loop = new_event_loop()

@@ -341,7 +341,8 @@ def sync(path: str | os.PathLike[str], *, url: str | None = None, settings: Sett
     own = transport is None
     if transport is None:
         target = settings.url if url is None else url
-        transport = GrpcTransport(target, settings.query_url, rpc_timeout=settings.rpc_timeout)
+        transport = GrpcTransport(target, settings.query_url, rpc_timeout=settings.rpc_timeout,
+                                  token=settings.token, tls_ca=settings.tls_ca)
     try:
         reports = []
         for directory in writer_dirs(Path(path)):

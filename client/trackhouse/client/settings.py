@@ -53,6 +53,13 @@ class Settings:
         Deadline in seconds of each unary call (create run, log params, reads). Default 30.0.
     ``TRACKHOUSE_CLIENT_USER``
         ``user_id`` recorded on new runs. Default: the login name.
+    ``TRACKHOUSE_CLIENT_TOKEN``
+        API token (``th_…``, from ``trackhouse token create``), sent as
+        ``authorization: Bearer …`` on every call. Default: none (a server on loopback
+        with auth off needs none).
+    ``TRACKHOUSE_CLIENT_TLS_CA``
+        PEM file of the certificate authority (or the self-signed certificate) to trust
+        for ``grpcs://`` URLs instead of the system roots. Default: the system roots.
 
     Batching and delivery
     ``TRACKHOUSE_CLIENT_FLUSH_INTERVAL``
@@ -141,11 +148,19 @@ class Settings:
     rendezvous_dir: str = ".trackhouse/rendezvous"
     rendezvous_timeout: float = 600.0
     system_metrics_interval: float = 0.0
+    token: str = dataclasses.field(default="", repr=False)
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
-        parse_urls(self.url)
+        secure = all(tls for _, tls in parse_urls(self.url))
         if self.query_url is not None:
-            parse_urls(self.query_url)
+            secure = all(tls for _, tls in parse_urls(self.query_url)) and secure
+        if self.tls_ca and not secure:
+            raise UsageError("Settings.tls_ca is set but the URL is not TLS: use grpcs://host:port")
+        if self.tls_ca and not os.access(self.tls_ca, os.R_OK):
+            raise UsageError(f"Settings.tls_ca: {self.tls_ca!r} is not a readable file")
+        if any(c.isspace() for c in self.token):
+            raise UsageError("Settings.token must not contain whitespace: pass the token as printed")
         positive = ("flush_interval", "flush_timeout", "close_timeout", "rpc_timeout", "backoff_initial",
                     "rendezvous_timeout", "ack_timeout")
         for name in positive:

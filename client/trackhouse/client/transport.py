@@ -152,9 +152,13 @@ def _retry_info(blob: bytes) -> float | None:
     return None
 
 
-def _open_channel(target: str, secure: bool) -> grpc.Channel:
+def _open_channel(target: str, secure: bool, tls_ca: str = "") -> grpc.Channel:
     if secure:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS)
+        roots = None
+        if tls_ca:
+            with open(tls_ca, "rb") as f:
+                roots = f.read()
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=_CHANNEL_OPTIONS)
     return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
 
 
@@ -175,8 +179,9 @@ class _Replicas:
     several calls failing on one dead address move past it once.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls_ca: str = "") -> None:
         self._targets = parse_urls(url)
+        self._tls_ca = tls_ca
         self._channels: list[grpc.Channel | None] = [None] * len(self._targets)
         self._index = 0
         self._lock = threading.Lock()
@@ -189,7 +194,7 @@ class _Replicas:
             i = self._index
             channel = self._channels[i]
             if channel is None:
-                channel = self._channels[i] = _open_channel(*self._targets[i])
+                channel = self._channels[i] = _open_channel(*self._targets[i], self._tls_ca)
             return i, channel
 
     def failed(self, index: int) -> None:
@@ -227,18 +232,22 @@ class GrpcTransport:
     """``Transport`` over gRPC channels: one per address of ingest and of query (shared when equal).
 
     ``url`` / ``query_url`` are one address or several, comma-separated (replicas).
-    Creating it does no I/O: gRPC channels connect on first use.
+    Creating it does no I/O: gRPC channels connect on first use (``tls_ca`` is read then).
+    ``token``, when given, travels as ``authorization: Bearer <token>`` on every call.
     """
 
-    def __init__(self, url: str, query_url: str | None = None, *, rpc_timeout: float = 30.0) -> None:
+    def __init__(self, url: str, query_url: str | None = None, *, rpc_timeout: float = 30.0,
+                 token: str = "", tls_ca: str = "") -> None:
         self._timeout = rpc_timeout
         self.url = url
         self._query_url = url if query_url is None else query_url
+        self._tls_ca = tls_ca
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._connect()
 
     def _connect(self) -> None:
-        self._ingest = _Replicas(self.url)
-        self._query = self._ingest if self._query_url == self.url else _Replicas(self._query_url)
+        self._ingest = _Replicas(self.url, self._tls_ca)
+        self._query = self._ingest if self._query_url == self.url else _Replicas(self._query_url, self._tls_ca)
 
     def reopen(self) -> None:
         # The parent's channels share sockets with the parent: never close them here
@@ -253,7 +262,8 @@ class GrpcTransport:
         for attempt in range(len(replicas)):
             index, channel = replicas.current()
             try:
-                return cast(_T, getattr(stub(channel), method)(request, timeout=self._timeout))
+                return cast(_T, getattr(stub(channel), method)(request, timeout=self._timeout,
+                                                               metadata=self._metadata))
             except grpc.RpcError as exc:
                 error = _translate(exc)
             except ValueError as exc:  # grpc raises ValueError on a closed channel
@@ -293,7 +303,8 @@ class GrpcTransport:
         """Open the long-lived stream on the current ingest address; no deadline, the sender cancels it."""
         index, channel = self._ingest.current()
         try:
-            call = ingest_pb2_grpc.IngestServiceStub(channel).StreamMetrics(requests)  # type: ignore[no-untyped-call]
+            call = ingest_pb2_grpc.IngestServiceStub(channel).StreamMetrics(  # type: ignore[no-untyped-call]
+                requests, metadata=self._metadata)
         except ValueError as exc:
             self._ingest.failed(index)
             raise ServerUnavailable(f"channel closed: {exc}") from None

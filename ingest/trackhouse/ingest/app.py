@@ -52,7 +52,7 @@ class IngestApp:
         histograms = FlushHistograms(self.registry)
         self.flusher = Flusher(self.buffer, self.progress, insert, self.settings, on_flush=histograms.observe)
         self.intake = Intake(self.catalog, self.buffer, self.progress, self.settings)
-        self.servicer = IngestServicer(self.catalog, self.intake)
+        self.servicer = IngestServicer(self.catalog, self.intake, self.settings.max_streams_per_connection)
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         self.registry.register(IngestCollector(self.counters))
         self._flusher_task = asyncio.create_task(self.flusher.run(), name="trackhouse-flusher")

@@ -38,6 +38,7 @@ class MetricBuffer:
         self._pending: list[Pending] = []
         self.rows = 0
         self.nbytes = 0
+        self.peak_bytes = 0  # the most `nbytes` has been: the fault tests check it against the budget
         self.oldest: float | None = None
         self.room_wanted = False
         self.urgent = 0  # pending batches whose caller waits for them alone
@@ -52,6 +53,7 @@ class MetricBuffer:
         self.urgent += urgent
         self.rows += batch.points
         self.nbytes += batch.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
         if self.oldest is None:
             self.oldest = now
         self.changed.set()

@@ -8,8 +8,7 @@ Owns the validation and semantics of the lifecycle RPCs:
 - tags are last-write-wins; deleting a tag that is not there is NotFound;
 - deleted runs and experiments keep their data and can be restored; deleting an
   experiment deletes its active runs, restoring it restores the runs deleted with it;
-- experiment tags live in the `tags` table under the pseudo run id
-  `experiment:<id>` (run ids are 32 hex characters, so they never collide);
+- experiment tags live in their own table, `experiment_tags` (migration 6);
 - limits as MLflow's: key ≤ 250 characters, param value ≤ 6,000, tag value ≤ 5,000.
 
 Keeps a cache of run states so metric batches are checked without a store
@@ -45,11 +44,6 @@ MAX_TAG_VALUE = 5000
 MAX_RUN_NAME = 250
 MAX_ITEMS_PER_CALL = 1000
 MAX_EXPERIMENT_TAG_VALUE = 20_000
-
-
-def experiment_tag_owner(experiment_id: str) -> str:
-    """The `tags.run_id` under which an experiment's tags are stored."""
-    return f"experiment:{experiment_id}"
 
 
 def now_ms() -> int:
@@ -169,24 +163,27 @@ class Catalog:
         rec = await self.get_experiment(experiment_id=experiment_id)
         if rec.lifecycle_stage != ACTIVE:
             raise FailedPrecondition(f"experiment {experiment_id} is deleted; restore it to tag it")
-        await self._store.call(self._store.put_tags, experiment_tag_owner(experiment_id), list(tags))
+        await self._store.call(self._store.put_experiment_tags, experiment_id, list(tags))
 
     async def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
         rec = await self.get_experiment(experiment_id=experiment_id)
         if rec.lifecycle_stage != ACTIVE:
             raise FailedPrecondition(f"experiment {experiment_id} is deleted; restore it to change its tags")
-        await self._delete_tag(experiment_tag_owner(experiment_id), key, f"experiment {experiment_id}")
+        tags = await self._store.call(self._store.get_experiment_tags, [experiment_id])
+        if key not in tags[experiment_id]:
+            raise NotFound(f"no tag {key!r} on experiment {experiment_id}")
+        await self._store.call(self._store.put_experiment_tags, experiment_id, [(key, "")], True)
 
-    async def _delete_tag(self, owner: str, key: str, what: str) -> None:
+    async def _delete_tag(self, run_id: str, key: str, what: str) -> None:
         rows = await self._store.call(
             self._store.query_rows,
             f"SELECT count() FROM {self._store.t('tags')} FINAL "
             "WHERE run_id = {r:String} AND key = {k:String} AND deleted = 0",
-            {"r": owner, "k": key},
+            {"r": run_id, "k": key},
         )
         if not rows or not rows[0][0]:
             raise NotFound(f"no tag {key!r} on {what}")
-        await self._store.call(self._store.put_tags, owner, [(key, "")], True)
+        await self._store.call(self._store.put_tags, run_id, [(key, "")], True)
 
     # -- runs --------------------------------------------------------------------------
 
@@ -307,12 +304,15 @@ class Catalog:
         await self.writable_run(run_id)
         await self._store.call(self._store.put_tags, run_id, list(tags))
 
-    async def check_metric_runs(self, run_ids: Sequence[str]) -> None:
-        """Raise unless every run exists and accepts writes (for a metric batch)."""
+    async def check_metric_runs(self, run_ids: Sequence[str], allowed: frozenset[str] | None = None) -> None:
+        """Raise unless every run exists and accepts writes (for a metric batch).
+
+        `allowed`: the caller's experiments (None: all); a run outside them is not found.
+        """
         runs = await self.get_runs(run_ids)
         for i, run_id in enumerate(run_ids):
             run = runs.get(run_id)
-            if run is None:
+            if run is None or (allowed is not None and run.experiment_id not in allowed):
                 raise NotFound(f"run_ids[{i}]: no run {run_id!r}")
             if run.lifecycle_stage != ACTIVE:
                 raise FailedPrecondition(f"run_ids[{i}]: run {run_id} is deleted")

@@ -4,6 +4,7 @@
     ├── InvalidArgument         the request is malformed (field and limit named)  → INVALID_ARGUMENT
     ├── NotFound                an experiment or run that does not exist          → NOT_FOUND
     ├── AlreadyExists           an experiment name that is taken                   → ALREADY_EXISTS
+    ├── PermissionDenied        the caller's token may not do this at all          → PERMISSION_DENIED
     ├── FailedPrecondition      the target is in the wrong state (deleted run)     → FAILED_PRECONDITION
     ├── ResourceExhausted       the buffer is over its budget; retry later         → RESOURCE_EXHAUSTED
     └── Unavailable             the store cannot be reached; retry later           → UNAVAILABLE
@@ -24,6 +25,10 @@ class InvalidArgument(IngestError):
 
 
 class NotFound(IngestError):
+    pass
+
+
+class PermissionDenied(IngestError):
     pass
 
 

@@ -62,7 +62,8 @@ class Intake:
         self.points_received = 0
         self.rejected: dict[str, int] = {}
 
-    async def accept(self, message: Any, urgent: bool = False, refresh: bool = False) -> Awaitable[Outcome]:
+    async def accept(self, message: Any, urgent: bool = False, refresh: bool = False,
+                     allowed: frozenset[str] | None = None) -> Awaitable[Outcome]:
         """Take one MetricBatch message; return an awaitable of its outcome.
 
         `urgent`: the caller waits for this batch alone (a unary write), so it is flushed
@@ -70,11 +71,13 @@ class Intake:
         `refresh`: the writer may have written through another replica since this one
         last saw it (the first batch of a writer on a stream, any unary write): its
         committed mark is reloaded from the store before the batch is taken as new.
+        `allowed`: the caller's experiments (None: all); a batch naming a run outside
+        them is rejected.
         """
         seq = int(message.seq)
         try:
             batch = decode_batch(message, self._settings)
-            await self._catalog.check_metric_runs(batch.run_ids)
+            await self._catalog.check_metric_runs(batch.run_ids, allowed)
         except IngestError as exc:
             name = type(exc).__name__
             self.rejected[name] = self.rejected.get(name, 0) + 1

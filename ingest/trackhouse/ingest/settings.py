@@ -10,6 +10,9 @@ Every variable (all optional):
     TRACKHOUSE_INGEST_MAX_BATCH_POINTS  points in one MetricBatch (default 1000000)
     TRACKHOUSE_INGEST_MAX_BATCH_KEYS    distinct keys in one MetricBatch (default 10000)
     TRACKHOUSE_INGEST_MAX_MESSAGE_BYTES largest gRPC message accepted (default 67108864 = 64 MiB)
+    TRACKHOUSE_INGEST_MAX_STREAMS_PER_CONNECTION  metric streams open at once on one client
+                                        connection; one more is refused with RESOURCE_EXHAUSTED
+                                        (default 64)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class IngestSettings:
     max_batch_points: int = 1_000_000
     max_batch_keys: int = 10_000
     max_message_bytes: int = 64 * 1024 * 1024
+    max_streams_per_connection: int = 64
 
     def __post_init__(self) -> None:
         for f in fields(self):

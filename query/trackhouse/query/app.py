@@ -28,6 +28,7 @@ class QueryApp:
 
     async def start(self, server: Any) -> None:
         store = self.store
+        store.limit_reads(self.settings.max_query_seconds)
         await store.open_async()  # a ClickHouse server: reads on the async client (HTTP, aiohttp)
         # Shared through the store, so every query replica accepts every other's tokens.
         secret = await store.call(store.meta_value, TOKEN_SECRET_KEY, lambda: secrets.token_hex(32))

@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias
 
-from trackhouse.store.schema import check_identifier
+from trackhouse.store.schema import check_identifier, latest_value
 
 METRICS = "metrics"
 PARAMS = "params"
@@ -339,8 +339,13 @@ class _FilterParser(Parser):
         if token.kind == "number":
             if not _NUMBER.fullmatch(token.text):
                 self.error(token.pos, f"bad number {token.text!r}: expected a number like 42, -1.5 or 1e-3")
-            is_int = not any(c in token.text for c in ".eE")
-            return int(token.text) if is_int else float(token.text)
+            if any(c in token.text for c in ".eE"):
+                return float(token.text)
+            # Integers beyond Int64 compare as Float64 anyway; int() of thousands of digits
+            # raises (Python's int max_str_digits) and float(int) overflows: go through float.
+            digits = token.text.lstrip("+-").lstrip("0")
+            number = int(token.text) if len(digits) <= 19 else float(token.text)
+            return number if isinstance(number, float) or _INT64_MIN <= number <= _INT64_MAX else float(number)
         self.fail(token, "a value: a quoted string or a number")
 
     def value_list(self) -> tuple[str, ...]:
@@ -448,7 +453,7 @@ def _compile_comparison(c: Comparison, db: str, binder: Binder) -> str:
         return condition(c.key, c, binder)
     key = binder.bind(c.key, "String")
     if c.entity == METRICS:
-        cond = condition("tupleElement(max(last), 3)", c, binder, "Float64")
+        cond = condition(latest_value("max(last_key)"), c, binder, "Float64")
         return (f"run_id IN (SELECT run_id FROM {db}.latest_metrics WHERE key = {key} "
                 f"GROUP BY run_id HAVING {cond})")
     if c.entity == PARAMS:

@@ -28,6 +28,8 @@ class HistoryRequest:
     max_step: int | None = None
     max_results: int = 0
     page_token: str = ""
+    # The caller's experiments (None: all): a run outside them is NOT_FOUND, as if absent.
+    allowed_experiments: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,9 @@ class MetricHistory:
         limit = req.max_results or self._settings.history_page
         if not 0 < limit <= self._settings.max_history_page:
             raise InvalidArgument(f"max_results: {limit} is outside 1..{self._settings.max_history_page}")
-        if not (yield from self._store.runs_steps([req.run_id])):
+        run = (yield from self._store.runs_steps([req.run_id])).get(req.run_id)
+        allowed = req.allowed_experiments
+        if run is None or (allowed is not None and run.experiment_id not in allowed):
             raise NotFound(f"run_id: no run {req.run_id!r}")
         question = fingerprint(req.run_id, req.key, req.min_step, req.max_step, limit)
         params: dict[str, Any] = {"run": req.run_id, "key": req.key}

@@ -26,7 +26,7 @@ from trackhouse.query.filters import (
     Or,
     condition,
 )
-from trackhouse.store.schema import check_identifier
+from trackhouse.store.schema import check_identifier, latest_value
 
 # One run per row, latest version: the base of every search.
 RUNS = "search_runs"
@@ -35,7 +35,8 @@ RUNS = "search_runs"
 def key_values(entity: str, db: str, key: str) -> tuple[str, str]:
     """(subquery of run_id, v for one key, ClickHouse type of v); `key` is a bound placeholder."""
     if entity == METRICS:
-        return f"SELECT run_id, last.3 AS v FROM {db}.search_metrics FINAL WHERE key = {key}", "Float64"
+        return (f"SELECT run_id, {latest_value('last_key')} AS v FROM {db}.search_metrics FINAL WHERE key = {key}",
+                "Float64")
     if entity == PARAMS:
         return f"SELECT run_id, value AS v FROM {db}.search_params FINAL WHERE key = {key}", "String"
     return f"SELECT run_id, value AS v FROM {db}.search_tags FINAL WHERE key = {key} AND deleted = 0", "String"

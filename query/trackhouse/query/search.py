@@ -50,6 +50,9 @@ class SearchRequest:
     page_token: str = ""
     view: str = "ACTIVE_ONLY"
     include_total: bool = False
+    # The caller's experiments (an experiment-scoped token); None: no restriction. Results
+    # are filtered to them, whatever `experiment_ids` asks.
+    allowed_experiments: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class RunSearch:
         where = [f"lifecycle_stage IN {binder.bind(list(VIEWS[req.view]), 'Array(String)')}"]
         if req.experiment_ids:
             where.append(f"experiment_id IN {binder.bind(list(req.experiment_ids), 'Array(String)')}")
+        if req.allowed_experiments is not None:
+            where.append(f"experiment_id IN {binder.bind(list(req.allowed_experiments), 'Array(String)')}")
         if isinstance(node, str):
             node = parse_filter(req.filter)
         if node is not None:

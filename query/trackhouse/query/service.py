@@ -16,8 +16,9 @@ from trackhouse.query.downsample import BucketRequest, Buckets, ExportRequest, M
 from trackhouse.query.errors import InvalidArgument, NotFound, QueryError
 from trackhouse.query.filters import FilterError
 from trackhouse.query.history import HistoryRequest, MetricHistory
+from trackhouse.query.scope import allowed_experiments, check_visible
 from trackhouse.query.search import RunSearch, SearchRequest
-from trackhouse.store import Store, StoreError
+from trackhouse.store import QueryTimeout, Store, StoreError
 from trackhouse.store.wire import run_to_pb
 
 T = TypeVar("T")
@@ -28,6 +29,9 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, QueryTimeout):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"query time limit (TRACKHOUSE_QUERY_MAX_QUERY_SECONDS) exceeded: {exc}")
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, f"store error: {exc}"
     return grpc.StatusCode.INTERNAL, "internal error"
@@ -59,13 +63,18 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         self._history = history
         self._charts = charts or MetricCharts(store, search.settings)
 
+    async def _check_visible(self, run_ids: tuple[str, ...]) -> None:
+        allowed = allowed_experiments()
+        if allowed is not None:
+            check_visible(await self._store.arun(self._store.runs_steps(list(run_ids))), run_ids, allowed)
+
     async def SearchRuns(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def call() -> Any:
             req = SearchRequest(
                 experiment_ids=tuple(request.experiment_ids), filter=request.filter,
                 order_by=tuple(request.order_by), max_results=request.max_results,
                 page_token=request.page_token, view=_view(request.run_view_type),
-                include_total=request.include_total,
+                include_total=request.include_total, allowed_experiments=allowed_experiments(),
             )
             return await self._search.asearch(req)
 
@@ -81,7 +90,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             if not request.run_id:
                 raise InvalidArgument("run_id: required")
             runs = await self._store.arun(self._store.run_details_steps([request.run_id]))
-            if not runs:
+            allowed = allowed_experiments()
+            if not runs or (allowed is not None and runs[0].info.experiment_id not in allowed):
                 raise NotFound(f"run_id: no run {request.run_id!r}")
             return runs[0]
 
@@ -93,6 +103,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             min_step=request.min_step if request.HasField("min_step") else None,
             max_step=request.max_step if request.HasField("max_step") else None,
             max_results=request.max_results, page_token=request.page_token,
+            allowed_experiments=allowed_experiments(),
         )
         page = await _handle(context, lambda: self._history.apage(req))
         return query_pb2.MetricHistory(
@@ -107,6 +118,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             min_step=request.min_step if request.HasField("min_step") else None,
             max_step=request.max_step if request.HasField("max_step") else None,
         )
+        await _handle(context, lambda: self._check_visible(req.run_ids))
         result: Buckets = await _handle(context, lambda: self._charts.abuckets(req))
         return query_pb2.MetricBuckets(
             key=req.key, min_step=result.lo, max_step=result.hi, buckets=req.buckets,
@@ -127,6 +139,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             min_step=request.min_step if request.HasField("min_step") else None,
             max_step=request.max_step if request.HasField("max_step") else None,
         )
+        await _handle(context, lambda: self._check_visible(req.run_ids))
         table = await _handle(context, lambda: self._charts.aexport(req))
         return query_pb2.ExportMetricsResponse(arrow_stream=arrow_stream(table), rows=table.num_rows)
 

@@ -9,6 +9,8 @@ Every variable (all optional):
     TRACKHOUSE_QUERY_MAX_FILTER_LENGTH      longest filter string accepted (default 10000 characters)
     TRACKHOUSE_QUERY_MAX_EXPORT_RUNS        most runs in one metrics export (default 10000)
     TRACKHOUSE_QUERY_MAX_EXPORT_POINTS      most points in one metrics export (default 50000000)
+    TRACKHOUSE_QUERY_MAX_QUERY_SECONDS      longest a store read may run (ClickHouse max_execution_time);
+                                            past it the call fails with RESOURCE_EXHAUSTED (default 30.0)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class QuerySettings:
     max_filter_length: int = 10_000
     max_export_runs: int = 10_000
     max_export_points: int = 50_000_000
+    max_query_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -40,12 +43,14 @@ class QuerySettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> QuerySettings:
         env = os.environ if environ is None else environ
-        values: dict[str, int] = {}
+        values: dict[str, int | float] = {}
         for f in fields(cls):
             name = f"TRACKHOUSE_QUERY_{f.name.upper()}"
             if name in env:
+                kind = float if f.type in ("float", float) else int
                 try:
-                    values[f.name] = int(env[name])
+                    values[f.name] = kind(env[name])
                 except ValueError:
-                    raise ValueError(f"{name}={env[name]!r} is not a whole number") from None
-        return cls(**values)
+                    what = "a number" if kind is float else "a whole number"
+                    raise ValueError(f"{name}={env[name]!r} is not {what}") from None
+        return cls(**values)  # type: ignore[arg-type]

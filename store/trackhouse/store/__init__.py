@@ -4,7 +4,7 @@ Imported by the ingest and query services; never by the client.
 """
 
 from trackhouse.store.dsn import DEFAULT_DSN, DSN, parse_dsn
-from trackhouse.store.errors import InvalidDSN, QueryFailed, StoreError, StoreUnavailable
+from trackhouse.store.errors import InvalidDSN, QueryFailed, QueryTimeout, StoreError, StoreUnavailable
 from trackhouse.store.records import (
     ACTIVE,
     DELETED,
@@ -14,6 +14,7 @@ from trackhouse.store.records import (
     LatestMetricRecord,
     RunDetails,
     RunRecord,
+    TokenRecord,
 )
 from trackhouse.store.store import Store, new_version, open_store
 
@@ -28,11 +29,13 @@ __all__ = [
     "InvalidDSN",
     "LatestMetricRecord",
     "QueryFailed",
+    "QueryTimeout",
     "RunDetails",
     "RunRecord",
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "TokenRecord",
     "new_version",
     "open_store",
     "parse_dsn",

@@ -22,6 +22,16 @@ returns what to run for one of them:
     docs/deploy.md.
   - back-fill `INSERT … SELECT` statements run unchanged, through the
     Distributed tables.
+  - a `Null`-engine table (metric_cells: rows pass through to its views, nothing
+    is stored) has no Replicated or Distributed form: it is created under its own
+    name on every node (`ON CLUSTER`). Views write into it and read from it under
+    that name, so the cascade stays on the shard the rows arrived on (`metrics_local`
+    → `metric_cells` → `metric_rollup_local`).
+  - `DROP VIEW … SYNC` runs `ON CLUSTER`; `DROP TABLE {db}.t … SYNC` drops the
+    Distributed table and then its shard-local `t_local` (SYNC also frees its Keeper
+    path, so the table can be created again at once); a Null table is dropped as is.
+  - `ALTER TABLE {db}.t DELETE …` (a mutation) runs on the shard-local `t_local`,
+    `ON CLUSTER`: a Distributed table has no parts to mutate.
 
 Identifiers (database, cluster) are whitelisted; nothing here is user text.
 """
@@ -39,6 +49,8 @@ SHARD_KEYS = {
     "writer_progress": "cityHash64(writer_id)",
     "meta": "cityHash64(key)",
     "schema_migrations": "version",
+    "api_tokens": "cityHash64(token_id)",
+    "experiment_tags": "cityHash64(experiment_id)",
 }
 RUN_SHARD_KEY = "cityHash64(run_id)"
 # Views replaced by an explicit write in cluster mode (see the module docstring).
@@ -57,6 +69,18 @@ _CREATE_VIEW = re.compile(
     re.DOTALL,
 )
 _INSERT_SELECT = re.compile(r"\s*INSERT INTO \w+\.\w+\s.*SELECT\s.*", re.DOTALL)
+_CREATE_NULL = re.compile(
+    r"\s*CREATE TABLE IF NOT EXISTS (?P<db>\w+)\.(?P<name>\w+) \((?P<columns>.*)\)\s*ENGINE = Null\s*", re.DOTALL)
+_DROP = re.compile(r"\s*DROP (?P<kind>VIEW|TABLE) IF EXISTS (?P<db>\w+)\.(?P<name>\w+)(?P<sync> SYNC)?\s*")
+_ALTER_DELETE = re.compile(r"\s*ALTER TABLE (?P<db>\w+)\.(?P<name>\w+) (?P<rest>DELETE WHERE .*?)\s*", re.DOTALL)
+
+
+def _null_tables() -> frozenset[str]:
+    """Tables the migrations create with the Null engine: one per node, never Replicated or Distributed."""
+    from trackhouse.store import schema
+
+    found = (_CREATE_NULL.fullmatch(statement.format(db="db")) for m in schema.MIGRATIONS for statement in m.statements)
+    return frozenset(match["name"] for match in found if match)
 
 
 @dataclass(frozen=True)
@@ -94,14 +118,26 @@ def render(statement: str, layout: Layout) -> list[str]:
     sql = statement.format(db=layout.database)
     if layout.cluster is None:
         return [sql]
+    on = layout.on_cluster
+    null = NULL_TABLES
     if m := _CREATE_TABLE.fullmatch(sql):
         return _cluster_table(m, layout)
+    if m := _CREATE_NULL.fullmatch(sql):
+        return [f"CREATE TABLE IF NOT EXISTS {m['db']}.{m['name']}{on} ({m['columns']}) ENGINE = Null"]
     if m := _CREATE_VIEW.fullmatch(sql):
         if m["name"] in CLUSTER_SKIPS_VIEWS:
             return []
-        select = re.sub(rf"\bFROM {layout.database}\.(\w+)", rf"FROM {layout.database}.\1{LOCAL_SUFFIX}", m["select"])
-        return [f"CREATE MATERIALIZED VIEW IF NOT EXISTS {m['db']}.{m['name']}{layout.on_cluster} "
-                f"TO {m['to_db']}.{m['to']}{LOCAL_SUFFIX} AS {select}"]
+        select = re.sub(rf"\bFROM {layout.database}\.(\w+)",
+                        lambda s: s[0] if s[1] in null else f"{s[0]}{LOCAL_SUFFIX}", m["select"])
+        target = m["to"] if m["to"] in null else m["to"] + LOCAL_SUFFIX
+        return [f"CREATE MATERIALIZED VIEW IF NOT EXISTS {m['db']}.{m['name']}{on} "
+                f"TO {m['to_db']}.{target} AS {select}"]
+    if m := _DROP.fullmatch(sql):
+        sync = m["sync"] or ""
+        names = [m["name"]] if m["kind"] == "VIEW" or m["name"] in null else [m["name"], m["name"] + LOCAL_SUFFIX]
+        return [f"DROP {m['kind']} IF EXISTS {m['db']}.{name}{on}{sync}" for name in names]
+    if m := _ALTER_DELETE.fullmatch(sql):
+        return [f"ALTER TABLE {m['db']}.{m['name']}{LOCAL_SUFFIX}{on} {m['rest']}"]
     if _INSERT_SELECT.fullmatch(sql):
         return [sql]
     raise ValueError(f"no cluster form for this statement; teach trackhouse.store.layout about it: {sql[:120]!r}")
@@ -132,3 +168,6 @@ def client_settings(layout: Layout, writer: bool) -> dict[str, object]:
         return {**same_replica, "insert_distributed_sync": 1}
     # IN / JOIN subqueries over Distributed tables run once, globally: always correct.
     return {**same_replica, "distributed_product_mode": "global"}
+
+
+NULL_TABLES = _null_tables()

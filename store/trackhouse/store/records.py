@@ -57,3 +57,16 @@ class RunDetails:
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     metrics: list[LatestMetricRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token as stored: the secret itself is never stored, only its SHA-256 (hex)."""
+
+    token_id: str
+    name: str
+    secret_sha256: str
+    scope: str
+    experiment_ids: tuple[str, ...]
+    created_at: int
+    revoked: bool = False

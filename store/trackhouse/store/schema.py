@@ -25,6 +25,10 @@ Tables (see docs/schema.md for the stable, user-facing description):
   docs/search.md for the measurements behind it.
 - meta — server-side values (the page-token secret); the first value written for
   a key wins, so replicas racing to create one still agree on it.
+- api_tokens (migration 5) — API tokens: id, name, scope, experiment ids and the
+  SHA-256 of the secret (never the secret); ReplacingMergeTree(version), so a
+  revoke is a newer row.
+- experiment_tags (migration 6) — experiment tags, moved out of `tags`.
 
 The statements are written once, for one node; `layout.render()` (a pure
 function, trackhouse.store.layout) turns each into what a cluster runs.
@@ -311,3 +315,159 @@ _ROLLUP = (
 )
 
 MIGRATIONS = (*MIGRATIONS, Migration(3, "metric_rollup: per-cell extremes for charts", _ROLLUP))
+
+
+
+# Migration 4: the insert path made cheaper (docs/ingest.md, "Where the time goes";
+# loadtests/insert_profile.py measures each view). Two changes, same answers:
+#
+# - latest_metrics/search_metrics keep the latest point as one order-preserving
+#   UInt256 key, step ‖ timestamp ‖ value, each part mapped like the rollup keys
+#   above, so `max` compares native integers (MLflow's order: max(step, timestamp,
+#   value)); `latest_step/latest_timestamp/latest_value` decode it. The generic
+#   tuple max cost about twice as much per inserted row.
+# - metric_rollup's two levels cascade: one view groups the inserted block into
+#   cells of 10 steps in a Null table (nothing stored); the 10-step level copies
+#   those cells and the 1000-step level re-aggregates them, reading a tenth of the
+#   rows. Same table, same rows as migration 3's views.
+#
+# The old views are dropped and the latest tables rebuilt from `metrics`; run it
+# (like every migration) before serving writes.
+_TS_KEY = f"bitXor(reinterpretAsUInt64(timestamp), {_U63})"
+LATEST_KEY = (f"bitOr(bitOr(bitShiftLeft(toUInt256({_STEP_KEY}), 128), bitShiftLeft(toUInt256({_TS_KEY}), 64)), "
+              f"toUInt256({_VALUE_KEY}))")
+
+
+def latest_value(k: str) -> str:
+    """The value of a packed latest key (its low 64 bits)."""
+    lo = f"toUInt64(bitAnd({k}, toUInt256(18446744073709551615)))"
+    return f"reinterpretAsFloat64(if({lo} >= {_U63}, bitXor({lo}, {_U63}), bitNot({lo})))"
+
+
+def latest_timestamp(k: str) -> str:
+    mid = f"toUInt64(bitAnd(bitShiftRight({k}, 64), toUInt256(18446744073709551615)))"
+    return f"reinterpretAsInt64(bitXor({mid}, {_U63}))"
+
+
+def latest_step(k: str) -> str:
+    return f"reinterpretAsInt64(bitXor(toUInt64(bitShiftRight({k}, 128)), {_U63}))"
+
+
+def _cells_select() -> str:
+    return (f"SELECT run_id, key, {cell_of('step', 10)} AS cell, "
+            f"min(if(isNaN(value), {_NO_MIN}, {MIN_KEY})) AS min_key, "
+            f"max(if(isNaN(value), toUInt128(0), {MAX_KEY})) AS max_key, "
+            "min(step) AS min_step, max(step) AS max_step, "
+            "countIf(NOT isNaN(value)) AS numbers, count() AS count "
+            "FROM {db}.metrics GROUP BY run_id, key, cell")
+
+
+_LATEST_SELECT = (f"SELECT run_id, toString(key) AS key, max({LATEST_KEY}) AS last_key, "
+                  "min(value) AS min_value, max(value) AS max_value, count() AS count "
+                  "FROM {db}.metrics GROUP BY run_id, key")
+
+_CHEAPER_INSERT = (
+    "DROP VIEW IF EXISTS {db}.search_metrics_mv SYNC",
+    "DROP VIEW IF EXISTS {db}.latest_metrics_mv SYNC",
+    *(f"DROP VIEW IF EXISTS {{db}}.metric_rollup_{g}_mv SYNC" for g in ROLLUP_LEVELS),
+    "DROP TABLE IF EXISTS {db}.search_metrics SYNC",
+    "DROP TABLE IF EXISTS {db}.latest_metrics SYNC",
+    """
+    CREATE TABLE IF NOT EXISTS {db}.latest_metrics (
+        run_id String,
+        key String,
+        last_key SimpleAggregateFunction(max, UInt256),
+        min_value SimpleAggregateFunction(min, Float64),
+        max_value SimpleAggregateFunction(max, Float64),
+        count SimpleAggregateFunction(sum, UInt64)
+    ) ENGINE = AggregatingMergeTree ORDER BY (run_id, key)
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS {db}.search_metrics (
+        key LowCardinality(String),
+        run_id String,
+        last_key SimpleAggregateFunction(max, UInt256)
+    ) ENGINE = AggregatingMergeTree ORDER BY (key, run_id)
+    """,
+    """
+    CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.search_metrics_mv TO {db}.search_metrics AS
+    SELECT key, run_id, last_key FROM {db}.latest_metrics
+    """,
+    "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.latest_metrics_mv TO {db}.latest_metrics AS " + _LATEST_SELECT,
+    # The back-fill goes through latest_metrics' own view into search_metrics.
+    "INSERT INTO {db}.latest_metrics " + _LATEST_SELECT,
+    """
+    CREATE TABLE IF NOT EXISTS {db}.metric_cells (
+        run_id String, key LowCardinality(String), cell Int64,
+        min_key UInt128, max_key UInt128, min_step Int64, max_step Int64,
+        numbers UInt64, count UInt64
+    ) ENGINE = Null
+    """,
+    """
+    CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_rollup_10_mv TO {db}.metric_rollup AS
+    SELECT run_id, key, toUInt32(10) AS g, cell, min_key, max_key, min_step, max_step, numbers, count
+    FROM {db}.metric_cells
+    """,
+    f"""
+    CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.metric_rollup_1000_mv TO {{db}}.metric_rollup AS
+    SELECT run_id, key, toUInt32(1000) AS g, c1000 AS cell, min(min_key) AS min_key,
+           max(max_key) AS max_key, min(min_step) AS min_step, max(max_step) AS max_step,
+           sum(numbers) AS numbers, sum(count) AS count
+    FROM (SELECT run_id, key, {cell_of('cell', 100)} AS c1000, min_key, max_key, min_step, max_step,
+                 numbers, count FROM {{db}}.metric_cells)
+    GROUP BY run_id, key, c1000
+    """,
+    # Last: from here on every insert into metrics feeds the cells.
+    "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_cells_mv TO {db}.metric_cells AS " + _cells_select(),
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(4, "cheaper insert: packed latest key, cascaded rollup levels",
+                                     _CHEAPER_INSERT))
+
+
+# Migration 5: API tokens (docs/security.md). One row per version of a token; a revoke
+# writes a new version with revoked = 1, and readers take the latest (argMax by version).
+# Only a SHA-256 of the token's secret is stored: the token itself is shown once, at creation.
+_TOKENS = (
+    """
+    CREATE TABLE IF NOT EXISTS {db}.api_tokens (
+        token_id String,
+        name String,
+        secret_sha256 String,
+        scope LowCardinality(String),
+        experiment_ids Array(String),
+        created_at Int64,
+        revoked UInt8,
+        version UInt64
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY token_id
+    """,
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(5, "api_tokens: hashed API tokens and their scopes", _TOKENS))
+
+
+# Migration 6: experiment tags in their own table. Until now they were rows of `tags`
+# under the pseudo run id `experiment:<id>`, which SQL users saw among run tags. They
+# move (copied, then deleted from `tags` and its search copy); a rerun copies again
+# rows already there with their versions, which ReplacingMergeTree keeps once.
+_EXPERIMENT_TAGS = (
+    """
+    CREATE TABLE IF NOT EXISTS {db}.experiment_tags (
+        experiment_id String,
+        key String,
+        value String,
+        deleted UInt8,
+        version UInt64
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY (experiment_id, key)
+    """,
+    """
+    INSERT INTO {db}.experiment_tags
+    SELECT substring(run_id, 12), key, value, deleted, version FROM {db}.tags
+    WHERE startsWith(run_id, 'experiment:')
+    """,
+    "ALTER TABLE {db}.tags DELETE WHERE startsWith(run_id, 'experiment:') SETTINGS mutations_sync = 2",
+    "ALTER TABLE {db}.search_tags DELETE WHERE startsWith(run_id, 'experiment:') SETTINGS mutations_sync = 2",
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(6, "experiment_tags: experiment tags out of the run tags table",
+                                     _EXPERIMENT_TAGS))

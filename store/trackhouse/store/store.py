@@ -33,6 +33,7 @@ from trackhouse.store.records import (
     LatestMetricRecord,
     RunDetails,
     RunRecord,
+    TokenRecord,
 )
 from trackhouse.store.settings import StoreSettings
 
@@ -43,6 +44,7 @@ _RUN_COLUMNS = (
     "run_id, experiment_id, run_name, user_id, status, start_time, end_time, "
     "lifecycle_stage, artifact_uri"
 )
+_TOKEN_COLUMNS = ("token_id", "name", "secret_sha256", "scope", "experiment_ids", "created_at", "revoked")
 _EXPERIMENT_COLUMNS = "experiment_id, name, artifact_location, lifecycle_stage, creation_time, last_update_time"
 
 
@@ -69,6 +71,14 @@ class Store:
         self._executor = ThreadPoolExecutor(max_workers=readers + 1, thread_name_prefix="trackhouse-store")
         self._async: Any = None  # clickhouse-connect's AsyncClient, server stores only
         self._closed = False
+        # Applied to every read: ClickHouse stops a read past it (TIMEOUT_EXCEEDED → QueryTimeout).
+        self._read_settings: dict[str, Any] = {}
+
+    def limit_reads(self, max_seconds: float) -> None:
+        """Stop every read that runs longer than `max_seconds` (raises QueryTimeout)."""
+        if not max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
+        self._read_settings = {"max_execution_time": max_seconds}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -109,10 +119,12 @@ class Store:
             while True:
                 try:
                     if isinstance(request, Rows):
+                        settings = {**self._read_settings, **(request.settings or {})}
                         result: Any = (await client.query(request.sql, parameters=request.parameters,
-                                                          settings=request.settings)).result_rows
+                                                          settings=settings)).result_rows
                     else:
-                        result = await client.query_arrow(request.sql, parameters=request.parameters)
+                        result = await client.query_arrow(request.sql, parameters=request.parameters,
+                                                          settings=self._read_settings or None)
                 except Exception as exc:
                     raise translate(exc) from None
                 request = steps.send(result)
@@ -169,7 +181,7 @@ class Store:
         with self._reader() as client:
             try:
                 rows: list[tuple[Any, ...]] = client.query(
-                    sql, parameters=parameters, settings=settings
+                    sql, parameters=parameters, settings={**self._read_settings, **(settings or {})}
                 ).result_rows
             except Exception as exc:
                 raise translate(exc) from None
@@ -178,7 +190,7 @@ class Store:
     def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         with self._reader() as client:
             try:
-                return client.query_arrow(sql, parameters=parameters)
+                return client.query_arrow(sql, parameters=parameters, settings=self._read_settings or None)
             except Exception as exc:
                 raise translate(exc) from None
 
@@ -240,6 +252,29 @@ class Store:
         value = default()
         self.insert_rows("meta", ("key", "value"), [(key, value)])
         return str(self.query_rows(sql, {"k": key})[0][0])
+
+    # -- API tokens (latest version per token id) ----------------------------------
+
+    def put_token(self, rec: TokenRecord) -> None:
+        self.insert_rows("api_tokens", (*_TOKEN_COLUMNS, "version"), [(
+            rec.token_id, rec.name, rec.secret_sha256, rec.scope, list(rec.experiment_ids), rec.created_at,
+            int(rec.revoked), new_version(),
+        )])
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        found = self._tokens("WHERE token_id = {t:String}", {"t": token_id})
+        return found[0] if found else None
+
+    def list_tokens(self) -> list[TokenRecord]:
+        return self._tokens("", {})
+
+    def _tokens(self, where: str, parameters: dict[str, Any]) -> list[TokenRecord]:
+        rest = ", ".join(_TOKEN_COLUMNS[1:])
+        rows = self.query_rows(
+            f"SELECT token_id, argMax(({rest}), version) FROM {self.t('api_tokens')} {where} "
+            "GROUP BY token_id ORDER BY token_id", parameters)
+        return [TokenRecord(row[0], name, digest, scope, tuple(exps), int(created), bool(revoked))
+                for row in rows for name, digest, scope, exps, created, revoked in [row[1]]]
 
     # -- experiments ------------------------------------------------------------
 
@@ -316,6 +351,31 @@ class Store:
             [(run_id, k, v, int(deleted), version) for k, v in tags],
         )
 
+    def put_experiment_tags(self, experiment_id: str, tags: Sequence[tuple[str, str]], deleted: bool = False) -> None:
+        version = new_version()
+        self.insert_rows(
+            "experiment_tags",
+            ("experiment_id", "key", "value", "deleted", "version"),
+            [(experiment_id, k, v, int(deleted), version) for k, v in tags],
+        )
+
+    def get_experiment_tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The live tags of each experiment (latest version per key, deleted ones left out)."""
+        return self.run(self.experiment_tags_steps(experiment_ids))
+
+    def experiment_tags_steps(self, experiment_ids: Sequence[str]) -> Steps[dict[str, dict[str, str]]]:
+        out: dict[str, dict[str, str]] = {e: {} for e in experiment_ids}
+        if not experiment_ids:
+            return out
+        for experiment_id, key, value in (yield Rows(
+            f"SELECT experiment_id, key, argMax(value, version) FROM {self.t('experiment_tags')} "
+            "PREWHERE experiment_id IN {ids:Array(String)} GROUP BY experiment_id, key "
+            "HAVING argMax(deleted, version) = 0 ORDER BY experiment_id, key",
+            {"ids": list(experiment_ids)},
+        )):
+            out[experiment_id][key] = value
+        return out
+
     # -- metrics --------------------------------------------------------------------
 
     def insert_metrics(self, data: Any) -> None:
@@ -364,13 +424,14 @@ class Store:
         )):
             tags[run_id][key] = value
         metrics: dict[str, list[LatestMetricRecord]] = {r: [] for r in ids}
-        for run_id, key, last, lo, hi, count in (yield Rows(
-            f"SELECT run_id, key, max(last), min(min_value), max(max_value), sum(count) "
+        last = "max(last_key)"
+        for run_id, key, step, ts, value, lo, hi, count in (yield Rows(
+            f"SELECT run_id, key, {schema.latest_step(last)}, {schema.latest_timestamp(last)}, "
+            f"{schema.latest_value(last)}, min(min_value), max(max_value), sum(count) "
             f"FROM {self.t('latest_metrics')} PREWHERE run_id IN {{ids:Array(String)}} "
             "GROUP BY run_id, key ORDER BY run_id, key",
             bound,
         )):
-            step, ts, value = last
             metrics[run_id].append(LatestMetricRecord(key, value, ts, step, lo, hi, int(count)))
         return [RunDetails(infos[r], params[r], tags[r], metrics[r]) for r in ids]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from trackhouse.query.errors import InvalidArgument, NotFound
 from trackhouse.query.filters import FilterError
-from trackhouse.store import StoreError
+from trackhouse.store import QueryTimeout, StoreError
 
 INVALID_PARAMETER_VALUE = "INVALID_PARAMETER_VALUE"
 RESOURCE_DOES_NOT_EXIST = "RESOURCE_DOES_NOT_EXIST"
@@ -23,12 +23,16 @@ ENDPOINT_NOT_FOUND = "ENDPOINT_NOT_FOUND"
 INTERNAL_ERROR = "INTERNAL_ERROR"
 TEMPORARILY_UNAVAILABLE = "TEMPORARILY_UNAVAILABLE"
 REQUEST_LIMIT_EXCEEDED = "REQUEST_LIMIT_EXCEEDED"
+UNAUTHENTICATED = "UNAUTHENTICATED"
+PERMISSION_DENIED = "PERMISSION_DENIED"
 
 # MLflow's ERROR_CODE_TO_HTTP_STATUS (mlflow/exceptions.py), for the codes we raise.
 HTTP_STATUS = {
     INVALID_PARAMETER_VALUE: 400,
     RESOURCE_ALREADY_EXISTS: 400,
     BAD_REQUEST: 400,
+    UNAUTHENTICATED: 401,
+    PERMISSION_DENIED: 403,
     RESOURCE_DOES_NOT_EXIST: 404,
     ENDPOINT_NOT_FOUND: 404,
     REQUEST_LIMIT_EXCEEDED: 429,
@@ -46,6 +50,8 @@ _FROM_GRPC = {
     "RESOURCE_EXHAUSTED": REQUEST_LIMIT_EXCEEDED,
     "UNAVAILABLE": TEMPORARILY_UNAVAILABLE,
     "DEADLINE_EXCEEDED": TEMPORARILY_UNAVAILABLE,
+    "UNAUTHENTICATED": UNAUTHENTICATED,
+    "PERMISSION_DENIED": PERMISSION_DENIED,
 }
 
 
@@ -90,6 +96,9 @@ def to_mlflow_error(exc: Exception) -> MlflowError:
         return invalid(str(exc))
     if isinstance(exc, NotFound):
         return missing(str(exc))
+    if isinstance(exc, QueryTimeout):
+        return MlflowError(REQUEST_LIMIT_EXCEEDED,
+                           f"query time limit (TRACKHOUSE_QUERY_MAX_QUERY_SECONDS) exceeded: {exc}")
     if isinstance(exc, StoreError):
         return MlflowError(TEMPORARILY_UNAVAILABLE, f"store error: {exc}")
     return MlflowError(INTERNAL_ERROR, "internal error")

@@ -9,8 +9,7 @@ Order keys are `name`, `experiment_id`, `creation_time`, `last_update_time`
 (default: creation_time DESC, experiment_id ASC, as MLflow). Page tokens carry an
 offset and a fingerprint of the question (a token from another question is refused).
 
-Experiment tags are rows of the `tags` table under the pseudo run id
-`experiment:<id>` (written by the ingest service).
+Experiment tags are rows of the `experiment_tags` table (written by the ingest service).
 """
 
 from __future__ import annotations
@@ -156,27 +155,17 @@ class ExperimentReader:
         return await self._store.arun(self._store.experiment_steps(experiment_id=experiment_id, name=name))
 
     async def tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        return await self._store.arun(self._tags(experiment_ids))
+        return await self._store.arun(self._store.experiment_tags_steps(experiment_ids))
 
     async def search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
-                     view: str) -> tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]:
-        return await self._store.arun(self._search(filter_text, order_by, max_results, page_token, view))
-
-    def _tags(self, experiment_ids: Sequence[str]) -> Steps[dict[str, dict[str, str]]]:
-        out: dict[str, dict[str, str]] = {e: {} for e in experiment_ids}
-        if not experiment_ids:
-            return out
-        rows = yield Rows(
-            f"SELECT run_id, key, value FROM {self._store.t('tags')} FINAL "
-            "WHERE run_id IN {ids:Array(String)} AND deleted = 0 ORDER BY run_id, key",
-            {"ids": [f"experiment:{e}" for e in experiment_ids]},
-        )
-        for owner, key, value in rows:
-            out[owner.partition(":")[2]][key] = value
-        return out
+                     view: str, allowed: Sequence[str] | None = None,
+                     ) -> tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]:
+        """One page of experiments; `allowed`: only these experiment ids (an experiment-scoped caller)."""
+        return await self._store.arun(self._search(filter_text, order_by, max_results, page_token, view, allowed))
 
     def _search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
-                view: str) -> Steps[tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]]:
+                view: str, allowed: Sequence[str] | None,
+                ) -> Steps[tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]]:
         limit = DEFAULT_MAX_RESULTS if max_results is None else max_results
         if not 0 < limit <= MAX_RESULTS:
             raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be at most "
@@ -187,11 +176,13 @@ class ExperimentReader:
         order = parse_order(order_by)
         question = hashlib.sha256(orjson.dumps([filter_text, list(order_by), limit, view])).hexdigest()[:16]
         offset = _decode_token(page_token, question) if page_token else 0
-        rows = yield Rows(
-            f"SELECT {_COLUMNS} FROM {self._store.t('experiments')} FINAL "
-            "WHERE lifecycle_stage IN {stages:Array(String)}", {"stages": list(VIEWS[view])})
+        where, params = "lifecycle_stage IN {stages:Array(String)}", {"stages": list(VIEWS[view])}
+        if allowed is not None:
+            where += " AND experiment_id IN {allowed:Array(String)}"
+            params["allowed"] = list(allowed)
+        rows = yield Rows(f"SELECT {_COLUMNS} FROM {self._store.t('experiments')} FINAL WHERE {where}", params)
         records = [ExperimentRecord(*row) for row in rows]
-        tags = yield from self._tags([r.experiment_id for r in records])
+        tags = yield from self._store.experiment_tags_steps([r.experiment_id for r in records])
         found = [r for r in records if all(matches(c, r, tags[r.experiment_id]) for c in conditions)]
         for field, ascending in reversed(order):
             found.sort(key=lambda r, f=field: getattr(r, f), reverse=not ascending)  # type: ignore[misc]

@@ -33,6 +33,7 @@ from trackhouse.query.http import convert
 from trackhouse.query.http.convert import RUN_NAME_TAG, Body, integer, pairs, strings, text
 from trackhouse.query.http.errors import IngestCallError, invalid, missing
 from trackhouse.query.http.experiments import ExperimentReader
+from trackhouse.query.scope import allowed_experiments
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.store import ACTIVE, DELETED, RUN_STATUSES, RunDetails, RunRecord, Store
 
@@ -172,7 +173,8 @@ class MlflowApi:
 
     async def _experiment_json(self, *, experiment_id: str | None = None, name: str | None = None) -> JSON:
         rec = await self._experiments.get(experiment_id=experiment_id, name=name)
-        if rec is None:
+        allowed = allowed_experiments()
+        if rec is None or (allowed is not None and rec.experiment_id not in allowed):
             raise missing(f"No Experiment with id={experiment_id} exists" if experiment_id is not None
                           else f"Could not find experiment with name '{name}'")
         tags = await self._experiments.tags([rec.experiment_id])
@@ -187,7 +189,8 @@ class MlflowApi:
     async def search_experiments(self, body: Body) -> JSON:
         found, token = await self._experiments.search(
             text(body, "filter"), strings(body, "order_by"),
-            integer(body, "max_results"), text(body, "page_token"), _view(body, "view_type"))
+            integer(body, "max_results"), text(body, "page_token"), _view(body, "view_type"),
+            allowed_experiments())
         out: JSON = {"experiments": [convert.experiment(rec, tags) for rec, tags in found]}
         if token:
             out["next_page_token"] = token
@@ -240,7 +243,8 @@ class MlflowApi:
     async def get_run(self, body: Body) -> JSON:
         run_id = _run_id(body)
         runs = await self._store.arun(self._store.run_details_steps([run_id]))
-        if not runs:
+        allowed = allowed_experiments()
+        if not runs or (allowed is not None and runs[0].info.experiment_id not in allowed):
             raise missing(f"Run with id={run_id} not found")
         return {"run": convert.run(runs[0])}
 
@@ -271,6 +275,7 @@ class MlflowApi:
             experiment_ids=tuple(strings(body, "experiment_ids")), filter=text(body, "filter"),
             order_by=tuple(strings(body, "order_by")), max_results=integer(body, "max_results", 0) or 0,
             page_token=text(body, "page_token"), view=_view(body, "run_view_type"),
+            allowed_experiments=allowed_experiments(),
         )
         page = await self._search.asearch(req)
         out: JSON = {"runs": [convert.run(r) for r in page.runs]}
@@ -336,7 +341,9 @@ class MlflowApi:
     async def log_inputs(self, body: Body) -> JSON:
         # Datasets are accepted and not stored (see docs/mlflow.md); the run must exist.
         run_id = _run_id(body)
-        if not await self._store.arun(self._store.runs_steps([run_id])):
+        run = (await self._store.arun(self._store.runs_steps([run_id]))).get(run_id)
+        allowed = allowed_experiments()
+        if run is None or (allowed is not None and run.experiment_id not in allowed):
             raise missing(f"Run with id={run_id} not found")
         return {}
 
@@ -364,7 +371,7 @@ class MlflowApi:
         key = text(body, "metric_key", required=True)
         page = await self._history.apage(HistoryRequest(
             run_id=_run_id(body), key=key, max_results=integer(body, "max_results", 0) or 0,
-            page_token=text(body, "page_token")))
+            page_token=text(body, "page_token"), allowed_experiments=allowed_experiments()))
         out: JSON = {"metrics": convert.points(key, page.steps, page.timestamps, page.values)}
         if page.next_page_token:
             out["next_page_token"] = page.next_page_token
@@ -386,8 +393,10 @@ class MlflowApi:
             raise invalid("If either start step or end step are specified, both must be specified.")
         if start is not None and end is not None and start > end:
             raise invalid(f"end_step must be greater than start_step. Found start_step={start} and end_step={end}.")
+        allowed = allowed_experiments()
         pages = [await self._history.apage(HistoryRequest(
-            run_id=r, key=key, min_step=start, max_step=end, max_results=BULK_HISTORY_POINTS)) for r in run_ids]
+            run_id=r, key=key, min_step=start, max_step=end, max_results=BULK_HISTORY_POINTS,
+            allowed_experiments=allowed)) for r in run_ids]
         # MLflow's sampling: up to max_results steps of the union, evenly spaced, first and last included.
         steps = np.unique(np.concatenate([p.steps for p in pages])) if pages else np.empty(0, np.int64)
         if len(steps) > limit:

@@ -37,7 +37,13 @@ def http_uri(store_uri: str) -> str:
 
 
 def _host_creds(uri: str) -> MlflowHostCreds:
-    return MlflowHostCreds(uri)  # type: ignore[no-untyped-call]
+    # MLflow's own variables, read per request as MLflow does: the token goes out as
+    # `Authorization: Bearer …`, the cert path verifies a private CA (docs/security.md).
+    from mlflow.environment_variables import MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_TOKEN
+
+    token = MLFLOW_TRACKING_TOKEN.get()  # type: ignore[no-untyped-call]
+    cert_path = MLFLOW_TRACKING_SERVER_CERT_PATH.get()  # type: ignore[no-untyped-call]
+    return MlflowHostCreds(uri, token=token, server_cert_path=cert_path)  # type: ignore[no-untyped-call]
 
 
 class TrackhouseStore(RestStore):
