@@ -229,3 +229,43 @@ def test_auth_on_with_no_tokens_refuses_everything(
     with start_server(auth="on") as thread, grpc.insecure_channel(thread.address) as channel:
         query = query_pb2_grpc.QueryServiceStub(channel)
         assert _code(lambda: query.SearchRuns(query_pb2.SearchRunsRequest())) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_separate_ingest_and_query_services_check_tokens_as_serve_does(
+        store: Store, start_server: Callable[..., AbstractContextManager[ServerThread]]) -> None:
+    """`trackhouse ingest` / `trackhouse query`: the same interceptors and HTTP middleware as `serve`;
+    the query service's REST writes reach the separate ingest service as the caller."""
+    admin, read = _token(store, "admin", Scope.ADMIN), _token(store, "reader", Scope.READ)
+    with start_server(http=True, auth="on", services=("ingest",)) as ingest_thread, \
+            start_server(http=True, auth="on", services=("query",),
+                         ingest_address=ingest_thread.address) as query_thread, \
+            grpc.insecure_channel(ingest_thread.address) as ingest_channel, \
+            grpc.insecure_channel(query_thread.address) as query_channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+        query = query_pb2_grpc.QueryServiceStub(query_channel)
+        assert _code(lambda: ingest.CreateExperiment(ingest_pb2.CreateExperimentRequest(name="e"))) \
+            == grpc.StatusCode.UNAUTHENTICATED
+        experiment = ingest.CreateExperiment(ingest_pb2.CreateExperimentRequest(name="e"),
+                                             metadata=_md(admin)).experiment_id
+        assert _code(lambda: query.SearchRuns(query_pb2.SearchRunsRequest())) == grpc.StatusCode.UNAUTHENTICATED
+        query.SearchRuns(query_pb2.SearchRunsRequest(experiment_ids=[experiment]), metadata=_md(read))
+        for thread in (ingest_thread, query_thread):
+            http = f"http://127.0.0.1:{thread.server.http_port}"
+            assert _http(http + "/metrics")[0] == 401
+            assert _http(http + "/health")[0] == 200
+        base = f"http://127.0.0.1:{query_thread.server.http_port}/api/2.0/mlflow"
+        assert _http(base + "/runs/search", body={})[0] == 401
+        status, body = _http(base + "/runs/create", read, {"experiment_id": experiment})
+        assert status == 403 and body["error_code"] == "PERMISSION_DENIED", body  # the scope of the path
+        status, body = _http(base + "/runs/create", admin, {"experiment_id": experiment})
+        assert status == 200, body
+
+
+def test_ingest_and_query_commands_take_the_auth_and_tls_options() -> None:
+    from trackhouse.cli.main import build_parser
+    from trackhouse.cli.settings import ServerSettings
+
+    for command in ("serve", "ingest", "query"):
+        args = build_parser(ServerSettings()).parse_args(
+            [command, "--auth", "on", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+        assert (args.auth, args.tls_cert, args.tls_key) == ("on", "c.pem", "k.pem"), command

@@ -118,3 +118,44 @@ def test_a_failed_batch_blocks_later_seqs_of_its_writer_until_it_is_resent() -> 
         assert (await p.admit("w", 1))[0] is Admission.DUPLICATE
 
     asyncio.run(body())
+
+
+def test_a_cached_mark_is_reloaded_when_a_writer_may_have_written_elsewhere() -> None:
+    """Replica A cached mark 5; the client went to replica B, which stored 6..8, then came back to A.
+    The first batch on the new stream reloads the mark, so 7 and 8 are duplicates, not new rows."""
+
+    async def body() -> None:
+        store = {"w": 5}
+        loads: list[str] = []
+        p = progress_with(store, loads)
+        assert (await p.admit("w", 5))[0] is Admission.DUPLICATE
+        store["w"] = 8  # another replica stored 6..8
+        assert (await p.admit("w", 7, refresh=True))[0] is Admission.DUPLICATE
+        assert (await p.admit("w", 8))[0] is Admission.DUPLICATE
+        assert (await p.admit("w", 9))[0] is Admission.NEW
+        assert loads == ["w", "w"]
+
+    asyncio.run(body())
+
+
+def test_refresh_is_skipped_below_the_mark_and_for_a_batch_in_flight_here() -> None:
+    async def body() -> None:
+        loads: list[str] = []
+        p = progress_with({"w": 5}, loads)
+        await p.committed("w")
+        assert (await p.admit("w", 3, refresh=True))[0] is Admission.DUPLICATE
+        p.track("w", 6, asyncio.get_running_loop().create_future())
+        assert (await p.admit("w", 6, refresh=True))[0] is Admission.IN_FLIGHT
+        assert loads == ["w"]
+
+    asyncio.run(body())
+
+
+def test_refresh_never_lowers_a_mark() -> None:
+    async def body() -> None:
+        p = progress_with({"w": 2})
+        await p.committed("w")
+        p.stored("w", 4)  # stored here, the store's view not yet visible to the load
+        assert await p.refresh("w") == 4
+
+    asyncio.run(body())

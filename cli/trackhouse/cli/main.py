@@ -1,7 +1,9 @@
 """The `trackhouse` command.
 
     trackhouse serve    run ingest and query in one process on one store (embedded by default)
-    trackhouse migrate  create or upgrade the schema of a store, then exit
+    trackhouse ingest   run the ingest service alone (a replica over a ClickHouse server)
+    trackhouse query    run the query service and MLflow REST API alone (a replica over a ClickHouse server)
+    trackhouse migrate  create or upgrade the schema of a store, then exit (safe from several replicas)
     trackhouse sync     upload a client spool directory (offline runs, undelivered points)
     trackhouse token    create, list and revoke API tokens (docs/security.md)
     trackhouse sql      run one read-only SELECT (docs/sql.md) and print the answer
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -26,6 +29,7 @@ from trackhouse.ingest.settings import IngestSettings
 from trackhouse.query.errors import QueryError
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import StoreError, open_store
+from trackhouse.store.settings import StoreSettings
 
 log = logging.getLogger("trackhouse")
 
@@ -36,6 +40,29 @@ def _store_options(parser: argparse.ArgumentParser, env: ServerSettings) -> None
                              "(a ClickHouse server); env TRACKHOUSE_SERVER_STORE")
     parser.add_argument("--database", default=env.database,
                         help="database inside the store (default %(default)s); env TRACKHOUSE_SERVER_DATABASE")
+    parser.add_argument("--cluster", default=None, metavar="NAME",
+                        help="ClickHouse cluster (remote_servers) for Replicated + Distributed tables and "
+                             "DDL ON CLUSTER; env TRACKHOUSE_STORE_CLUSTER")
+
+
+def _listen_options(parser: argparse.ArgumentParser, env: ServerSettings, grpc_default: int, http_default: int,
+                    http_help: str) -> None:
+    parser.add_argument("--host", default=env.host,
+                        help="address to bind (default %(default)s: this machine only; 0.0.0.0 for all)")
+    parser.add_argument("--port", "--grpc-port", dest="grpc_port", type=int, default=grpc_default,
+                        help="gRPC port (default %(default)s; 0 picks a free port)")
+    parser.add_argument("--http-port", type=int, default=http_default,
+                        help=f"HTTP port: {http_help} (default %(default)s; 0 picks a free port)")
+
+
+def _security_options(parser: argparse.ArgumentParser, env: ServerSettings) -> None:
+    """Auth and TLS, the same for every command that serves (serve, ingest, query)."""
+    parser.add_argument("--auth", choices=("auto", "on", "off"), default=env.auth,
+                        help="require API tokens: auto (default %(default)s from TRACKHOUSE_SERVER_AUTH) = on "
+                             "iff --host is not loopback")
+    parser.add_argument("--tls-cert", default=env.tls_cert, metavar="PEM",
+                        help="certificate file: serve gRPC and HTTP over TLS (with --tls-key)")
+    parser.add_argument("--tls-key", default=env.tls_key, metavar="PEM", help="private key file of --tls-cert")
 
 
 def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
@@ -55,16 +82,27 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
                        help="gRPC port for ingest and query (default %(default)s; 0 picks a free port)")
     serve.add_argument("--http-port", type=int, default=env.http_port,
                        help="HTTP port: Prometheus /metrics and /health (default %(default)s; 0 picks a free port)")
-    serve.add_argument("--auth", choices=("auto", "on", "off"), default=env.auth,
-                       help="require API tokens: auto (default %(default)s from TRACKHOUSE_SERVER_AUTH) = on "
-                            "iff --host is not loopback")
-    serve.add_argument("--tls-cert", default=env.tls_cert, metavar="PEM",
-                       help="certificate file: serve gRPC and HTTP over TLS (with --tls-key)")
-    serve.add_argument("--tls-key", default=env.tls_key, metavar="PEM", help="private key file of --tls-cert")
+    _security_options(serve, env)
     serve.add_argument("--demo", action="store_true",
                        help="seed a small demo sweep (once per store) so there is data to look at")
+    for name, grpc_port, http_port, what, http_help in (
+            ("ingest", env.grpc_port, 9100, "the ingest service", "Prometheus /metrics and /health"),
+            ("query", 50052, env.http_port, "the query service and the MLflow REST API",
+             "MLflow REST API, /metrics and /health")):
+        service = sub.add_parser(name, help=f"run {what} alone over a ClickHouse server",
+                                 description=f"Run {what} as one stateless replica over a store (a ClickHouse "
+                                             "server: http(s)://…); run as many as needed behind a load balancer. "
+                                             "The schema must be current: run `trackhouse migrate` first.")
+        _store_options(service, env)
+        _listen_options(service, env, grpc_port, http_port, http_help)
+        _security_options(service, env)
+    query = sub.choices["query"]
+    query.add_argument("--ingest-address", default=env.ingest_address or None, metavar="HOST:PORT",
+                       help="the ingest service (its load balancer) for MLflow REST writes; unset: REST writes "
+                            "are refused; env TRACKHOUSE_SERVER_INGEST_ADDRESS")
     migrate = sub.add_parser("migrate", help="create or upgrade the schema of a store, then exit",
-                             description="Apply the schema migrations a store is missing. Idempotent.")
+                             description="Apply the schema migrations a store is missing. Idempotent, and safe "
+                                         "to run from several replicas at once (one applies, the others wait).")
     _store_options(migrate, env)
     sync.add_parser(sub)
     tokens.add_parser(sub, lambda p: _store_options(p, env))
@@ -72,27 +110,42 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
     return parser
 
 
+def _store_settings(args: argparse.Namespace) -> StoreSettings:
+    settings = StoreSettings.from_env()
+    cluster = getattr(args, "cluster", None)
+    return settings if cluster is None else dataclasses.replace(settings, cluster=cluster)
+
+
 async def _serve(args: argparse.Namespace) -> int:
     env = ServerSettings.from_env()
+    services = ("ingest", "query") if args.command == "serve" else (args.command,)
     config = ServerConfig(store=args.store, database=args.database, host=args.host, grpc_port=args.grpc_port,
                           http_port=args.http_port, ingest=IngestSettings.from_env(), query=QuerySettings.from_env(),
+                          services=services, ingest_address=getattr(args, "ingest_address", None),
+                          store_settings=_store_settings(args), migrate=args.command == "serve",
                           auth=args.auth, auth_cache_ttl=env.auth_cache_ttl, tls_cert=args.tls_cert,
                           tls_key=args.tls_key)
     server = EmbeddedServer(config)
     port = await server.start()
     address = f"{args.host}:{port}"
     scheme = "https" if config.tls else "http"
-    print(f"trackhouse serving\n  gRPC (ingest + query): {address}{' (TLS)' if config.tls else ''}\n"
-          f"  auth: {'on: API tokens required' if config.auth_on else 'off (loopback only)'}\n"
-          f"  HTTP: {scheme}://{args.host}:{server.http_port} — MLflow REST API (MLFLOW_TRACKING_URI), "
-          f"/metrics (Prometheus), /health\n  store: {config.store} "
-          f"(database {config.database})\n  Python: import trackhouse.client as th; "
-          f"client = th.connect({address!r})", flush=True)
+    tls = " (TLS)" if config.tls else ""
+    auth = f"  auth: {'on: API tokens required' if config.auth_on else 'off (loopback only)'}\n"
+    store = f"  store: {server.store.dsn.redacted() if server.store else config.store} (database {config.database})"
+    if args.command == "serve":
+        print(f"trackhouse serving\n  gRPC (ingest + query): {address}{tls}\n{auth}"
+              f"  HTTP: {scheme}://{args.host}:{server.http_port} — MLflow REST API (MLFLOW_TRACKING_URI), "
+              f"/metrics (Prometheus), /health\n{store}\n  Python: import trackhouse.client as th; "
+              f"client = th.connect({address!r})", flush=True)
+    else:
+        routes = "MLflow REST API, /metrics, /health" if args.command == "query" else "/metrics, /health"
+        print(f"trackhouse {args.command} serving\n  gRPC ({args.command}): {address}{tls}\n{auth}"
+              f"  HTTP: {scheme}://{args.host}:{server.http_port} — {routes}\n{store}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    seeding = asyncio.create_task(_seed_demo(address)) if args.demo else None
+    seeding = asyncio.create_task(_seed_demo(address)) if getattr(args, "demo", False) else None
     await stop.wait()
     if seeding is not None:
         seeding.cancel()
@@ -116,7 +169,7 @@ async def _seed_demo(address: str) -> None:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    store = open_store(args.store, args.database, migrate=False)
+    store = open_store(args.store, args.database, migrate=False, settings=_store_settings(args))
     try:
         applied = store.migrate()
         version = store.schema_version()
@@ -137,10 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sqlcmd.run(args)
         ServerSettings(args.store, args.database, getattr(args, "host", env.host),
                        getattr(args, "grpc_port", env.grpc_port), getattr(args, "http_port", env.http_port),
-                       getattr(args, "auth", env.auth), env.auth_cache_ttl, getattr(args, "tls_cert", env.tls_cert),
-                       getattr(args, "tls_key", env.tls_key))
+                       auth=getattr(args, "auth", env.auth), auth_cache_ttl=env.auth_cache_ttl,
+                       tls_cert=getattr(args, "tls_cert", env.tls_cert), tls_key=getattr(args, "tls_key", env.tls_key),
+                       ingest_address=getattr(args, "ingest_address", None) or "")
         if args.command == "token":
-            return tokens.run(args)
+            return tokens.run(args, _store_settings(args))
         if args.command == "migrate":
             return _migrate(args)
         loop = new_event_loop()

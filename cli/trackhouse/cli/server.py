@@ -1,10 +1,13 @@
-"""Compose the embedded deployment: one store, ingest and query on one gRPC server.
+"""Compose a trackhouse process: one store, the ingest and/or query services on one gRPC server.
 
-`EmbeddedServer` owns the gRPC server and the store it opened; the ingest and
-query apps register their services on it, plus the standard gRPC health
-service. The HTTP listener serves /metrics, /health, `POST /api/v1/sql` and the MLflow REST API,
-whose writes reach ingest through `GrpcIngestPort` — a gRPC channel to the
-ingest address (here our own port), as they would across processes. `start()`
+`EmbeddedServer` owns the gRPC server and the store it opened; the apps it runs
+(`ServerConfig.services`: both for `trackhouse serve`, one for `trackhouse
+ingest` / `trackhouse query`) register their services on it, plus the standard
+gRPC health service. The HTTP listener serves /metrics, /health and, with the
+query service, `POST /api/v1/sql` and the MLflow REST API, whose writes reach ingest through
+`GrpcIngestPort` — a gRPC channel to the ingest address (our own port when
+ingest runs here, else `ServerConfig.ingest_address`, a load balancer in front
+of the ingest replicas). `start()`
 returns the bound port (port 0 picks a free one, as tests do). `ServerThread`
 runs one on its own event loop in a background thread, for callers that are not async (tests, benchmarks, the demo).
 
@@ -41,12 +44,13 @@ from trackhouse.query.http.routes import mlflow_routes
 from trackhouse.query.http.sql import sql_routes
 from trackhouse.query.scope import sql_experiments
 from trackhouse.query.settings import QuerySettings
-from trackhouse.store import Store, open_store
+from trackhouse.store import Store, StoreError, open_store
 from trackhouse.store.auth import Authenticator, current_principal
+from trackhouse.store.settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("trackhouse.v1.IngestService", "trackhouse.v1.QueryService")
+SERVICES = {"ingest": "trackhouse.v1.IngestService", "query": "trackhouse.v1.QueryService"}
 
 
 class _Malformed:
@@ -165,6 +169,12 @@ class ServerConfig:
     http_port: int | None = None
     ingest: IngestSettings = field(default_factory=IngestSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    services: tuple[str, ...] = ("ingest", "query")
+    # Query without ingest in the process: where MLflow REST writes go (None: refused).
+    ingest_address: str | None = None
+    store_settings: StoreSettings = field(default_factory=StoreSettings)
+    # Migrate on start (serve); separate services check the version instead (`trackhouse migrate`).
+    migrate: bool = True
     # auto: auth on iff `host` is not loopback; on; off.
     auth: str = "auto"
     # Seconds a token lookup is cached: a revoke takes effect within it.
@@ -172,6 +182,12 @@ class ServerConfig:
     # PEM files: both set, both listeners serve TLS only.
     tls_cert: str = ""
     tls_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.services or set(self.services) - set(SERVICES):
+            raise ValueError(f"services {self.services!r}: run 'ingest', 'query' or both")
+        if self.ingest_address is not None and "ingest" in self.services:
+            raise ValueError("ingest_address is for a query service without ingest in the same process")
 
     @property
     def auth_on(self) -> bool:
@@ -208,6 +224,17 @@ class GrpcIngestPort:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class NoIngestPort:
+    """The write seam of a query service started without an ingest address: writes are refused."""
+
+    async def call(self, method: str, request: Any) -> Any:
+        raise IngestCallError("UNAVAILABLE", f"{method}: this query service has no ingest address "
+                                             "(trackhouse query --ingest-address HOST:PORT); it serves reads only")
+
+    async def close(self) -> None:
+        return None
 
 
 def _dial_host(host: str) -> str:
@@ -271,38 +298,32 @@ class EmbeddedServer:
     async def start(self) -> int:
         cfg = self.config
         if self.store is None:
-            self.store = await asyncio.to_thread(open_store, cfg.store, cfg.database)
+            self.store = await asyncio.to_thread(self._open_store)
         size = cfg.ingest.max_message_bytes
         interceptors = await asyncio.to_thread(self._start_auth, self.store)
         self._server = grpc.aio.server(interceptors=[MalformedRequestGuard(), *interceptors], options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
         ])
-        self._apps = [IngestApp(self.store, cfg.ingest, self.registry), QueryApp(self.store, cfg.query)]
+        self._apps = [IngestApp(self.store, cfg.ingest, self.registry) if name == "ingest"
+                      else QueryApp(self.store, cfg.query) for name in cfg.services]
         for app in self._apps:
             await app.start(self._server)
         health_servicer = health.aio.HealthServicer()
-        for name in ("", *SERVICES):
+        for name in ("", *(SERVICES[s] for s in cfg.services)):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
         self.port = self._bind_grpc()
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
-        internal = self._internal_address() if cfg.http_port is not None else ""
+        # Where the MLflow API reaches an ingest service in this process.
+        internal = self._internal_address() if cfg.http_port is not None and "ingest" in cfg.services else ""
         await self._server.start()
-        log.info("trackhouse gRPC on %s:%d, store %s", cfg.host, self.port, self.store.dsn.redacted())
+        log.info("trackhouse %s gRPC on %s:%d, store %s", "+".join(cfg.services), cfg.host, self.port,
+                 self.store.dsn.redacted())
         if cfg.http_port is not None:
-            query_app = self._apps[1]
-            assert isinstance(query_app, QueryApp)
-            self._ingest_port = GrpcIngestPort(internal, size)
-            api = MlflowApi(self.store, query_app.search, query_app.history, self._ingest_port)
-            routes = [*mlflow_routes(api), *sql_routes(query_app.sql, sql_experiments)]
-            http_app: Any = build_app(self.registry, self.health, routes)
-            if self.authenticator is not None:
-                http_app = HttpAuthMiddleware(http_app, self.authenticator)
-            self._http = HttpListener(http_app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)
             try:
-                self.http_port = await self._http.start()
+                self.http_port = await self._start_http(internal)
             except OSError:
                 self._http = None
                 await self.stop(grace=0)  # the gRPC side is up already: take it down cleanly
@@ -310,15 +331,49 @@ class EmbeddedServer:
             log.info("trackhouse HTTP on %s:%d", cfg.host, self.http_port)
         return self.port
 
+    def _open_store(self) -> Store:
+        cfg = self.config
+        store = open_store(cfg.store, cfg.database, migrate=cfg.migrate, settings=cfg.store_settings)
+        if not cfg.migrate:
+            try:
+                store.check_schema()
+            except StoreError:
+                store.close()
+                raise
+        return store
+
+    async def _start_http(self, internal: str) -> int:
+        """The HTTP listener: /metrics, /health and, with the query service, the MLflow REST API.
+
+        `internal`: this process's own ingest (see `_internal_address`), or "" without one.
+        """
+        cfg = self.config
+        assert self.store is not None
+        routes = []
+        query_app = next((a for a in self._apps if isinstance(a, QueryApp)), None)
+        if query_app is not None:
+            if internal:
+                self._ingest_port = GrpcIngestPort(internal, cfg.ingest.max_message_bytes)
+            elif cfg.ingest_address is not None:
+                self._ingest_port = GrpcIngestPort(cfg.ingest_address, cfg.ingest.max_message_bytes)
+            port = self._ingest_port if self._ingest_port is not None else NoIngestPort()
+            routes = [*mlflow_routes(MlflowApi(self.store, query_app.search, query_app.history, port)),
+                      *sql_routes(query_app.sql, sql_experiments)]
+        http_app: Any = build_app(self.registry, self.health, routes)
+        if self.authenticator is not None:
+            http_app = HttpAuthMiddleware(http_app, self.authenticator)
+        self._http = HttpListener(http_app, cfg.host, cfg.http_port or 0, cfg.tls_cert, cfg.tls_key)
+        return await self._http.start()
+
     def health(self) -> dict[str, Any]:
         assert self.store is not None
         return {"status": "ok", "grpc_port": self.port, "store": self.store.dsn.redacted(),
-                "database": self.store.database, "services": list(SERVICES)}
+                "database": self.store.database, "services": [SERVICES[s] for s in self.config.services]}
 
     @property
     def ingest(self) -> IngestApp:
-        app = self._apps[0]
-        assert isinstance(app, IngestApp)
+        app = next((a for a in self._apps if isinstance(a, IngestApp)), None)
+        assert app is not None, "this server runs no ingest service"
         return app
 
     async def stop(self, grace: float = 5.0) -> None:

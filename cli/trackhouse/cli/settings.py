@@ -13,20 +13,28 @@ Command-line flags override these. Every variable (all optional):
                                   within it (default 5.0)
     TRACKHOUSE_SERVER_TLS_CERT    PEM certificate (chain) file: gRPC and HTTP serve TLS only (with _KEY)
     TRACKHOUSE_SERVER_TLS_KEY     PEM private key file of that certificate
+    TRACKHOUSE_SERVER_INGEST_ADDRESS
+                                  `trackhouse query` only: HOST:PORT of the ingest service (a load
+                                  balancer in front of the replicas) for MLflow REST writes;
+                                  unset: REST writes are refused
 
 The ingest and query services read their own TRACKHOUSE_INGEST_* and
-TRACKHOUSE_QUERY_* variables (trackhouse.ingest.settings, trackhouse.query.settings).
+TRACKHOUSE_QUERY_* variables (trackhouse.ingest.settings, trackhouse.query.settings), and
+the connection to a ClickHouse server TRACKHOUSE_STORE_* (trackhouse.store.settings).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from trackhouse.cli.guard import AUTH_MODES
 from trackhouse.store import DEFAULT_DSN, parse_dsn
 from trackhouse.store.schema import check_identifier
+
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class ServerSettings:
     auth_cache_ttl: float = 5.0
     tls_cert: str = ""
     tls_key: str = ""
+    ingest_address: str = ""
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -57,6 +66,8 @@ class ServerSettings:
         for name in ("grpc_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} {getattr(self, name)} is not a TCP port (0..65535)")
+        if self.ingest_address and not _ADDRESS.fullmatch(self.ingest_address):
+            raise ValueError(f"ingest address {self.ingest_address!r}: expected HOST:PORT")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
@@ -77,6 +88,7 @@ class ServerSettings:
             store=env.get("TRACKHOUSE_SERVER_STORE", DEFAULT_DSN),
             database=env.get("TRACKHOUSE_SERVER_DATABASE", "trackhouse"),
             host=env.get("TRACKHOUSE_SERVER_HOST", "127.0.0.1"),
+            ingest_address=env.get("TRACKHOUSE_SERVER_INGEST_ADDRESS", ""),
             **ports,
             auth=env.get("TRACKHOUSE_SERVER_AUTH", "auto").strip().lower(),
             auth_cache_ttl=cache_ttl,

@@ -20,6 +20,7 @@ from typing import Any
 
 from trackhouse.store import open_store
 from trackhouse.store.auth import Scope, check_experiment_ids, mint
+from trackhouse.store.settings import StoreSettings
 
 
 def add_parser(subparsers: Any, store_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -40,8 +41,8 @@ def add_parser(subparsers: Any, store_options: Callable[[argparse.ArgumentParser
         store_options(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    store = open_store(args.store, args.database)
+def run(args: argparse.Namespace, settings: StoreSettings | None = None) -> int:
+    store = open_store(args.store, args.database, settings=settings)
     try:
         if args.token_command == "create":
             token, record = mint(args.name, Scope.parse(args.scope), check_experiment_ids(args.experiments))

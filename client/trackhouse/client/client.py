@@ -39,15 +39,22 @@ _LIVE: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 def connect(url: str | None = None, *, query_url: str | None = None, mode: str | None = None,
-            settings: Settings | None = None, token: str | None = None, tls_ca: str | None = None) -> Client:
+            settings: Settings | None = None, addresses: Sequence[str] | None = None,
+            token: str | None = None, tls_ca: str | None = None) -> Client:
     """A client for the trackhouse server at ``url`` (``host:port``, ``grpc://host:port`` or
     ``grpcs://host:port`` for TLS).
 
+    ``addresses``: several ingest replicas instead of ``url`` (the same as a comma-separated
+    ``url``); the client uses one and moves to the next when it is unavailable.
     ``settings`` default to ``Settings.from_env()``; ``url``, ``query_url``, ``mode``
     (``"online"`` / ``"offline"``), ``token`` (an API token, sent as a Bearer credential) and
     ``tls_ca`` (a PEM file to trust for ``grpcs://``), when given, override them. No
     connection is made until the first call; offline, none ever is.
     """
+    if addresses is not None:
+        if url is not None or isinstance(addresses, str) or not addresses:
+            raise UsageError("connect(addresses=[...]) takes a non-empty list of 'host:port', and no url")
+        url = ",".join(addresses)
     settings = Settings.from_env() if settings is None else settings
     overrides: dict[str, Any] = {k: v for k, v in (("url", url), ("query_url", query_url), ("mode", mode),
                                                    ("token", token), ("tls_ca", tls_ca)) if v is not None}

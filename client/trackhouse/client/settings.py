@@ -40,6 +40,8 @@ class Settings:
     ``TRACKHOUSE_CLIENT_URL``
         Ingest service address: ``host:port``, ``grpc://host:port`` or
         ``grpcs://host:port`` (TLS with the system roots). Default ``127.0.0.1:50051``.
+        Several, comma-separated (``a:50051,b:50051``): replicas; calls go to one and move
+        to the next when it is unavailable. A DNS name with several addresses works too.
     ``TRACKHOUSE_CLIENT_QUERY_URL``
         Query service address, same forms. Unset: the ingest address (``trackhouse serve``
         runs both services on one port).
@@ -150,9 +152,9 @@ class Settings:
     tls_ca: str = ""
 
     def __post_init__(self) -> None:
-        secure = parse_url(self.url)[1]
+        secure = all(tls for _, tls in parse_urls(self.url))
         if self.query_url is not None:
-            secure = parse_url(self.query_url)[1] and secure
+            secure = all(tls for _, tls in parse_urls(self.query_url)) and secure
         if self.tls_ca and not secure:
             raise UsageError("Settings.tls_ca is set but the URL is not TLS: use grpcs://host:port")
         if self.tls_ca and not os.access(self.tls_ca, os.R_OK):
@@ -258,6 +260,16 @@ def _login_name() -> str:
         return getpass.getuser()
     except Exception:  # no login name in some containers; the user id is optional
         return ""
+
+
+def parse_urls(url: str) -> list[tuple[str, bool]]:
+    """A comma-separated list of addresses (replicas of one service) -> [(gRPC target, use TLS)]."""
+    if not url or not isinstance(url, str):
+        raise UsageError(f"a trackhouse URL is 'host:port' or 'grpc://host:port', got {url!r}")
+    parts = [part.strip() for part in url.split(",")]
+    if not all(parts):
+        raise UsageError(f"empty address in {url!r}: separate replicas with single commas, 'a:50051,b:50051'")
+    return [parse_url(part) for part in parts]
 
 
 def parse_url(url: str) -> tuple[str, bool]:

@@ -10,6 +10,12 @@ requests and interpreting answers belongs to ``client.py`` / ``run.py`` /
 Unary calls carry a deadline and are retried by gRPC itself on UNAVAILABLE
 (the channel's retry policy below). The metric stream is not: the sender owns
 its reconnects because it must resend the unacknowledged batches.
+
+A service may have several addresses (replicas: ``"a:50051,b:50051"``). Calls go
+to the current one; when it answers UNAVAILABLE (after gRPC's own retries) the
+current address moves to the next, a unary call is tried there at once, and the
+sender's next stream opens there. The server side makes this safe: batches are
+deduplicated by (writer_id, seq) in the store, whichever replica stored them.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
 from trackhouse.client.errors import ServerUnavailable, TrackhouseError, error_for_code
-from trackhouse.client.settings import parse_url
+from trackhouse.client.settings import parse_urls
 from trackhouse.proto.v1 import (
     common_pb2,
     ingest_pb2,
@@ -64,6 +71,9 @@ _CHANNEL_OPTIONS = [
     # Reconnect promptly when the server comes back (gRPC's own default grows to 120 s).
     ("grpc.max_reconnect_backoff_ms", 5000),
     ("grpc.service_config", _SERVICE_CONFIG),
+    # A DNS name with several addresses (a headless Kubernetes service): spread calls and streams
+    # over the ready ones, and drop one that goes away (gRPC's default, pick_first, uses only one).
+    ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
@@ -143,8 +153,7 @@ def _retry_info(blob: bytes) -> float | None:
     return None
 
 
-def _open_channel(url: str, tls_ca: str = "") -> grpc.Channel:
-    target, secure = parse_url(url)
+def _open_channel(target: str, secure: bool, tls_ca: str = "") -> grpc.Channel:
     if secure:
         roots = None
         if tls_ca:
@@ -164,25 +173,67 @@ def queued_requests(q: queue.SimpleQueue[Any]) -> Iterator[Any]:
         yield item
 
 
+class _Replicas:
+    """The addresses of one service, a channel to each (opened on first use), and the current one.
+
+    Thread-safe. ``failed(index)`` moves on only if ``index`` is still current, so
+    several calls failing on one dead address move past it once.
+    """
+
+    def __init__(self, url: str, tls_ca: str = "") -> None:
+        self._targets = parse_urls(url)
+        self._tls_ca = tls_ca
+        self._channels: list[grpc.Channel | None] = [None] * len(self._targets)
+        self._index = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def current(self) -> tuple[int, grpc.Channel]:
+        with self._lock:
+            i = self._index
+            channel = self._channels[i]
+            if channel is None:
+                channel = self._channels[i] = _open_channel(*self._targets[i], self._tls_ca)
+            return i, channel
+
+    def failed(self, index: int) -> None:
+        with self._lock:
+            if index == self._index and len(self._targets) > 1:
+                self._index = (index + 1) % len(self._targets)
+                logger.warning("trackhouse: %s unavailable, moving to %s",
+                               self._targets[index][0], self._targets[self._index][0])
+
+    def channels(self) -> list[grpc.Channel]:
+        with self._lock:
+            return [c for c in self._channels if c is not None]
+
+
 class _GrpcAckStream:
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, on_unavailable: Callable[[], None]) -> None:
         self._call = call
+        self._on_unavailable = on_unavailable
 
     def __iter__(self) -> Iterator[ingest_pb2.BatchAck]:
         try:
             for ack in self._call:
                 yield cast(ingest_pb2.BatchAck, ack)
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            error = _translate(exc)
+            if isinstance(error, ServerUnavailable):
+                self._on_unavailable()
+            raise error from None
 
     def cancel(self) -> None:
         self._call.cancel()
 
 
 class GrpcTransport:
-    """``Transport`` over two gRPC channels (one when ingest and query share an address).
+    """``Transport`` over gRPC channels: one per address of ingest and of query (shared when equal).
 
-    Creating it does no I/O: gRPC channels connect on first use (``tls_ca`` is read here).
+    ``url`` / ``query_url`` are one address or several, comma-separated (replicas).
+    Creating it does no I/O: gRPC channels connect on first use (``tls_ca`` is read then).
     ``token``, when given, travels as ``authorization: Bearer <token>`` on every call.
     """
 
@@ -196,71 +247,100 @@ class GrpcTransport:
         self._connect()
 
     def _connect(self) -> None:
-        self._ingest_channel = _open_channel(self.url, self._tls_ca)
-        same = self._query_url == self.url
-        self._query_channel = self._ingest_channel if same else _open_channel(self._query_url, self._tls_ca)
-        self._ingest = ingest_pb2_grpc.IngestServiceStub(self._ingest_channel)  # type: ignore[no-untyped-call]
-        self._query = query_pb2_grpc.QueryServiceStub(self._query_channel)  # type: ignore[no-untyped-call]
+        self._ingest = _Replicas(self.url, self._tls_ca)
+        self._query = self._ingest if self._query_url == self.url else _Replicas(self._query_url, self._tls_ca)
 
     def reopen(self) -> None:
         # The parent's channels share sockets with the parent: never close them here
         # (a shutdown would cut the parent's connection); keep them referenced.
-        _INHERITED.extend((self._ingest_channel, self._query_channel))
+        _INHERITED.extend(self._ingest.channels())
+        if self._query is not self._ingest:
+            _INHERITED.extend(self._query.channels())
         self._connect()
 
-    def _call(self, method: Callable[..., Any], request: Any, result: type[_T]) -> _T:
-        try:
-            return cast(_T, method(request, timeout=self._timeout, metadata=self._metadata))
-        except grpc.RpcError as exc:
-            raise _translate(exc) from None
-        except ValueError as exc:  # grpc raises ValueError on a closed channel
-            raise ServerUnavailable(f"channel closed: {exc}") from None
+    def _call(self, replicas: _Replicas, stub: Callable[[grpc.Channel], Any], method: str, request: Any,
+              result: type[_T]) -> _T:
+        for attempt in range(len(replicas)):
+            index, channel = replicas.current()
+            try:
+                return cast(_T, getattr(stub(channel), method)(request, timeout=self._timeout,
+                                                               metadata=self._metadata))
+            except grpc.RpcError as exc:
+                error = _translate(exc)
+            except ValueError as exc:  # grpc raises ValueError on a closed channel
+                error = ServerUnavailable(f"channel closed: {exc}")
+            if not isinstance(error, ServerUnavailable):
+                raise error
+            replicas.failed(index)
+            if attempt + 1 == len(replicas):
+                raise error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unary_ingest(self, method: str, request: Any, result: type[_T]) -> _T:
+        return self._call(self._ingest, ingest_pb2_grpc.IngestServiceStub, method, request, result)
+
+    def _unary_query(self, method: str, request: Any, result: type[_T]) -> _T:
+        return self._call(self._query, query_pb2_grpc.QueryServiceStub, method, request, result)
 
     def create_experiment(self, request: ingest_pb2.CreateExperimentRequest) -> common_pb2.Experiment:
-        return self._call(self._ingest.CreateExperiment, request, common_pb2.Experiment)
+        return self._unary_ingest("CreateExperiment", request, common_pb2.Experiment)
 
     def get_experiment(self, request: ingest_pb2.GetExperimentRequest) -> common_pb2.Experiment:
-        return self._call(self._ingest.GetExperiment, request, common_pb2.Experiment)
+        return self._unary_ingest("GetExperiment", request, common_pb2.Experiment)
 
     def create_run(self, request: ingest_pb2.CreateRunRequest) -> common_pb2.RunInfo:
-        return self._call(self._ingest.CreateRun, request, common_pb2.RunInfo)
+        return self._unary_ingest("CreateRun", request, common_pb2.RunInfo)
 
     def update_run(self, request: ingest_pb2.UpdateRunRequest) -> common_pb2.RunInfo:
-        return self._call(self._ingest.UpdateRun, request, common_pb2.RunInfo)
+        return self._unary_ingest("UpdateRun", request, common_pb2.RunInfo)
 
     def log_params(self, request: ingest_pb2.LogParamsRequest) -> None:
-        self._call(self._ingest.LogParams, request, ingest_pb2.LogParamsResponse)
+        self._unary_ingest("LogParams", request, ingest_pb2.LogParamsResponse)
 
     def set_tags(self, request: ingest_pb2.SetTagsRequest) -> None:
-        self._call(self._ingest.SetTags, request, ingest_pb2.SetTagsResponse)
+        self._unary_ingest("SetTags", request, ingest_pb2.SetTagsResponse)
 
     def stream_metrics(self, requests: Iterator[ingest_pb2.MetricBatch]) -> AckStream:
-        """Open the long-lived stream; no deadline, the sender cancels it when done."""
+        """Open the long-lived stream on the current ingest address; no deadline, the sender cancels it."""
+        index, channel = self._ingest.current()
         try:
-            return _GrpcAckStream(self._ingest.StreamMetrics(requests, metadata=self._metadata))
+            call = ingest_pb2_grpc.IngestServiceStub(channel).StreamMetrics(  # type: ignore[no-untyped-call]
+                requests, metadata=self._metadata)
         except ValueError as exc:
+            self._ingest.failed(index)
             raise ServerUnavailable(f"channel closed: {exc}") from None
+        return _GrpcAckStream(call, lambda: self._ingest.failed(index))
 
     def get_run(self, request: query_pb2.GetRunRequest) -> common_pb2.Run:
-        return self._call(self._query.GetRun, request, common_pb2.Run)
+        return self._unary_query("GetRun", request, common_pb2.Run)
 
     def search_runs(self, request: query_pb2.SearchRunsRequest) -> query_pb2.SearchRunsResponse:
-        return self._call(self._query.SearchRuns, request, query_pb2.SearchRunsResponse)
+        return self._unary_query("SearchRuns", request, query_pb2.SearchRunsResponse)
 
     def get_metric_history(self, request: query_pb2.GetMetricHistoryRequest) -> query_pb2.MetricHistory:
-        return self._call(self._query.GetMetricHistory, request, query_pb2.MetricHistory)
+        return self._unary_query("GetMetricHistory", request, query_pb2.MetricHistory)
 
     def sql(self, request: query_pb2.SqlRequest, timeout: float | None = None) -> Iterator[query_pb2.SqlChunk]:
         """The chunks of one SQL answer, read as they arrive (deadline: `timeout` or the RPC timeout)."""
+        index, channel = self._query.current()
         try:
-            for chunk in self._query.Sql(request, timeout=self._timeout if timeout is None else timeout):
+            call = query_pb2_grpc.QueryServiceStub(channel).Sql(  # type: ignore[no-untyped-call]
+                request, timeout=self._timeout if timeout is None else timeout, metadata=self._metadata)
+            for chunk in call:
                 yield cast(query_pb2.SqlChunk, chunk)
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            error = _translate(exc)
         except ValueError as exc:
-            raise ServerUnavailable(f"channel closed: {exc}") from None
+            error = ServerUnavailable(f"channel closed: {exc}")
+        else:
+            return
+        if isinstance(error, ServerUnavailable):
+            self._query.failed(index)  # the next call goes to the next replica
+        raise error
 
     def close(self) -> None:
-        self._ingest_channel.close()
-        if self._query_channel is not self._ingest_channel:
-            self._query_channel.close()
+        for channel in self._ingest.channels():
+            channel.close()
+        if self._query is not self._ingest:
+            for channel in self._query.channels():
+                channel.close()

@@ -40,7 +40,7 @@ class IngestApp:
         store = self.store
 
         async def insert(table: Any) -> None:
-            await store.call(store.insert_arrow, "metrics", table)
+            await store.call(store.insert_metrics, table)
 
         async def load_committed(writer_id: str) -> int:
             return await store.call(store.writer_max_seq, writer_id)

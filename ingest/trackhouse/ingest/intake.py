@@ -62,13 +62,17 @@ class Intake:
         self.points_received = 0
         self.rejected: dict[str, int] = {}
 
-    async def accept(self, message: Any, urgent: bool = False,
+    async def accept(self, message: Any, urgent: bool = False, refresh: bool = False,
                      allowed: frozenset[str] | None = None) -> Awaitable[Outcome]:
         """Take one MetricBatch message; return an awaitable of its outcome.
 
         `urgent`: the caller waits for this batch alone (a unary write), so it is flushed
-        as soon as the flusher is free instead of at the buffer's age limit. `allowed`: the
-        caller's experiments (None: all); a batch naming a run outside them is rejected.
+        as soon as the flusher is free instead of at the buffer's age limit.
+        `refresh`: the writer may have written through another replica since this one
+        last saw it (the first batch of a writer on a stream, any unary write): its
+        committed mark is reloaded from the store before the batch is taken as new.
+        `allowed`: the caller's experiments (None: all); a batch naming a run outside
+        them is rejected.
         """
         seq = int(message.seq)
         try:
@@ -78,7 +82,7 @@ class Intake:
             name = type(exc).__name__
             self.rejected[name] = self.rejected.get(name, 0) + 1
             return _ready(Outcome(seq, Verdict.REJECTED, 0, exc))
-        admission, original = await self._progress.admit(batch.writer_id, seq)
+        admission, original = await self._progress.admit(batch.writer_id, seq, refresh)
         if admission is Admission.DUPLICATE:
             return _ready(Outcome(seq, Verdict.DUPLICATE, batch.points))
         if admission is Admission.IN_FLIGHT and original is not None:

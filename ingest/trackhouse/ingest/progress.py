@@ -6,6 +6,15 @@ says what is durable. It is loaded from the store the first time a writer is
 seen (the writer_progress table, kept by a materialized view over metrics), so
 dedupe survives restarts and holds across ingest replicas.
 
+A mark cached here goes stale when the client moves to another replica and
+back (the other replica stored more of the writer meanwhile). So the first
+batch of a writer on each new stream (and every unary write) is admitted with
+`refresh=True`: the mark is reloaded from the store before a batch above it is
+taken as new. Within one stream the client cannot have gone elsewhere, so the
+hot path makes no store call. What is not covered: a replica that is still
+alive and still holds the batch in flight when the client gives up on it and
+resends elsewhere (docs/deploy.md, "Exactly once across replicas").
+
 A batch that is buffered but not yet flushed is "in flight": a copy of it that
 arrives meanwhile (a retry on a new stream) waits for the original's outcome
 instead of being stored twice.
@@ -48,9 +57,24 @@ class WriterProgress:
             self._committed[writer_id] = max(value, self._committed.get(writer_id, 0))
         return self._committed[writer_id]
 
-    async def admit(self, writer_id: str, seq: int) -> tuple[Admission, asyncio.Future[None] | None]:
-        """Raises Unavailable for a batch past its writer's failed one."""
-        if seq <= await self.committed(writer_id):
+    async def refresh(self, writer_id: str) -> int:
+        """Reload the writer's mark from the store (it never goes down)."""
+        value = await self._load(writer_id)
+        self._committed[writer_id] = max(value, self._committed.get(writer_id, 0))
+        return self._committed[writer_id]
+
+    async def admit(self, writer_id: str, seq: int, refresh: bool = False
+                    ) -> tuple[Admission, asyncio.Future[None] | None]:
+        """Raises Unavailable for a batch past its writer's failed one.
+
+        `refresh`: the batch may follow writes made through another replica (first
+        batch of the writer on a stream): reload a cached mark before trusting it.
+        """
+        known = writer_id in self._committed
+        committed = await self.committed(writer_id)
+        if seq > committed and refresh and known and (writer_id, seq) not in self._in_flight:
+            committed = await self.refresh(writer_id)
+        if seq <= committed:
             return Admission.DUPLICATE, None
         blocked_at = self._blocked.get(writer_id)
         if blocked_at is not None and seq <= blocked_at:

@@ -225,7 +225,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def LogMetrics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             # Urgent: flushed as soon as the flusher is free; concurrent callers still share INSERTs.
-            outcome = await (await self._intake.accept(request, urgent=True, allowed=_allowed()))
+            outcome = await (await self._intake.accept(request, urgent=True, refresh=True, allowed=_allowed()))
         except (errors.IngestError, StoreError) as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
@@ -260,10 +260,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     async def _read(self, request_iterator: AsyncIterator[Any],
                     outcomes: asyncio.Queue[Awaitable[Outcome] | None], allowed: frozenset[str] | None) -> None:
+        writers: set[str] = set()  # seen on this stream: their marks are fresh here
         try:
             async for message in request_iterator:
+                first = message.writer_id not in writers
+                writers.add(message.writer_id)
                 try:
-                    pending = await self._intake.accept(message, allowed=allowed)
+                    pending = await self._intake.accept(message, refresh=first, allowed=allowed)
                 except (errors.IngestError, StoreError) as exc:
                     pending = _failed(exc)
                 # A task, not a bare coroutine: it settles even if the stream ends first.

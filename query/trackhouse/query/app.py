@@ -31,6 +31,7 @@ class QueryApp:
     async def start(self, server: Any) -> None:
         store = self.store
         store.limit_reads(self.settings.max_query_seconds)
+        await store.open_async()  # a ClickHouse server: reads on the async client (HTTP, aiohttp)
         # Shared through the store, so every query replica accepts every other's tokens.
         secret = await store.call(store.meta_value, TOKEN_SECRET_KEY, lambda: secrets.token_hex(32))
         tokens = TokenCodec(bytes.fromhex(secret))
@@ -43,4 +44,4 @@ class QueryApp:
         query_pb2_grpc.add_QueryServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:
-        return None
+        await self.store.close_async()

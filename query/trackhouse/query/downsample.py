@@ -26,6 +26,7 @@ import numpy as np
 from trackhouse.query.errors import InvalidArgument
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store
+from trackhouse.store.reads import Arrow, Rows, Steps
 from trackhouse.store.schema import MAX_KEY, MIN_KEY, ROLLUP_LEVELS, cell_of, decode_step, decode_value
 
 MAX_CHART_RUNS = 100
@@ -146,6 +147,12 @@ class MetricCharts:
 
     def buckets(self, req: BucketRequest) -> Buckets:
         """Downsample one key of up to MAX_CHART_RUNS runs (blocking; run it on the store's thread)."""
+        return self._store.run(self._buckets(req))
+
+    async def abuckets(self, req: BucketRequest) -> Buckets:
+        return await self._store.arun(self._buckets(req))
+
+    def _buckets(self, req: BucketRequest) -> Steps[Buckets]:
         ids = _check_runs(req.run_ids, MAX_CHART_RUNS)
         if not req.key:
             raise InvalidArgument("key: required")
@@ -159,10 +166,10 @@ class MetricCharts:
             # Without bounds the coarsest cells know the step range; with one, only points do.
             table, cond = ((self._store.t("metric_rollup"), f"{where} AND g = {ROLLUP_LEVELS[-1]}")
                            if lo is None and hi is None else (self._store.t("metrics"), where))
-            found = self._store.query_rows(
+            found = (yield Rows(
                 f"SELECT min(min_step), max(max_step), count() FROM {table} WHERE {cond}"
                 if lo is None and hi is None else
-                f"SELECT min(step), max(step), count() FROM {table} WHERE {cond}", params)[0]
+                f"SELECT min(step), max(step), count() FROM {table} WHERE {cond}", params))[0]
             if not found[2]:
                 return Buckets([], lo or 0, hi or 0)
             lo = int(found[0]) if lo is None else lo
@@ -172,7 +179,7 @@ class MetricCharts:
         params.update(b_lo=lo, b_width=hi - lo + 1, b_n=req.buckets)
         g = rollup_level(lo, hi, req.buckets, req.min_step is not None, req.max_step is not None)
         sql = self._cells_sql(where, g) if g else self._points_sql(where, lo, hi, req.buckets)
-        return Buckets(_split(self._store.query_arrow(sql, params), ids), lo, hi)
+        return Buckets(_split((yield Arrow(sql, params)), ids), lo, hi)
 
     def _points_sql(self, where: str, lo: int, hi: int, n: int) -> str:
         """Buckets from the points themselves."""
@@ -192,13 +199,19 @@ class MetricCharts:
 
     def export(self, req: ExportRequest) -> Any:
         """Raw points of runs × keys as one pyarrow Table in long format (blocking)."""
+        return self._store.run(self._export(req))
+
+    async def aexport(self, req: ExportRequest) -> Any:
+        return await self._store.arun(self._export(req))
+
+    def _export(self, req: ExportRequest) -> Steps[Any]:
         ids = _check_runs(req.run_ids, self._settings.max_export_runs)
         where, params = _range_where(ids, req.min_step, req.max_step)
         if req.keys:
             where += " AND key IN {keys:Array(String)}"
             params["keys"] = list(req.keys)
         budget = self._settings.max_export_points
-        table = self._store.query_arrow(
+        table = yield Arrow(
             f"SELECT run_id, toString(key) AS key, step, timestamp, value FROM {self._store.t('metrics')} "
             f"WHERE {where} ORDER BY run_id, key, step, timestamp, value LIMIT {int(budget) + 1}",
             params,

@@ -17,6 +17,7 @@ from trackhouse.query.errors import InvalidArgument, NotFound
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import Store
+from trackhouse.store.reads import Arrow, Steps
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,19 @@ class MetricHistory:
 
     def page(self, req: HistoryRequest) -> HistoryPage:
         """One page of points (blocking; run it on the store's thread)."""
+        return self._store.run(self._page(req))
+
+    async def apage(self, req: HistoryRequest) -> HistoryPage:
+        """One page of points, on the store's async client (or its thread pool)."""
+        return await self._store.arun(self._page(req))
+
+    def _page(self, req: HistoryRequest) -> Steps[HistoryPage]:
         if not req.run_id or not req.key:
             raise InvalidArgument("run_id and key: both are required")
         limit = req.max_results or self._settings.history_page
         if not 0 < limit <= self._settings.max_history_page:
             raise InvalidArgument(f"max_results: {limit} is outside 1..{self._settings.max_history_page}")
-        run = self._store.get_runs([req.run_id]).get(req.run_id)
+        run = (yield from self._store.runs_steps([req.run_id])).get(req.run_id)
         allowed = req.allowed_experiments
         if run is None or (allowed is not None and run.experiment_id not in allowed):
             raise NotFound(f"run_id: no run {req.run_id!r}")
@@ -72,7 +80,7 @@ class MetricHistory:
             params.update(cs=int(step), ct=int(ts))
         sql = (f"SELECT step, timestamp, value FROM {self._store.t('metrics')} WHERE {' AND '.join(where)} "
                f"ORDER BY step, timestamp, value LIMIT {int(skip)}, {limit + 1}")
-        table = self._store.query_arrow(sql, params)
+        table = yield Arrow(sql, params)
         steps = table.column("step").to_numpy().astype(np.int64, copy=False)
         tss = table.column("timestamp").to_numpy().astype(np.int64, copy=False)
         values = table.column("value").to_numpy().astype(np.float64, copy=False)

@@ -29,6 +29,7 @@ from trackhouse.query.plan import RUNS, compile_search_filter, key_values, split
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, Store
+from trackhouse.store.reads import Rows, Steps
 
 VIEWS = {"ACTIVE_ONLY": ("active",), "DELETED_ONLY": ("deleted",), "ALL": ("active", "deleted")}
 # Attribute columns a search may order by, with their ClickHouse types for cursors.
@@ -136,6 +137,13 @@ class RunSearch:
 
     def search(self, req: SearchRequest) -> SearchPage:
         """One page of runs (blocking; run it on the store's thread)."""
+        return self._store.run(self._search(req))
+
+    async def asearch(self, req: SearchRequest) -> SearchPage:
+        """One page of runs, on the store's async client (or its thread pool)."""
+        return await self._store.arun(self._search(req))
+
+    def _search(self, req: SearchRequest) -> Steps[SearchPage]:
         limit = self._limit(req.max_results)
         if req.view not in VIEWS:
             raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
@@ -146,20 +154,25 @@ class RunSearch:
         question = fingerprint(sorted(req.experiment_ids), req.filter, req.order_by, req.view, limit)
         cursor = self._tokens.decode(req.page_token, question) if req.page_token else None
         sql, params = self._sql(req, keys, cursor, limit)
-        rows = self._store.query_rows(sql, params, settings={"join_use_nulls": 1})
+        rows = yield Rows(sql, params, settings={"join_use_nulls": 1})
         more = len(rows) > limit
         rows = rows[:limit]
         token = self._tokens.encode(question, list(rows[-1][1:])) if more else ""
-        total = self.count(req) if req.include_total else None
-        return SearchPage(self._store.get_run_details([r[0] for r in rows]), token, total)
+        total = (yield from self._count(req)) if req.include_total else None
+        runs = yield from self._store.run_details_steps([r[0] for r in rows])
+        return SearchPage(runs, token, total)
 
     def count(self, req: SearchRequest) -> int:
         """How many runs match the scope and filter of `req` (every page)."""
+        return self._store.run(self._count(req))
+
+    def _count(self, req: SearchRequest) -> Steps[int]:
         if req.view not in VIEWS:
             raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
         binder = Binder()
         sql = f"SELECT count() FROM {self._store.database}.{RUNS} FINAL WHERE {self._where(req, binder)}"
-        return int(self._store.query_rows(sql, binder.params)[0][0])
+        rows = yield Rows(sql, binder.params)
+        return int(rows[0][0])
 
     def _where(self, req: SearchRequest, binder: Binder, node: Node | str | None = "parse") -> str:
         where = [f"lifecycle_stage IN {binder.bind(list(VIEWS[req.view]), 'Array(String)')}"]

@@ -98,7 +98,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def _check_visible(self, run_ids: tuple[str, ...]) -> None:
         allowed = allowed_experiments()
         if allowed is not None:
-            check_visible(await self._store.call(self._store.get_runs, list(run_ids)), run_ids, allowed)
+            check_visible(await self._store.arun(self._store.runs_steps(list(run_ids))), run_ids, allowed)
 
     async def SearchRuns(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def call() -> Any:
@@ -108,7 +108,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 page_token=request.page_token, view=_view(request.run_view_type),
                 include_total=request.include_total, allowed_experiments=allowed_experiments(),
             )
-            return await self._store.call(self._search.search, req)
+            return await self._search.asearch(req)
 
         page = await _handle(context, call)
         response = query_pb2.SearchRunsResponse(runs=[run_to_pb(r) for r in page.runs],
@@ -121,7 +121,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         async def call() -> Any:
             if not request.run_id:
                 raise InvalidArgument("run_id: required")
-            runs = await self._store.call(self._store.get_run_details, [request.run_id])
+            runs = await self._store.arun(self._store.run_details_steps([request.run_id]))
             allowed = allowed_experiments()
             if not runs or (allowed is not None and runs[0].info.experiment_id not in allowed):
                 raise NotFound(f"run_id: no run {request.run_id!r}")
@@ -137,7 +137,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             max_results=request.max_results, page_token=request.page_token,
             allowed_experiments=allowed_experiments(),
         )
-        page = await _handle(context, lambda: self._store.call(self._history.page, req))
+        page = await _handle(context, lambda: self._history.apage(req))
         return query_pb2.MetricHistory(
             run_id=req.run_id, key=req.key, steps=page.steps.astype("<i8").tobytes(),
             timestamps=page.timestamps.astype("<i8").tobytes(), values=page.values.astype("<f8").tobytes(),
@@ -151,7 +151,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             max_step=request.max_step if request.HasField("max_step") else None,
         )
         await _handle(context, lambda: self._check_visible(req.run_ids))
-        result: Buckets = await _handle(context, lambda: self._store.call(self._charts.buckets, req))
+        result: Buckets = await _handle(context, lambda: self._charts.abuckets(req))
         return query_pb2.MetricBuckets(
             key=req.key, min_step=result.lo, max_step=result.hi, buckets=req.buckets,
             series=[
@@ -172,7 +172,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             max_step=request.max_step if request.HasField("max_step") else None,
         )
         await _handle(context, lambda: self._check_visible(req.run_ids))
-        table = await _handle(context, lambda: self._store.call(self._charts.export, req))
+        table = await _handle(context, lambda: self._charts.aexport(req))
         return query_pb2.ExportMetricsResponse(arrow_stream=arrow_stream(table), rows=table.num_rows)
 
 

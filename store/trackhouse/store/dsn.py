@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from trackhouse.store.errors import InvalidDSN, StoreUnavailable, translate
+from trackhouse.store.settings import StoreSettings
 
 DEFAULT_DSN = "chdb://./trackhouse-data"
 
@@ -72,8 +73,32 @@ def parse_dsn(dsn: str) -> DSN:
     )
 
 
-def connect(dsn: DSN, settings: dict[str, Any] | None = None) -> Any:
-    """Open one clickhouse-connect client for `dsn` (does I/O)."""
+def server_options(dsn: DSN, options: StoreSettings | None) -> dict[str, Any]:
+    """clickhouse-connect keyword arguments for a server DSN: credentials, timeouts, compression, TLS."""
+    o = options or StoreSettings()
+    kwargs: dict[str, Any] = {
+        "interface": dsn.scheme,
+        "host": dsn.host,
+        "port": dsn.port,
+        "username": o.user if o.user is not None else dsn.username,
+        "password": o.password if o.password is not None else dsn.password,
+        "connect_timeout": o.connect_timeout,
+        "send_receive_timeout": o.query_timeout,
+        "compress": False if o.compress == "none" else o.compress,
+    }
+    if dsn.scheme == "https":
+        kwargs["verify"] = o.verify
+        if o.ca_cert is not None:
+            kwargs["ca_cert"] = o.ca_cert
+    return kwargs
+
+
+def connect(dsn: DSN, settings: dict[str, Any] | None = None, options: StoreSettings | None = None) -> Any:
+    """Open one clickhouse-connect client for `dsn` (does I/O).
+
+    `settings` are ClickHouse settings sent with every request; `options` say how to
+    reach a server (ignored by the embedded store).
+    """
     import clickhouse_connect
     from clickhouse_connect.driver import exceptions as ch
 
@@ -81,19 +106,26 @@ def connect(dsn: DSN, settings: dict[str, Any] | None = None) -> Any:
         if dsn.embedded:
             os.makedirs(dsn.path, exist_ok=True)
             return clickhouse_connect.get_client(interface="chdb", path=dsn.path, settings=settings)
-        return clickhouse_connect.get_client(
-            interface=dsn.scheme,
-            host=dsn.host,
-            port=dsn.port,
-            username=dsn.username,
-            password=dsn.password,
-            settings=settings,
-            autogenerate_session_id=False,
-        )
+        return clickhouse_connect.get_client(**server_options(dsn, options), settings=settings,
+                                             autogenerate_session_id=False)
     except ch.ProgrammingError as exc:
         # chDB allows one data path per process.
         raise StoreUnavailable(
             f"cannot open {dsn.redacted()}: {exc} (the embedded store allows one data path per process)"
         ) from None
+    except Exception as exc:
+        raise translate(exc) from None
+
+
+async def connect_async(dsn: DSN, settings: dict[str, Any] | None = None,
+                        options: StoreSettings | None = None) -> Any:
+    """Open clickhouse-connect's async (aiohttp) client for a server DSN (does I/O)."""
+    import clickhouse_connect
+
+    if dsn.embedded:
+        raise InvalidDSN("the embedded store has no async client; run its calls on a thread (Store.call)")
+    try:
+        return await clickhouse_connect.get_async_client(**server_options(dsn, options), settings=settings,
+                                                         autogenerate_session_id=False)
     except Exception as exc:
         raise translate(exc) from None

@@ -25,9 +25,13 @@ Tables (see docs/schema.md for the stable, user-facing description):
   docs/search.md for the measurements behind it.
 - meta — server-side values (the page-token secret); the first value written for
   a key wins, so replicas racing to create one still agree on it.
-- api_tokens (migration 4) — API tokens: id, name, scope, experiment ids and the
+- api_tokens (migration 5) — API tokens: id, name, scope, experiment ids and the
   SHA-256 of the secret (never the secret); ReplacingMergeTree(version), so a
   revoke is a newer row.
+- experiment_tags (migration 6) — experiment tags, moved out of `tags`.
+
+The statements are written once, for one node; `layout.render()` (a pure
+function, trackhouse.store.layout) turns each into what a cluster runs.
 """
 
 from __future__ import annotations
@@ -38,12 +42,12 @@ from dataclasses import dataclass
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
-def check_identifier(name: str) -> str:
+def check_identifier(name: str, what: str = "database name") -> str:
     """Return `name` if it is a plain SQL identifier, else raise ValueError."""
     # fullmatch: `$` would also accept a trailing newline.
-    if not _IDENT.fullmatch(name):
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
         raise ValueError(
-            f"invalid database name {name!r}: use letters, digits and underscores, "
+            f"invalid {what} {name!r}: use letters, digits and underscores, "
             "starting with a letter or underscore, at most 64 characters"
         )
     return name

@@ -8,6 +8,9 @@ and binds every value as a server-side parameter; no user text is pasted.
 
 Blocking methods are for threads; async callers use `call()`, which runs a
 method on the store's own bounded thread pool (chDB has no async client).
+Reads written as steps (trackhouse.store.reads) run either way: `run()` on the
+blocking readers, `arun()` on clickhouse-connect's async client when the store is
+a server and `open_async()` was awaited (the query service), else on the pool.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from trackhouse.store import schema
-from trackhouse.store.dsn import DSN, connect, parse_dsn
-from trackhouse.store.errors import StoreError, translate
+from trackhouse.store import layout, schema
+from trackhouse.store.dsn import DSN, connect, connect_async, parse_dsn
+from trackhouse.store.errors import InvalidDSN, StoreError, translate
+from trackhouse.store.reads import Arrow, Rows, Steps
 from trackhouse.store.records import (
     ExperimentRecord,
     LatestMetricRecord,
@@ -32,6 +36,7 @@ from trackhouse.store.records import (
     TokenRecord,
 )
 from trackhouse.store.sandbox import SqlSandbox
+from trackhouse.store.settings import StoreSettings
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -52,14 +57,20 @@ def new_version() -> int:
 class Store:
     """Typed access to one trackhouse database. Build it with `open_store`."""
 
-    def __init__(self, dsn: DSN, database: str, readers: int = 2) -> None:
+    def __init__(self, dsn: DSN, database: str, readers: int = 2, settings: StoreSettings | None = None) -> None:
         self.dsn = dsn
         self.database = schema.check_identifier(database)
+        self.settings = settings or StoreSettings()
+        if self.settings.cluster is not None and dsn.embedded:
+            raise InvalidDSN(f"cluster {self.settings.cluster!r}: cluster mode needs a ClickHouse server "
+                             "(http(s)://…), not the embedded store")
+        self.layout = layout.Layout(self.database, self.settings.cluster)
         self._reader_count = readers
         self._writer: Any = None
         self._write_lock = threading.Lock()
         self._readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(max_workers=readers + 1, thread_name_prefix="trackhouse-store")
+        self._async: Any = None  # clickhouse-connect's AsyncClient, server stores only
         self._closed = False
         self._sandbox: SqlSandbox | None = None
         # Applied to every read: ClickHouse stops a read past it (TIMEOUT_EXCEEDED → QueryTimeout).
@@ -74,9 +85,58 @@ class Store:
     # -- lifecycle -------------------------------------------------------------
 
     def open(self) -> None:
-        self._writer = connect(self.dsn)
+        options = self.settings
+        self._writer = connect(self.dsn, layout.client_settings(self.layout, writer=True), options)
         for _ in range(self._reader_count):
-            self._readers.put(connect(self.dsn))
+            self._readers.put(connect(self.dsn, layout.client_settings(self.layout, writer=False), options))
+
+    async def open_async(self) -> None:
+        """Open the async client (a server store; the embedded one keeps its thread pool)."""
+        if self.dsn.embedded or self._async is not None:
+            return
+        self._async = await connect_async(self.dsn, layout.client_settings(self.layout, writer=False), self.settings)
+
+    async def close_async(self) -> None:
+        client, self._async = self._async, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    def run(self, steps: Steps[T]) -> T:
+        """Drive a read's steps on the blocking reader clients."""
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self._execute(request))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def arun(self, steps: Steps[T]) -> T:
+        """Drive a read's steps on the async client, or on the thread pool without one."""
+        client = self._async
+        if client is None:
+            return await self.call(self.run, steps)
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    if isinstance(request, Rows):
+                        settings = {**self._read_settings, **(request.settings or {})}
+                        result: Any = (await client.query(request.sql, parameters=request.parameters,
+                                                          settings=settings)).result_rows
+                    else:
+                        result = await client.query_arrow(request.sql, parameters=request.parameters,
+                                                          settings=self._read_settings or None)
+                except Exception as exc:
+                    raise translate(exc) from None
+                request = steps.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _execute(self, request: Rows | Arrow) -> Any:
+        if isinstance(request, Rows):
+            return self.query_rows(request.sql, request.parameters, request.settings)
+        return self.query_arrow(request.sql, request.parameters)
 
     def close(self) -> None:
         if self._closed:
@@ -165,22 +225,24 @@ class Store:
     # -- schema ---------------------------------------------------------------
 
     def migrate(self) -> list[int]:
-        """Create the database and apply missing migrations; return the versions applied."""
-        db = self.database
-        self.command(f"CREATE DATABASE IF NOT EXISTS {db}")
-        self.command(schema.MIGRATIONS_TABLE.format(db=db))
-        done = {row[0] for row in self.query_rows(f"SELECT version FROM {db}.schema_migrations")}
-        applied = []
-        for migration in schema.MIGRATIONS:
-            if migration.version in done:
-                continue
-            for statement in migration.statements:
-                self.command(statement.format(db=db))
-            self.insert_rows(
-                "schema_migrations", ("version", "description"), [(migration.version, migration.description)]
-            )
-            applied.append(migration.version)
-        return applied
+        """Create the database and apply missing migrations; return the versions applied.
+
+        Safe to run from several replicas at once (trackhouse.store.migrator).
+        """
+        from trackhouse.store.migrator import migrate
+
+        return migrate(self)
+
+    def check_schema(self) -> None:
+        """Raise StoreError unless the store's schema is the one this release needs."""
+        try:
+            version = self.schema_version()
+        except StoreError as exc:
+            raise StoreError(f"{self.dsn.redacted()} database {self.database}: no trackhouse schema ({exc}); "
+                             "run `trackhouse migrate` first") from None
+        if version < schema.latest_version():
+            raise StoreError(f"{self.dsn.redacted()} database {self.database}: schema at version {version}, "
+                             f"this release needs {schema.latest_version()}; run `trackhouse migrate`")
 
     def schema_version(self) -> int:
         rows = self.query_rows(f"SELECT max(version) FROM {self.t('schema_migrations')}")
@@ -238,8 +300,12 @@ class Store:
         )
 
     def get_experiment(self, *, experiment_id: str | None = None, name: str | None = None) -> ExperimentRecord | None:
+        return self.run(self.experiment_steps(experiment_id=experiment_id, name=name))
+
+    def experiment_steps(self, *, experiment_id: str | None = None,
+                         name: str | None = None) -> Steps[ExperimentRecord | None]:
         column, value = ("experiment_id", experiment_id) if experiment_id is not None else ("name", name)
-        rows = self.query_rows(
+        rows = yield Rows(
             f"SELECT {_EXPERIMENT_COLUMNS} FROM {self.t('experiments')} FINAL "
             f"WHERE {column} = {{v:String}} ORDER BY lifecycle_stage = 'active' DESC LIMIT 1",
             {"v": value},
@@ -259,13 +325,16 @@ class Store:
         )
 
     def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        return self.run(self.runs_steps(run_ids))
+
+    def runs_steps(self, run_ids: Sequence[str]) -> Steps[dict[str, RunRecord]]:
         if not run_ids:
             return {}
         # argMax by version, not FINAL: FINAL merge-sorts every granule the ids touch in
         # every part (with random ids, most of the table); PREWHERE on run_id then one
         # small GROUP BY reads the same granules without merging (docs/search.md).
         rest = _RUN_COLUMNS.split(", ")[1:]
-        rows = self.query_rows(
+        rows = yield Rows(
             f"SELECT run_id, argMax(({', '.join(rest)}), version) FROM {self.t('runs')} "
             "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id",
             {"ids": list(run_ids)},
@@ -303,19 +372,32 @@ class Store:
 
     def get_experiment_tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
         """The live tags of each experiment (latest version per key, deleted ones left out)."""
+        return self.run(self.experiment_tags_steps(experiment_ids))
+
+    def experiment_tags_steps(self, experiment_ids: Sequence[str]) -> Steps[dict[str, dict[str, str]]]:
         out: dict[str, dict[str, str]] = {e: {} for e in experiment_ids}
         if not experiment_ids:
             return out
-        for experiment_id, key, value in self.query_rows(
+        for experiment_id, key, value in (yield Rows(
             f"SELECT experiment_id, key, argMax(value, version) FROM {self.t('experiment_tags')} "
             "PREWHERE experiment_id IN {ids:Array(String)} GROUP BY experiment_id, key "
             "HAVING argMax(deleted, version) = 0 ORDER BY experiment_id, key",
             {"ids": list(experiment_ids)},
-        ):
+        )):
             out[experiment_id][key] = value
         return out
 
     # -- metrics --------------------------------------------------------------------
+
+    def insert_metrics(self, data: Any) -> None:
+        """Insert one flush of metric rows (a pyarrow Table with writer_id and seq) in one INSERT.
+
+        On a cluster the writers' marks are written after the whole INSERT returned (see
+        trackhouse.store.layout); on one node a materialized view keeps them.
+        """
+        self.insert_arrow("metrics", data)
+        if self.layout.cluster is not None:
+            self.insert_arrow("writer_progress", progress_rows(data))
 
     def writer_max_seq(self, writer_id: str) -> int:
         """The greatest batch seq stored for `writer_id` (0 if none)."""
@@ -329,42 +411,55 @@ class Store:
 
     def get_run_details(self, run_ids: Sequence[str]) -> list[RunDetails]:
         """Runs with params, tags and latest metrics, in the order of `run_ids`."""
-        infos = self.get_runs(run_ids)
+        return self.run(self.run_details_steps(run_ids))
+
+    def run_details_steps(self, run_ids: Sequence[str]) -> Steps[list[RunDetails]]:
+        infos = yield from self.runs_steps(run_ids)
         ids = [r for r in run_ids if r in infos]
         if not ids:
             return []
         bound = {"ids": ids}
         params: dict[str, dict[str, str]] = {r: {} for r in ids}
-        for run_id, key, value in self.query_rows(
+        for run_id, key, value in (yield Rows(
             f"SELECT run_id, key, any(value) FROM {self.t('params')} "
             "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY run_id, key",
             bound,
-        ):
+        )):
             params[run_id][key] = value
         tags: dict[str, dict[str, str]] = {r: {} for r in ids}
-        for run_id, key, value in self.query_rows(  # the last write per (run, key), as get_runs
+        for run_id, key, value in (yield Rows(  # the last write per (run, key), as get_runs
             f"SELECT run_id, key, argMax(value, version) FROM {self.t('tags')} "
             "PREWHERE run_id IN {ids:Array(String)} GROUP BY run_id, key "
             "HAVING argMax(deleted, version) = 0 ORDER BY run_id, key",
             bound,
-        ):
+        )):
             tags[run_id][key] = value
         metrics: dict[str, list[LatestMetricRecord]] = {r: [] for r in ids}
         last = "max(last_key)"
-        for run_id, key, step, ts, value, lo, hi, count in self.query_rows(
+        for run_id, key, step, ts, value, lo, hi, count in (yield Rows(
             f"SELECT run_id, key, {schema.latest_step(last)}, {schema.latest_timestamp(last)}, "
             f"{schema.latest_value(last)}, min(min_value), max(max_value), sum(count) "
             f"FROM {self.t('latest_metrics')} PREWHERE run_id IN {{ids:Array(String)}} "
             "GROUP BY run_id, key ORDER BY run_id, key",
             bound,
-        ):
+        )):
             metrics[run_id].append(LatestMetricRecord(key, value, ts, step, lo, hi, int(count)))
         return [RunDetails(infos[r], params[r], tags[r], metrics[r]) for r in ids]
 
 
-def open_store(dsn: str, database: str = "trackhouse", *, readers: int = 2, migrate: bool = True) -> Store:
+def progress_rows(data: Any) -> Any:
+    """writer_id, max_seq per writer of a metrics table (vectorised, no per-row Python)."""
+    import pyarrow as pa
+
+    writers = data.select(["writer_id", "seq"]).cast(pa.schema([("writer_id", pa.string()), ("seq", pa.uint64())]))
+    out = writers.group_by("writer_id").aggregate([("seq", "max")])
+    return pa.table({"writer_id": out["writer_id"], "max_seq": out["seq_max"]})
+
+
+def open_store(dsn: str, database: str = "trackhouse", *, readers: int = 2, migrate: bool = True,
+               settings: StoreSettings | None = None) -> Store:
     """Open (and by default migrate) the store at `dsn`. Raises StoreError subclasses."""
-    store = Store(parse_dsn(dsn), database, readers=readers)
+    store = Store(parse_dsn(dsn), database, readers=readers, settings=settings)
     try:
         store.open()
         if migrate:

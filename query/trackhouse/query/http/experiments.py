@@ -25,6 +25,7 @@ import orjson
 
 from trackhouse.query.http.errors import invalid
 from trackhouse.store import ExperimentRecord, Store
+from trackhouse.store.reads import Rows, Steps
 
 _COLUMNS = "experiment_id, name, artifact_location, lifecycle_stage, creation_time, last_update_time"
 VIEWS = {"ACTIVE_ONLY": ("active",), "DELETED_ONLY": ("deleted",), "ALL": ("active", "deleted")}
@@ -145,21 +146,26 @@ def parse_order(items: Sequence[str]) -> list[tuple[str, bool]]:
 
 
 class ExperimentReader:
-    """Blocking reads (run them on the store's thread with `Store.call`)."""
+    """Reads of experiments, async (on the store's async client, or its thread pool)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def get(self, *, experiment_id: str | None = None, name: str | None = None) -> ExperimentRecord | None:
-        return self._store.get_experiment(experiment_id=experiment_id, name=name)
+    async def get(self, *, experiment_id: str | None = None, name: str | None = None) -> ExperimentRecord | None:
+        return await self._store.arun(self._store.experiment_steps(experiment_id=experiment_id, name=name))
 
-    def tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        return self._store.get_experiment_tags(experiment_ids)
+    async def tags(self, experiment_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        return await self._store.arun(self._store.experiment_tags_steps(experiment_ids))
 
-    def search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
-               view: str, allowed: Sequence[str] | None = None,
-               ) -> tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]:
+    async def search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
+                     view: str, allowed: Sequence[str] | None = None,
+                     ) -> tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]:
         """One page of experiments; `allowed`: only these experiment ids (an experiment-scoped caller)."""
+        return await self._store.arun(self._search(filter_text, order_by, max_results, page_token, view, allowed))
+
+    def _search(self, filter_text: str, order_by: Sequence[str], max_results: int | None, page_token: str,
+                view: str, allowed: Sequence[str] | None,
+                ) -> Steps[tuple[list[tuple[ExperimentRecord, dict[str, str]]], str]]:
         limit = DEFAULT_MAX_RESULTS if max_results is None else max_results
         if not 0 < limit <= MAX_RESULTS:
             raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be at most "
@@ -174,10 +180,9 @@ class ExperimentReader:
         if allowed is not None:
             where += " AND experiment_id IN {allowed:Array(String)}"
             params["allowed"] = list(allowed)
-        rows = self._store.query_rows(f"SELECT {_COLUMNS} FROM {self._store.t('experiments')} FINAL WHERE {where}",
-                                      params)
+        rows = yield Rows(f"SELECT {_COLUMNS} FROM {self._store.t('experiments')} FINAL WHERE {where}", params)
         records = [ExperimentRecord(*row) for row in rows]
-        tags = self.tags([r.experiment_id for r in records])
+        tags = yield from self._store.experiment_tags_steps([r.experiment_id for r in records])
         found = [r for r in records if all(matches(c, r, tags[r.experiment_id]) for c in conditions)]
         for field, ascending in reversed(order):
             found.sort(key=lambda r, f=field: getattr(r, f), reverse=not ascending)  # type: ignore[misc]

@@ -172,12 +172,12 @@ class MlflowApi:
         return {"experiment_id": rec.experiment_id}
 
     async def _experiment_json(self, *, experiment_id: str | None = None, name: str | None = None) -> JSON:
-        rec = await self._store.call(self._experiments.get, experiment_id=experiment_id, name=name)
+        rec = await self._experiments.get(experiment_id=experiment_id, name=name)
         allowed = allowed_experiments()
         if rec is None or (allowed is not None and rec.experiment_id not in allowed):
             raise missing(f"No Experiment with id={experiment_id} exists" if experiment_id is not None
                           else f"Could not find experiment with name '{name}'")
-        tags = await self._store.call(self._experiments.tags, [rec.experiment_id])
+        tags = await self._experiments.tags([rec.experiment_id])
         return {"experiment": convert.experiment(rec, tags[rec.experiment_id])}
 
     async def get_experiment(self, body: Body) -> JSON:
@@ -187,8 +187,8 @@ class MlflowApi:
         return await self._experiment_json(name=text(body, "experiment_name", required=True))
 
     async def search_experiments(self, body: Body) -> JSON:
-        found, token = await self._store.call(
-            self._experiments.search, text(body, "filter"), strings(body, "order_by"),
+        found, token = await self._experiments.search(
+            text(body, "filter"), strings(body, "order_by"),
             integer(body, "max_results"), text(body, "page_token"), _view(body, "view_type"),
             allowed_experiments())
         out: JSON = {"experiments": [convert.experiment(rec, tags) for rec, tags in found]}
@@ -242,7 +242,7 @@ class MlflowApi:
 
     async def get_run(self, body: Body) -> JSON:
         run_id = _run_id(body)
-        runs = await self._store.call(self._store.get_run_details, [run_id])
+        runs = await self._store.arun(self._store.run_details_steps([run_id]))
         allowed = allowed_experiments()
         if not runs or (allowed is not None and runs[0].info.experiment_id not in allowed):
             raise missing(f"Run with id={run_id} not found")
@@ -277,7 +277,7 @@ class MlflowApi:
             page_token=text(body, "page_token"), view=_view(body, "run_view_type"),
             allowed_experiments=allowed_experiments(),
         )
-        page = await self._store.call(self._search.search, req)
+        page = await self._search.asearch(req)
         out: JSON = {"runs": [convert.run(r) for r in page.runs]}
         if page.next_page_token:
             out["next_page_token"] = page.next_page_token
@@ -341,7 +341,7 @@ class MlflowApi:
     async def log_inputs(self, body: Body) -> JSON:
         # Datasets are accepted and not stored (see docs/mlflow.md); the run must exist.
         run_id = _run_id(body)
-        run = (await self._store.call(self._store.get_runs, [run_id])).get(run_id)
+        run = (await self._store.arun(self._store.runs_steps([run_id]))).get(run_id)
         allowed = allowed_experiments()
         if run is None or (allowed is not None and run.experiment_id not in allowed):
             raise missing(f"Run with id={run_id} not found")
@@ -369,7 +369,7 @@ class MlflowApi:
 
     async def get_metric_history(self, body: Body) -> JSON:
         key = text(body, "metric_key", required=True)
-        page = await self._store.call(self._history.page, HistoryRequest(
+        page = await self._history.apage(HistoryRequest(
             run_id=_run_id(body), key=key, max_results=integer(body, "max_results", 0) or 0,
             page_token=text(body, "page_token"), allowed_experiments=allowed_experiments()))
         out: JSON = {"metrics": convert.points(key, page.steps, page.timestamps, page.values)}
@@ -394,7 +394,7 @@ class MlflowApi:
         if start is not None and end is not None and start > end:
             raise invalid(f"end_step must be greater than start_step. Found start_step={start} and end_step={end}.")
         allowed = allowed_experiments()
-        pages = [await self._store.call(self._history.page, HistoryRequest(
+        pages = [await self._history.apage(HistoryRequest(
             run_id=r, key=key, min_step=start, max_step=end, max_results=BULK_HISTORY_POINTS,
             allowed_experiments=allowed)) for r in run_ids]
         # MLflow's sampling: up to max_results steps of the union, evenly spaced, first and last included.
