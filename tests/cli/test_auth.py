@@ -269,3 +269,27 @@ def test_ingest_and_query_commands_take_the_auth_and_tls_options() -> None:
         args = build_parser(ServerSettings()).parse_args(
             [command, "--auth", "on", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
         assert (args.auth, args.tls_cert, args.tls_key) == ("on", "c.pem", "k.pem"), command
+
+
+def test_sql_is_read_scope_and_an_experiment_scoped_token_reads_only_its_rows(secured: Secured) -> None:
+    query = {"query": "SELECT experiment_id, count() AS runs FROM runs GROUP BY experiment_id "
+                      "ORDER BY experiment_id", "format": "json"}
+    url = secured.http + "/api/v1/sql"
+    assert _http(url, None, query)[0] == 401
+    status, body = _http(url, secured.tokens["read"], query)
+    assert status == 200, body
+    assert [c["name"] for c in body["columns"]] == ["experiment_id", "runs"]
+    assert {row[0] for row in body["rows"]} >= set(secured.experiments)
+    status, body = _http(url, secured.tokens["scoped"], query)
+    assert status == 200, body
+    assert [row[0] for row in body["rows"]] == [secured.experiments[0]]
+    # The same over gRPC, through the client: filtered, not refused.
+    for token, expected in ((secured.tokens["scoped"], [secured.experiments[0]]),
+                            (secured.tokens["read"], sorted(secured.experiments))):
+        client = th.connect(secured.thread.address, token=token, settings=th.Settings(rpc_timeout=10))
+        try:
+            table = client.sql("SELECT DISTINCT experiment_id FROM runs WHERE experiment_id IN "
+                               f"('{secured.experiments[0]}', '{secured.experiments[1]}') ORDER BY experiment_id")
+            assert table.column("experiment_id").to_pylist() == expected
+        finally:
+            client.close()
