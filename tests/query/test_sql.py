@@ -159,17 +159,11 @@ ROWS_OF_EXPERIMENT_2 = {"experiments": 1, "runs": 2, "params": 4, "tags": 2, "me
 @pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("form", RESTRICTED)
 def test_experiment_ids_restrict_every_table_in_every_position(sql: SqlQueries, table: str, form: str) -> None:
-    if not _embedded(sql) and form not in RESTRICTED[:2]:
-        pytest.skip("the SQL is the same on both deployments; over HTTP the first two forms suffice")
     query = form.format(t=table)
     assert run_sql(sql, query, frozenset({"2"})).column(0).to_pylist() == [ROWS_OF_EXPERIMENT_2[table]]
     assert run_sql(sql, query, frozenset()).column(0).to_pylist() == [0]
     everything = run_sql(sql, query, None).column(0).to_pylist()[0]
     assert everything > ROWS_OF_EXPERIMENT_2[table]
-
-
-def _embedded(sql: SqlQueries) -> bool:
-    return bool(sql._store.dsn.embedded)
 
 
 def test_restriction_holds_in_in_subqueries_and_joins(sql: SqlQueries) -> None:

@@ -224,6 +224,7 @@ class Engine:
     def __init__(self, path: str, pool_size: int = 4) -> None:
         self.path = path
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._readonly_idle: dict[str, queue.LifoQueue[Any]] = {}
         self._slots = threading.BoundedSemaphore(pool_size)
         self._sessions: dict[str, tuple[Any, threading.Lock]] = {}
         self._lock = threading.Lock()
@@ -240,8 +241,9 @@ class Engine:
         with self._lock:
             conns = [c for c, _ in self._sessions.values()]
             self._sessions.clear()
-        while not self._idle.empty():
-            conns.append(self._idle.get_nowait())
+        for pool in (self._idle, *self._readonly_idle.values()):
+            while not pool.empty():
+                conns.append(pool.get_nowait())
         for conn in conns:
             conn.close()
 
@@ -256,25 +258,27 @@ class Engine:
                 raise ChError(373, f"Code: 373. DB::Exception: Session {stmt.session_id} is locked by a "
                                    "concurrent client. (SESSION_IS_LOCKED)")
             return self._run_then(conn, stmt, restore=False, release=lambda _: lock.release())
+        # readonly cannot be set back on a chDB connection ("Cannot modify 'readonly' setting
+        # in readonly mode"), where a server applies it to one query: such requests run on
+        # connections kept apart, one pool per readonly value, which keep that one setting
+        # (every other setting is restored after each request, as on the shared pool).
+        readonly = stmt.settings.get("readonly")
+        with self._lock:
+            pool = self._idle if readonly is None else self._readonly_idle.setdefault(str(readonly), queue.LifoQueue())
         self._slots.acquire()
         try:
-            conn = self._idle.get_nowait()
+            conn = pool.get_nowait()
         except queue.Empty:
             conn = chdb.connect(self.path)
 
-        # readonly cannot be set back on a chDB connection ("Cannot modify 'readonly' setting
-        # in readonly mode"), where a server applies it to one query: such a request gets a
-        # connection of its own, closed after it.
-        disposable = "readonly" in stmt.settings
-
         def release(reusable: bool) -> None:
-            if reusable and not stmt.changes_connection and not disposable:
-                self._idle.put(conn)
+            if reusable and not stmt.changes_connection:
+                pool.put(conn)
             else:  # a SET or USE outside a session lasts for that request only: drop the connection
                 conn.close()
             self._slots.release()
 
-        return self._run_then(conn, stmt, restore=not disposable, release=release)
+        return self._run_then(conn, stmt, restore=True, release=release)
 
     def _run_then(self, conn: Any, stmt: Statement, *, restore: bool, release: Any) -> Outcome:
         """`_run`, then `release(reusable)` exactly once: now, or when a streamed body ends."""
@@ -304,7 +308,8 @@ class Engine:
                 conn.query(f"USE `{stmt.database.replace('`', '``')}`", "TabSeparated")
             for key, value in stmt.settings.items():
                 conn.query(f"SET {key} = {_quote(value)}", "TabSeparated")
-                applied.append(key)
+                if key != "readonly":  # stays: the connection is in its readonly pool
+                    applied.append(key)
             if stmt.data is not None:
                 with conn.send_insert(stmt.sql, stmt.data_format) as inserter:
                     if stmt.data:
