@@ -135,10 +135,11 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.command == "serve":
         print(f"trackhouse serving\n  gRPC (ingest + query): {address}{tls}\n{auth}"
               f"  HTTP: {scheme}://{args.host}:{server.http_port} — MLflow REST API (MLFLOW_TRACKING_URI), "
-              f"/metrics (Prometheus), /health\n{store}\n  Python: import trackhouse.client as th; "
+              f"POST /api/v1/sql, /metrics (Prometheus), /health\n{store}\n  Python: import trackhouse.client as th; "
               f"client = th.connect({address!r})", flush=True)
     else:
-        routes = "MLflow REST API, /metrics, /health" if args.command == "query" else "/metrics, /health"
+        routes = ("MLflow REST API, POST /api/v1/sql, /metrics, /health" if args.command == "query"
+                  else "/metrics, /health")
         print(f"trackhouse {args.command} serving\n  gRPC ({args.command}): {address}{tls}\n{auth}"
               f"  HTTP: {scheme}://{args.host}:{server.http_port} — {routes}\n{store}", flush=True)
     stop = asyncio.Event()
