@@ -150,8 +150,9 @@ def running_server(store: Store, http: bool = False, **config_fields: Any) -> It
     Flushes quickly (50 ms) so tests that wait for acks do not wait on the default age.
     `config_fields` override ServerConfig fields (auth="on", tls_cert=..., ...).
     """
+    config_fields.setdefault("ingest", IngestSettings(flush_interval=0.05))
     config = ServerConfig(store="", database=store.database, grpc_port=0, http_port=0 if http else None,
-                          ingest=IngestSettings(flush_interval=0.05), **config_fields)
+                          **config_fields)
     thread = ServerThread(config, store=store)
     thread.start()
     try:

@@ -11,7 +11,8 @@ point is stored exactly once. kill -9 under load is tests/ingest/test_crash.py.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 import trackhouse.client as th
-from trackhouse.cli.server import ServerConfig, ServerThread
+from trackhouse.cli.server import ServerThread
 from trackhouse.ingest.settings import IngestSettings
 from trackhouse.proto.v1 import ingest_pb2, ingest_pb2_grpc
 from trackhouse.store import Store
@@ -60,16 +61,10 @@ class FaultyWriter:
 
 
 @pytest.fixture
-def small_server(store: Store) -> Iterator[ServerThread]:
-    config = ServerConfig(store="", database=store.database, grpc_port=0,
-                          ingest=IngestSettings(flush_interval=0.05, buffer_bytes=BUDGET,
-                                                max_batch_points=BUDGET // 40))
-    thread = ServerThread(config, store=store)
-    thread.start()
-    try:
+def small_server(start_server: Callable[..., AbstractContextManager[ServerThread]]) -> Iterator[ServerThread]:
+    ingest = IngestSettings(flush_interval=0.05, buffer_bytes=BUDGET, max_batch_points=BUDGET // 40)
+    with start_server(ingest=ingest) as thread:
         yield thread
-    finally:
-        thread.stop(grace=1.0)
 
 
 @pytest.mark.parametrize("fault", FAULTS)
