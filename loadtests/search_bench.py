@@ -65,6 +65,21 @@ def _take(table: pa.Table, rows: np.ndarray[Any, Any], n: int) -> pa.Table:
         table.column_names)
 
 
+def packed_latest(step: np.ndarray[Any, Any], timestamp: np.ndarray[Any, Any],
+                  value: np.ndarray[Any, Any]) -> pa.Array:
+    """schema.LATEST_KEY computed in numpy: step ‖ timestamp ‖ value as one little-endian UInt256.
+
+    Arrow has no 256-bit integer; ClickHouse reads a 32-byte fixed binary into UInt256.
+    """
+    u63 = np.uint64(1 << 63)
+    bits = (value + 0.0).view(np.uint64)  # + 0.0: -0.0 and 0.0 are one value
+    words = np.zeros((len(step), 4), np.uint64)
+    words[:, 0] = np.where(bits >= u63, ~bits, bits | u63)
+    words[:, 1] = timestamp.astype(np.int64).view(np.uint64) ^ u63
+    words[:, 2] = step.astype(np.int64).view(np.uint64) ^ u63
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(step), [None, pa.py_buffer(words.tobytes())])
+
+
 def sorted_chunk(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
     """Every table of one chunk (base tables and search copies) sorted by its ORDER BY.
 
@@ -102,14 +117,13 @@ def sorted_chunk(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
         elif name == "tags":
             out["search_tags"] = _take(t.select(["key", "run_id", "value", "deleted", "version"]), key_major, n)
         else:
-            last = pa.StructArray.from_arrays(
-                [t.column("step").chunk(0), t.column("timestamp").chunk(0), t.column("value").chunk(0)],
-                names=["1", "2", "3"])
-            latest = pa.table({"run_id": t.column("run_id"), "key": t.column("key"), "last": last,
+            last = packed_latest(t.column("step").to_numpy(), t.column("timestamp").to_numpy(),
+                                 t.column("value").to_numpy())
+            latest = pa.table({"run_id": t.column("run_id"), "key": t.column("key"), "last_key": last,
                                "min_value": t.column("value"), "max_value": t.column("value"),
                                "count": pa.array(np.ones(t.num_rows, np.uint64))})
             out["latest_metrics"] = _take(latest, run_major, n)
-            out["search_metrics"] = _take(latest.select(["key", "run_id", "last"]), key_major, n)
+            out["search_metrics"] = _take(latest.select(["key", "run_id", "last_key"]), key_major, n)
     return out
 
 
@@ -132,7 +146,7 @@ def _check_copies(store: Store) -> None:
     pairs = [("runs", "search_runs", "run_id, start_time, lifecycle_stage"),
              ("params", "search_params", "run_id, key, value"),
              ("tags", "search_tags", "run_id, key, value, deleted"),
-             ("latest_metrics", "search_metrics", "run_id, key, last")]
+             ("latest_metrics", "search_metrics", "run_id, key, last_key")]
     for source, copy, cols in pairs:
         a, b = (store.query_rows(f"SELECT count(), sum(cityHash64({cols})) FROM {store.t(t)}")[0]
                 for t in (source, copy))
