@@ -486,3 +486,48 @@ def sandbox_database(db: str) -> str:
 
 MIGRATIONS = (*MIGRATIONS, Migration(7, "sql sandbox: an empty database for user SQL",
                                      ("CREATE DATABASE IF NOT EXISTS {db}" + SANDBOX_SUFFIX,)))
+
+
+# Migration 8: the run-keyed tables that hydrate a page (store.run_details_steps: runs,
+# params, tags, latest_metrics, read by `run_id IN (≤ max_results ids)`) get index
+# granules of 256 rows instead of 8,192. A page's ids are random, so each one costs a
+# whole granule of every part: 100 ids read ~800k params rows at 8,192 and ~26k at 256
+# (docs/search.md, "Hydrating a page"). Each table is copied into a new one with the
+# setting and swapped in (EXCHANGE TABLES is atomic); the views that read or write
+# them are dropped first and created again last. A rerun after a crash starts the
+# copy of a table over (its half-made copy is dropped first), so it is safe to retry.
+HYDRATED = ("runs", "params", "tags", "latest_metrics")
+HYDRATION_GRANULARITY = 256
+_NEW = "_v8"
+_ON_HYDRATED = ("search_runs_mv", "search_params_mv", "search_tags_mv", "search_metrics_mv", "latest_metrics_mv")
+
+
+def _the_statement(prefix: str) -> str:
+    """The migration statement (a `{db}` template) that begins with `prefix`; the latest one if several."""
+    found = [s for m in MIGRATIONS for s in m.statements if s.strip().startswith(prefix)]
+    if not found:
+        raise LookupError(f"no migration statement begins with {prefix!r}")
+    return found[-1]
+
+
+def _hydration_table(name: str) -> tuple[str, ...]:
+    ddl = _the_statement(f"CREATE TABLE IF NOT EXISTS {{db}}.{name} (")
+    copy = (ddl.strip().replace(f"{{db}}.{name} (", f"{{db}}.{name}{_NEW} (", 1)
+            + f" SETTINGS index_granularity = {HYDRATION_GRANULARITY}")
+    return (
+        f"DROP TABLE IF EXISTS {{db}}.{name}{_NEW} SYNC",
+        copy,
+        f"INSERT INTO {{db}}.{name}{_NEW} SELECT * FROM {{db}}.{name}",
+        f"EXCHANGE TABLES {{db}}.{name} AND {{db}}.{name}{_NEW}",
+        f"DROP TABLE IF EXISTS {{db}}.{name}{_NEW} SYNC",
+    )
+
+
+_HYDRATION = (
+    *(f"DROP VIEW IF EXISTS {{db}}.{view} SYNC" for view in _ON_HYDRATED),
+    *(stmt for name in HYDRATED for stmt in _hydration_table(name)),
+    *(_the_statement(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{view} ") for view in _ON_HYDRATED),
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(8, "hydration: runs, params, tags, latest_metrics in granules of 256 rows",
+                                     _HYDRATION))
