@@ -161,7 +161,9 @@ def history_values(points: int) -> np.ndarray[Any, Any]:
 
 
 def seed_sqlite(path: str, experiments: list[str], history_experiment: str, runs: int, history_points: int,
-                chunk: int = 50_000) -> None:
+                chunk: int) -> None:
+    """`runs` runs in chunks of `chunk`: chunk_tables seeds by chunk start, so the same chunk size
+    as trackhouse's generation is what makes the same runs."""
     con = sqlite3.connect(path, timeout=60)
     try:
         db = _Sqlite(con)
@@ -230,7 +232,7 @@ def mlflow_side(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], 
         history_exp = client.create_experiment("history")
         print(f"[mlflow] writing {args.runs:,} runs into SQLite …", file=sys.stderr, flush=True)
         started = time.monotonic()
-        seed_sqlite(f"{tmp}/mlflow.db", exps, history_exp, args.runs, args.history_points)
+        seed_sqlite(f"{tmp}/mlflow.db", exps, history_exp, args.runs, args.history_points, args.chunk)
         info["seed_s"] = round(time.monotonic() - started, 1)
         with sqlite3.connect(f"{tmp}/mlflow.db") as con:
             active = con.execute("SELECT count(*) FROM runs WHERE lifecycle_stage = 'active' AND experiment_id IN "
@@ -423,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--history-points", type=int, default=100_000)
         s.add_argument("--repeat", type=int, default=3, help="timed calls per query after one warm-up")
         s.add_argument("--mlflow-repeat", type=int, default=0, help="MLflow's calls, when not --repeat")
-        s.add_argument("--chunk", type=int, default=500_000, help="trackhouse: runs per INSERT")
+        s.add_argument("--chunk", type=int, default=500_000,
+                       help="runs per generated chunk, both stores (the data depend on it)")
     args = parser.parse_args(argv)
     if args.command == "search":
         results, _, info = mlflow_side(args)
