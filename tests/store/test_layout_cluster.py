@@ -49,7 +49,7 @@ def test_one_node_statements_are_the_templates() -> None:
 
 
 def test_every_cluster_ddl_runs_on_cluster_and_every_table_is_replicated_and_distributed() -> None:
-    ddl = [s for s in cluster_script() if s.startswith(("CREATE", "DROP", "ALTER", "EXCHANGE"))]
+    ddl = [s for s in cluster_script() if s.startswith(("CREATE", "DROP", "ALTER"))]
     assert all(re.search(r" ON CLUSTER th_cluster( |$)", s) for s in ddl)
     create = re.compile(r"CREATE TABLE IF NOT EXISTS trackhouse\.(\w+) .*?ENGINE = (\w+)")
     tables = {m[1]: m[2] for s in ddl if (m := create.match(s))}
@@ -73,51 +73,22 @@ def test_null_tables_exist_on_every_node_under_their_own_name() -> None:
                    for s in script)
 
 
-def _migration_script(version: int) -> list[str]:
-    script = cluster_script()
-    start = next(i for i, s in enumerate(script) if s.startswith(f"-- migration {version}:"))
-    end = next((i for i, s in enumerate(script) if i > start and s.startswith("-- migration ")), len(script))
-    return script[start:end]
-
-
 def test_drops_run_on_cluster_and_a_dropped_table_goes_with_its_local_half() -> None:
     drops = [s for s in cluster_script() if s.startswith("DROP")]
     assert drops and all(s.endswith(" ON CLUSTER th_cluster SYNC") for s in drops)
-    script = _migration_script(4)
     dropped = [re.match(r"DROP TABLE IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
-               for s in script if s.startswith("DROP TABLE")]
+               for s in drops if s.startswith("DROP TABLE")]
     assert dropped == ["search_metrics", "search_metrics_local", "latest_metrics", "latest_metrics_local"]
     views = [re.match(r"DROP VIEW IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
-             for s in script if s.startswith("DROP VIEW")]
+             for s in drops if s.startswith("DROP VIEW")]
     assert views == ["search_metrics_mv", "latest_metrics_mv", "metric_rollup_10_mv", "metric_rollup_1000_mv"]
     # Each dropped table is created again afterwards, in both halves (migration 4).
+    script = cluster_script()
     last_drop = max(i for i, s in enumerate(script) if s.startswith("DROP TABLE"))
     for name in ("search_metrics", "latest_metrics"):
         for half in (name, name + "_local"):
             assert any(s.startswith(f"CREATE TABLE IF NOT EXISTS trackhouse.{half} ON CLUSTER")
                        for s in script[last_drop:]), half
-
-
-def test_hydration_copies_swap_their_shard_local_halves_and_the_old_halves_are_dropped() -> None:
-    """Migration 8: copy through the Distributed tables, EXCHANGE the local tables, drop the old ones."""
-    script = _migration_script(8)
-    for name in schema.HYDRATED:
-        copy = f"{name}_v8"
-        create = script.index(next(s for s in script
-                                   if s.startswith(f"CREATE TABLE IF NOT EXISTS trackhouse.{copy}_local ON CLUSTER")))
-        assert script[create].endswith("SETTINGS index_granularity = 256")
-        fill = script.index(f"INSERT INTO trackhouse.{copy} SELECT * FROM trackhouse.{name}")
-        swap = script.index(f"EXCHANGE TABLES trackhouse.{name}_local AND trackhouse.{copy}_local ON CLUSTER th_cluster")
-        drops = [i for i, s in enumerate(script) if s.startswith(f"DROP TABLE IF EXISTS trackhouse.{copy}_local ")]
-        assert create < fill < swap < drops[-1]
-        assert f"DROP TABLE IF EXISTS trackhouse.{copy} ON CLUSTER th_cluster SYNC" in script[swap:]
-    # Every view on those tables is dropped before the first copy and created again after the last swap.
-    views = [re.match(r"DROP VIEW IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
-             for s in script if s.startswith("DROP VIEW")]
-    last_swap = max(i for i, s in enumerate(script) if s.startswith("EXCHANGE"))
-    created = [re.match(r"CREATE MATERIALIZED VIEW IF NOT EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
-               for s in script[last_swap:] if s.startswith("CREATE MATERIALIZED VIEW")]
-    assert sorted(views) == sorted(created) and "latest_metrics_mv" in views
 
 
 def test_mutations_run_on_the_shard_local_tables() -> None:

@@ -130,7 +130,7 @@ def test_upgrading_a_version_1_store_back_fills_the_copies(
     monkeypatch.undo()
     new = open_store(chdb_dsn, database, migrate=False)
     try:
-        assert new.migrate() == [2, 3, 4, 5, 6, 7, 8]
+        assert new.migrate() == [2, 3, 4, 5, 6, 7]
         assert _copies(new) == _sources(new)
         assert repr(_sources(new)["metrics"]) == repr(_latest_of_points(new))  # migration 4 rebuilt it
         assert _rollup(new) == _rollup_of_points(new)
@@ -139,54 +139,5 @@ def test_upgrading_a_version_1_store_back_fills_the_copies(
         assert len(_copies(new)["runs"]) == 6
         assert repr(_sources(new)["metrics"]) == repr(_latest_of_points(new))
         assert _rollup(new) == _rollup_of_points(new)
-    finally:
-        new.close()
-
-
-def _hydrated_rows(store: Store) -> dict[str, Any]:
-    """What the tables migration 8 copies say, as their readers merge them (counts included).
-
-    Not raw rows: inserting into a Replacing/AggregatingMergeTree merges the block's rows
-    of one key (optimize_on_insert), which changes the rows but not what they say.
-    """
-    return {**_sources(store), "latest": sorted(store.query_rows(
-        f"SELECT run_id, key, max(last_key), min(min_value), max(max_value), sum(count) "
-        f"FROM {store.t('latest_metrics')} GROUP BY run_id, key"))}
-
-
-def test_migration_8_copies_the_hydration_tables_into_granules_of_256_rows(
-    chdb_dsn: str, database: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    version = schema_module.MIGRATIONS[-1].version
-    assert version == 8
-    monkeypatch.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:-1])
-    old = open_store(chdb_dsn, database)
-    try:
-        _write_some(old, "v7-")
-        insert_metrics(old, [("v7-0", "loss", 9, 11, -1.5)])
-        before = _hydrated_rows(old)
-    finally:
-        old.close()
-    monkeypatch.undo()
-    new = open_store(chdb_dsn, database, migrate=False)
-    try:
-        assert new.migrate() == [8]
-        assert _hydrated_rows(new) == before  # row for row: nothing lost, nothing doubled
-        for name in schema_module.HYDRATED:
-            engine = new.query_rows("SELECT engine_full FROM system.tables WHERE database = {d:String} "
-                                    "AND name = {t:String}", {"d": database, "t": name})[0][0]
-            assert "index_granularity = 256" in engine, (name, engine)
-        leftovers = new.query_rows("SELECT name FROM system.tables WHERE database = {d:String} "
-                                   "AND name LIKE '%\\_v8'", {"d": database})
-        assert leftovers == []
-        # A retry of the whole migration (as after a crash) copies again, still without doubling.
-        for statement in schema_module.MIGRATIONS[-1].statements:
-            new.command(statement.format(db=database))
-        assert _hydrated_rows(new) == before
-        # The views were created again: later writes reach latest_metrics and every copy.
-        _write_some(new, "v8-")
-        assert _copies(new) == _sources(new)
-        assert repr(_sources(new)["metrics"]) == repr(_latest_of_points(new))
-        assert len(_copies(new)["runs"]) == 6
     finally:
         new.close()

@@ -30,10 +30,6 @@ returns what to run for one of them:
   - `DROP VIEW … SYNC` runs `ON CLUSTER`; `DROP TABLE {db}.t … SYNC` drops the
     Distributed table and then its shard-local `t_local` (SYNC also frees its Keeper
     path, so the table can be created again at once); a Null table is dropped as is.
-  - `EXCHANGE TABLES {db}.a AND {db}.b` (migration 8 swaps in a copy) swaps the
-    shard-local tables `a_local` and `b_local` `ON CLUSTER`; each Distributed table
-    keeps pointing at its local name, so `{db}.a` reads the new copy. The copy
-    keeps its Keeper path (`…/b_local`); dropping `{db}.b` afterwards frees the old one.
   - `ALTER TABLE {db}.t DELETE …` (a mutation) runs on the shard-local `t_local`,
     `ON CLUSTER`: a Distributed table has no parts to mutate.
 
@@ -77,7 +73,6 @@ _CREATE_NULL = re.compile(
     r"\s*CREATE TABLE IF NOT EXISTS (?P<db>\w+)\.(?P<name>\w+) \((?P<columns>.*)\)\s*ENGINE = Null\s*", re.DOTALL)
 _DROP = re.compile(r"\s*DROP (?P<kind>VIEW|TABLE) IF EXISTS (?P<db>\w+)\.(?P<name>\w+)(?P<sync> SYNC)?\s*")
 _CREATE_DATABASE = re.compile(r"\s*CREATE DATABASE IF NOT EXISTS (?P<name>\w+)\s*")
-_EXCHANGE = re.compile(r"\s*EXCHANGE TABLES (?P<db>\w+)\.(?P<a>\w+) AND (?P<db2>\w+)\.(?P<b>\w+)\s*")
 _ALTER_DELETE = re.compile(r"\s*ALTER TABLE (?P<db>\w+)\.(?P<name>\w+) (?P<rest>DELETE WHERE .*?)\s*", re.DOTALL)
 
 
@@ -142,8 +137,6 @@ def render(statement: str, layout: Layout) -> list[str]:
         sync = m["sync"] or ""
         names = [m["name"]] if m["kind"] == "VIEW" or m["name"] in null else [m["name"], m["name"] + LOCAL_SUFFIX]
         return [f"DROP {m['kind']} IF EXISTS {m['db']}.{name}{on}{sync}" for name in names]
-    if m := _EXCHANGE.fullmatch(sql):
-        return [f"EXCHANGE TABLES {m['db']}.{m['a']}{LOCAL_SUFFIX} AND {m['db2']}.{m['b']}{LOCAL_SUFFIX}{on}"]
     if m := _ALTER_DELETE.fullmatch(sql):
         return [f"ALTER TABLE {m['db']}.{m['name']}{LOCAL_SUFFIX}{on} {m['rest']}"]
     if m := _CREATE_DATABASE.fullmatch(sql):  # e.g. the SQL sandbox (migration 7): on every node
