@@ -9,7 +9,7 @@ the interned key block of the key sets it logs, so it never looks a key up again
 
 ``take`` swaps the columns out under the lock (O(1): no copy while holding it)
 and expands them into ``Columns`` off the hot path. ``encode`` turns a slice of
-``Columns`` into a ``MetricBatch`` holding only the runs and keys it uses.
+``Columns`` into a serialized ``MetricBatch`` holding only the runs and keys it uses.
 
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
@@ -31,7 +31,6 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.client.errors import UsageError
-from trackhouse.proto.v1 import ingest_pb2
 
 _CLOSED = "the client is closed; create a new one with trackhouse.client.connect()"
 
@@ -85,6 +84,8 @@ def due_at(state: BufferState, *, interval: float) -> float | None:
 
 def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
     """(used table positions, index renumbered into them), in O(n) without sorting."""
+    if not len(index):
+        return np.zeros(0, np.intp), np.zeros(0, np.uint32)
     low = int(index.min())
     if low == int(index.max()):  # one run / one key: the common case, no table lookup
         return np.array([low], np.intp), np.zeros(len(index), np.uint32)
@@ -94,27 +95,54 @@ def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.i
     return used, lookup[index]
 
 
-def encode(cols: Columns, run_ids: Sequence[str], keys: Sequence[str], *, writer_id: str,
-           seq: int) -> ingest_pb2.MetricBatch:
-    """One ``MetricBatch`` of ``cols``; ``run_index`` is left empty when it holds one run."""
+def encode(cols: Columns, run_ids: Sequence[str], keys: Sequence[str], *, writer_id: str, seq: int) -> bytes:
+    """``cols`` as one serialized ``MetricBatch``, holding only the runs and keys it uses
+    (``run_index`` left empty when there is one run).
+
+    Built directly in the wire format instead of through the generated class: every
+    field is length-delimited (tag, varint length, bytes) except ``seq`` (tag, varint),
+    and the columns are ``bytes`` fields, so each column is copied once, straight into
+    the message, instead of into a message object and again at serialization. The bytes
+    are those ``MetricBatch.SerializeToString()`` produces (fields in number order,
+    defaults omitted), which the tests check.
+    """
     runs_used, run_index = _compact(cols.run_index, len(run_ids))
     keys_used, key_index = _compact(cols.key_index, len(keys))
-    return ingest_pb2.MetricBatch(
-        writer_id=writer_id,
-        seq=seq,
-        run_ids=[run_ids[i] for i in runs_used],
-        keys=[keys[i] for i in keys_used],
-        run_index=b"" if len(runs_used) == 1 else _le(run_index, "<u4"),
-        key_index=_le(key_index, "<u4"),
-        steps=_le(cols.steps, "<i8"),
-        timestamps=_le(cols.timestamps, "<i8"),
-        values=_le(cols.values, "<f8"),
-    )
+    parts: list[bytes | memoryview] = []
+    _put(parts, 0x0A, writer_id.encode())
+    if seq:
+        parts += (b"\x10", _varint(seq))
+    for prefix, names, used in ((b"\x1a", run_ids, runs_used), (b"\x22", keys, keys_used)):
+        for i in used:  # repeated: an element is written even when empty
+            name = names[i].encode()
+            parts += (prefix, _varint(len(name)), name)
+    if len(runs_used) > 1:
+        _put(parts, 0x2A, _le(run_index, "<u4"))
+    for tag, column, dtype in ((0x32, key_index, "<u4"), (0x3A, cols.steps, "<i8"),
+                               (0x42, cols.timestamps, "<i8"), (0x4A, cols.values, "<f8")):
+        _put(parts, tag, _le(column, dtype))
+    return b"".join(parts)
 
 
-def _le(column: npt.NDArray[Any], dtype: str) -> bytes:
-    """The column's little-endian bytes, copied once (no conversion when it already matches)."""
-    return np.ascontiguousarray(column, dtype).tobytes()
+def _put(parts: list[bytes | memoryview], tag: int, data: bytes | npt.NDArray[Any]) -> None:
+    """One singular length-delimited field (proto3 omits it when empty)."""
+    if len(data):
+        view = data.data if isinstance(data, np.ndarray) else memoryview(data)
+        parts += (bytes((tag,)), _varint(view.nbytes), view)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _le(column: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
+    """The column as contiguous little-endian data (no copy when it already is: the join copies it)."""
+    return np.ascontiguousarray(column, dtype)
 
 
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
