@@ -1,9 +1,12 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
 ``Batcher`` owns the process's not-yet-sent points. The hot path appends one
-*row* per ``log`` call (run slot, step, timestamp, number of values) and the
-call's key indices and values, so a value costs two ``array.array`` appends
-done in C (``extend``); vectorized calls append numpy chunks as they are.
+*row* per ``log`` call (run slot, step, timestamp, number of values: one
+``extend`` of one int64 array) and the call's key indices and values, so a value
+costs two ``array.array`` appends done in C; vectorized calls append numpy
+chunks as they are. The call runs with caches cold (after a training step), where
+cost follows the distinct code and data it touches more than its operation count:
+hence one row array, not four, and no helper calls.
 Runs and keys are interned once for the life of the process: a ``Run`` keeps
 the interned key block of the key sets it logs, so it never looks a key up again.
 
@@ -14,7 +17,8 @@ and expands them into ``Columns`` off the hot path. ``encode`` turns a slice of
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
 
-Invariants: ``sum(row_len) == len(key_index) == len(values)``; interned indices
+Invariants: ``rows`` holds (run, step, timestamp, n) quadruples, the sum of their
+``n`` is ``len(key_index) == len(values)``; interned indices
 never change; ``points`` counts every buffered value (rows and chunks).
 """
 
@@ -189,10 +193,7 @@ class Batcher:
         self._reset()
 
     def _reset(self) -> None:
-        self._row_run: array[int] = array("I")
-        self._row_step: array[int] = array("q")
-        self._row_ts: array[int] = array("q")
-        self._row_len: array[int] = array("I")
+        self._rows: array[int] = array("q")  # run, step, timestamp, n per log call
         self._key_index: array[int] = array("I")
         self._values: array[float] = array("d")
         self._chunks: list[_Chunk] = []
@@ -249,11 +250,14 @@ class Batcher:
                 del vals[before:]
                 raise ValueError("the metrics mapping changed while it was logged")
             self._key_index.extend(block)
-            self._row_run.append(run)
-            self._row_step.append(step)
-            self._row_ts.append(timestamp)
-            self._row_len.append(n)
-            return self._added(n)
+            self._rows.extend((run, step, timestamp, n))
+            points = self._points  # _added, inlined: this is the per-call path
+            self._points = points + n
+            self._appended += n
+            if points == 0:
+                self._oldest = self._clock()
+                return True
+            return points < self._max_points <= points + n
 
     def append_arrays(self, run: int, key: int, steps: npt.NDArray[Any], timestamps: npt.NDArray[np.int64] | int,
                       values: npt.NDArray[Any]) -> bool:
@@ -286,7 +290,7 @@ class Batcher:
         with self._lock:
             if self._points == 0:
                 return None
-            rows = (self._row_run, self._row_step, self._row_ts, self._row_len)
+            rows = self._rows
             key_index, values, chunks = self._key_index, self._values, self._chunks
             self._reset()
             if self._arena is not None and self._arena.used:
@@ -320,12 +324,11 @@ class Batcher:
         self._appended = 0
 
 
-def _expand(rows: tuple[array[int], ...], key_index: array[int], values: array[float],
-            chunks: list[_Chunk]) -> Columns:
-    row_run, row_step, row_ts, row_len = (np.frombuffer(c, c.typecode) for c in rows)
+def _expand(rows: array[int], key_index: array[int], values: array[float], chunks: list[_Chunk]) -> Columns:
+    row_run, row_step, row_ts, row_len = np.frombuffer(rows, np.int64).reshape(-1, 4).T
     parts = [Columns(
-        np.repeat(row_run, row_len), np.frombuffer(key_index, np.uint32), np.repeat(row_step, row_len),
-        np.repeat(row_ts, row_len), np.frombuffer(values, np.float64),
+        np.repeat(row_run.astype(np.uint32), row_len), np.frombuffer(key_index, np.uint32),
+        np.repeat(row_step, row_len), np.repeat(row_ts, row_len), np.frombuffer(values, np.float64),
     )] if len(values) else []  # fmt: skip
     for run, key, steps, ts, vals in chunks:
         n = len(vals)
