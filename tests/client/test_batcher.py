@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from array import array
 
 import numpy as np
@@ -204,3 +206,62 @@ def test_vectorized_chunks_are_copied_into_a_recycled_arena() -> None:
     assert b._arena is arena  # the same memory, no new pages to fault in
     second = _take(b)
     assert second.steps.tolist() == [10, 11] and second.values.tolist() == [5.0, 6.0]
+
+
+def test_rows_appended_by_many_threads_while_taken_are_each_taken_once_and_intact() -> None:
+    """append_row takes no lock: rows appended while ``take`` runs stay for the next take."""
+    b = Batcher(max_points=10**9)
+    blocks = [b.intern_keys([f"t{t}.a", f"t{t}.b", f"t{t}.c"]) for t in range(4)]
+    per_thread, taken = 5_000, []
+    done = threading.Event()
+
+    def produce(t: int) -> None:
+        for step in range(per_thread):
+            b.append_row(0, step, t, blocks[t], (float(step), float(t), -float(step)))
+
+    def consume() -> None:
+        while not done.is_set():
+            cols = b.take()
+            if cols is not None:
+                taken.append(cols)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        producers = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+        for thread in producers:
+            thread.start()
+        for thread in producers:
+            thread.join()
+        done.set()
+        consumer.join()
+    finally:
+        sys.setswitchinterval(old)
+    last = b.take()
+    cols = taken + ([last] if last is not None else [])
+    keys = np.concatenate([c.key_index for c in cols])
+    steps, times, values = (np.concatenate([getattr(c, f) for c in cols]) for f in ("steps", "timestamps", "values"))
+    assert len(values) == 4 * per_thread * 3 == b.appended and b.state().points == 0
+    assert len(taken) > 1  # the consumer did run while the producers appended
+    for t in range(4):
+        mine = times == t
+        assert np.array_equal(keys[mine], np.tile(np.array(blocks[t], np.uint32), per_thread))
+        assert sorted(steps[mine][::3].tolist()) == list(range(per_thread))  # every row once
+        row_values = values[mine].reshape(-1, 3)
+        assert np.array_equal(row_values[:, 0], steps[mine][::3]) and np.all(row_values[:, 1] == t)
+        assert np.array_equal(row_values[:, 2], -row_values[:, 0])
+
+
+def test_appended_and_state_count_rows_added_after_an_earlier_count() -> None:
+    b = Batcher(max_points=100)
+    block = b.intern_keys(["a", "b"])
+    b.append_row(0, 0, 0, block, [1.0, 2.0])
+    assert b.state().points == 2 and b.appended == 2
+    b.append_row(0, 1, 0, block, [1.0, 2.0])
+    b.append_arrays(0, block[0], np.arange(3), 0, np.zeros(3))
+    assert b.state().points == 7 and b.appended == 7
+    assert b.discard() == 7 and b.state().points == 0 and b.appended == 7
+    assert b.append_row(0, 2, 0, block, [1.0, 2.0]) is True  # empty again: wake to arm the interval
+    assert b.appended == 9

@@ -1,25 +1,31 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
 ``Batcher`` owns the process's not-yet-sent points. The hot path appends one
-*row* per ``log`` call (run slot, step, timestamp, number of values: one
-``extend`` of one int64 array) and the call's key indices and values, so a value
-costs two ``array.array`` appends done in C; vectorized calls append numpy
-chunks as they are. The call runs with caches cold (after a training step), where
-cost follows the distinct code and data it touches more than its operation count:
-hence one row array, not four, and no helper calls.
+*row* per ``log`` call — (run slot, step, timestamp, key block, values), the
+values converted and checked by one ``array("d", ...)`` in C — with one
+``list.append`` and no lock: under the GIL a ``list.append`` is atomic, only
+this module's consumer side removes rows, and it removes a prefix it has
+copied (``rows[:n]``, then ``del rows[:n]``) while holding the lock, so a row
+appended meanwhile by any thread stays for the next take. The call runs with
+caches cold (after a training step), where cost follows the distinct code and
+data it touches more than its operation count: no lock, no counters, one object.
+Vectorized calls copy numpy chunks into an arena under the lock.
 Runs and keys are interned once for the life of the process: a ``Run`` keeps
 the interned key block of the key sets it logs, so it never looks a key up again.
 
-``take`` swaps the columns out under the lock (O(1): no copy while holding it)
-and expands them into ``Columns`` off the hot path. ``encode`` turns a slice of
-``Columns`` into a serialized ``MetricBatch`` holding only the runs and keys it uses.
+``take`` removes the rows and chunks under the lock and expands them into
+``Columns`` (numpy, one join per column) off the hot path. ``encode`` turns a
+slice of ``Columns`` into a serialized ``MetricBatch`` holding only the runs and
+keys it uses.
 
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
 
-Invariants: ``rows`` holds (run, step, timestamp, n) quadruples, the sum of their
-``n`` is ``len(key_index) == len(values)``; interned indices
-never change; ``points`` counts every buffered value (rows and chunks).
+Invariants: every row has ``len(block) == len(values)``; interned indices never
+change; ``appended`` (exact, computed under the lock) counts every value ever
+buffered: taken or discarded (``_done``), in chunks, and in rows (counted
+incrementally: rows are only ever added at the end). The producers' ``_fill``
+is an estimate, used only to wake the sender when the buffer fills.
 """
 
 from __future__ import annotations
@@ -150,6 +156,8 @@ def _le(column: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
 
 
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
+_Row = tuple[int, int, int, "array[int]", "array[float]"]  # run, step, timestamp, key block, values
+_array = array
 _ARENA_MIN = 1 << 20  # values; the arena of vectorized calls starts at 16 MiB (steps + values)
 _ARENA_KEEP = 1 << 23  # arenas up to this many values are recycled, larger ones freed
 
@@ -186,27 +194,40 @@ class Batcher:
         self._run_slots: dict[str, int] = {}
         self._key_slots: dict[str, int] = {}
         self.accepting = True
-        self._appended = 0
+        self._rows: list[_Row] = []
+        self._done = 0  # points taken or discarded so far
         self._arena: _Arena | None = None
         self._spare: _Arena | None = None  # recycled by the sender once it has encoded a take
         self._lent: _Arena | None = None
         self._reset()
 
     def _reset(self) -> None:
-        self._rows: array[int] = array("q")  # run, step, timestamp, n per log call
-        self._key_index: array[int] = array("I")
-        self._values: array[float] = array("d")
+        """Counters of an empty buffer (lock held; rows are removed by the caller)."""
+        self._counted_rows = self._counted_points = 0
+        self._fill = 0
         self._chunks: list[_Chunk] = []
-        self._points = 0
+        self._chunk_points = 0
         self._oldest: float | None = None
+
+    def _row_points(self, n: int) -> int:
+        """Points in the first ``n`` rows (lock held): only rows added since the last call are counted."""
+        if n > self._counted_rows:
+            self._counted_points += sum([len(row[3]) for row in self._rows[self._counted_rows : n]])
+            self._counted_rows = n
+        return self._counted_points
 
     @property
     def appended(self) -> int:
         """Points appended since the batcher was created (monotonic)."""
-        return self._appended
+        with self._lock:
+            return self._done + self._chunk_points + self._row_points(len(self._rows))
 
     def state(self) -> BufferState:
-        return BufferState(self._points, self._oldest)
+        with self._lock:
+            points = self._chunk_points + self._row_points(len(self._rows))
+            if points and self._oldest is None:  # a row's producer lost the race to record it
+                self._oldest = self._clock()
+            return BufferState(points, self._oldest if points else None)
 
     def intern_run(self, run_id: str) -> int:
         with self._lock:
@@ -233,31 +254,27 @@ class Batcher:
 
         Raises ``TypeError``/``ValueError`` (nothing appended) when a value is not a
         number: the caller then validates value by value to say which. Wake-ups happen
-        when the buffer turns non-empty (to arm the interval) and when it fills.
+        when the row is the first of an empty buffer (to arm the interval) and when the
+        buffer fills. Lock-free (see the module docstring); ``block`` is never mutated.
         """
-        with self._lock:
-            if not self.accepting:
-                raise UsageError(_CLOSED)
-            vals = self._values
-            before = len(vals)
-            try:
-                vals.extend(values)  # type: ignore[arg-type]  # C loop; rejects non-numbers
-            except BaseException:
-                del vals[before:]
-                raise
-            n = len(block)
-            if len(vals) - before != n:  # a mapping changed size under us: keep columns aligned
-                del vals[before:]
-                raise ValueError("the metrics mapping changed while it was logged")
-            self._key_index.extend(block)
-            self._rows.extend((run, step, timestamp, n))
-            points = self._points  # _added, inlined: this is the per-call path
-            self._points = points + n
-            self._appended += n
-            if points == 0:
+        if not self.accepting:
+            raise UsageError(_CLOSED)
+        vals: array[float] = _array("d", values)  # type: ignore[arg-type]  # C loop; rejects non-numbers
+        n = len(block)
+        if len(vals) != n:  # a mapping changed size under us: keep columns aligned
+            raise ValueError("the metrics mapping changed while it was logged")
+        row = (run, step, timestamp, block, vals)
+        rows = self._rows
+        rows.append(row)
+        fill = self._fill + n  # an estimate: concurrent producers may lose an update, never add one
+        self._fill = fill
+        try:
+            if rows[0] is row:  # first of an empty buffer: only one producer can see that
                 self._oldest = self._clock()
                 return True
-            return points < self._max_points <= points + n
+        except IndexError:  # taken meanwhile: the sender has it
+            return False
+        return fill >= self._max_points > fill - n
 
     def append_arrays(self, run: int, key: int, steps: npt.NDArray[Any], timestamps: npt.NDArray[np.int64] | int,
                       values: npt.NDArray[Any]) -> bool:
@@ -274,29 +291,34 @@ class Batcher:
                 arena = self._arena = spare if spare is not None and len(spare.values) >= size else _Arena(size)
             own_steps, own_values = arena.put(steps, values)
             self._chunks.append((run, key, own_steps, timestamps, own_values))
-            return self._added(n)
+            before = self._chunk_points + self._row_points(len(self._rows))
+            self._chunk_points += n
+            if before == 0:
+                self._oldest = self._clock()
+                return True
+            return before < self._max_points <= before + n
 
-    def _added(self, n: int) -> bool:
-        before = self._points
-        self._points = after = before + n
-        self._appended += n
-        if before == 0 and after > 0:
-            self._oldest = self._clock()
-            return True
-        return before < self._max_points <= after
+    def _remove(self) -> tuple[list[_Row], list[_Chunk], int]:
+        """Every buffered row and chunk, and their points, out of the buffer (lock held)."""
+        n = len(self._rows)
+        points = self._row_points(n) + self._chunk_points
+        rows = self._rows[:n]
+        del self._rows[:n]  # rows appended since len() stay
+        chunks = self._chunks
+        self._done += points
+        self._reset()
+        return rows, chunks, points
 
     def take(self) -> Columns | None:
         """Remove and return every buffered point, or None when empty."""
         with self._lock:
-            if self._points == 0:
+            rows, chunks, points = self._remove()
+            if points == 0:
                 return None
-            rows = self._rows
-            key_index, values, chunks = self._key_index, self._values, self._chunks
-            self._reset()
             if self._arena is not None and self._arena.used:
                 self._lent, self._arena = self._arena, self._spare
                 self._spare = None
-        return _expand(rows, key_index, values, chunks)
+        return _expand(rows, chunks)
 
     def recycle(self) -> None:
         """The columns of the last ``take`` are no longer used (encoded): reuse their arena."""
@@ -312,28 +334,31 @@ class Batcher:
     def discard(self) -> int:
         """Drop every buffered point; returns how many."""
         with self._lock:
-            n = self._points
-            self._reset()
-            return n
+            return self._remove()[2]
 
     def after_fork(self) -> None:
         """In a forked child: a fresh lock (the parent's may be held) and no parent points."""
         self._lock = threading.Lock()
+        self._rows = []
         self._reset()
         self._arena = self._spare = self._lent = None
-        self._appended = 0
+        self._done = 0
 
 
-def _expand(rows: array[int], key_index: array[int], values: array[float], chunks: list[_Chunk]) -> Columns:
-    row_run, row_step, row_ts, row_len = np.frombuffer(rows, np.int64).reshape(-1, 4).T
-    parts = [Columns(
-        np.repeat(row_run.astype(np.uint32), row_len), np.frombuffer(key_index, np.uint32),
-        np.repeat(row_step, row_len), np.repeat(row_ts, row_len), np.frombuffer(values, np.float64),
-    )] if len(values) else []  # fmt: skip
-    for run, key, steps, ts, vals in chunks:
+def _expand(rows: list[_Row], chunks: list[_Chunk]) -> Columns:
+    parts = []
+    if rows:
+        runs, steps, times, blocks, values = zip(*rows, strict=True)
+        lengths = np.fromiter(map(len, blocks), np.int64, len(rows))
+        parts.append(Columns(
+            np.repeat(np.array(runs, np.uint32), lengths), np.frombuffer(b"".join(blocks), np.uint32),
+            np.repeat(np.array(steps, np.int64), lengths), np.repeat(np.array(times, np.int64), lengths),
+            np.frombuffer(b"".join(values), np.float64),
+        ))  # fmt: skip
+    for run, key, steps_, ts, vals in chunks:
         n = len(vals)
-        times = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
-        parts.append(Columns(np.full(n, run, np.uint32), np.full(n, key, np.uint32), steps, times, vals))
+        stamps = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
+        parts.append(Columns(np.full(n, run, np.uint32), np.full(n, key, np.uint32), steps_, stamps, vals))
     if len(parts) == 1:
         return parts[0]
     return Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in
