@@ -135,12 +135,14 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
     their CPU (adds preemption by other processes and GIL waits: an upper bound).
     ``wall_ab_slowdown_pct``: the median ratio of wall times of alternating trials with
     and without logging; direct, but on a shared machine its noise is larger than 1 %.
-    ``background_us_per_step``: the background CPU per step by thread name.
+    ``background_by_thread_us_per_step``: the background CPU per step by thread name;
+    ``background_idle_us_per_step``: what the background threads use in the trials
+    without logging (an open stream with nothing to send: gRPC's polling).
     """
     work = _workload(step_ms)
     row = dict.fromkeys(KEYS, 0.0)
     assert client.flush(timeout=600)  # no backlog of earlier phases
-    ratios, base, calls, empty, walls, background = [], [], [], [], [], []
+    ratios, base, calls, empty, walls, background, idle = [], [], [], [], [], [], []
     per_thread: dict[str, list[float]] = {}
     clock, cpu = time.perf_counter, time.thread_time
     for trial in range(trials):
@@ -166,6 +168,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
                 walls.append(spent)
             else:
                 empty.append(spent_cpu)
+                idle.append(sum(_background_ns(snapshot, _thread_cpu()).values()) / 1e9)
         ratios.append(times[True] / times[False] - 1)
         base.append(times[False])
     plain, instrument = statistics.median(base), statistics.median(empty)
@@ -177,6 +180,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
             "calls_us_per_step": (in_calls - instrument) / steps * 1e6,
             "instrument_us_per_step": instrument / steps * 1e6,
             "background_us_per_step": bg / steps * 1e6,
+            "background_idle_us_per_step": statistics.median(idle) / steps * 1e6,
             "background_by_thread_us_per_step": {
                 name: round(statistics.median(v + [0.0] * (trials - len(v))), 2)
                 for name, v in sorted(per_thread.items())
@@ -288,10 +292,11 @@ def main() -> None:
           f"{result['step_loop_slowdown_pct']:.2f} % of the loop in CPU (target <= 1 %), "
           f"{result['calls_wall_slowdown_pct']:.2f} % counting wall time in the calls; "
           f"wall-clock A/B {result['wall_ab_slowdown_pct']:+.1f} %")
+    threads = ", ".join(f"{name} {us:.2f}" for name, us in result["background_by_thread_us_per_step"].items()
+                        if us >= 0.05)
     print(f"per step: {result['calls_us_per_step']:.1f} us CPU in the call (clock reads of "
           f"{result['instrument_us_per_step']:.1f} us subtracted), {result['background_us_per_step']:.1f} us in "
-          f"background threads: " + ", ".join(f"{name} {us:.2f}" for name, us in
-                                              result["background_by_thread_us_per_step"].items() if us >= 0.05))
+          f"background threads ({result['background_idle_us_per_step']:.1f} when idle): {threads}")
     print(f"{result['points_logged']:,} points logged, {result['points_lost']:,} not acknowledged")
     print(json.dumps(result))
 
