@@ -349,11 +349,15 @@ def _expand(rows: list[_Row], chunks: list[_Chunk]) -> Columns:
     parts = []
     if rows:
         runs, steps, times, blocks, values = zip(*rows, strict=True)
-        lengths = np.fromiter(map(len, blocks), np.int64, len(rows))
+        # The common take: every row of one run and one key set (C-level identity scans)
+        n = len(rows)
+        lengths: npt.NDArray[np.int64] | int = len(blocks[0]) if blocks.count(blocks[0]) == n else \
+            np.fromiter(map(len, blocks), np.int64, n)
+        run_index = np.full(n, runs[0], np.uint32) if runs.count(runs[0]) == n else np.array(runs, np.uint32)
         parts.append(Columns(
-            np.repeat(np.array(runs, np.uint32), lengths), np.frombuffer(b"".join(blocks), np.uint32),
-            np.repeat(np.array(steps, np.int64), lengths), np.repeat(np.array(times, np.int64), lengths),
-            np.frombuffer(b"".join(values), np.float64),
+            np.repeat(run_index, lengths), np.frombuffer(b"".join(blocks), np.uint32),
+            np.repeat(np.frombuffer(array("q", steps), np.int64), lengths),
+            np.repeat(np.frombuffer(array("q", times), np.int64), lengths), np.frombuffer(b"".join(values), np.float64),
         ))  # fmt: skip
     for run, key, steps_, ts, vals in chunks:
         n = len(vals)
