@@ -71,15 +71,19 @@ def ns_per_value_array(run: th.Run, values: int, chunk: int) -> float:
     return (time.perf_counter() - t0) / (calls * chunk) * 1e9
 
 
-def _workload(step_ms: float) -> Callable[[], None]:
-    """A numpy step (matrix products) calibrated, on the whole step, to about ``step_ms`` ms."""
+def _workload(step_ms: float, reps: int = 0) -> Callable[[], None]:
+    """A numpy step (matrix products) calibrated, on the whole step, to about ``step_ms`` ms;
+    ``reps`` > 0: that many 128x128 products, not calibrated (the same work for A/B runs
+    on a machine whose load changes)."""
     a = np.random.default_rng(1).random((128, 128))
-    reps = 1
 
     def step() -> None:
         for _ in range(reps):
             a @ a
 
+    if reps > 0:
+        return step
+    reps = 1
     for _ in range(3):  # refine: the machine's speed drifts under other load
         t0 = time.perf_counter()
         for _ in range(100):
@@ -118,7 +122,7 @@ def _background_ns(before: dict[int, tuple[str, int]], after: dict[int, tuple[st
 
 
 def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: int,
-                       trials: int) -> dict[str, Any]:
+                       trials: int, reps: int = 0) -> dict[str, Any]:
     """The loop's slowdown from logging, three ways.
 
     ``step_loop_slowdown_pct``: what logging costs per step — the CPU the training
@@ -139,7 +143,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
     ``background_idle_us_per_step``: what the background threads use in the trials
     without logging (an open stream with nothing to send: gRPC's polling).
     """
-    work = _workload(step_ms)
+    work = _workload(step_ms, reps)
     row = dict.fromkeys(KEYS, 0.0)
     assert client.flush(timeout=600)  # no backlog of earlier phases
     ratios, base, calls, empty, walls, background, idle = [], [], [], [], [], [], []
@@ -191,7 +195,7 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, Any]:
     client = th.connect(address, settings=th.Settings.from_env(url=address, spool_dir=args.spool_dir))
     run = client.start_run(experiment="bench-client-overhead")
     if args.step_loop_only:
-        return _finish(client, run, step_loop_slowdown(client, run, 1.0, args.steps, args.trials))
+        return _finish(client, run, step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps))
     result: dict[str, Any] = {}
     result["ns_per_value_log"] = statistics.median(ns_per_value_log(run, args.calls) for _ in range(3))
     assert client.flush(timeout=600)
@@ -213,7 +217,7 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, Any]:
     )  # the sender not woken during the calls: the buffer's own rate
     assert quiet.flush(timeout=600)
     quiet.close()
-    result.update(step_loop_slowdown(client, run, 1.0, args.steps, args.trials))
+    result.update(step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps))
     return _finish(client, run, result)
 
 
@@ -262,6 +266,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100_000, help="values per log_array call")
     parser.add_argument("--steps", type=int, default=2000, help="steps per slowdown trial")
     parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--step-reps", type=int, default=0,
+                        help="matrix products per step instead of calibrating the step to 1 ms (A/B runs)")
     parser.add_argument("--spool-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trackhouse-bench-spool"))
     parser.add_argument("--step-loop-only", action="store_true",
                         help="with a server: only the 1 ms step loop (and its per-thread CPU breakdown)")
