@@ -290,7 +290,7 @@ class Sender:
                     return
             try:  # sent as stored: a record's checksum was verified by the read
                 batch = self.spool.read(entry.loc)
-            except SpoolError as exc:
+            except (SpoolError, ValueError) as exc:
                 logger.error("trackhouse: spooled batch seq=%d (%d points) is unreadable and lost: %s",
                              entry.seq, entry.points, exc)
                 with self._cond:
