@@ -266,7 +266,8 @@ class Batcher:
         row = (run, step, timestamp, block, vals)
         rows = self._rows
         rows.append(row)
-        fill = self._fill + n  # an estimate: concurrent producers may lose an update, never add one
+        fill = self._fill + n  # an estimate (racing producers may lose an update, a racing take may
+        # leave a stale one): it only decides a wake-up, the sender counts exactly
         self._fill = fill
         try:
             if rows[0] is row:  # first of an empty buffer: only one producer can see that
