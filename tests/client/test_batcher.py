@@ -212,11 +212,13 @@ def test_rows_appended_by_many_threads_while_taken_are_each_taken_once_and_intac
     """append_row takes no lock: rows appended while ``take`` runs stay for the next take."""
     b = Batcher(max_points=10**9)
     blocks = [b.intern_keys([f"t{t}.a", f"t{t}.b", f"t{t}.c"]) for t in range(4)]
-    per_thread, taken = 5_000, []
-    done = threading.Event()
+    per_thread, taken = 10_000, []
+    done, first_take = threading.Event(), threading.Event()
 
     def produce(t: int) -> None:
         for step in range(per_thread):
+            if step == per_thread // 2:  # half-way: make sure takes happen while rows are appended
+                assert first_take.wait(30.0)
             b.append_row(0, step, t, blocks[t], (float(step), float(t), -float(step)))
 
     def consume() -> None:
@@ -224,9 +226,10 @@ def test_rows_appended_by_many_threads_while_taken_are_each_taken_once_and_intac
             cols = b.take()
             if cols is not None:
                 taken.append(cols)
+                first_take.set()
 
     old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    sys.setswitchinterval(1e-5)  # switch threads far more often than the default 5 ms
     try:
         consumer = threading.Thread(target=consume)
         consumer.start()
@@ -244,7 +247,6 @@ def test_rows_appended_by_many_threads_while_taken_are_each_taken_once_and_intac
     keys = np.concatenate([c.key_index for c in cols])
     steps, times, values = (np.concatenate([getattr(c, f) for c in cols]) for f in ("steps", "timestamps", "values"))
     assert len(values) == 4 * per_thread * 3 == b.appended and b.state().points == 0
-    assert len(taken) > 1  # the consumer did run while the producers appended
     for t in range(4):
         mine = times == t
         assert np.array_equal(keys[mine], np.tile(np.array(blocks[t], np.uint32), per_thread))
