@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # One BLAS thread: the simulated step is one training thread, as a GPU-driving loop is;
 # a multi-threaded BLAS would turn every other thread's CPU into step time on a small box.
@@ -70,15 +71,19 @@ def ns_per_value_array(run: th.Run, values: int, chunk: int) -> float:
     return (time.perf_counter() - t0) / (calls * chunk) * 1e9
 
 
-def _workload(step_ms: float) -> Callable[[], None]:
-    """A numpy step (matrix products) calibrated, on the whole step, to about ``step_ms`` ms."""
+def _workload(step_ms: float, reps: int = 0) -> Callable[[], None]:
+    """A numpy step (matrix products) calibrated, on the whole step, to about ``step_ms`` ms;
+    ``reps`` > 0: that many 128x128 products, not calibrated (the same work for A/B runs
+    on a machine whose load changes)."""
     a = np.random.default_rng(1).random((128, 128))
-    reps = 1
 
     def step() -> None:
         for _ in range(reps):
             a @ a
 
+    if reps > 0:
+        return step
+    reps = 1
     for _ in range(3):  # refine: the machine's speed drifts under other load
         t0 = time.perf_counter()
         for _ in range(100):
@@ -88,71 +93,111 @@ def _workload(step_ms: float) -> Callable[[], None]:
     return step
 
 
-def _background_cpu() -> float:
-    """CPU seconds used so far by every thread of this process except the calling one (Linux /proc)."""
+def _thread_cpu() -> dict[int, tuple[str, int]]:
+    """CPU nanoseconds used so far by each thread of this process except the calling one, with
+    its name (Python's for Python threads, the kernel's for gRPC's own), from
+    /proc/self/task/*/schedstat: nanoseconds, where /proc's stat counts 10 ms ticks."""
     me = threading.get_native_id()
-    total = 0
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    found = {}
     for task in Path("/proc/self/task").iterdir():
-        if int(task.name) == me:
+        tid = int(task.name)
+        if tid == me:
             continue
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            ns = int((task / "schedstat").read_text().split()[0])
+            name = names.get(tid) or (task / "comm").read_text().strip()
         except OSError:  # the thread ended meanwhile
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
+        found[tid] = (name, ns)
+    return found
+
+
+def _background_ns(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> dict[str, int]:
+    """CPU ns each thread name used between two ``_thread_cpu`` snapshots."""
+    used: dict[str, int] = {}
+    for tid, (name, ns) in after.items():
+        used[name] = used.get(name, 0) + ns - before.get(tid, (name, 0))[1]
+    return used
 
 
 def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: int,
-                       trials: int) -> dict[str, float]:
-    """The loop's slowdown from logging, two ways.
+                       trials: int, reps: int = 0) -> dict[str, Any]:
+    """The loop's slowdown from logging, three ways.
 
     ``step_loop_slowdown_pct``: what logging costs per step — the CPU the training
     thread spends inside the logging calls plus all CPU the client's background threads
-    used meanwhile (sender, gRPC), counted as if it were all taken from the training
-    thread — over the loop's time without logging. The loop is CPU-bound on one thread,
-    so this CPU is the time logging adds; it does not count the moments the OS gives
-    the core to another process, which logging does not cause.
+    used meanwhile (sender, ack reader, gRPC's own threads), counted as if it were all
+    taken from the training thread — over the loop's time without logging. The loop is
+    CPU-bound on one thread, so this CPU is the time logging adds; it does not count the
+    moments the OS gives the core to another process, which logging does not cause.
+    The CPU clock read around each call costs about a microsecond itself (a system call
+    in this VM); the trials without logging read it the same way around nothing, and
+    that median is subtracted (``instrument_us_per_step``);
+    ``step_loop_slowdown_raw_pct`` is the figure without the subtraction.
     ``calls_wall_slowdown_pct``: the same with wall time inside the calls instead of
     their CPU (adds preemption by other processes and GIL waits: an upper bound).
     ``wall_ab_slowdown_pct``: the median ratio of wall times of alternating trials with
     and without logging; direct, but on a shared machine its noise is larger than 1 %.
+    ``background_by_thread_us_per_step``: the background CPU per step by thread name;
+    ``background_idle_us_per_step``: what the background threads use in the trials
+    without logging (an open stream with nothing to send: gRPC's polling).
     """
-    work = _workload(step_ms)
+    work = _workload(step_ms, reps)
     row = dict.fromkeys(KEYS, 0.0)
     assert client.flush(timeout=600)  # no backlog of earlier phases
-    ratios, base, overhead, overhead_wall = [], [], [], []
+    ratios, base, calls, empty, walls, background, idle = [], [], [], [], [], [], []
+    per_thread: dict[str, list[float]] = {}
     clock, cpu = time.perf_counter, time.thread_time
     for trial in range(trials):
         times = {}
         for logging in ((False, True) if trial % 2 == 0 else (True, False)):  # alternate: drift cancels
-            spent, spent_cpu, cpu0 = 0.0, 0.0, _background_cpu()
+            spent, spent_cpu, snapshot = 0.0, 0.0, _thread_cpu()
             t0 = clock()
             for step in range(steps):
                 work()
+                t1, c1 = clock(), cpu()
+                row["metric_00"] = step
                 if logging:
-                    t1, c1 = clock(), cpu()
-                    row["metric_00"] = step
                     run.log_metrics(row, step=step)
-                    spent_cpu += cpu() - c1
-                    spent += clock() - t1
+                spent_cpu += cpu() - c1
+                spent += clock() - t1
             times[logging] = clock() - t0
             if logging:
-                background = _background_cpu() - cpu0
-                overhead.append(spent_cpu + background)
-                overhead_wall.append(spent + background)
+                used = _background_ns(snapshot, _thread_cpu())
+                for name, ns in used.items():
+                    per_thread.setdefault(name, []).append(ns / 1e3 / steps)
+                background.append(sum(used.values()) / 1e9)
+                calls.append(spent_cpu)
+                walls.append(spent)
+            else:
+                empty.append(spent_cpu)
+                idle.append(sum(_background_ns(snapshot, _thread_cpu()).values()) / 1e9)
         ratios.append(times[True] / times[False] - 1)
         base.append(times[False])
-    plain = statistics.median(base)
-    return {"step_loop_slowdown_pct": statistics.median(overhead) / plain * 100,
-            "calls_wall_slowdown_pct": statistics.median(overhead_wall) / plain * 100,
-            "wall_ab_slowdown_pct": statistics.median(ratios) * 100, "step_ms": plain / steps * 1e3}
+    plain, instrument = statistics.median(base), statistics.median(empty)
+    in_calls, bg = statistics.median(calls), statistics.median(background)
+    return {"step_loop_slowdown_pct": (in_calls - instrument + bg) / plain * 100,
+            "step_loop_slowdown_raw_pct": (in_calls + bg) / plain * 100,
+            "calls_wall_slowdown_pct": (statistics.median(walls) + bg) / plain * 100,
+            "wall_ab_slowdown_pct": statistics.median(ratios) * 100, "step_ms": plain / steps * 1e3,
+            "calls_us_per_step": (in_calls - instrument) / steps * 1e6,
+            "instrument_us_per_step": instrument / steps * 1e6,
+            "background_us_per_step": bg / steps * 1e6,
+            "background_idle_us_per_step": statistics.median(idle) / steps * 1e6,
+            "background_by_thread_us_per_step": {
+                name: round(statistics.median(v + [0.0] * (trials - len(v))), 2)
+                for name, v in sorted(per_thread.items())
+            }}
 
 
-def bench(address: str, args: argparse.Namespace) -> dict[str, float]:
+def bench(address: str, args: argparse.Namespace) -> dict[str, Any]:
     client = th.connect(address, settings=th.Settings.from_env(url=address, spool_dir=args.spool_dir))
     run = client.start_run(experiment="bench-client-overhead")
-    result = {"ns_per_value_log": statistics.median(ns_per_value_log(run, args.calls) for _ in range(3))}
+    if args.step_loop_only:
+        return _finish(client, run, step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps))
+    result: dict[str, Any] = {}
+    result["ns_per_value_log"] = statistics.median(ns_per_value_log(run, args.calls) for _ in range(3))
     assert client.flush(timeout=600)
     result["ns_per_value_log_metrics"] = statistics.median(ns_per_value_log_metrics(run, args.calls) for _ in range(3))
     assert client.flush(timeout=600)
@@ -172,7 +217,11 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, float]:
     )  # the sender not woken during the calls: the buffer's own rate
     assert quiet.flush(timeout=600)
     quiet.close()
-    result.update(step_loop_slowdown(client, run, 1.0, args.steps, args.trials))
+    result.update(step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps))
+    return _finish(client, run, result)
+
+
+def _finish(client: th.Client, run: th.Run, result: dict[str, Any]) -> dict[str, Any]:
     if not client.flush(timeout=600):
         raise SystemExit("flush did not complete within 600 s")
     stats = client.stats()
@@ -184,14 +233,14 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
-def bench_buffer_only(args: argparse.Namespace) -> dict[str, float]:
+def bench_buffer_only(args: argparse.Namespace) -> dict[str, Any]:
     """The logging calls alone: a client whose sender never wakes during the measurement
     (no server, nothing sent until the end), i.e. the cost of moving values into the buffer."""
     settings = th.Settings(flush_interval=600.0, max_batch_points=10**9, memory_budget=2**34,
                            spool_dir=args.spool_dir, replay_orphans=False)
     client = th.Client(th.MemoryTransport(), settings)
     run = client.start_run(experiment="bench-client-overhead")
-    result = {}
+    result: dict[str, Any] = {}
     for name, measure in (("ns_per_value_log", lambda: ns_per_value_log(run, args.calls)),
                           ("ns_per_value_log_metrics", lambda: ns_per_value_log_metrics(run, args.calls)),
                           ("ns_per_value_array", lambda: ns_per_value_array(run, args.array_values, args.chunk))):
@@ -217,7 +266,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100_000, help="values per log_array call")
     parser.add_argument("--steps", type=int, default=2000, help="steps per slowdown trial")
     parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--step-reps", type=int, default=0,
+                        help="matrix products per step instead of calibrating the step to 1 ms (A/B runs)")
     parser.add_argument("--spool-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trackhouse-bench-spool"))
+    parser.add_argument("--step-loop-only", action="store_true",
+                        help="with a server: only the 1 ms step loop (and its per-thread CPU breakdown)")
     parser.add_argument("--buffer-only", action="store_true",
                         help="measure only the logging calls into the buffer (no server, sender idle)")
     args = parser.parse_args()
@@ -234,16 +287,22 @@ def main() -> None:
     else:
         with embedded_server() as (address, _pid):
             result = bench(address, args)
-    print(f"log(**20 metrics):       {result['ns_per_value_log']:8.0f} ns per value (target <= 2000)")
-    print(f"log_metrics(dict of 20): {result['ns_per_value_log_metrics']:8.0f} ns per value")
-    print(f"log_array({args.chunk:,} values): {result['ns_per_value_array']:8.2f} ns per value = "
-          f"{result['values_per_s_array'] / 1e6:,.0f} M values/s with the sender busy; buffer alone "
-          f"{1e3 / result['ns_per_value_array_buffer_only']:,.0f} M values/s (target >= 50 M); end to end "
-          f"(acknowledged) {result['array_end_to_end_values_per_s'] / 1e6:.1f} M values/s")
+    if not args.step_loop_only:
+        print(f"log(**20 metrics):       {result['ns_per_value_log']:8.0f} ns per value (target <= 2000)")
+        print(f"log_metrics(dict of 20): {result['ns_per_value_log_metrics']:8.0f} ns per value")
+        print(f"log_array({args.chunk:,} values): {result['ns_per_value_array']:8.2f} ns per value = "
+              f"{result['values_per_s_array'] / 1e6:,.0f} M values/s with the sender busy; buffer alone "
+              f"{1e3 / result['ns_per_value_array_buffer_only']:,.0f} M values/s (target >= 50 M); end to end "
+              f"(acknowledged) {result['array_end_to_end_values_per_s'] / 1e6:.1f} M values/s")
     print(f"1 ms step loop ({result['step_ms']:.2f} ms measured), 20 metrics a step: logging costs "
           f"{result['step_loop_slowdown_pct']:.2f} % of the loop in CPU (target <= 1 %), "
           f"{result['calls_wall_slowdown_pct']:.2f} % counting wall time in the calls; "
           f"wall-clock A/B {result['wall_ab_slowdown_pct']:+.1f} %")
+    threads = ", ".join(f"{name} {us:.2f}" for name, us in result["background_by_thread_us_per_step"].items()
+                        if us >= 0.05)
+    print(f"per step: {result['calls_us_per_step']:.1f} us CPU in the call (clock reads of "
+          f"{result['instrument_us_per_step']:.1f} us subtracted), {result['background_us_per_step']:.1f} us in "
+          f"background threads ({result['background_idle_us_per_step']:.1f} when idle): {threads}")
     print(f"{result['points_logged']:,} points logged, {result['points_lost']:,} not acknowledged")
     print(json.dumps(result))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from array import array
 
 import numpy as np
@@ -40,7 +42,65 @@ def _take(b: Batcher) -> Columns:
 
 
 def _encode(b: Batcher, cols: Columns, seq: int = 1) -> ingest_pb2.MetricBatch:
-    return encode(cols, b.run_ids, b.keys, writer_id="w", seq=seq)
+    return ingest_pb2.MetricBatch.FromString(encode(cols, b.run_ids, b.keys, writer_id="w", seq=seq))
+
+
+def _reference(cols: Columns, run_ids: list[str], keys: list[str], writer_id: str, seq: int) -> ingest_pb2.MetricBatch:
+    """The batch ``encode`` must produce, built with the generated class (sorting instead of
+    ``encode``'s counting to find the runs and keys used)."""
+    runs_used, run_index = np.unique(cols.run_index, return_inverse=True)
+    keys_used, key_index = np.unique(cols.key_index, return_inverse=True)
+    return ingest_pb2.MetricBatch(
+        writer_id=writer_id, seq=seq, run_ids=[run_ids[i] for i in runs_used], keys=[keys[i] for i in keys_used],
+        run_index=run_index.astype("<u4").tobytes() if len(runs_used) > 1 else b"",
+        key_index=key_index.astype("<u4").tobytes(), steps=cols.steps.astype("<i8").tobytes(),
+        timestamps=cols.timestamps.astype("<i8").tobytes(), values=cols.values.astype("<f8").tobytes(),
+    )
+
+
+def _columns(runs: list[int], keys: list[int], steps: list[int], times: list[int], values: list[float]) -> Columns:
+    return Columns(np.array(runs, np.uint32), np.array(keys, np.uint32), np.array(steps, np.int64),
+                   np.array(times, np.int64), np.array(values, np.float64))
+
+
+_I64_MAX, _I64_MIN = 2**63 - 1, -(2**63)
+_RNG = np.random.default_rng(5)
+_MANY = 5_000
+
+
+@pytest.mark.parametrize(
+    ("cols", "writer_id", "seq"),
+    [
+        pytest.param(_columns([], [], [], [], []), "w" * 32, 1, id="empty"),
+        pytest.param(_columns([3], [7], [0], [0], [0.0]), "w", 1, id="one point, zeros"),
+        pytest.param(_columns([0, 0, 0, 0], [0, 1, 0, 1], [1, 1, 2, 2], [5, 5, 6, 6],
+                              [float("nan"), float("inf"), float("-inf"), -0.0]), "w", 2, id="nan and inf"),
+        pytest.param(_columns([1, 1, 1], [2, 2, 2], [_I64_MAX, _I64_MIN, -1], [_I64_MAX, _I64_MIN, 2**62],
+                              [1e308, 5e-324, -1e-300]), "w", 2**64 - 1, id="extreme steps, times and seq"),
+        pytest.param(Columns(_RNG.integers(0, 300, _MANY, dtype=np.uint32), _RNG.integers(0, 1000, _MANY,
+                                                                                         dtype=np.uint32),
+                             _RNG.integers(_I64_MIN, _I64_MAX, _MANY, dtype=np.int64),
+                             _RNG.integers(0, 2**41, _MANY, dtype=np.int64), _RNG.standard_normal(_MANY)),
+                     "writer-é" * 20, 300, id="many runs and keys"),
+    ],
+)  # fmt: skip
+def test_encoded_bytes_are_exactly_what_the_generated_class_serializes(cols: Columns, writer_id: str,
+                                                                       seq: int) -> None:
+    run_ids = [f"run-{i:04d}" for i in range(300)]
+    keys = [f"loss/é{i}" if i % 3 else f"k{i}" for i in range(1000)]  # multi-byte UTF-8 too
+    wire = encode(cols, run_ids, keys, writer_id=writer_id, seq=seq)
+    expected = _reference(cols, run_ids, keys, writer_id, seq)
+    assert ingest_pb2.MetricBatch.FromString(wire) == expected
+    assert wire == expected.SerializeToString(deterministic=True)
+
+
+def test_encoding_a_view_of_a_strided_column_copies_its_values() -> None:
+    cols = _columns([0] * 6, [0, 1] * 3, list(range(6)), [9] * 6, [float(i) for i in range(6)])
+    strided = Columns(cols.run_index[::2], cols.key_index[::2], cols.steps[::2], cols.timestamps[::2],
+                      cols.values[::2])
+    batch = ingest_pb2.MetricBatch.FromString(encode(strided, ["r"], ["a", "b"], writer_id="w", seq=1))
+    assert list(batch.keys) == ["a"] and np.frombuffer(batch.steps, "<i8").tolist() == [0, 2, 4]
+    assert np.frombuffer(batch.values, "<f8").tolist() == [0.0, 2.0, 4.0]
 
 
 def test_encode_then_decode_round_trips_every_column() -> None:
@@ -146,3 +206,64 @@ def test_vectorized_chunks_are_copied_into_a_recycled_arena() -> None:
     assert b._arena is arena  # the same memory, no new pages to fault in
     second = _take(b)
     assert second.steps.tolist() == [10, 11] and second.values.tolist() == [5.0, 6.0]
+
+
+def test_rows_appended_by_many_threads_while_taken_are_each_taken_once_and_intact() -> None:
+    """append_row takes no lock: rows appended while ``take`` runs stay for the next take."""
+    b = Batcher(max_points=10**9)
+    blocks = [b.intern_keys([f"t{t}.a", f"t{t}.b", f"t{t}.c"]) for t in range(4)]
+    per_thread, taken = 10_000, []
+    done, first_take = threading.Event(), threading.Event()
+
+    def produce(t: int) -> None:
+        for step in range(per_thread):
+            if step == per_thread // 2:  # half-way: make sure takes happen while rows are appended
+                assert first_take.wait(30.0)
+            b.append_row(0, step, t, blocks[t], (float(step), float(t), -float(step)))
+
+    def consume() -> None:
+        while not done.is_set():
+            cols = b.take()
+            if cols is not None:
+                taken.append(cols)
+                first_take.set()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads far more often than the default 5 ms
+    try:
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        producers = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+        for thread in producers:
+            thread.start()
+        for thread in producers:
+            thread.join()
+        done.set()
+        consumer.join()
+    finally:
+        sys.setswitchinterval(old)
+    last = b.take()
+    cols = taken + ([last] if last is not None else [])
+    keys = np.concatenate([c.key_index for c in cols])
+    steps, times, values = (np.concatenate([getattr(c, f) for c in cols]) for f in ("steps", "timestamps", "values"))
+    assert len(values) == 4 * per_thread * 3 == b.appended and b.state().points == 0
+    for t in range(4):
+        mine = times == t
+        assert np.array_equal(keys[mine], np.tile(np.array(blocks[t], np.uint32), per_thread))
+        assert sorted(steps[mine][::3].tolist()) == list(range(per_thread))  # every row once
+        row_values = values[mine].reshape(-1, 3)
+        assert np.array_equal(row_values[:, 0], steps[mine][::3]) and np.all(row_values[:, 1] == t)
+        assert np.array_equal(row_values[:, 2], -row_values[:, 0])
+
+
+def test_appended_and_state_count_rows_added_after_an_earlier_count() -> None:
+    b = Batcher(max_points=100)
+    block = b.intern_keys(["a", "b"])
+    b.append_row(0, 0, 0, block, [1.0, 2.0])
+    assert b.state().points == 2 and b.appended == 2
+    b.append_row(0, 1, 0, block, [1.0, 2.0])
+    b.append_arrays(0, block[0], np.arange(3), 0, np.zeros(3))
+    assert b.state().points == 7 and b.appended == 7
+    assert b.discard() == 7 and b.state().points == 0 and b.appended == 7
+    assert b.append_row(0, 2, 0, block, [1.0, 2.0]) is True  # empty again: wake to arm the interval
+    assert b.appended == 9

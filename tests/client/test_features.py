@@ -153,3 +153,29 @@ def test_system_metrics_are_sampled_off_the_training_thread(tmp_path: Path) -> N
     assert logged.wait(10.0)
     live.stop()
     assert "system/cpu_percent" in seen[0]
+
+
+def test_one_run_logged_from_several_threads_delivers_every_point_once(tmp_path: Path) -> None:
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(spool_dir=str(tmp_path), flush_interval=0.005, max_batch_points=64,
+                                              replay_orphans=False))
+    run = client.start_run(experiment="threads")
+
+    def log(t: int) -> None:
+        for step in range(1_000):
+            run.log(step=step, **{f"t{t}": float(step), "shared": float(t)})
+
+    threads = [threading.Thread(target=log, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert client.flush(30.0)
+    for t in range(4):
+        assert sorted(p[0] for p in transport.points(run.run_id, f"t{t}")) == list(range(1_000))
+    assert sorted(p[2] for p in transport.points(run.run_id, "shared")) == [float(t) for t in range(4) for _ in
+                                                                            range(1_000)]
+    stats = client.stats()
+    assert stats["points_logged"] == stats["points_acked"] == 8_000 and stats["points_pending"] == 0
+    assert stats["batches_acked"] > 1
+    client.close()

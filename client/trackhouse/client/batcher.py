@@ -1,21 +1,31 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
 ``Batcher`` owns the process's not-yet-sent points. The hot path appends one
-*row* per ``log`` call (run slot, step, timestamp, number of values) and the
-call's key indices and values, so a value costs two ``array.array`` appends
-done in C (``extend``); vectorized calls append numpy chunks as they are.
+*row* per ``log`` call — (run slot, step, timestamp, key block, values), the
+values converted and checked by one ``array("d", ...)`` in C — with one
+``list.append`` and no lock: under the GIL a ``list.append`` is atomic, only
+this module's consumer side removes rows, and it removes a prefix it has
+copied (``rows[:n]``, then ``del rows[:n]``) while holding the lock, so a row
+appended meanwhile by any thread stays for the next take. The call runs with
+caches cold (after a training step), where cost follows the distinct code and
+data it touches more than its operation count: no lock, no counters, one object.
+Vectorized calls copy numpy chunks into an arena under the lock.
 Runs and keys are interned once for the life of the process: a ``Run`` keeps
 the interned key block of the key sets it logs, so it never looks a key up again.
 
-``take`` swaps the columns out under the lock (O(1): no copy while holding it)
-and expands them into ``Columns`` off the hot path. ``encode`` turns a slice of
-``Columns`` into a ``MetricBatch`` holding only the runs and keys it uses.
+``take`` removes the rows and chunks under the lock and expands them into
+``Columns`` (numpy, one join per column) off the hot path. ``encode`` turns a
+slice of ``Columns`` into a serialized ``MetricBatch`` holding only the runs and
+keys it uses.
 
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
 
-Invariants: ``sum(row_len) == len(key_index) == len(values)``; interned indices
-never change; ``points`` counts every buffered value (rows and chunks).
+Invariants: every row has ``len(block) == len(values)``; interned indices never
+change; ``appended`` (exact, computed under the lock) counts every value ever
+buffered: taken or discarded (``_done``), in chunks, and in rows (counted
+incrementally: rows are only ever added at the end). The producers' ``_fill``
+is an estimate, used only to wake the sender when the buffer fills.
 """
 
 from __future__ import annotations
@@ -31,7 +41,6 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.client.errors import UsageError
-from trackhouse.proto.v1 import ingest_pb2
 
 _CLOSED = "the client is closed; create a new one with trackhouse.client.connect()"
 
@@ -85,6 +94,8 @@ def due_at(state: BufferState, *, interval: float) -> float | None:
 
 def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
     """(used table positions, index renumbered into them), in O(n) without sorting."""
+    if not len(index):
+        return np.zeros(0, np.intp), np.zeros(0, np.uint32)
     low = int(index.min())
     if low == int(index.max()):  # one run / one key: the common case, no table lookup
         return np.array([low], np.intp), np.zeros(len(index), np.uint32)
@@ -94,30 +105,59 @@ def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.i
     return used, lookup[index]
 
 
-def encode(cols: Columns, run_ids: Sequence[str], keys: Sequence[str], *, writer_id: str,
-           seq: int) -> ingest_pb2.MetricBatch:
-    """One ``MetricBatch`` of ``cols``; ``run_index`` is left empty when it holds one run."""
+def encode(cols: Columns, run_ids: Sequence[str], keys: Sequence[str], *, writer_id: str, seq: int) -> bytes:
+    """``cols`` as one serialized ``MetricBatch``, holding only the runs and keys it uses
+    (``run_index`` left empty when there is one run).
+
+    Built directly in the wire format instead of through the generated class: every
+    field is length-delimited (tag, varint length, bytes) except ``seq`` (tag, varint),
+    and the columns are ``bytes`` fields, so each column is copied once, straight into
+    the message, instead of into a message object and again at serialization. The bytes
+    are those ``MetricBatch.SerializeToString()`` produces (fields in number order,
+    defaults omitted), which the tests check.
+    """
     runs_used, run_index = _compact(cols.run_index, len(run_ids))
     keys_used, key_index = _compact(cols.key_index, len(keys))
-    return ingest_pb2.MetricBatch(
-        writer_id=writer_id,
-        seq=seq,
-        run_ids=[run_ids[i] for i in runs_used],
-        keys=[keys[i] for i in keys_used],
-        run_index=b"" if len(runs_used) == 1 else _le(run_index, "<u4"),
-        key_index=_le(key_index, "<u4"),
-        steps=_le(cols.steps, "<i8"),
-        timestamps=_le(cols.timestamps, "<i8"),
-        values=_le(cols.values, "<f8"),
-    )
+    parts: list[bytes | memoryview] = []
+    _put(parts, 0x0A, writer_id.encode())
+    if seq:
+        parts += (b"\x10", _varint(seq))
+    for prefix, names, used in ((b"\x1a", run_ids, runs_used), (b"\x22", keys, keys_used)):
+        for i in used:  # repeated: an element is written even when empty
+            name = names[i].encode()
+            parts += (prefix, _varint(len(name)), name)
+    if len(runs_used) > 1:
+        _put(parts, 0x2A, _le(run_index, "<u4"))
+    for tag, column, dtype in ((0x32, key_index, "<u4"), (0x3A, cols.steps, "<i8"),
+                               (0x42, cols.timestamps, "<i8"), (0x4A, cols.values, "<f8")):
+        _put(parts, tag, _le(column, dtype))
+    return b"".join(parts)
 
 
-def _le(column: npt.NDArray[Any], dtype: str) -> bytes:
-    """The column's little-endian bytes, copied once (no conversion when it already matches)."""
-    return np.ascontiguousarray(column, dtype).tobytes()
+def _put(parts: list[bytes | memoryview], tag: int, data: bytes | npt.NDArray[Any]) -> None:
+    """One singular length-delimited field (proto3 omits it when empty)."""
+    if len(data):
+        view = data.data if isinstance(data, np.ndarray) else memoryview(data)
+        parts += (bytes((tag,)), _varint(view.nbytes), view)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _le(column: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
+    """The column as contiguous little-endian data (no copy when it already is: the join copies it)."""
+    return np.ascontiguousarray(column, dtype)
 
 
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
+_Row = tuple[int, int, int, "array[int]", "array[float]"]  # run, step, timestamp, key block, values
+_array = array
 _ARENA_MIN = 1 << 20  # values; the arena of vectorized calls starts at 16 MiB (steps + values)
 _ARENA_KEEP = 1 << 23  # arenas up to this many values are recycled, larger ones freed
 
@@ -154,30 +194,40 @@ class Batcher:
         self._run_slots: dict[str, int] = {}
         self._key_slots: dict[str, int] = {}
         self.accepting = True
-        self._appended = 0
+        self._rows: list[_Row] = []
+        self._done = 0  # points taken or discarded so far
         self._arena: _Arena | None = None
         self._spare: _Arena | None = None  # recycled by the sender once it has encoded a take
         self._lent: _Arena | None = None
         self._reset()
 
     def _reset(self) -> None:
-        self._row_run: array[int] = array("I")
-        self._row_step: array[int] = array("q")
-        self._row_ts: array[int] = array("q")
-        self._row_len: array[int] = array("I")
-        self._key_index: array[int] = array("I")
-        self._values: array[float] = array("d")
+        """Counters of an empty buffer (lock held; rows are removed by the caller)."""
+        self._counted_rows = self._counted_points = 0
+        self._fill = 0
         self._chunks: list[_Chunk] = []
-        self._points = 0
+        self._chunk_points = 0
         self._oldest: float | None = None
+
+    def _row_points(self, n: int) -> int:
+        """Points in the first ``n`` rows (lock held): only rows added since the last call are counted."""
+        if n > self._counted_rows:
+            self._counted_points += sum([len(row[3]) for row in self._rows[self._counted_rows : n]])
+            self._counted_rows = n
+        return self._counted_points
 
     @property
     def appended(self) -> int:
         """Points appended since the batcher was created (monotonic)."""
-        return self._appended
+        with self._lock:
+            return self._done + self._chunk_points + self._row_points(len(self._rows))
 
     def state(self) -> BufferState:
-        return BufferState(self._points, self._oldest)
+        with self._lock:
+            points = self._chunk_points + self._row_points(len(self._rows))
+            if points and self._oldest is None:  # a row's producer lost the race to record it
+                self._oldest = self._clock()
+            return BufferState(points, self._oldest if points else None)
 
     def intern_run(self, run_id: str) -> int:
         with self._lock:
@@ -204,28 +254,28 @@ class Batcher:
 
         Raises ``TypeError``/``ValueError`` (nothing appended) when a value is not a
         number: the caller then validates value by value to say which. Wake-ups happen
-        when the buffer turns non-empty (to arm the interval) and when it fills.
+        when the row is the first of an empty buffer (to arm the interval) and when the
+        buffer fills. Lock-free (see the module docstring); ``block`` is never mutated.
         """
-        with self._lock:
-            if not self.accepting:
-                raise UsageError(_CLOSED)
-            vals = self._values
-            before = len(vals)
-            try:
-                vals.extend(values)  # type: ignore[arg-type]  # C loop; rejects non-numbers
-            except BaseException:
-                del vals[before:]
-                raise
-            n = len(block)
-            if len(vals) - before != n:  # a mapping changed size under us: keep columns aligned
-                del vals[before:]
-                raise ValueError("the metrics mapping changed while it was logged")
-            self._key_index.extend(block)
-            self._row_run.append(run)
-            self._row_step.append(step)
-            self._row_ts.append(timestamp)
-            self._row_len.append(n)
-            return self._added(n)
+        if not self.accepting:
+            raise UsageError(_CLOSED)
+        vals: array[float] = _array("d", values)  # type: ignore[arg-type]  # C loop; rejects non-numbers
+        n = len(block)
+        if len(vals) != n:  # a mapping changed size under us: keep columns aligned
+            raise ValueError("the metrics mapping changed while it was logged")
+        row = (run, step, timestamp, block, vals)
+        rows = self._rows
+        rows.append(row)
+        fill = self._fill + n  # an estimate (racing producers may lose an update, a racing take may
+        # leave a stale one): it only decides a wake-up, the sender counts exactly
+        self._fill = fill
+        try:
+            if rows[0] is row:  # first of an empty buffer: only one producer can see that
+                self._oldest = self._clock()
+                return True
+        except IndexError:  # taken meanwhile: the sender has it
+            return False
+        return fill >= self._max_points > fill - n
 
     def append_arrays(self, run: int, key: int, steps: npt.NDArray[Any], timestamps: npt.NDArray[np.int64] | int,
                       values: npt.NDArray[Any]) -> bool:
@@ -242,29 +292,34 @@ class Batcher:
                 arena = self._arena = spare if spare is not None and len(spare.values) >= size else _Arena(size)
             own_steps, own_values = arena.put(steps, values)
             self._chunks.append((run, key, own_steps, timestamps, own_values))
-            return self._added(n)
+            before = self._chunk_points + self._row_points(len(self._rows))
+            self._chunk_points += n
+            if before == 0:
+                self._oldest = self._clock()
+                return True
+            return before < self._max_points <= before + n
 
-    def _added(self, n: int) -> bool:
-        before = self._points
-        self._points = after = before + n
-        self._appended += n
-        if before == 0 and after > 0:
-            self._oldest = self._clock()
-            return True
-        return before < self._max_points <= after
+    def _remove(self) -> tuple[list[_Row], list[_Chunk], int]:
+        """Every buffered row and chunk, and their points, out of the buffer (lock held)."""
+        n = len(self._rows)
+        points = self._row_points(n) + self._chunk_points
+        rows = self._rows[:n]
+        del self._rows[:n]  # rows appended since len() stay
+        chunks = self._chunks
+        self._done += points
+        self._reset()
+        return rows, chunks, points
 
     def take(self) -> Columns | None:
         """Remove and return every buffered point, or None when empty."""
         with self._lock:
-            if self._points == 0:
+            rows, chunks, points = self._remove()
+            if points == 0:
                 return None
-            rows = (self._row_run, self._row_step, self._row_ts, self._row_len)
-            key_index, values, chunks = self._key_index, self._values, self._chunks
-            self._reset()
             if self._arena is not None and self._arena.used:
                 self._lent, self._arena = self._arena, self._spare
                 self._spare = None
-        return _expand(rows, key_index, values, chunks)
+        return _expand(rows, chunks)
 
     def recycle(self) -> None:
         """The columns of the last ``take`` are no longer used (encoded): reuse their arena."""
@@ -280,29 +335,35 @@ class Batcher:
     def discard(self) -> int:
         """Drop every buffered point; returns how many."""
         with self._lock:
-            n = self._points
-            self._reset()
-            return n
+            return self._remove()[2]
 
     def after_fork(self) -> None:
         """In a forked child: a fresh lock (the parent's may be held) and no parent points."""
         self._lock = threading.Lock()
+        self._rows = []
         self._reset()
         self._arena = self._spare = self._lent = None
-        self._appended = 0
+        self._done = 0
 
 
-def _expand(rows: tuple[array[int], ...], key_index: array[int], values: array[float],
-            chunks: list[_Chunk]) -> Columns:
-    row_run, row_step, row_ts, row_len = (np.frombuffer(c, c.typecode) for c in rows)
-    parts = [Columns(
-        np.repeat(row_run, row_len), np.frombuffer(key_index, np.uint32), np.repeat(row_step, row_len),
-        np.repeat(row_ts, row_len), np.frombuffer(values, np.float64),
-    )] if len(values) else []  # fmt: skip
-    for run, key, steps, ts, vals in chunks:
+def _expand(rows: list[_Row], chunks: list[_Chunk]) -> Columns:
+    parts = []
+    if rows:
+        runs, steps, times, blocks, values = zip(*rows, strict=True)
+        # The common take: every row of one run and one key set (C-level identity scans)
+        n = len(rows)
+        lengths: npt.NDArray[np.int64] | int = len(blocks[0]) if blocks.count(blocks[0]) == n else \
+            np.fromiter(map(len, blocks), np.int64, n)
+        run_index = np.full(n, runs[0], np.uint32) if runs.count(runs[0]) == n else np.array(runs, np.uint32)
+        parts.append(Columns(
+            np.repeat(run_index, lengths), np.frombuffer(b"".join(blocks), np.uint32),
+            np.repeat(np.frombuffer(array("q", steps), np.int64), lengths),
+            np.repeat(np.frombuffer(array("q", times), np.int64), lengths), np.frombuffer(b"".join(values), np.float64),
+        ))  # fmt: skip
+    for run, key, steps_, ts, vals in chunks:
         n = len(vals)
-        times = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
-        parts.append(Columns(np.full(n, run, np.uint32), np.full(n, key, np.uint32), steps, times, vals))
+        stamps = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
+        parts.append(Columns(np.full(n, run, np.uint32), np.full(n, key, np.uint32), steps_, stamps, vals))
     if len(parts) == 1:
         return parts[0]
     return Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in

@@ -32,7 +32,7 @@ _Point = tuple[int, int, float]
 
 
 class _MemoryAckStream:
-    def __init__(self, owner: MemoryTransport, requests: Iterator[ingest_pb2.MetricBatch]) -> None:
+    def __init__(self, owner: MemoryTransport, requests: Iterator[bytes]) -> None:
         self._owner = owner
         self._requests = requests
         self._cancelled = False
@@ -41,7 +41,7 @@ class _MemoryAckStream:
         for batch in self._requests:
             if self._cancelled:
                 return
-            yield self._owner._store(batch)
+            yield self._owner._store(ingest_pb2.MetricBatch.FromString(batch))
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -149,7 +149,7 @@ class MemoryTransport:
             self._run(request.run_id)
             self.tags[request.run_id].update({t.key: t.value for t in request.tags})
 
-    def stream_metrics(self, requests: Iterator[ingest_pb2.MetricBatch]) -> _MemoryAckStream:
+    def stream_metrics(self, requests: Iterator[bytes]) -> _MemoryAckStream:
         self._check()
         return _MemoryAckStream(self, requests)
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from trackhouse.client.spool import Location
-from trackhouse.proto.v1 import ingest_pb2
 
 
 @dataclass
@@ -25,7 +24,7 @@ class Entry:
     points: int
     nbytes: int
     first_point: int  # position of its first point among all points taken, for flush()
-    batch: ingest_pb2.MetricBatch | None  # None once spilled
+    batch: bytes | None  # the serialized MetricBatch; None once spilled
     loc: Location | None = None
     in_window: bool = False  # read back from disk and queued on the open stream
 
@@ -73,7 +72,7 @@ class Outbox:
                 self.window_bytes -= entry.nbytes
         return entry
 
-    def queue_next(self, last_seq: int, put: Callable[[ingest_pb2.MetricBatch], object], window: int) -> Entry | None:
+    def queue_next(self, last_seq: int, put: Callable[[bytes], object], window: int) -> Entry | None:
         """Queue memory entries from ``send_next`` in order; stop at the first entry on disk and
         return it (to be read back) when the window has room, else None."""
         while self.send_next <= last_seq:

@@ -230,7 +230,7 @@ class _Stream:
         self._done_bytes = 0
         self._count_corruption = acked_through == 0  # report each damaged record once
 
-    def _requests(self, out: queue.SimpleQueue[ingest_pb2.MetricBatch | None]) -> None:
+    def _requests(self, out: queue.SimpleQueue[bytes | None]) -> None:
         for path in self._files:
             for item in scan(path):
                 if isinstance(item, Corruption):
@@ -238,8 +238,9 @@ class _Stream:
                         self._report.corruptions.append(item)
                         logger.error("trackhouse spool: corrupt record skipped: %s", item)
                     continue
-                batch = ingest_pb2.MetricBatch.FromString(item.payload)
-                size = len(item.payload)
+                payload = item.payload
+                batch = ingest_pb2.MetricBatch.FromString(payload)
+                size = len(payload)
                 if batch.seq <= self.acked_through:
                     self._done_bytes += size
                     continue
@@ -247,23 +248,24 @@ class _Stream:
                     mapped = [self._runs.get(r, r) for r in batch.run_ids]
                     del batch.run_ids[:]
                     batch.run_ids.extend(mapped)
+                    payload = batch.SerializeToString()
                 with self._cond:
                     self._cond.wait_for(lambda: self._window < policy.REPLAY_WINDOW or self._stopped)
                     if self._stopped:
                         return
                     self._in_flight[batch.seq] = (size, len(batch.steps) // 8)
                     self._window += size
-                out.put(batch)
+                out.put(payload)
         out.put(None)
 
     _stopped = False
 
     def run(self, transport: Transport) -> None:
-        out: queue.SimpleQueue[ingest_pb2.MetricBatch | None] = queue.SimpleQueue()
+        out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         feeder = threading.Thread(target=self._requests, args=(out,), daemon=True, name="trackhouse-sync-feed")
         feeder.start()
 
-        def requests() -> Iterator[ingest_pb2.MetricBatch]:
+        def requests() -> Iterator[bytes]:
             while (item := out.get()) is not None:
                 yield item
 

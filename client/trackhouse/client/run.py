@@ -1,12 +1,12 @@
 """``Run``: the handle a training loop logs through.
 
 The hot path (``log``, ``log_metrics``) validates with exact type checks and
-appends to the client's ``Batcher`` — no network, no lock held across I/O, no
-per-value Python call in the common case: the run caches the interned key block
-of each key set it has logged, and the values go into the buffer with one
-``array.extend``. Anything unusual (a new key set, a numpy scalar, a bad value)
-takes the slow path, which validates value by value and says what is wrong;
-a bad call appends nothing.
+appends to the client's ``Batcher`` — no network, no lock, no per-value Python
+call in the common case: the run caches the interned key block of each key set
+it has logged, and the values become one ``array("d")`` appended as one row.
+Anything unusual (a new key set, a numpy scalar, a bad value) takes the slow
+path, which validates value by value and says what is wrong; a bad call
+appends nothing.
 
 Params, tags and the final status go through the client (``Client._submit``),
 which spools them when the server is away or the client is offline.

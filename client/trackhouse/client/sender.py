@@ -66,7 +66,7 @@ class Sender:
         self._seq = self._taken = 0
         self._forced = self._stopping = self._spill_warned = False
         self._worker: threading.Thread | None = None
-        self._queue: queue.SimpleQueue[ingest_pb2.MetricBatch | None] | None = None
+        self._queue: queue.SimpleQueue[bytes | None] | None = None
         self._stream: AckStream | None = None
         self._generation = self._attempt = 0
         self._reconnect_at = self._last_progress = 0.0
@@ -194,10 +194,10 @@ class Sender:
         for part in cols.split(min(self._settings.max_batch_points, policy.MAX_MESSAGE_POINTS)):
             self._seq += 1  # only this thread numbers batches
             batch = encode(part, self._batcher.run_ids, self._batcher.keys, writer_id=self.writer_id, seq=self._seq)
-            loc = self.spool.append_batch(batch.SerializeToString()) if offline else None
+            loc = self.spool.append_batch(batch) if offline else None
             with self._cond:
                 if loc is None:
-                    self._outbox.add(Entry(self._seq, len(part), batch.ByteSize(), self._taken, batch))
+                    self._outbox.add(Entry(self._seq, len(part), len(batch), self._taken, batch))
                 else:
                     self._counts["points_offline"] += len(part)
                 self._taken += len(part)
@@ -234,7 +234,7 @@ class Sender:
             batch = entry.batch
             if self._outbox.memory_bytes <= keep or batch is None:
                 break
-            loc = self.spool.append_batch(batch.SerializeToString())
+            loc = self.spool.append_batch(batch)
             with self._cond:
                 if not self._outbox.spilled(entry, loc):  # acked while it was written
                     self._released.append(loc)
@@ -265,7 +265,7 @@ class Sender:
         with self._cond:
             self._generation += 1
             generation = self._generation
-            q: queue.SimpleQueue[ingest_pb2.MetricBatch | None] = queue.SimpleQueue()
+            q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
             self._queue, self._last_progress = q, now
             self._outbox.restart()
         try:
@@ -288,8 +288,8 @@ class Sender:
                     self._last_progress = self._clock()
                 if entry is None or entry.loc is None:
                     return
-            try:
-                batch = ingest_pb2.MetricBatch.FromString(self.spool.read(entry.loc))
+            try:  # sent as stored: a record's checksum was verified by the read
+                batch = self.spool.read(entry.loc)
             except (SpoolError, ValueError) as exc:
                 logger.error("trackhouse: spooled batch seq=%d (%d points) is unreadable and lost: %s",
                              entry.seq, entry.points, exc)

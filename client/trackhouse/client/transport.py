@@ -100,7 +100,8 @@ class Transport(Protocol):
     def update_run(self, request: ingest_pb2.UpdateRunRequest) -> common_pb2.RunInfo: ...
     def log_params(self, request: ingest_pb2.LogParamsRequest) -> None: ...
     def set_tags(self, request: ingest_pb2.SetTagsRequest) -> None: ...
-    def stream_metrics(self, requests: Iterator[ingest_pb2.MetricBatch]) -> AckStream: ...
+    def stream_metrics(self, requests: Iterator[bytes]) -> AckStream:
+        """Open a StreamMetrics call sending ``requests``: serialized ``MetricBatch`` messages."""
     def get_run(self, request: query_pb2.GetRunRequest) -> common_pb2.Run: ...
     def search_runs(self, request: query_pb2.SearchRunsRequest) -> query_pb2.SearchRunsResponse: ...
     def get_metric_history(self, request: query_pb2.GetMetricHistoryRequest) -> query_pb2.MetricHistory: ...
@@ -164,6 +165,7 @@ def _open_channel(target: str, secure: bool, tls_ca: str = "") -> grpc.Channel:
 
 
 _INHERITED: list[grpc.Channel] = []
+_STREAM_METRICS = "/trackhouse.v1.IngestService/StreamMetrics"
 
 
 def queued_requests(q: queue.SimpleQueue[Any]) -> Iterator[Any]:
@@ -300,11 +302,13 @@ class GrpcTransport:
     def set_tags(self, request: ingest_pb2.SetTagsRequest) -> None:
         self._unary_ingest("SetTags", request, ingest_pb2.SetTagsResponse)
 
-    def stream_metrics(self, requests: Iterator[ingest_pb2.MetricBatch]) -> AckStream:
-        """Open the long-lived stream on the current ingest address; no deadline, the sender cancels it."""
+    def stream_metrics(self, requests: Iterator[bytes]) -> AckStream:
+        """Open the long-lived stream on the current ingest address; no deadline, the sender cancels it.
+        The requests are already serialized (``batcher.encode``): gRPC sends them as they are."""
         index, channel = self._ingest.current()
         try:
-            call = ingest_pb2_grpc.IngestServiceStub(channel).StreamMetrics(  # type: ignore[no-untyped-call]
+            call = channel.stream_stream(_STREAM_METRICS, request_serializer=None,
+                                         response_deserializer=ingest_pb2.BatchAck.FromString)(
                 requests, metadata=self._metadata)
         except ValueError as exc:
             self._ingest.failed(index)
