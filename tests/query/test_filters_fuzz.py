@@ -114,7 +114,7 @@ def comparisons(draw: st.DrawFn) -> Comparison:
     entity = draw(st.sampled_from([METRICS, PARAMS, TAGS, ATTRIBUTES]))
     attribute_keys = st.sampled_from(STRING_ATTRIBUTES + NUMERIC_ATTRIBUTES)
     key = draw(attribute_keys if entity == ATTRIBUTES else keys)
-    if entity == METRICS or key in NUMERIC_ATTRIBUTES:
+    if entity == METRICS or (entity == ATTRIBUTES and key in NUMERIC_ATTRIBUTES):
         op = draw(st.sampled_from(NUMERIC_OPS))
         value: str | float | tuple[str, ...] = draw(numbers)
     elif entity == PARAMS:
