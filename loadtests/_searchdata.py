@@ -42,9 +42,21 @@ EXPERIMENTS = 20
 COMMITS = np.array([f"{(i * 2654435761) % (1 << 28):07x}" for i in range(2_000)])
 
 
-def run_ids(rng: np.random.Generator, n: int) -> pa.Array:
-    """32-hex run ids, as MLflow makes them (built as one Arrow buffer, no Python per row)."""
-    data = binascii.hexlify(rng.bytes(16 * n))
+def run_ids(raw: bytes, start_time: Any = None) -> pa.Array:
+    """32-hex run ids from 16 random bytes each, built as one Arrow buffer (no Python per row).
+
+    With `start_time` (ms, one per run): the ids trackhouse mints (`store.new_run_id`), the
+    first 12 hex digits the start time, then 80 random bits; without: random ids, as MLflow
+    makes them (runs imported with their own ids).
+    """
+    n = len(raw) // 16
+    if start_time is None:
+        data = binascii.hexlify(raw)
+    else:
+        stamp = np.asarray(start_time, ">u8").view(np.uint8).reshape(n, 8)[:, 2:]
+        rand = np.frombuffer(raw, np.uint8).reshape(n, 16)[:, 6:]
+        data = np.hstack([np.frombuffer(binascii.hexlify(np.ascontiguousarray(part).tobytes()), "S1").reshape(n, -1)
+                          for part in (stamp, rand)]).tobytes()
     offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int32)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data))
 
@@ -67,12 +79,17 @@ def _experiment_weights() -> np.ndarray[Any, Any]:
     return np.asarray(w / w.sum())
 
 
-def chunk_tables(start: int, n: int, seed: int = 7) -> dict[str, pa.Table]:
-    """The rows of runs [start, start + n): one Arrow table per store table."""
+def chunk_tables(start: int, n: int, seed: int = 7, random_ids: bool = False) -> dict[str, pa.Table]:
+    """The rows of runs [start, start + n): one Arrow table per store table.
+
+    Run ids as trackhouse mints them (they begin with the start time), or with
+    `random_ids` as MLflow makes them; everything else is the same either way.
+    """
     rng = np.random.default_rng(seed * 1_000_003 + start)
-    ids = run_ids(rng, n)
+    raw = rng.bytes(16 * n)
     index = np.arange(start, start + n)
     start_time = T0 + index * 3 + rng.integers(0, 3, n)  # ~3 ms apart: ties are rare, not absent
+    ids = run_ids(raw, None if random_ids else start_time)
     status_idx = rng.choice(len(STATUSES), n, p=STATUS_P)
     end = start_time + rng.integers(60_000, 36_000_000, n)
     runs = pa.table({
@@ -149,13 +166,14 @@ def progress(done: int, total: int, started: float, out: Any = sys.stderr) -> No
     out.flush()
 
 
-def generate(insert: Callable[[str, pa.Table], None], total: int, chunk: int = 500_000, seed: int = 7) -> None:
+def generate(insert: Callable[[str, pa.Table], None], total: int, chunk: int = 500_000, seed: int = 7,
+             random_ids: bool = False) -> None:
     """Insert `total` runs through `insert(table, arrow)` in chunks, with a progress bar."""
     started = time.monotonic()
     progress(0, total, started)
     for start in range(0, total, chunk):
         n = min(chunk, total - start)
-        for table, data in chunk_tables(start, n, seed).items():
+        for table, data in chunk_tables(start, n, seed, random_ids).items():
             insert(table, data)
         progress(start + n, total, started)
 

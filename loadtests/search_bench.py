@@ -154,12 +154,12 @@ def _check_copies(store: Store) -> None:
             raise RuntimeError(f"{copy} differs from {source}: {b} != {a}")
 
 
-def generate(store: Store, runs: int, chunk: int, via_views: bool = False) -> None:
+def generate(store: Store, runs: int, chunk: int, via_views: bool = False, random_ids: bool = False) -> None:
     """N runs in chunks; by default every table written directly in key order (views detached)."""
     store.insert_rows("experiments", ("experiment_id", "name", "artifact_location", "lifecycle_stage",
                                       "creation_time", "last_update_time", "version"), data.experiment_rows())
     if via_views:  # the production path: base tables only, views write the copies
-        data.generate(store.insert_arrow, runs, chunk)
+        data.generate(store.insert_arrow, runs, chunk, random_ids=random_ids)
     else:
         for view in VIEWS:
             store.command(f"DETACH TABLE {store.t(view)}")
@@ -168,7 +168,7 @@ def generate(store: Store, runs: int, chunk: int, via_views: bool = False) -> No
             data.progress(0, runs, started)
             for start in range(0, runs, chunk):
                 n = min(chunk, runs - start)
-                for table, rows in sorted_chunk(data.chunk_tables(start, n)).items():
+                for table, rows in sorted_chunk(data.chunk_tables(start, n, random_ids=random_ids)).items():
                     store.insert_arrow(table, rows)
                 data.progress(start + n, runs, started)
             store.insert_rows("writer_progress", ("writer_id", "max_seq"), [("bench", 1)])
@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=500_000, help="runs per INSERT (default 500k)")
     parser.add_argument("--via-views", action="store_true",
                         help="insert base tables only and let the views write the copies (slow: ~5k runs/s)")
+    parser.add_argument("--random-ids", action="store_true",
+                        help="random run ids, as MLflow makes them (runs imported with their own ids); by "
+                             "default ids as trackhouse mints them, beginning with the start time")
     parser.add_argument("--generate-only", action="store_true", help="generate (use with --path) and stop")
     parser.add_argument("--optimize", action="store_true",
                         help="OPTIMIZE TABLE ... FINAL every table before timing: the steady state after merges")
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if not args.no_generate:
                 started = time.monotonic()
-                generate(store, args.runs, args.chunk, args.via_views)
+                generate(store, args.runs, args.chunk, args.via_views, args.random_ids)
                 elapsed = time.monotonic() - started
                 print(f"generated {args.runs:,} runs in {elapsed:.0f} s ({args.runs / elapsed:,.0f} runs/s)",
                       file=sys.stderr)

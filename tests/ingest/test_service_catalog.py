@@ -109,7 +109,7 @@ def test_create_run_defaults(ingest: Any, channel: grpc.Channel) -> None:
         params=[common_pb2.Param(key="lr", value="0.1"), common_pb2.Param(key="bs", value="32")]))
     assert run.experiment_id == "0" and len(run.run_id) == 32
     assert run.status == common_pb2.RUNNING and run.start_time > 0 and run.end_time == 0
-    assert run.run_name == f"run-{run.run_id[:8]}" and run.user_id == "ada"
+    assert run.run_name == f"run-{run.run_id[-8:]}" and run.user_id == "ada"
     full = get_run(channel, run.run_id)
     assert full.info == run
     assert {p.key: p.value for p in full.params} == {"lr": "0.1", "bs": "32"}
@@ -122,6 +122,14 @@ def test_create_run_in_an_experiment_with_a_start_time(ingest: Any) -> None:
         experiment_id=exp.experiment_id, run_name="named", start_time=1_700_000_000_000))
     assert (run.experiment_id, run.run_name, run.start_time) == (exp.experiment_id, "named", 1_700_000_000_000)
     assert run.artifact_uri == f"{exp.artifact_location}/{run.run_id}/artifacts"
+    assert int(run.run_id[:12], 16) == 1_700_000_000_000  # the id starts with the start time
+
+
+def test_run_ids_sort_by_start_time(ingest: Any) -> None:
+    starts = [1_700_000_000_000 + d for d in (5, 0, 86_400_000, 1, 1)]
+    ids = [ingest.CreateRun(ingest_pb2.CreateRunRequest(start_time=t)).run_id for t in starts]
+    assert len(set(ids)) == len(ids)  # two runs of the same millisecond still get two ids
+    assert [int(i[:12], 16) for i in sorted(ids)] == sorted(starts)
 
 
 def test_create_run_in_an_unknown_experiment_is_not_found(ingest: Any) -> None:

@@ -11,6 +11,7 @@ from trackhouse.store import (
     RunDetails,
     RunRecord,
     Store,
+    new_run_id,
     open_store,
 )
 from trackhouse.store.schema import latest_version
@@ -235,3 +236,12 @@ def test_migration_6_moves_experiment_tags_out_of_the_run_tags(
                 ("a" * 32, "team")]
     finally:
         new.close()
+
+
+def test_new_run_id_is_hex_and_starts_with_its_start_time() -> None:
+    a, b = new_run_id(1_700_000_000_000), new_run_id(1_700_000_000_000)
+    assert len(a) == 32 and int(a, 16) >= 0 and a != b
+    assert a[:12] == b[:12] == f"{1_700_000_000_000:012x}"
+    assert new_run_id(1) < new_run_id(2) < new_run_id(1_700_000_000_000)
+    assert new_run_id(0)[:12] == "0" * 12 and new_run_id(-5)[:12] == "0" * 12
+    assert new_run_id(1 << 60)[:12] == "f" * 12 and len(new_run_id(1 << 60)) == 32

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 
 from trackhouse.ingest.convert import check_key
@@ -34,6 +33,7 @@ from trackhouse.store import (
     ExperimentRecord,
     RunRecord,
     Store,
+    new_run_id,
 )
 
 DEFAULT_EXPERIMENT_ID = "0"
@@ -203,10 +203,11 @@ class Catalog:
         experiment = await self.get_experiment(experiment_id=experiment_id)
         if experiment.lifecycle_stage != ACTIVE:
             raise FailedPrecondition(f"experiment {experiment_id} is deleted; restore it to add runs")
-        run_id = uuid.uuid4().hex
+        start_time = start_time or now_ms()
+        run_id = new_run_id(start_time)
         rec = RunRecord(
-            run_id=run_id, experiment_id=experiment_id, run_name=run_name or f"run-{run_id[:8]}",
-            user_id=user_id, status="RUNNING", start_time=start_time or now_ms(), end_time=None,
+            run_id=run_id, experiment_id=experiment_id, run_name=run_name or f"run-{run_id[-8:]}",
+            user_id=user_id, status="RUNNING", start_time=start_time, end_time=None,
             lifecycle_stage=ACTIVE, artifact_uri=f"{experiment.artifact_location}/{run_id}/artifacts",
         )
         await self._store.call(self._store.put_run, rec)

@@ -15,6 +15,7 @@ from trackhouse.store.records import (
     RunDetails,
     RunRecord,
     TokenRecord,
+    new_run_id,
 )
 from trackhouse.store.store import Store, new_version, open_store
 
@@ -36,6 +37,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TokenRecord",
+    "new_run_id",
     "new_version",
     "open_store",
     "parse_dsn",
