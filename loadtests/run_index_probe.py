@@ -10,6 +10,7 @@ docs/search.md ("A wide run index, probed at 10 M runs") has the figures.
     python loadtests/run_index_probe.py build --path P      # wide_json from the search copies
     python loadtests/run_index_probe.py time --path P       # today's queries vs the wide table
     python loadtests/run_index_probe.py refresh --path P --pattern newest   # or random
+    python loadtests/run_index_probe.py lookup --path Q     # by-id lookups, 10 M rows, 3 layouts
 
 `refresh` rewrites the wide rows of 1,000 runs ten times, computed by id from the
 run-major source tables (what a background refresher would do), then times the
@@ -159,20 +160,63 @@ def refresh(store: Store, pattern: str, repeat: int) -> None:
     print(f"load average {os.getloadavg()}", flush=True)
 
 
+LOOKUP_LAYOUTS = {
+    "granules of 8,192": "",
+    "granules of 256": "SETTINGS index_granularity = 256",
+    "granules of 256, 4-8 KB blocks": "SETTINGS index_granularity = 256, min_compress_block_size = 4096, "
+                                      "max_compress_block_size = 8192",
+}
+
+
+def lookup(store: Store, rows: int) -> None:
+    """What looking up random run ids costs in a runs-shaped table of `rows` rows, by layout."""
+    tables = {}
+    for i, (label, settings) in enumerate(LOOKUP_LAYOUTS.items()):
+        table = tables[label] = f"{DB}.lookup_{i}"
+        if store.query_rows(f"EXISTS TABLE {table}")[0][0]:
+            continue
+        store.command(f"""CREATE TABLE {table} (run_id String, experiment_id String, run_name String,
+            user_id String, status LowCardinality(String), start_time Int64, end_time Nullable(Int64),
+            lifecycle_stage LowCardinality(String), artifact_uri String, version UInt64)
+            ENGINE = ReplacingMergeTree(version) ORDER BY run_id {settings}""")
+        store.command(f"""INSERT INTO {table} SELECT lower(hex(MD5(toString(number)))), toString(number % 20),
+            concat('run-', toString(number)), 'user', 'FINISHED', 1700000000000 + number * 10,
+            1700000000000 + number * 10 + 5000, 'active',
+            concat('s3://bucket/', lower(hex(MD5(toString(number)))), '/artifacts'), 1 FROM numbers({rows})""")
+        store.command(f"OPTIMIZE TABLE {table} FINAL")
+    rng = random.Random(1)
+    print(f"load average {os.getloadavg()}", flush=True)
+    for n in (1, 100, 500):
+        for label, table in tables.items():
+            ids = [f"'{x[0]}'" for x in store.query_rows(
+                f"SELECT lower(hex(MD5(toString(arrayJoin({[rng.randrange(rows) for _ in range(n)]})))))")]
+            cells = []
+            for cols in ("run_id, lifecycle_stage, experiment_id", "*"):
+                sql = f"SELECT {cols} FROM {table} FINAL PREWHERE run_id IN ({','.join(ids)})"
+                cells.append(f"{_median_ms(lambda s=sql: store.query_rows(s), 3):7.1f} ms")
+            print(f"{n:4d} ids  {label:32s} 3 columns {cells[0]}   all columns {cells[1]}", flush=True)
+    print(f"load average {os.getloadavg()}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("build", "time", "refresh"))
+    parser.add_argument("what", choices=("build", "time", "refresh", "lookup"))
     parser.add_argument("--path", required=True, help="a search_bench store (chDB data directory)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--pattern", choices=("newest", "random"), default="newest")
+    parser.add_argument("--rows", type=int, default=10_000_000, help="lookup: rows per table")
     parser.add_argument("--no-today", action="store_true", help="time the wide table only")
     args = parser.parse_args(argv)
-    store = open_store(f"chdb://{args.path}", DB)
+    store = open_store(f"chdb://{args.path}", DB, migrate=args.what != "lookup")
+    if args.what == "lookup":
+        store.command(f"CREATE DATABASE IF NOT EXISTS {DB}")
     try:
         if args.what == "build":
             build(store)
         elif args.what == "time":
             time_all(store, args.repeat, not args.no_today)
+        elif args.what == "lookup":
+            lookup(store, args.rows)
         else:
             refresh(store, args.pattern, args.repeat)
     finally:
