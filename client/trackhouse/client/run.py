@@ -132,11 +132,11 @@ class Run:
         self._slot = self._batcher.intern_run(run_id)
         self._state = _ACTIVE if enabled else _DISABLED
         self._sets: dict[tuple[str, ...], _KeySet] = {}
-        # The key set of the last call, and what the hot path needs of it:
-        self._keys: tuple[str, ...] = ()  # never equal to a logged key set (they are not empty)
-        self._block: array[int] = array("I")  # interned key indices
-        self._pack: Callable[..., bytes] = _packer(0).pack  # len(keys) doubles, native order
-        self._full = 1  # rows that fill a batch (an estimate: the buffer may hold other key sets)
+        # The key set of the last call and what the hot path needs of it, in one tuple that a
+        # call reads once: another thread logging into this run (the system-metrics sampler)
+        # may switch it meanwhile, and keys, block and packer must come from the same set.
+        # The empty key set is never logged, so the first call always switches.
+        self._current: _KeySet = ((), array("I"), _packer(0).pack, 1)
         self._status_sent = False
 
     def __repr__(self) -> str:
@@ -162,27 +162,28 @@ class Run:
         if type(step) is not int or not -_I64 <= step < _I64:
             step = check_int("step", step)
         ts = _time_ns() // 1_000_000 if timestamp is None else check_int("timestamp", timestamp)
-        if tuple(metrics) != self._keys:
-            self._switch(tuple(metrics))
+        current = self._current
+        if tuple(metrics) != current[0]:
+            current = self._switch(tuple(metrics))
         try:
-            values = self._pack(*metrics.values())
+            values = current[2](*metrics.values())
         except Exception:  # a value struct refused (or the mapping changed meanwhile): find it, say what to do
-            values = self._checked(metrics)
-        row = (self._slot, step, ts, self._block, values)
+            current, values = self._checked(metrics)
+        row = (self._slot, step, ts, current[1], values)
         rows = self._rows
         rows.append(row)
         count = len(rows)
-        if count < 3 or count == self._full:
-            self._arm(row, count)
+        if count < 3 or count == current[3]:
+            self._arm(row, count == current[3])
 
-    def _arm(self, row: object, count: int) -> None:
-        """After an append that may have made the buffer non-empty (``count`` 1, or 2 when another
-        thread appended between our append and ``len``), or full: wake the sender."""
-        if count == self._full or self._batcher.first_row(row):
+    def _arm(self, row: object, full: bool) -> None:
+        """After an append that may have made the buffer non-empty (``len(rows)`` 1, or 2 when
+        another thread appended between our append and ``len``), or full: wake the sender."""
+        if full or self._batcher.first_row(row):
             self._wake()
 
-    def _switch(self, keys: tuple[str, ...]) -> None:
-        """Make ``keys`` the current key set (validated and interned once per run)."""
+    def _switch(self, keys: tuple[str, ...]) -> _KeySet:
+        """Make ``keys`` the current key set (validated and interned once per run); returns it."""
         found = self._sets.get(keys)
         if found is None:
             if not keys:
@@ -192,19 +193,19 @@ class Run:
             if len(self._sets) >= _MAX_KEY_SETS:
                 self._sets.clear()
             self._sets[keys] = found
-        self._keys, self._block, self._pack, self._full = found
+        self._current = found  # one store: a racing call reads the old set or this one, whole
+        return found
 
-    def _checked(self, metrics: Mapping[str, SupportsFloat]) -> bytes:
+    def _checked(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, bytes]:
         items = list(metrics.items())  # one snapshot: keys and values agree
         values = [check_metric(k, v) for k, v in items]
-        self._switch(tuple(k for k, _ in items))
-        return self._pack(*values)
+        current = self._switch(tuple(k for k, _ in items))
+        return current, current[2](*values)
 
     def _block_of(self, key: str) -> array[int]:
-        found = self._sets.get((key,))
+        found = self._sets.get((key,)) if type(key) is str else None
         if found is None:
-            self._switch((check_key(key),))
-            return self._block
+            found = self._switch((check_key(key),))
         return found[1]
 
     def log_array(self, key: str, steps: npt.ArrayLike, values: npt.ArrayLike, *,
