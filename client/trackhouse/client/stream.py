@@ -200,10 +200,8 @@ class AioStreams:
         threading.Thread(target=stream.feed, name="trackhouse-stream-feed", daemon=True).start()
         return stream
 
-    def close(self, timeout: float = 0.25) -> None:
-        """Close the channels (cancelling their calls) and stop the loop, within twice ``timeout``
-        (it runs after the sender's bounded close: a loop that does not stop in time is left to
-        end with the process, its thread is a daemon)."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Close the channels (cancelling their calls) and stop the loop, within ``timeout``."""
         with self._lock:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
             channels, self._channels = list(self._channels.values()), {}
