@@ -57,6 +57,6 @@ def test_namespace_layout_and_import_layering() -> None:
                 assert not top_level, f"{path.name}: {root} must be imported lazily"
             else:
                 assert root in allowed, (path.name, module)
-            if root == "grpc":  # the seam, and the metric stream it opens on grpc.aio
-                assert path.name in ("transport.py", "stream.py"), f"{path.name} imports grpc"
+            if root == "grpc":
+                assert path.name == "transport.py", f"{path.name} imports grpc"
         assert len(path.read_text().splitlines()) < 400, path.name

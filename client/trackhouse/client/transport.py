@@ -29,7 +29,6 @@ from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
-from trackhouse.client import stream
 from trackhouse.client.errors import ServerUnavailable, TrackhouseError, error_for_code
 from trackhouse.client.settings import parse_urls
 from trackhouse.proto.v1 import (
@@ -112,13 +111,11 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def _translate(exc: BaseException) -> TrackhouseError:
-    """The client error for a failed call, synchronous (``grpc.Call``) or ``grpc.aio`` alike."""
-    status = isinstance(exc, grpc.Call | grpc.aio.AioRpcError)
-    code = exc.code() if status else None  # type: ignore[attr-defined]
+def _translate(exc: grpc.RpcError) -> TrackhouseError:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    details = exc.details() if status else None  # type: ignore[attr-defined]
-    trailing = exc.trailing_metadata() if status else None  # type: ignore[attr-defined]
+    details = exc.details() if isinstance(exc, grpc.Call) else None
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
     return error_for_code(name, str(details or exc), retry_delay(trailing or ()))
 
 
@@ -157,18 +154,17 @@ def _retry_info(blob: bytes) -> float | None:
     return None
 
 
-def _open_channel(target: str, secure: bool, tls_ca: str = "", api: Any = grpc) -> Any:
-    """A channel to ``target`` from ``api``: ``grpc`` (synchronous) or ``grpc.aio`` (on the stream's loop)."""
+def _open_channel(target: str, secure: bool, tls_ca: str = "") -> grpc.Channel:
     if secure:
         roots = None
         if tls_ca:
             with open(tls_ca, "rb") as f:
                 roots = f.read()
-        return api.secure_channel(target, grpc.ssl_channel_credentials(roots), options=_CHANNEL_OPTIONS)
-    return api.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=_CHANNEL_OPTIONS)
+    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
 
 
-_INHERITED: list[Any] = []  # channels and loops a forked child must neither use nor free
+_INHERITED: list[grpc.Channel] = []
 _STREAM_METRICS = "/trackhouse.v1.IngestService/StreamMetrics"
 
 
@@ -202,12 +198,7 @@ class _Replicas:
             channel = self._channels[i]
             if channel is None:
                 channel = self._channels[i] = _open_channel(*self._targets[i], self._tls_ca)
-            return i, cast(grpc.Channel, channel)
-
-    def target(self) -> tuple[int, str, bool]:
-        """The current address: (index, host:port, TLS), without opening a channel."""
-        with self._lock:
-            return (self._index, *self._targets[self._index])
+            return i, channel
 
     def failed(self, index: int) -> None:
         with self._lock:
@@ -260,7 +251,6 @@ class GrpcTransport:
     def _connect(self) -> None:
         self._ingest = _Replicas(self.url, self._tls_ca)
         self._query = self._ingest if self._query_url == self.url else _Replicas(self._query_url, self._tls_ca)
-        self._streams = stream.AioStreams()
 
     def reopen(self) -> None:
         # The parent's channels share sockets with the parent: never close them here
@@ -268,7 +258,6 @@ class GrpcTransport:
         _INHERITED.extend(self._ingest.channels())
         if self._query is not self._ingest:
             _INHERITED.extend(self._query.channels())
-        _INHERITED.append(self._streams)  # its loop thread is not in the child; grpc.aio is not usable here
         self._connect()
 
     def _call(self, replicas: _Replicas, stub: Callable[[grpc.Channel], Any], method: str, request: Any,
@@ -315,21 +304,7 @@ class GrpcTransport:
 
     def stream_metrics(self, requests: Iterator[bytes]) -> AckStream:
         """Open the long-lived stream on the current ingest address; no deadline, the sender cancels it.
-        The requests are already serialized (``batcher.encode``): gRPC sends them as they are.
-        On ``grpc.aio`` (``stream.py``: nothing polls while it is open), except in a forked child
-        of a process that used it, where the synchronous stack is the one that works."""
-        if not stream.usable():
-            return self._sync_stream(requests)
-        index, target, secure = self._ingest.target()
-        try:
-            return self._streams.open(
-                target, secure, lambda: _open_channel(target, secure, self._tls_ca, grpc.aio), _STREAM_METRICS,
-                requests, self._metadata, _translate, lambda: self._ingest.failed(index), self._timeout)
-        except (ValueError, RuntimeError, TimeoutError) as exc:  # a closed channel or loop
-            self._ingest.failed(index)
-            raise ServerUnavailable(f"cannot open the metric stream: {exc!r}") from None
-
-    def _sync_stream(self, requests: Iterator[bytes]) -> AckStream:
+        The requests are already serialized (``batcher.encode``): gRPC sends them as they are."""
         index, channel = self._ingest.current()
         try:
             call = channel.stream_stream(_STREAM_METRICS, request_serializer=None,
@@ -368,7 +343,6 @@ class GrpcTransport:
         raise error
 
     def close(self) -> None:
-        self._streams.close()
         for channel in self._ingest.channels():
             channel.close()
         if self._query is not self._ingest:
