@@ -66,8 +66,8 @@ class Settings:
         Seconds a logged point may wait in the buffer before it is sent. Default 2.0.
     ``TRACKHOUSE_CLIENT_MAX_BATCH_POINTS``
         Points per metric batch; reaching it in the buffer wakes the sender at once.
-        Default 50000. Each batch costs the training process ~2 ms of background CPU on
-        top of its points (measured: docs/benchmarks.md, issue 5), so fewer, larger
+        Default 50000. Each batch costs the training process ~2 ms or more of background
+        CPU on top of its points (measured: docs/benchmarks.md, issue 5), so fewer, larger
         batches cost less; the interval bounds how late a point is sent.
     ``TRACKHOUSE_CLIENT_FLUSH_TIMEOUT``
         Default deadline in seconds of ``Run.flush()``. Default 10.0.
