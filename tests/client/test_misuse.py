@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,3 +92,51 @@ def test_bad_client_arguments(client: th.Client) -> None:
         client.search_runs(run_view="some")
     with pytest.raises(th.UsageError, match="unsupported trackhouse URL"):
         th.connect("http://localhost:5000")
+
+
+def test_values_are_stored_as_float_gives_them_whatever_the_key_order(tmp_path: Any) -> None:
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(spool_dir=str(tmp_path), replay_orphans=False))
+    run = client.start_run(experiment="order")
+    run.log_metrics({"a": 1.5, "b": np.float32(0.25), "c": 2**53 + 1}, step=0)
+    run.log_metrics({"c": True, "a": -0.0, "b": np.int64(7)}, step=1)  # same keys, another order
+    run.log_metrics({"a": float("inf")}, step=2)  # another key set
+    with pytest.raises(th.UsageError, match="'b' must be a number"):
+        run.log_metrics({"c": 1.0, "a": 2.0, "b": "x"}, step=3)  # back to a known key set, one bad value
+    run.log_metrics({"a": 3.0, "b": 4.0, "c": 5.0}, step=4)
+    assert client.flush(timeout=10.0)
+    got = {key: [(step, value) for step, _, value in transport.points(run.run_id, key)] for key in "abc"}
+    assert got == {"a": [(0, 1.5), (1, -0.0), (2, float("inf")), (4, 3.0)], "b": [(0, 0.25), (1, 7.0), (4, 4.0)],
+                   "c": [(0, float(2**53 + 1)), (1, 1.0), (4, 5.0)]}
+    assert client.stats()["points_logged"] == 10
+    client.close(timeout=5.0)
+
+
+def test_two_threads_logging_other_key_sets_into_one_run_never_mix_keys_and_values(tmp_path: Any) -> None:
+    # The system-metrics sampler logs into the training run from its own thread: a call must
+    # take keys, key block and packer from one key set even when the other thread switches it.
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(spool_dir=str(tmp_path), replay_orphans=False))
+    run = client.start_run(experiment="threads")
+    n = 5_000
+
+    def produce(name: str, sign: float) -> None:
+        for step in range(n):
+            run.log_metrics({f"{name}0": sign * step, f"{name}1": sign * step - 0.5}, step=step)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads far more often than the default 5 ms
+    try:
+        threads = [threading.Thread(target=produce, args=args) for args in (("a", 1.0), ("b", -1.0))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert client.flush(timeout=30.0)
+    for name, sign in (("a", 1.0), ("b", -1.0)):
+        for k, offset in ((0, 0.0), (1, -0.5)):
+            points = transport.points(run.run_id, f"{name}{k}")
+            assert sorted((step, value) for step, _, value in points) == [(s, sign * s + offset) for s in range(n)]
+    client.close(timeout=5.0)

@@ -1,14 +1,16 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
-``Batcher`` owns the process's not-yet-sent points. The hot path appends one
-*row* per ``log`` call — (run slot, step, timestamp, key block, values), the
-values converted and checked by one ``array("d", ...)`` in C — with one
-``list.append`` and no lock: under the GIL a ``list.append`` is atomic, only
-this module's consumer side removes rows, and it removes a prefix it has
-copied (``rows[:n]``, then ``del rows[:n]``) while holding the lock, so a row
-appended meanwhile by any thread stays for the next take. The call runs with
-caches cold (after a training step), where cost follows the distinct code and
-data it touches more than its operation count: no lock, no counters, one object.
+``Batcher`` owns the process's not-yet-sent points. A log call appends one *row*
+— (run slot, step, timestamp, key block, values as native doubles) — to the shared
+list ``rows`` with one ``list.append`` and no lock: ``Run.log_metrics`` does it
+inline (one Python frame for the whole call, see ``run.py``), ``append_row`` is the
+same for other producers. Under the GIL a ``list.append`` is atomic, only this
+module's consumer side removes rows, and it removes a prefix it has copied
+(``rows[:n]``, then ``del rows[:n]``) while holding the lock, so a row appended
+meanwhile by any thread stays for the next take. The call runs with caches cold
+(after a training step), where cost follows the distinct code and data it touches
+more than its operation count: no lock, no counters, one object. Producers call
+``first_row`` only when they made the list non-empty (to arm the interval).
 Vectorized calls copy numpy chunks into an arena under the lock.
 Runs and keys are interned once for the life of the process: a ``Run`` keeps
 the interned key block of the key sets it logs, so it never looks a key up again.
@@ -21,11 +23,13 @@ keys it uses.
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
 
-Invariants: every row has ``len(block) == len(values)``; interned indices never
-change; ``appended`` (exact, computed under the lock) counts every value ever
-buffered: taken or discarded (``_done``), in chunks, and in rows (counted
-incrementally: rows are only ever added at the end). The producers' ``_fill``
-is an estimate, used only to wake the sender when the buffer fills.
+Invariants: every row has ``len(block)`` values; ``rows`` is one list for the life
+of the batcher (emptied in place after a fork); interned indices never change;
+``appended`` (exact, computed under the lock) counts every value ever buffered:
+taken or discarded (``_done``), in chunks, and in rows (counted incrementally: rows
+are only ever added at the end). Wake-ups on a full buffer are estimates (the
+producers' ``_fill``, a ``Run``'s row count): they only decide a wake-up, the sender
+counts exactly and also wakes on the interval.
 """
 
 from __future__ import annotations
@@ -156,7 +160,8 @@ def _le(column: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
 
 
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
-_Row = tuple[int, int, int, "array[int]", "array[float]"]  # run, step, timestamp, key block, values
+# run, step, timestamp, key block, values (native doubles: bytes from ``Run``'s struct pack, or an array)
+_Row = tuple[int, int, int, "array[int]", "bytes | array[float]"]
 _array = array
 _ARENA_MIN = 1 << 20  # values; the arena of vectorized calls starts at 16 MiB (steps + values)
 _ARENA_KEEP = 1 << 23  # arenas up to this many values are recycled, larger ones freed
@@ -194,7 +199,7 @@ class Batcher:
         self._run_slots: dict[str, int] = {}
         self._key_slots: dict[str, int] = {}
         self.accepting = True
-        self._rows: list[_Row] = []
+        self.rows: list[_Row] = []  # shared with producers (``Run``): they only ever append
         self._done = 0  # points taken or discarded so far
         self._arena: _Arena | None = None
         self._spare: _Arena | None = None  # recycled by the sender once it has encoded a take
@@ -212,7 +217,7 @@ class Batcher:
     def _row_points(self, n: int) -> int:
         """Points in the first ``n`` rows (lock held): only rows added since the last call are counted."""
         if n > self._counted_rows:
-            self._counted_points += sum([len(row[3]) for row in self._rows[self._counted_rows : n]])
+            self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]])
             self._counted_rows = n
         return self._counted_points
 
@@ -220,11 +225,11 @@ class Batcher:
     def appended(self) -> int:
         """Points appended since the batcher was created (monotonic)."""
         with self._lock:
-            return self._done + self._chunk_points + self._row_points(len(self._rows))
+            return self._done + self._chunk_points + self._row_points(len(self.rows))
 
     def state(self) -> BufferState:
         with self._lock:
-            points = self._chunk_points + self._row_points(len(self._rows))
+            points = self._chunk_points + self._row_points(len(self.rows))
             if points and self._oldest is None:  # a row's producer lost the race to record it
                 self._oldest = self._clock()
             return BufferState(points, self._oldest if points else None)
@@ -264,7 +269,7 @@ class Batcher:
         if len(vals) != n:  # a mapping changed size under us: keep columns aligned
             raise ValueError("the metrics mapping changed while it was logged")
         row = (run, step, timestamp, block, vals)
-        rows = self._rows
+        rows = self.rows
         rows.append(row)
         fill = self._fill + n  # an estimate (racing producers may lose an update, a racing take may
         # leave a stale one): it only decides a wake-up, the sender counts exactly
@@ -276,6 +281,18 @@ class Batcher:
         except IndexError:  # taken meanwhile: the sender has it
             return False
         return fill >= self._max_points > fill - n
+
+    def first_row(self, row: object) -> bool:
+        """Called by a producer that appended ``row`` to ``rows`` and saw the list at one row:
+        True (the sender should be woken to arm the interval) when ``row`` is still the first
+        of the buffer; False when the sender took it meanwhile or another row came first."""
+        try:
+            if self.rows[0] is row:  # only one producer can see that
+                self._oldest = self._clock()
+                return True
+        except IndexError:  # taken meanwhile: the sender has it
+            pass
+        return False
 
     def append_arrays(self, run: int, key: int, steps: npt.NDArray[Any], timestamps: npt.NDArray[np.int64] | int,
                       values: npt.NDArray[Any]) -> bool:
@@ -292,7 +309,7 @@ class Batcher:
                 arena = self._arena = spare if spare is not None and len(spare.values) >= size else _Arena(size)
             own_steps, own_values = arena.put(steps, values)
             self._chunks.append((run, key, own_steps, timestamps, own_values))
-            before = self._chunk_points + self._row_points(len(self._rows))
+            before = self._chunk_points + self._row_points(len(self.rows))
             self._chunk_points += n
             if before == 0:
                 self._oldest = self._clock()
@@ -301,10 +318,10 @@ class Batcher:
 
     def _remove(self) -> tuple[list[_Row], list[_Chunk], int]:
         """Every buffered row and chunk, and their points, out of the buffer (lock held)."""
-        n = len(self._rows)
+        n = len(self.rows)
         points = self._row_points(n) + self._chunk_points
-        rows = self._rows[:n]
-        del self._rows[:n]  # rows appended since len() stay
+        rows = self.rows[:n]
+        del self.rows[:n]  # rows appended since len() stay
         chunks = self._chunks
         self._done += points
         self._reset()
@@ -338,9 +355,10 @@ class Batcher:
             return self._remove()[2]
 
     def after_fork(self) -> None:
-        """In a forked child: a fresh lock (the parent's may be held) and no parent points."""
+        """In a forked child: a fresh lock (the parent's may be held) and no parent points
+        (the row list is emptied in place: the child's ``Run``s hold it)."""
         self._lock = threading.Lock()
-        self._rows = []
+        self.rows.clear()
         self._reset()
         self._arena = self._spare = self._lent = None
         self._done = 0

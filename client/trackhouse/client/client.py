@@ -75,6 +75,7 @@ class Client:
         self._sender = Sender(transport, self._batcher, self.settings)
         self._experiments: dict[str, str] = {}
         self._samplers: list[SystemSampler] = []
+        self._runs: weakref.WeakSet[Run] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
         self._ordinal = 0
@@ -176,6 +177,8 @@ class Client:
     def _handle(self, run_id: str, experiment_id: str, name: str) -> Run:
         self._sender.start()
         run = Run(self, run_id, experiment_id, name, key_prefix=distributed.key_prefix(self.settings))
+        with self._lock:
+            self._runs.add(run)  # told when the client closes (their log calls then raise)
         interval = self.settings.system_metrics_interval
         if interval > 0:
             sampler = SystemSampler(run.log_metrics, interval)
@@ -254,6 +257,10 @@ class Client:
             sampler.stop()
         delivered = self._sender.close(self.settings.close_timeout if timeout is None else timeout)
         self._batcher.accepting = False
+        with self._lock:
+            runs = list(self._runs)
+        for run in runs:
+            run._client_closed()
         self.transport.close()
         _report(self._sender.stats(), self.settings, self.spool_path, delivered)
         return delivered

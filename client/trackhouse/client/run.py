@@ -1,12 +1,20 @@
 """``Run``: the handle a training loop logs through.
 
-The hot path (``log``, ``log_metrics``) validates with exact type checks and
-appends to the client's ``Batcher`` — no network, no lock, no per-value Python
-call in the common case: the run caches the interned key block of each key set
-it has logged, and the values become one ``array("d")`` appended as one row.
-Anything unusual (a new key set, a numpy scalar, a bad value) takes the slow
-path, which validates value by value and says what is wrong; a bad call
-appends nothing.
+The hot path (``log``, ``log_metrics``) is one Python frame: exact type checks,
+the key set compared with the last one logged (``tuple(metrics)``: identity
+compares, no hashing), the values converted and checked by one precompiled
+``struct`` pack in C (``PyFloat_AsDouble`` per value: what ``float()`` takes,
+strings refused), and one ``list.append`` of the row
+``(run, step, timestamp, key block, values)`` to the batcher's shared row list —
+no lock (see ``batcher.py``), no call into the batcher except on the first row of
+an empty buffer and when the buffer fills (to wake the sender). Anything unusual
+(a new key set, a value ``struct`` refuses) takes the slow path, which validates
+value by value and says what is wrong; a bad call appends nothing.
+
+Why one frame and ``struct`` (measured, ``loadtests/client_call_ab.py``): right
+after a training step the call runs with caches cold, and there a second frame,
+the batcher's bookkeeping and ``array("d", ...)`` (which parses a format string
+per value) cost more than the values themselves.
 
 Params, tags and the final status go through the client (``Client._submit``),
 which spools them when the server is away or the client is offline.
@@ -14,11 +22,13 @@ which spools them when the server is away or the client is offline.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
+import struct
 import time
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, SupportsFloat, SupportsIndex, cast
 
@@ -26,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.client.batcher import Batcher
-from trackhouse.client.errors import TrackhouseError, UsageError
+from trackhouse.client.errors import UsageError
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
 if TYPE_CHECKING:
@@ -37,8 +47,16 @@ logger = logging.getLogger(__name__)
 _I64 = 2**63
 _TERMINAL = ("FINISHED", "FAILED", "KILLED")
 _MAX_KEY_SETS = 256  # cached key blocks per run; a loop logs a handful of distinct key sets
-_ACTIVE, _FINISHED, _DISABLED = 0, 1, 2
+_ACTIVE, _FINISHED, _DISABLED, _CLOSED = 0, 1, 2, 3
 _time_ns = time.time_ns
+
+
+_KeySet = tuple[tuple[str, ...], "array[int]", Callable[..., bytes], int]  # keys, block, pack, full
+
+
+@functools.lru_cache(maxsize=64)
+def _packer(n: int) -> struct.Struct:
+    return struct.Struct(f"{n}d")
 
 
 def now_ms() -> int:
@@ -107,13 +125,18 @@ class Run:
         self.name = name
         self._client = client
         self._batcher: Batcher = client._batcher
+        self._rows = self._batcher.rows  # shared with the batcher: producers only append (batcher.py)
         self._wake = client._sender.wake
+        self._max_points = client.settings.max_batch_points
         self._prefix = key_prefix
         self._slot = self._batcher.intern_run(run_id)
         self._state = _ACTIVE if enabled else _DISABLED
-        self._blocks: dict[tuple[str, ...], array[int]] = {}
-        self._last_keys: tuple[str, ...] = ()
-        self._last_block: array[int] = array("I")
+        self._sets: dict[tuple[str, ...], _KeySet] = {}
+        # The key set of the last call and what the hot path needs of it, in one tuple that a
+        # call reads once: another thread logging into this run (the system-metrics sampler)
+        # may switch it meanwhile, and keys, block and packer must come from the same set.
+        # The empty key set is never logged, so the first call always switches.
+        self._current: _KeySet = ((), array("I"), _packer(0).pack, 1)
         self._status_sent = False
 
     def __repr__(self) -> str:
@@ -139,30 +162,51 @@ class Run:
         if type(step) is not int or not -_I64 <= step < _I64:
             step = check_int("step", step)
         ts = _time_ns() // 1_000_000 if timestamp is None else check_int("timestamp", timestamp)
-        keys = tuple(metrics)
-        block = self._last_block if keys == self._last_keys else self._block(keys)
+        current = self._current
+        if tuple(metrics) != current[0]:
+            current = self._switch(tuple(metrics))
         try:
-            wake = self._batcher.append_row(self._slot, step, ts, block, metrics.values())
-        except TrackhouseError:
-            raise
-        except Exception:  # a value array.array refused: find it and say what to do
-            values = [check_metric(k, v) for k, v in metrics.items()]
-            wake = self._batcher.append_row(self._slot, step, ts, block, values)
-        if wake:
+            values = current[2](*metrics.values())
+        except Exception:  # a value struct refused (or the mapping changed meanwhile): find it, say what to do
+            current, values = self._checked(metrics)
+        row = (self._slot, step, ts, current[1], values)
+        rows = self._rows
+        rows.append(row)
+        count = len(rows)
+        if count < 3 or count == current[3]:
+            self._arm(row, count == current[3])
+
+    def _arm(self, row: object, full: bool) -> None:
+        """After an append that may have made the buffer non-empty (``len(rows)`` 1, or 2 when
+        another thread appended between our append and ``len``), or full: wake the sender."""
+        if full or self._batcher.first_row(row):
             self._wake()
 
-    def _block(self, keys: tuple[str, ...]) -> array[int]:
-        block = self._blocks.get(keys)
-        if block is None:
+    def _switch(self, keys: tuple[str, ...]) -> _KeySet:
+        """Make ``keys`` the current key set (validated and interned once per run); returns it."""
+        found = self._sets.get(keys)
+        if found is None:
             if not keys:
                 raise UsageError("log_metrics() needs at least one metric, e.g. {'loss': 0.5}")
-            prefix = self._prefix
-            block = self._batcher.intern_keys([prefix + check_key(k) for k in keys])
-            if len(self._blocks) >= _MAX_KEY_SETS:
-                self._blocks.clear()
-            self._blocks[keys] = block
-        self._last_keys, self._last_block = keys, block
-        return block
+            block = self._batcher.intern_keys([self._prefix + check_key(k) for k in keys])
+            found = (keys, block, _packer(len(block)).pack, max(1, self._max_points // len(block)))
+            if len(self._sets) >= _MAX_KEY_SETS:
+                self._sets.clear()
+            self._sets[keys] = found
+        self._current = found  # one store: a racing call reads the old set or this one, whole
+        return found
+
+    def _checked(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, bytes]:
+        items = list(metrics.items())  # one snapshot: keys and values agree
+        values = [check_metric(k, v) for k, v in items]
+        current = self._switch(tuple(k for k, _ in items))
+        return current, current[2](*values)
+
+    def _block_of(self, key: str) -> array[int]:
+        found = self._sets.get((key,)) if type(key) is str else None
+        if found is None:
+            found = self._switch((check_key(key),))
+        return found[1]
 
     def log_array(self, key: str, steps: npt.ArrayLike, values: npt.ArrayLike, *,
                   timestamps: npt.ArrayLike | None = None) -> None:
@@ -173,9 +217,7 @@ class Run:
         """
         if self._state:
             return self._inactive()
-        block = self._blocks.get((key,)) if type(key) is str else None
-        if block is None:
-            block = self._block((check_key(key),))
+        block = self._block_of(key)
         steps_a = _int_column("steps", steps)
         values_a = np.asarray(values)
         if values_a.dtype.kind not in "fiub" or values_a.ndim != 1 or len(values_a) != len(steps_a):
@@ -195,7 +237,14 @@ class Run:
     def _inactive(self) -> None:
         if self._state == _FINISHED:
             raise UsageError(f"run {self.run_id} is finished; start a new run with client.start_run()")
+        if self._state == _CLOSED:
+            raise UsageError("the client is closed; create a new one with trackhouse.client.connect()")
         # disabled rank: validate nothing more and drop the call
+
+    def _client_closed(self) -> None:
+        """The client was closed: logging calls raise from now on (a disabled rank's stay no-ops)."""
+        if self._state == _ACTIVE:
+            self._state = _CLOSED
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (write-once: another value for a logged key raises InvalidArgument)."""
