@@ -61,7 +61,7 @@ def build(store: Store) -> None:
             ON t.run_id = r.run_id
         LEFT JOIN ({_map(f'{DB}.search_metrics FINAL', latest_value('last_key'), '', 'Float64')}) AS m
             ON m.run_id = r.run_id
-        SETTINGS max_memory_usage = 16000000000, join_algorithm = 'parallel_hash'""")
+        SETTINGS max_memory_usage = 20000000000, join_algorithm = 'parallel_hash'""")
     built = time.monotonic() - started
     store.command(f"OPTIMIZE TABLE {WIDE} FINAL")
     size = store.query_rows(
