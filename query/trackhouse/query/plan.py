@@ -32,30 +32,45 @@ from trackhouse.store.schema import check_identifier, latest_value
 RUNS = "search_runs"
 
 
-def key_values(entity: str, db: str, key: str) -> tuple[str, str]:
-    """(subquery of run_id, v for one key, ClickHouse type of v); `key` is a bound placeholder."""
+def key_values(entity: str, db: str, key: str, restrict: str = "") -> tuple[str, str]:
+    """(subquery of run_id, v for one key, ClickHouse type of v); `key` is a bound placeholder.
+
+    `restrict`: a condition on run_id (`run_id IN {ids}`) that every row must also meet;
+    run_id is in each copy's sorting key, so it narrows the primary-key range read.
+    """
+    more = f" AND {restrict}" if restrict else ""
     if entity == METRICS:
-        return (f"SELECT run_id, {latest_value('last_key')} AS v FROM {db}.search_metrics FINAL WHERE key = {key}",
-                "Float64")
+        return (f"SELECT run_id, {latest_value('last_key')} AS v FROM {db}.search_metrics FINAL "
+                f"WHERE key = {key}{more}", "Float64")
     if entity == PARAMS:
-        return f"SELECT run_id, value AS v FROM {db}.search_params FINAL WHERE key = {key}", "String"
-    return f"SELECT run_id, value AS v FROM {db}.search_tags FINAL WHERE key = {key} AND deleted = 0", "String"
+        return f"SELECT run_id, value AS v FROM {db}.search_params FINAL WHERE key = {key}{more}", "String"
+    return (f"SELECT run_id, value AS v FROM {db}.search_tags FINAL WHERE key = {key} AND deleted = 0{more}",
+            "String")
 
 
-def compile_search_filter(node: Node, db: str, binder: Binder) -> str:
-    """A boolean expression over the columns of `search_runs FINAL`."""
+def compile_search_filter(node: Node, db: str, binder: Binder, restrict: str = "") -> str:
+    """A boolean expression over the columns of `search_runs FINAL`; `restrict` as in `key_values`."""
     check_identifier(db)
     if isinstance(node, And | Or):
         joiner = " AND " if isinstance(node, And) else " OR "
-        return "(" + joiner.join(compile_search_filter(item, db, binder) for item in node.items) + ")"
-    return _comparison(node, db, binder)
+        return "(" + joiner.join(compile_search_filter(item, db, binder, restrict) for item in node.items) + ")"
+    return _comparison(node, db, binder, restrict)
 
 
-def _comparison(c: Comparison, db: str, binder: Binder) -> str:
+def has_key_terms(node: Node | None) -> bool:
+    """Whether the filter compares any param, tag or metric (a set of run ids each)."""
+    if node is None:
+        return False
+    if isinstance(node, And | Or):
+        return any(has_key_terms(item) for item in node.items)
+    return node.entity != ATTRIBUTES
+
+
+def _comparison(c: Comparison, db: str, binder: Binder, restrict: str = "") -> str:
     if c.entity == ATTRIBUTES:
         return condition(c.key, c, binder)
     key = binder.bind(c.key, "String")
-    sub, _ = key_values(c.entity, db, key)
+    sub, _ = key_values(c.entity, db, key, restrict)
     if c.entity == PARAMS:
         # Params are write-once (ingest refuses another value): every row of a (key, run)
         # holds the same value, so a set of run ids needs no FINAL (5-10x cheaper on

@@ -32,6 +32,9 @@ class QuerySettings:
     history_page: int = 25_000
     max_history_page: int = 1_000_000
     max_filter_length: int = 10_000
+    # Runs in the first window of a filtered page in start-time order (search.py,
+    # `_windowed_rows`; the second window is 8x this).
+    search_window: int = 2_000
     max_export_runs: int = 10_000
     max_export_points: int = 50_000_000
     max_query_seconds: float = 30.0
