@@ -28,7 +28,7 @@ from trackhouse.query.order import OrderKey, parse_order_by
 from trackhouse.query.plan import RUNS, compile_search_filter, has_key_terms, key_values, split_pushed, value_condition
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
-from trackhouse.store import RunDetails, RunRecord, Store
+from trackhouse.store import RunDetails, RunRecord, Store, run_id_prefix
 from trackhouse.store.reads import Rows, Steps
 
 VIEWS = {"ACTIVE_ONLY": ("active",), "DELETED_ONLY": ("deleted",), "ALL": ("active", "deleted")}
@@ -51,7 +51,7 @@ WINDOW_READ = 1000
 def _clustered(window: Sequence[tuple[Any, ...]]) -> bool:
     """Whether most of a window's ids (rows of run_id, start_time, ...) begin with their
     start time: ids trackhouse minted, which sit together in every copy."""
-    minted = sum(1 for row in window if row[0][:12] == f"{max(0, min(row[1], (1 << 48) - 1)):012x}")
+    minted = sum(1 for row in window if row[0][:12] == run_id_prefix(row[1]))
     return minted * 10 >= len(window) * 9
 
 

@@ -16,6 +16,7 @@ from trackhouse.store.records import (
     RunRecord,
     TokenRecord,
     new_run_id,
+    run_id_prefix,
 )
 from trackhouse.store.store import Store, new_version, open_store
 
@@ -41,4 +42,5 @@ __all__ = [
     "new_version",
     "open_store",
     "parse_dsn",
+    "run_id_prefix",
 ]

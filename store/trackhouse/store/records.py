@@ -24,7 +24,12 @@ def new_run_id(start_time: int) -> str:
     together in every table sorted by run id (docs/search.md, "Run ids that sort by
     start time"); the other 80 bits are random. Times past 2^48 ms (year 10889) clamp.
     """
-    return f"{min(max(start_time, 0), _MAX_ID_TIME):012x}{secrets.token_hex(10)}"
+    return run_id_prefix(start_time) + secrets.token_hex(10)
+
+
+def run_id_prefix(start_time: int) -> str:
+    """The 12 hex digits a run id minted for `start_time` begins with (`new_run_id`)."""
+    return f"{min(max(start_time, 0), _MAX_ID_TIME):012x}"
 
 
 @dataclass(frozen=True)
