@@ -56,6 +56,21 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+def _settle_unread(outcomes: asyncio.Queue[Awaitable[Outcome] | None]) -> None:
+    """Outcomes a stream ended before reading (it aborted on an earlier failure): their
+    batches are not acknowledged, so the client resends them; retrieve their errors so
+    that none is logged as "Task exception was never retrieved" when it settles."""
+    while not outcomes.empty():
+        item = outcomes.get_nowait()
+        if isinstance(item, asyncio.Future):
+            item.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     """End the call with the status for `exc`; UNAVAILABLE carries a retry delay."""
     code, message = status_for(exc)
@@ -257,6 +272,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             if left:
                 self._streams_by_peer[peer] = left
             reader.cancel()
+            _settle_unread(outcomes)
 
     async def _read(self, request_iterator: AsyncIterator[Any],
                     outcomes: asyncio.Queue[Awaitable[Outcome] | None], allowed: frozenset[str] | None) -> None:
