@@ -6,6 +6,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -175,3 +176,49 @@ def test_atexit_delivers_what_a_script_left_unflushed(fake: Any, tmp_path: Any) 
     done = subprocess.run([sys.executable, str(script), fake.address], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     assert sum(len(b.steps) // 8 for b in fake.ingest.stored.values()) == 100
+
+
+class _HungFirstStream(th.MemoryTransport):
+    """Its first metric stream takes the batches, never acks them and ignores ``cancel``: the
+    receive gRPC once left pending after a server's GOAWAY (its reader never saw the end)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.streams = 0
+
+    def stream_metrics(self, requests: Iterator[bytes]) -> Any:
+        self.streams += 1
+        if self.streams > 1:
+            return super().stream_metrics(requests)
+        release = self.release
+
+        class Hung:
+            def __iter__(self) -> Iterator[Any]:
+                release.wait()
+                return iter(())
+
+            def cancel(self) -> None:
+                pass
+
+        return Hung()
+
+
+def test_a_stream_that_never_ends_after_cancel_is_abandoned_and_its_batches_resent(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport = _HungFirstStream()
+    client = th.Client(transport, th.Settings(flush_interval=0.02, ack_timeout=0.2, backoff_initial=0.01,
+                                              backoff_max=0.05, spool_dir=str(tmp_path), replay_orphans=False))
+    try:
+        run = client.start_run(experiment="hung")
+        with caplog.at_level(logging.WARNING, logger="trackhouse.client"):
+            for step in range(500):
+                run.log(step=step, loss=float(step))
+            assert client.flush(timeout=10.0)
+        assert transport.streams >= 2 and client.stats()["reconnects"] >= 1
+        assert [v for s, _, v in transport.points(run.run_id, "loss")] == [float(s) for s in range(500)]
+        assert any("never ended" in r.getMessage() for r in caplog.records)
+    finally:
+        transport.release.set()  # the abandoned reader returns; its end belongs to an old generation
+        client.close(timeout=5.0)

@@ -64,7 +64,7 @@ class Sender:
         self._wake = threading.Event()
         self._outbox = Outbox()
         self._seq = self._taken = 0
-        self._forced = self._stopping = self._spill_warned = False
+        self._forced = self._stopping = self._spill_warned = self._cancelled = False
         self._worker: threading.Thread | None = None
         self._queue: queue.SimpleQueue[bytes | None] | None = None
         self._stream: AckStream | None = None
@@ -258,13 +258,17 @@ class Sender:
                                                          now=now, timeout=self._settings.ack_timeout):
                 return
             self._last_progress = now  # one cancel per stall
-        if stream is not None:
-            logger.warning("trackhouse: no ack for %.0f s; reconnecting", self._settings.ack_timeout)
-            stream.cancel()  # the reader sees the end and schedules the reconnect
+            generation, abandon, self._cancelled = self._generation, self._cancelled, True
+        if stream is not None:  # a reader that never saw the end of its cancelled call (gRPC, once,
+            if abandon:         # after a GOAWAY) is given up on: its late end is of an old generation
+                self._on_stream_end(generation, ServerUnavailable("the cancelled metric stream never ended"))
+            else:
+                logger.warning("trackhouse: no ack for %.0f s; reconnecting", self._settings.ack_timeout)
+                stream.cancel()  # the reader sees the end and schedules the reconnect
             return
         with self._cond:
             self._generation += 1
-            generation = self._generation
+            generation, self._cancelled = self._generation, False
             q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
             self._queue, self._last_progress = q, now
             self._outbox.restart()
@@ -353,8 +357,7 @@ class Sender:
                 return
             if self._away_since is not None:
                 logger.info("metric stream to %s restored", getattr(self._transport, "url", "server"))
-            self._attempt, self._away_since, self._last_progress = 0, None, self._clock()
-            self._spill_warned = False
+            self._attempt, self._away_since, self._last_progress, self._spill_warned = 0, None, self._clock(), False
             if item.loc is not None:
                 self._released.append(item.loc)
             rejected = ack.status == ingest_pb2.REJECTED
@@ -365,15 +368,14 @@ class Sender:
         if item.loc is not None:
             self._wake.set()
         if rejected:
-            logger.warning(
-                "trackhouse rejected metric batch seq=%d (%d points), code %d: %s",
-                ack.seq, item.points, ack.code, ack.message,
-            )  # fmt: skip
+            logger.warning("trackhouse rejected metric batch seq=%d (%d points), code %d: %s",
+                           ack.seq, item.points, ack.code, ack.message)
 
     def _on_stream_end(self, generation: int, error: TrackhouseError | None) -> None:
         with self._cond:
             if generation != self._generation:
                 return
+            self._generation += 1  # this call's end is handled once, by whoever reports it first
             if self._queue is not None:
                 self._queue.put(None)  # ends gRPC's request-consumer thread of the dead call
             self._queue = self._stream = None
@@ -392,8 +394,6 @@ class Sender:
                 self._away_since = now
             pending = len(self._outbox)
         if first and not self._stopping:
-            logger.warning(
-                "metric stream to %s ended (%s); reconnecting with backoff, %d batches awaiting ack",
-                getattr(self._transport, "url", "server"), error or "closed by the server", pending,
-            )  # fmt: skip
+            logger.warning("metric stream to %s ended (%s); reconnecting with backoff, %d batches awaiting ack",
+                           getattr(self._transport, "url", "server"), error or "closed by the server", pending)
         self._wake.set()
