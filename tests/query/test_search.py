@@ -25,6 +25,7 @@ from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query import search as search_module
 from trackhouse.query.errors import InvalidArgument
+from trackhouse.query.runindex import RunIndex, changed_since
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec
@@ -589,3 +590,117 @@ def test_in_on_string_attributes_and_aliases(env: Env) -> None:
     assert env.ids(filter="run.status IN ('FAILED', 'RUNNING') AND run_name NOT IN ('run-1')") == env.ids(filter=text)
     one = env.models[0]
     assert env.ids(filter=f"attr.run_id IN ('{one.run_id}')", run_view_type=common_pb2.ALL) == [one.run_id]
+
+
+# -- the run index (schema migration 8) ----------------------------------------------------------
+
+ODD_KEYS = {"params": {"a.b": "2020-01-01", "x y": "12", "k" * 250: "long"},
+            "tags": {"ü.tag": "2020-01-01 10:00:00", "mlflow.note": "v"},
+            "metrics": {"eval.loss": math.nan, "val/acc": -math.inf, "z": -0.0}}
+
+
+def _put_metrics(store: Store, run_id: str, values: dict[str, float]) -> None:
+    keys = list(values)
+    store.insert_arrow("metrics", pa.table({
+        "run_id": [run_id] * len(keys), "key": keys, "step": pa.array([0] * len(keys), pa.int64()),
+        "timestamp": pa.array([T0] * len(keys), pa.int64()), "value": pa.array(list(values.values()), pa.float64()),
+        "writer_id": ["w"] * len(keys), "seq": pa.array([1] * len(keys), pa.uint64()),
+    }))
+
+
+@pytest.fixture(scope="module")
+def indexed(chdb_dsn: str) -> Iterator[tuple[Store, list[Model]]]:
+    """The seeded runs plus keys with dots, spaces, 250 characters, date-like strings, NaN, ±inf
+    and -0.0, then one refresher pass (a first build in chunks of 5 runs) with no lag."""
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        odd = models[1]
+        store.put_params(odd.run_id, list(ODD_KEYS["params"].items()))
+        store.put_tags(odd.run_id, list(ODD_KEYS["tags"].items()))
+        _put_metrics(store, odd.run_id, ODD_KEYS["metrics"])
+        odd.params.update(ODD_KEYS["params"])
+        odd.tags.update(ODD_KEYS["tags"])
+        odd.metrics.update(ODD_KEYS["metrics"])
+        index = RunIndex(store, lag=0.0, chunk_runs=5)
+        assert index.refresh() == len(models)
+        watermark, usable = index.state()
+        changed = changed_since(store.database, str(watermark))
+        assert usable and store.query_rows(f"SELECT count() FROM {changed}") == [(0,)]  # all from the index
+        yield store, models
+    finally:
+        store.close()
+
+
+INDEX_FILTERS: list[tuple[str, Callable[[Model], bool]]] = [
+    *FILTERS,
+    ("", lambda m: True),
+    ("params.`a.b` = '2020-01-01'", lambda m: m.params.get("a.b") == "2020-01-01"),
+    ("params.`x y` >= 12 AND params.`a.b` LIKE '2020%'", lambda m: m.params.get("x y") == "12"),
+    (f"params.{'k' * 250} = 'long'", lambda m: m.params.get("k" * 250) == "long"),
+    ("tags.`ü.tag` != 'x' AND tags.`mlflow.note` IN ('v')", lambda m: "ü.tag" in m.tags),
+    ("metrics.`eval.loss` != 1", lambda m: "eval.loss" in m.metrics),  # NaN != 1
+    ("metrics.`val/acc` < 0 OR metrics.z = 0", lambda m: "z" in m.metrics),
+    ("metrics.loss > -1e308", lambda m: m.metrics.get("loss", math.nan) > -1e308),  # not NaN, not missing
+    ("tags.x ILIKE 'B%' OR attributes.end_time > 0", lambda m: m.tags.get("x", "").lower().startswith("b")
+     or (m.info.end_time or 0) > 0),
+]
+
+
+@pytest.mark.parametrize(("text", "predicate"), INDEX_FILTERS, ids=[f[:60] for f, _ in INDEX_FILTERS])
+def test_counts_read_from_the_run_index_equal_the_reference(indexed: tuple[Store, list[Model]], text: str,
+                                                            predicate: Callable[[Model], bool]) -> None:
+    store, models = indexed
+    for view, stages in (("ACTIVE_ONLY", {"active"}), ("ALL", {"active", "deleted"})):
+        chosen = [m for m in models if m.info.lifecycle_stage in stages and predicate(m)]
+        assert direct_search(store).count(SearchRequest(filter=text, view=view)) == len(chosen), view
+    e2 = [m for m in active(models) if m.info.experiment_id == "e2" and predicate(m)]
+    assert direct_search(store).count(SearchRequest(experiment_ids=("e2",), filter=text)) == len(e2)
+
+
+def test_the_run_index_answers_even_without_the_per_key_copies(chdb_dsn: str) -> None:
+    """Counts of unchanged runs come from the index: emptied copies do not change them."""
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        RunIndex(store, lag=0.0).refresh()
+        text, predicate = FILTERS[4]
+        expected = len([m for m in active(models) if predicate(m)])
+        for table in ("search_params", "search_tags", "search_metrics"):
+            store.command(f"TRUNCATE TABLE {store.database}.{table}")
+        assert expected > 0 and direct_search(store).count(SearchRequest(filter=text)) == expected
+        off = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_index=0))
+        assert off.count(SearchRequest(filter=text)) == 0  # the copies' plan: nothing left to match
+    finally:
+        store.close()
+
+
+def test_counts_are_read_after_write_between_refresher_passes(chdb_dsn: str) -> None:
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        index = RunIndex(store, lag=0.0)
+        index.refresh()
+        search = direct_search(store)
+
+        def count(text: str) -> int:
+            return search.count(SearchRequest(filter=text))
+
+        before = count("params.optimizer = 'adam'")
+        adam = next(m for m in active(models) if m.params.get("optimizer") == "adam")
+        store.put_run(RunRecord(**{**adam.info.__dict__, "lifecycle_stage": "deleted"}))  # deleted since
+        new = RunRecord(new_run_id(T0 + 99), "e1", "fresh", "bob", "RUNNING", T0 + 99, None, "active", "")
+        store.put_run(new)
+        store.put_params(new.run_id, [("optimizer", "adam")])
+        assert count("params.optimizer = 'adam'") == before  # one gone, one new
+        store.put_tags(new.run_id, [("stage", "prod")])
+        _put_metrics(store, new.run_id, {"loss": 0.25})
+        assert count("tags.stage = 'prod' AND metrics.loss < 0.3") == 1
+        store.put_tags(new.run_id, [("stage", "prod")], deleted=True)
+        assert count("tags.stage = 'prod'") == 0
+        assert index.refresh() >= 2  # the changed runs, recomputed
+        assert count("params.optimizer = 'adam'") == before and count("tags.stage = 'prod'") == 0
+        assert count("metrics.loss < 0.3 AND attributes.run_name = 'fresh'") == 1
+        assert index.refresh() == 0  # nothing changed since
+    finally:
+        store.close()

@@ -6,12 +6,14 @@ same app runs embedded beside ingest or alone.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
 from trackhouse.proto.v1 import query_pb2_grpc
 from trackhouse.query.downsample import MetricCharts
 from trackhouse.query.history import MetricHistory
+from trackhouse.query.runindex import Refresher, RunIndex
 from trackhouse.query.scope import sql_experiments
 from trackhouse.query.search import RunSearch
 from trackhouse.query.service import QueryServicer
@@ -27,6 +29,7 @@ class QueryApp:
     def __init__(self, store: Store, settings: QuerySettings | None = None) -> None:
         self.store = store
         self.settings = settings or QuerySettings()
+        self.refresher: Refresher | None = None
 
     async def start(self, server: Any) -> None:
         store = self.store
@@ -42,6 +45,12 @@ class QueryApp:
         self.servicer = QueryServicer(store, self.search, self.history, self.charts, self.sql,
                                       sql_scope=sql_experiments)
         query_pb2_grpc.add_QueryServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
+        if self.settings.run_index:
+            index = RunIndex(store, lag=self.settings.run_index_lag_seconds)
+            self.refresher = Refresher(index, self.settings.run_index_refresh_seconds)
+            self.refresher.start()
 
     async def stop(self) -> None:
+        if self.refresher is not None:
+            await asyncio.to_thread(self.refresher.stop)
         await self.store.close_async()

@@ -79,10 +79,11 @@ def _comparison(c: Comparison, db: str, binder: Binder, restrict: str = "") -> s
     return f"run_id IN (SELECT run_id FROM ({sub}) WHERE {value_condition(c, binder)})"
 
 
-def value_condition(c: Comparison, binder: Binder) -> str:
-    """The comparison `c` on the column `v` of `key_values(c.entity, ...)`."""
+def value_condition(c: Comparison, binder: Binder, value: str = "v") -> str:
+    """The comparison `c` on `value`: the column `v` of `key_values(c.entity, ...)`, or another
+    expression of the key's value (our own SQL) that is NULL where a run lacks the key."""
     numeric_param = c.entity == PARAMS and not isinstance(c.value, str | tuple)
-    column = "toFloat64OrNull(v)" if numeric_param else "v"
+    column = f"toFloat64OrNull({value})" if numeric_param else value
     number_type = "Float64" if c.entity in (METRICS, PARAMS) else ""
     return condition(column, c, binder, number_type)
 

@@ -26,6 +26,7 @@ from trackhouse.query.errors import InvalidArgument
 from trackhouse.query.filters import ATTRIBUTES, Binder, Comparison, Node, parse_filter
 from trackhouse.query.order import OrderKey, parse_order_by
 from trackhouse.query.plan import RUNS, compile_search_filter, has_key_terms, key_values, split_pushed, value_condition
+from trackhouse.query.runindex import INDEX, changed_since, compile_index_filter, state_sql
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, RunRecord, Store, run_id_prefix
@@ -252,12 +253,24 @@ class RunSearch:
         return self._store.run(self._count(req))
 
     def _count(self, req: SearchRequest) -> Steps[int]:
+        """The run index's count of runs unchanged since its watermark plus the per-key copies'
+        count of the runs changed since (`runindex`); the copies alone until the index is built."""
         if req.view not in VIEWS:
             raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
-        binder = Binder()
-        sql = f"SELECT count() FROM {self._store.database}.{RUNS} FINAL WHERE {self._where(req, binder)}"
-        rows = yield Rows(sql, binder.params)
-        return int(rows[0][0])
+        db, binder = self._store.database, Binder()
+        watermark, usable = (yield Rows(state_sql(db), {}))[0] if self._settings.run_index else (None, False)
+        if not usable or watermark is None:
+            sql = f"SELECT count() FROM {db}.{RUNS} FINAL WHERE {self._where(req, binder)}"
+            return int((yield Rows(sql, binder.params))[0][0])
+        changed = changed_since(db, binder.bind(int(watermark), "Int64"))
+        node = parse_filter(req.filter)
+        indexed = [self._where(req, binder, None), f"run_id NOT IN {changed}"]
+        if node is not None:
+            indexed.append(compile_index_filter(node, binder))
+        recent = self._where(req, binder, node, restrict=f"run_id IN {changed}")
+        sql = (f"SELECT (SELECT count() FROM {db}.{INDEX} FINAL WHERE {' AND '.join(indexed)}) "
+               f"+ (SELECT count() FROM {db}.{RUNS} FINAL WHERE {recent})")
+        return int((yield Rows(sql, binder.params))[0][0])
 
     def _where(self, req: SearchRequest, binder: Binder, node: Node | str | None = "parse",
                restrict: str = "") -> str:

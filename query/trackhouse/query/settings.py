@@ -16,6 +16,11 @@ Every variable (all optional):
     TRACKHOUSE_QUERY_SQL_MAX_RESULT_BYTES   bytes one SQL answer may hold, uncompressed (default 268435456)
     TRACKHOUSE_QUERY_SQL_MAX_MEMORY_USAGE   bytes of memory one SQL query may use (default 4294967296)
     TRACKHOUSE_QUERY_SQL_MAX_QUERY_LENGTH   longest SQL text accepted (default 100000 characters)
+    TRACKHOUSE_QUERY_RUN_INDEX              1: counts read the run index and this service refreshes it;
+                                            0: neither (another replica may refresh it) (default 1)
+    TRACKHOUSE_QUERY_RUN_INDEX_REFRESH_SECONDS  seconds between refresher passes (default 5)
+    TRACKHOUSE_QUERY_RUN_INDEX_LAG_SECONDS  how far the watermark trails a pass's start: longer than
+                                            an insert takes to commit (default 10)
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ class QuerySettings:
     # Runs in the first window of a filtered page in start-time order (search.py,
     # `_windowed_rows`; the second window is 8x this).
     search_window: int = 2_000
+    # The run index (runindex.py, schema migration 8): 1 = searches read it once built, and
+    # this service keeps it current, a pass every `run_index_refresh_seconds`, its watermark
+    # `run_index_lag_seconds` behind the pass (longer than any insert takes to commit).
+    run_index: int = 1
+    run_index_refresh_seconds: float = 5.0
+    run_index_lag_seconds: float = 10.0
     max_export_runs: int = 10_000
     max_export_points: int = 50_000_000
     max_query_seconds: float = 30.0
@@ -46,6 +57,8 @@ class QuerySettings:
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            if f.name in ("run_index", "run_index_lag_seconds") and getattr(self, f.name) >= 0:
+                continue
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"query setting {f.name} must be > 0, got {getattr(self, f.name)!r}")
         if self.default_max_results > self.max_results:

@@ -51,6 +51,7 @@ SHARD_KEYS = {
     "schema_migrations": "version",
     "api_tokens": "cityHash64(token_id)",
     "experiment_tags": "cityHash64(experiment_id)",
+    "run_index_state": "cityHash64(key)",
 }
 RUN_SHARD_KEY = "cityHash64(run_id)"
 # Views replaced by an explicit write in cluster mode (see the module docstring).

@@ -486,3 +486,58 @@ def sandbox_database(db: str) -> str:
 
 MIGRATIONS = (*MIGRATIONS, Migration(7, "sql sandbox: an empty database for user SQL",
                                      ("CREATE DATABASE IF NOT EXISTS {db}" + SANDBOX_SUFFIX,)))
+
+
+# Migration 8: the run index (docs/search.md, "The run index"). One row per run with
+# everything a filter or an order key can name: the record, and params, tags (not
+# deleted) and latest metric values as JSON columns whose paths are `k` + the key's
+# UTF-8 bytes in hex (a key is never pasted: every path is [0-9A-F], and a dot in a
+# key does not nest), each path stored as its own typed subcolumn. Metric values are
+# kept as their Int64 bit pattern (JSON drops NaN and ±inf, and would infer UInt64
+# for half of the patterns). Rows are recomputed by the query service's refresher
+# (trackhouse.query.runindex) for the runs named in `run_changes`, which views on
+# every run-major table fill; `run_index_state` holds the refresher's watermark:
+# every change before it is in the index, and searches answer runs changed since
+# with the per-key copies.
+RUN_CHANGES_TTL_DAYS = 7
+_RUN_INDEX = (
+    f"""
+    CREATE TABLE IF NOT EXISTS {{db}}.run_changes (
+        changed_at DateTime64(6),
+        run_id String
+    ) ENGINE = MergeTree ORDER BY changed_at
+    TTL toDateTime(changed_at) + INTERVAL {RUN_CHANGES_TTL_DAYS} DAY
+    """,
+    *(f"""
+    CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.run_changes_{source}_mv TO {{db}}.run_changes AS
+    SELECT DISTINCT now64(6) AS changed_at, run_id FROM {{db}}.{source}
+    """ for source in ("runs", "params", "tags", "latest_metrics")),
+    """
+    CREATE TABLE IF NOT EXISTS {db}.run_index (
+        start_time Int64,
+        run_id String,
+        experiment_id LowCardinality(String),
+        run_name String,
+        user_id String,
+        status LowCardinality(String),
+        end_time Nullable(Int64),
+        lifecycle_stage LowCardinality(String),
+        artifact_uri String,
+        params JSON,
+        tags JSON,
+        metrics JSON,
+        version UInt64
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY (start_time, run_id)
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS {db}.run_index_state (
+        key String,
+        watermark DateTime64(6),
+        runs UInt64,
+        updated DateTime64(6) DEFAULT now64(6)
+    ) ENGINE = ReplacingMergeTree(updated) ORDER BY key
+    """,
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(8, "run_index: one wide row per run, kept by a refresher from run_changes",
+                                     _RUN_INDEX))

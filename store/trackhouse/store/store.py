@@ -70,6 +70,8 @@ class Store:
         self._reader_count = readers
         self._writer: Any = None
         self._write_lock = threading.Lock()
+        self._maintenance: Any = None  # `maintain`'s own client, opened on first use
+        self._maintenance_lock = threading.Lock()
         self._readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(max_workers=readers + 1, thread_name_prefix="trackhouse-store")
         self._async: Any = None  # clickhouse-connect's AsyncClient, server stores only
@@ -147,7 +149,7 @@ class Store:
         self._executor.shutdown(wait=True)
         if self._sandbox is not None:
             self._sandbox.close()
-        clients = [self._writer]
+        clients = [self._writer, self._maintenance]
         while not self._readers.empty():
             clients.append(self._readers.get_nowait())
         for client in clients:
@@ -204,6 +206,20 @@ class Store:
         with self._reader() as client:
             try:
                 return client.query_arrow(sql, parameters=parameters, settings=self._read_settings or None)
+            except Exception as exc:
+                raise translate(exc) from None
+
+    def maintain(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
+        """Run a long statement of our own (an INSERT ... SELECT that rebuilds derived rows) on a
+        connection of its own: never under the write lock that ingest's inserts take, never
+        under the reads' time limit."""
+        with self._maintenance_lock:
+            if self._maintenance is None:
+                settings = {**layout.client_settings(self.layout, writer=True),
+                            **layout.client_settings(self.layout, writer=False)}
+                self._maintenance = connect(self.dsn, settings, self.settings)
+            try:
+                self._maintenance.command(sql, parameters=parameters)
             except Exception as exc:
                 raise translate(exc) from None
 

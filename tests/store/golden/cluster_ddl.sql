@@ -81,3 +81,15 @@ ALTER TABLE trackhouse.search_tags_local ON CLUSTER th_cluster DELETE WHERE star
 -- migration 7: sql sandbox: an empty database for user SQL;
 CREATE TABLE trackhouse.migration_lock_7 ON CLUSTER th_cluster (owner String) ENGINE = Memory;
 CREATE DATABASE IF NOT EXISTS trackhouse_sql ON CLUSTER th_cluster;
+-- migration 8: run_index: one wide row per run, kept by a refresher from run_changes;
+CREATE TABLE trackhouse.migration_lock_8 ON CLUSTER th_cluster (owner String) ENGINE = Memory;
+CREATE TABLE IF NOT EXISTS trackhouse.run_changes_local ON CLUSTER th_cluster ( changed_at DateTime64(6), run_id String ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/trackhouse/run_changes_local', '{replica}') ORDER BY changed_at TTL toDateTime(changed_at) + INTERVAL 7 DAY;
+CREATE TABLE IF NOT EXISTS trackhouse.run_changes ON CLUSTER th_cluster AS trackhouse.run_changes_local ENGINE = Distributed(th_cluster, trackhouse, run_changes_local, cityHash64(run_id));
+CREATE MATERIALIZED VIEW IF NOT EXISTS trackhouse.run_changes_runs_mv ON CLUSTER th_cluster TO trackhouse.run_changes_local AS SELECT DISTINCT now64(6) AS changed_at, run_id FROM trackhouse.runs_local;
+CREATE MATERIALIZED VIEW IF NOT EXISTS trackhouse.run_changes_params_mv ON CLUSTER th_cluster TO trackhouse.run_changes_local AS SELECT DISTINCT now64(6) AS changed_at, run_id FROM trackhouse.params_local;
+CREATE MATERIALIZED VIEW IF NOT EXISTS trackhouse.run_changes_tags_mv ON CLUSTER th_cluster TO trackhouse.run_changes_local AS SELECT DISTINCT now64(6) AS changed_at, run_id FROM trackhouse.tags_local;
+CREATE MATERIALIZED VIEW IF NOT EXISTS trackhouse.run_changes_latest_metrics_mv ON CLUSTER th_cluster TO trackhouse.run_changes_local AS SELECT DISTINCT now64(6) AS changed_at, run_id FROM trackhouse.latest_metrics_local;
+CREATE TABLE IF NOT EXISTS trackhouse.run_index_local ON CLUSTER th_cluster ( start_time Int64, run_id String, experiment_id LowCardinality(String), run_name String, user_id String, status LowCardinality(String), end_time Nullable(Int64), lifecycle_stage LowCardinality(String), artifact_uri String, params JSON, tags JSON, metrics JSON, version UInt64 ) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/trackhouse/run_index_local', '{replica}', version) ORDER BY (start_time, run_id);
+CREATE TABLE IF NOT EXISTS trackhouse.run_index ON CLUSTER th_cluster AS trackhouse.run_index_local ENGINE = Distributed(th_cluster, trackhouse, run_index_local, cityHash64(run_id));
+CREATE TABLE IF NOT EXISTS trackhouse.run_index_state_local ON CLUSTER th_cluster ( key String, watermark DateTime64(6), runs UInt64, updated DateTime64(6) DEFAULT now64(6) ) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/trackhouse/run_index_state_local', '{replica}', updated) ORDER BY key;
+CREATE TABLE IF NOT EXISTS trackhouse.run_index_state ON CLUSTER th_cluster AS trackhouse.run_index_state_local ENGINE = Distributed(th_cluster, trackhouse, run_index_state_local, cityHash64(key));
