@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _searchdata as data
 
 from trackhouse.query.downsample import BucketRequest, MetricCharts
+from trackhouse.query.runindex import RunIndex
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
@@ -46,7 +47,8 @@ FILTER = "metrics.loss < 0.5 and params.optimizer = 'adam'"
 OPTIMIZED = ("runs", "params", "tags", "metrics", "latest_metrics", "search_runs", "search_params", "search_tags",
              "search_metrics", "metric_rollup")
 VIEWS = ("search_runs_mv", "search_params_mv", "search_tags_mv", "search_metrics_mv",
-         "latest_metrics_mv", "writer_progress_mv")
+         "latest_metrics_mv", "writer_progress_mv",
+         *(f"run_changes_{t}_mv" for t in ("runs", "params", "tags", "latest_metrics")))
 
 
 def _ids(run_ids: pa.Array, rows: np.ndarray[Any, Any]) -> pa.Array:
@@ -200,10 +202,14 @@ def page_token(store: Store, codec: TokenCodec, page: int, size: int) -> str:
     return codec.encode(fingerprint([], "", (), "ACTIVE_ONLY", size), [row[0], row[1]])
 
 
-def queries(store: Store) -> dict[str, Callable[[], Any]]:
+def queries(store: Store, run_index: bool = False) -> dict[str, Callable[[], Any]]:
+    """The fixed query set; with `run_index`, plus `count_copies`: the count on the per-key copies
+    alone (the plan before the run index), timed in the same run as `count` on the index."""
     codec = TokenCodec(bytes.fromhex(store.meta_value("page_token_secret", lambda: "ab" * 32)))
     settings = QuerySettings()
     search, charts = RunSearch(store, codec, settings), MetricCharts(store, settings)
+    copies = RunSearch(store, codec, QuerySettings(run_index=0))
+    baseline = {"count_copies": lambda: copies.count(SearchRequest(filter=FILTER))} if run_index else {}
     runs = store.query_rows(f"SELECT count() FROM {store.t('search_runs')} FINAL WHERE lifecycle_stage = 'active'")
     token = page_token(store, codec, max(2, min(1000, int(runs[0][0]) // 100)), 100)
     return {
@@ -216,6 +222,7 @@ def queries(store: Store) -> dict[str, Callable[[], Any]]:
             max_results=100)),
         "page_1000": lambda: search.search(SearchRequest(max_results=100, page_token=token)),
         "count": lambda: search.count(SearchRequest(filter=FILTER)),
+        **baseline,
         "history_1m_to_1000": lambda: charts.buckets(BucketRequest((HISTORY_RUN,), "loss", 1000)),
         "chart_100_runs": lambda: charts.buckets(BucketRequest(tuple(CHART_RUNS), "loss", 1000)),
     }
@@ -235,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate-only", action="store_true", help="generate (use with --path) and stop")
     parser.add_argument("--optimize", action="store_true",
                         help="OPTIMIZE TABLE ... FINAL every table before timing: the steady state after merges")
+    parser.add_argument("--run-index", action="store_true",
+                        help="build the run index (or refresh it) before timing, and time the count on the "
+                             "per-key copies too (count_copies)")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--only", nargs="*", help="time only these queries")
     args = parser.parse_args(argv)
@@ -256,8 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                 for table in OPTIMIZED:
                     store.command(f"OPTIMIZE TABLE {store.t(table)} FINAL")
                 print(f"optimized in {time.monotonic() - started:.0f} s", file=sys.stderr)
+            if args.run_index:
+                started = time.monotonic()
+                done = RunIndex(store, lag=0.0).refresh()
+                print(f"run index: {done:,} runs built or refreshed in {time.monotonic() - started:.0f} s",
+                      file=sys.stderr)
+                if args.optimize:
+                    store.command(f"OPTIMIZE TABLE {store.t('run_index')} FINAL")
             print(f"load average {os.getloadavg()} (before timing)", file=sys.stderr)
-            for name, fn in queries(store).items():
+            for name, fn in queries(store, args.run_index).items():
                 if args.only and name not in args.only:
                     continue
                 results[name] = timed(fn, args.repeat)

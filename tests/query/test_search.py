@@ -146,6 +146,9 @@ def _rank(v: Any) -> int:
 def _parse(clause: str) -> tuple[str, str, bool]:
     words = clause.split()
     ascending = len(words) == 1 or words[1].upper() == "ASC"
+    if words[0].endswith("`"):  # entity.`quoted key`
+        entity, _, key = words[0][:-1].partition(".`")
+        return entity, key, ascending
     entity, _, key = words[0].rpartition(".")
     return entity or "attributes", key, ascending
 
@@ -696,11 +699,44 @@ def test_counts_are_read_after_write_between_refresher_passes(chdb_dsn: str) -> 
         store.put_tags(new.run_id, [("stage", "prod")])
         _put_metrics(store, new.run_id, {"loss": 0.25})
         assert count("tags.stage = 'prod' AND metrics.loss < 0.3") == 1
+
+        def page(text: str) -> list[str]:
+            found = search.search(SearchRequest(filter=text, order_by=("metrics.loss",), max_results=1000))
+            return [r.info.run_id for r in found.runs]
+
+        adams = page("params.optimizer = 'adam'")
+        assert new.run_id in adams and adam.run_id not in adams and len(adams) == before
+        assert page("tags.stage = 'prod' AND metrics.loss < 0.3") == [new.run_id]
         store.put_tags(new.run_id, [("stage", "prod")], deleted=True)
         assert count("tags.stage = 'prod'") == 0
+        assert page("tags.stage = 'prod'") == []
         assert index.refresh() >= 2  # the changed runs, recomputed
+        assert page("params.optimizer = 'adam'") == adams
         assert count("params.optimizer = 'adam'") == before and count("tags.stage = 'prod'") == 0
         assert count("metrics.loss < 0.3 AND attributes.run_name = 'fresh'") == 1
         assert index.refresh() == 0  # nothing changed since
     finally:
         store.close()
+
+
+INDEX_ORDERS = [["metrics.loss DESC"], ["params.lr", "tags.x DESC"], ["metrics.acc ASC", "attributes.run_name"],
+                ["tags.`ü.tag`", "metrics.`eval.loss` DESC"], ["attributes.end_time DESC"]]
+
+
+@pytest.mark.parametrize("order_by", INDEX_ORDERS, ids=lambda o: ",".join(o))
+@pytest.mark.parametrize(("text", "predicate"), [INDEX_FILTERS[i] for i in (0, 5, 6, 11, 13, 17, 18)],
+                         ids=lambda f: f[:40] if isinstance(f, str) else "")
+def test_pages_read_from_the_run_index_equal_the_reference(indexed: tuple[Store, list[Model]], order_by: list[str],
+                                                           text: str, predicate: Callable[[Model], bool]) -> None:
+    store, models = indexed
+    search = direct_search(store)
+    want = expected_order([m for m in active(models) if predicate(m)], order_by)
+    got: list[str] = []
+    token = ""
+    for _ in range(100):
+        page = search.search(SearchRequest(filter=text, order_by=tuple(order_by), max_results=4, page_token=token))
+        got += [r.info.run_id for r in page.runs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert got == want

@@ -26,7 +26,7 @@ from trackhouse.query.errors import InvalidArgument
 from trackhouse.query.filters import ATTRIBUTES, Binder, Comparison, Node, parse_filter
 from trackhouse.query.order import OrderKey, parse_order_by
 from trackhouse.query.plan import RUNS, compile_search_filter, has_key_terms, key_values, split_pushed, value_condition
-from trackhouse.query.runindex import INDEX, changed_since, compile_index_filter, state_sql
+from trackhouse.query.runindex import INDEX, changed_since, compile_index_filter, key_column, state_sql
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, RunRecord, Store, run_id_prefix
@@ -119,6 +119,12 @@ def _rank(value: Any) -> int:
     return 1 if isinstance(value, float) and math.isnan(value) else 0
 
 
+def _order(exprs: Sequence[tuple[str, str]], keys: Sequence[OrderKey]) -> str:
+    """ORDER BY terms: per key its rank (values, NaN, missing), then the value in its direction."""
+    return ", ".join(f"{_rank_expr(e, t)} ASC, {e} {'ASC' if k.ascending else 'DESC'}"
+                     for (e, t), k in zip(exprs, keys, strict=True))
+
+
 def _keyset(exprs: Sequence[tuple[str, str]], keys: Sequence[OrderKey], cursor: Sequence[Any],
             binder: Binder) -> str:
     """Rows strictly after `cursor` in the order (rank ASC, e dir) per key, expanded OR form."""
@@ -172,6 +178,9 @@ class RunSearch:
             raise InvalidArgument("page_token: does not match this search's ordering")
         if self._windowed(req, keys):
             rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
+        elif self._indexed(req, keys) and (watermark := (yield from self._watermark())) is not None:
+            sql, params = self._index_sql(req, keys, cursor, limit, watermark)
+            rows, with_info = (yield Rows(sql, params, settings={"join_use_nulls": 1})), False
         else:
             sql, params, with_info = self._sql(req, keys, cursor, limit)
             rows = yield Rows(sql, params, settings={"join_use_nulls": 1})
@@ -190,6 +199,46 @@ class RunSearch:
         metrics (whose sets today's plan would build over every run)."""
         return (keys[0].entity == ATTRIBUTES and keys[0].key == "start_time"
                 and all(k.entity == ATTRIBUTES for k in keys) and has_key_terms(parse_filter(req.filter)))
+
+    def _indexed(self, req: SearchRequest, keys: Sequence[OrderKey]) -> bool:
+        """Whether a page not answered by windows reads the run index: ordered by a param, tag
+        or metric, or filtered on them (both build sets over every run on the per-key copies)."""
+        return bool(self._settings.run_index) and (
+            any(k.entity != ATTRIBUTES for k in keys) or has_key_terms(parse_filter(req.filter)))
+
+    def _watermark(self) -> Steps[int | None]:
+        """The run index's watermark (µs), or None while it cannot be used (`runindex.state_sql`)."""
+        watermark, usable = (yield Rows(state_sql(self._store.database), {}))[0]
+        return int(watermark) if usable and watermark is not None else None
+
+    def _index_sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any, limit: int,
+                   watermark: int) -> tuple[str, dict[str, Any]]:
+        """One page from the run index for runs unchanged since `watermark`, merged with one from
+        the per-key copies for the runs changed since (each ordered and cut at limit + 1)."""
+        db, binder = self._store.database, Binder()
+        changed = changed_since(db, binder.bind(watermark, "Int64"))
+        node = parse_filter(req.filter)
+        exprs = []
+        for key in keys:
+            if key.entity == ATTRIBUTES:
+                _key_expr(0, key, db, binder)  # refuses attributes that cannot order
+                exprs.append((key.key, ATTRIBUTE_TYPES[key.key]))
+            else:
+                exprs.append(key_column(key.entity, key.key))
+        where = [self._where(req, binder, None), f"run_id NOT IN {changed}"]
+        if node is not None:
+            where.append(compile_index_filter(node, binder))
+        if cursor is not None:
+            where.append(_keyset(exprs, keys, cursor, binder))
+        order = _order(exprs, keys)
+        select = ", ".join(["run_id", *(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))])
+        indexed = (f"SELECT {select} FROM {db}.{INDEX} FINAL WHERE {' AND '.join(where)} "
+                   f"ORDER BY {order} LIMIT {int(limit) + 1}")
+        recent, _, _ = self._sql(req, keys, cursor, limit, binder=binder, changed=changed)
+        outer = [(f"k{i}", kind) for i, (_, kind) in enumerate(exprs)]
+        sql = (f"SELECT run_id, {', '.join(e for e, _ in outer)} FROM ({indexed} UNION ALL {recent}) "
+               f"ORDER BY {_order(outer, keys)} LIMIT {int(limit) + 1}")
+        return sql, binder.params
 
     def _windowed_rows(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any,
                        limit: int) -> Steps[tuple[list[tuple[Any, ...]], bool]]:
@@ -241,8 +290,7 @@ class RunSearch:
         binder = Binder()
         exprs = [_key_expr(i, key, self._store.database, binder)[::2] for i, key in enumerate(keys)]
         outer = "WHERE " + _keyset(exprs, keys, cursor, binder) if cursor is not None else ""
-        order = ", ".join(f"{_rank_expr(e, t)} ASC, {e} {'ASC' if k.ascending else 'DESC'}"
-                          for (e, t), k in zip(exprs, keys, strict=True))
+        order = _order(exprs, keys)
         select = ", ".join(["base.run_id", *(e for e, _ in exprs)])
         sql = (f"SELECT {select} FROM (SELECT * FROM {self._store.database}.{RUNS} FINAL "
                f"WHERE {self._where(req, binder, None)}) AS base {outer} ORDER BY {order} LIMIT {int(size)}")
@@ -258,8 +306,8 @@ class RunSearch:
         if req.view not in VIEWS:
             raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
         db, binder = self._store.database, Binder()
-        watermark, usable = (yield Rows(state_sql(db), {}))[0] if self._settings.run_index else (None, False)
-        if not usable or watermark is None:
+        watermark = (yield from self._watermark()) if self._settings.run_index else None
+        if watermark is None:
             sql = f"SELECT count() FROM {db}.{RUNS} FINAL WHERE {self._where(req, binder)}"
             return int((yield Rows(sql, binder.params))[0][0])
         changed = changed_since(db, binder.bind(int(watermark), "Int64"))
@@ -288,11 +336,13 @@ class RunSearch:
         return " AND ".join(where)
 
     def _sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any,
-             limit: int, window: Sequence[tuple[Any, ...]] | None = None) -> tuple[str, dict[str, Any], bool]:
+             limit: int, window: Sequence[tuple[Any, ...]] | None = None, binder: Binder | None = None,
+             changed: str = "") -> tuple[str, dict[str, Any], bool]:
         """(SQL, parameters, whether each row also carries the run's record after the order keys).
 
         `window`: only these runs are candidates (`_windowed_rows`); the filter's sets of run
-        ids are restricted to them too.
+        ids are restricted to them too. `changed`: likewise, a subquery of run ids (the runs
+        the run index does not answer, `_index_sql`); rows then carry no record.
 
         Without joins (every order key an attribute) the page's rows come from
         `search_runs` alone, which holds each run's latest record: selecting it here
@@ -300,11 +350,13 @@ class RunSearch:
         by-id query of `runs` — 186–206 ms of a 476 ms first page at 10 M runs.
         """
         db = self._store.database
-        binder = Binder()
+        binder = binder or Binder()
         node, pushed = parse_filter(req.filter), list[Comparison]()
         if keys[0].entity != ATTRIBUTES:  # the first order key's own filter terms ride on its join
             node, pushed = split_pushed(node, keys[0].entity, keys[0].key)
-        restrict = "" if window is None else f"run_id IN {binder.bind([w[0] for w in window], 'Array(String)')}"
+        restrict = f"run_id IN {changed}" if changed else ""
+        if window is not None:
+            restrict = f"run_id IN {binder.bind([w[0] for w in window], 'Array(String)')}"
         where = self._where(req, binder, node, restrict)
         if window is not None:  # the window's start-time range: search_runs' primary key narrows to it
             times = [w[1] for w in window]
@@ -319,12 +371,9 @@ class RunSearch:
         outer = ""
         if cursor is not None:
             outer = "WHERE " + _keyset(exprs, keys, cursor, binder)
-        order = ", ".join(
-            f"{_rank_expr(e, t)} ASC, {e} {'ASC' if k.ascending else 'DESC'}"
-            for (e, t), k in zip(exprs, keys, strict=True)
-        )
-        info = [] if joins else [f"base.{c}" for c in RUN_RECORD_FIELDS[1:]]
-        select = ", ".join(["base.run_id", *(e for e, _ in exprs), *info])
+        order = _order(exprs, keys)
+        info = [] if joins or changed else [f"base.{c}" for c in RUN_RECORD_FIELDS[1:]]
+        select = ", ".join(["base.run_id", *(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs)), *info])
         sql = (
             f"SELECT {select} FROM (SELECT * FROM {db}.{RUNS} FINAL WHERE {where}) AS base "
             f"{' '.join(joins)} {outer} ORDER BY {order} LIMIT {int(limit) + 1}"
