@@ -41,7 +41,7 @@ def _ddl(version: int) -> dict[str, str]:
 
 
 def _variant_ddl() -> dict[str, list[str]]:
-    m1, m2, m3, m4 = (_ddl(v) for v in (1, 2, 3, 4))
+    m1, m2, m3, m4, m8 = (_ddl(v) for v in (1, 2, 3, 4, 8))
     base = [m1["metrics"]]
     progress = [m1["writer_progress"], m1["writer_progress_mv"]]
     latest_v1 = [m1["latest_metrics"], m1["latest_metrics_mv"], m2["search_metrics"], m2["search_metrics_mv"]]
@@ -56,6 +56,8 @@ def _variant_ddl() -> dict[str, list[str]]:
         "+ latest_metrics, packed key (migr. 4)": base + progress + latest_v4,
         "all views, migrations 1-3": base + progress + latest_v1 + rollup_v3,
         "all views, migration 4": base + progress + latest_v4 + rollup_v4,
+        "all views, migration 8 (+ run_changes)": base + progress + latest_v4 + rollup_v4
+        + [m8["run_changes"], m8["run_changes_latest_metrics_mv"]],
     }
 
 

@@ -86,6 +86,12 @@ def sort_keys(order: Sequence[OrderKey]) -> list[OrderKey]:
     return keys + [k for k in TIEBREAK if (k.entity, k.key) not in seen]
 
 
+def _attribute_type(key: OrderKey) -> str:
+    if key.key not in ATTRIBUTE_TYPES:
+        raise InvalidArgument(f"order_by: cannot order by attribute {key.key!r}")
+    return ATTRIBUTE_TYPES[key.key]
+
+
 def _key_expr(i: int, key: OrderKey, db: str, binder: Binder,
               pushed: Sequence[Comparison] = ()) -> tuple[str, str, str]:
     """(select expression, join clause, ClickHouse type) for one order key.
@@ -94,9 +100,7 @@ def _key_expr(i: int, key: OrderKey, db: str, binder: Binder,
     INNER JOIN on the key's rows that pass them: they are the filter's terms.
     """
     if key.entity == ATTRIBUTES:
-        if key.key not in ATTRIBUTE_TYPES:
-            raise InvalidArgument(f"order_by: cannot order by attribute {key.key!r}")
-        return f"base.{key.key}", "", ATTRIBUTE_TYPES[key.key]
+        return f"base.{key.key}", "", _attribute_type(key)
     sub, kind = key_values(key.entity, db, binder.bind(key.key, "String"))
     if pushed:
         conds = " AND ".join(value_condition(c, binder) for c in pushed)
@@ -218,13 +222,7 @@ class RunSearch:
         db, binder = self._store.database, Binder()
         changed = changed_since(db, binder.bind(watermark, "Int64"))
         node = parse_filter(req.filter)
-        exprs = []
-        for key in keys:
-            if key.entity == ATTRIBUTES:
-                _key_expr(0, key, db, binder)  # refuses attributes that cannot order
-                exprs.append((key.key, ATTRIBUTE_TYPES[key.key]))
-            else:
-                exprs.append(key_column(key.entity, key.key))
+        exprs = [(k.key, _attribute_type(k)) if k.entity == ATTRIBUTES else key_column(k.entity, k.key) for k in keys]
         where = [self._where(req, binder, None), f"run_id NOT IN {changed}"]
         if node is not None:
             where.append(compile_index_filter(node, binder))
