@@ -740,3 +740,29 @@ def test_pages_read_from_the_run_index_equal_the_reference(indexed: tuple[Store,
         if not token:
             break
     assert got == want
+
+
+def test_the_query_service_builds_the_run_index_and_searches_read_it(chdb_dsn: str) -> None:
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        query = QuerySettings(run_index_refresh_seconds=0.05, run_index_lag_seconds=0.0)
+        thread = ServerThread(ServerConfig(store="", database=store.database, grpc_port=0, query=query), store=store)
+        address = thread.start()
+        try:
+            app = next(a for a in thread.server._apps if hasattr(a, "refresher"))
+            assert app.refresher.first_pass.wait(30.0)
+            text, predicate = FILTERS[4]
+            for table in ("search_params", "search_tags", "search_metrics"):  # only the index can answer now
+                store.command(f"TRUNCATE TABLE {store.database}.{table}")
+            with grpc.insecure_channel(address) as channel:
+                stub = query_pb2_grpc.QueryServiceStub(channel)
+                found = stub.SearchRuns(query_pb2.SearchRunsRequest(filter=text, order_by=["metrics.loss DESC"],
+                                                                    include_total=True, max_results=100))
+            chosen = [m for m in active(models) if predicate(m)]
+            assert found.total == len(chosen) > 0
+            assert [r.info.run_id for r in found.runs] == expected_order(chosen, ["metrics.loss DESC"])
+        finally:
+            thread.stop(grace=1.0)
+    finally:
+        store.close()

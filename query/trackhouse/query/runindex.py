@@ -170,6 +170,7 @@ class Refresher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.passes = 0
+        self.first_pass = threading.Event()  # set once a pass has succeeded (the index is built)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="trackhouse-run-index", daemon=True)
@@ -180,6 +181,7 @@ class Refresher:
             try:
                 self._index.refresh()
                 self.passes += 1
+                self.first_pass.set()
             except Exception as exc:  # the store away, say: searches fall back, the next pass retries
                 logger.warning("run index: refresh failed (%s); retrying in %.0f s", exc, self._interval)
             self._stop.wait(self._interval)

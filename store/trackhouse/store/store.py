@@ -149,7 +149,13 @@ class Store:
         self._executor.shutdown(wait=True)
         if self._sandbox is not None:
             self._sandbox.close()
-        clients = [self._writer, self._maintenance]
+        clients = [self._writer]
+        # A rebuild still running keeps its client (closing it under the query could crash
+        # chDB); the process's exit ends both. `maintain` refuses to start once closed.
+        if self._maintenance_lock.acquire(blocking=False):
+            clients.append(self._maintenance)
+            self._maintenance = None
+            self._maintenance_lock.release()
         while not self._readers.empty():
             clients.append(self._readers.get_nowait())
         for client in clients:
@@ -214,6 +220,8 @@ class Store:
         connection of its own: never under the write lock that ingest's inserts take, never
         under the reads' time limit."""
         with self._maintenance_lock:
+            if self._closed:
+                raise StoreError(f"{self.dsn.redacted()}: the store is closed")
             if self._maintenance is None:
                 settings = {**layout.client_settings(self.layout, writer=True),
                             **layout.client_settings(self.layout, writer=False)}
