@@ -23,6 +23,7 @@ pattern: JSON drops NaN and ±inf, and infers a type per value otherwise.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -144,18 +145,24 @@ class RunIndex:
         return done
 
     def _build(self, runs: int) -> int:
-        """Every row, in chunks of about `chunk_runs` runs (by a hash of the run id)."""
-        chunks = max(1, -(-runs // self._chunk_runs))
+        """Every row, in chunks of about `chunk_runs` runs: ranges of run ids (cut at a sample's
+        quantiles), so each chunk reads only its range of every run-major table (run_id leads
+        their sorting keys) and the join's memory stays bounded."""
+        db, chunks = self._db, max(1, -(-runs // self._chunk_runs))
+        sample = self._store.query_rows(
+            f"SELECT arraySort(groupArraySample({{n:UInt32}})(run_id)) FROM {db}.runs", {"n": 100 * chunks})[0][0]
+        bounds = sorted({sample[len(sample) * i // chunks] for i in range(1, chunks)}) if chunks > 1 else []
+        edges: list[str | None] = [None, *bounds, None]
         logger.info("run index: building the rows of %d runs in %d chunk(s); searches use the per-key "
-                    "copies until it is done", runs, chunks)
+                    "copies until it is done", runs, len(edges) - 1)
         started = time.monotonic()
-        for i in range(chunks):
-            self._store.maintain(
-                f"INSERT INTO {self._db}.{INDEX} "
-                f"{rows_sql(self._db, 'cityHash64(run_id) % {n:UInt64} = {i:UInt64}')} {_INSERT_SETTINGS}",
-                {"n": chunks, "i": i})
-            if chunks > 1:
-                logger.info("run index: chunk %d/%d built (%.0f s)", i + 1, chunks, time.monotonic() - started)
+        for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
+            cond = " AND ".join([*(["run_id >= {lo:String}"] if lo is not None else []),
+                                 *(["run_id < {hi:String}"] if hi is not None else [])]) or "1"
+            self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, cond)} {_INSERT_SETTINGS}",
+                                 {"lo": lo, "hi": hi})
+            if len(edges) > 2:
+                logger.info("run index: chunk %d/%d built (%.0f s)", i + 1, len(edges) - 1, time.monotonic() - started)
         built = int(self._store.query_rows(f"SELECT count() FROM {self._db}.{INDEX} FINAL")[0][0])
         logger.info("run index: %d runs built in %.1f s", built, time.monotonic() - started)
         return built
