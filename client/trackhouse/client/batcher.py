@@ -1,7 +1,9 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
 ``Batcher`` owns the process's not-yet-sent points. A log call appends one *row*
-— (run slot, step, timestamp, key block, values as native doubles) — to the shared
+— (key set, step, timestamp, values as native doubles), the key set being the
+interned ``(run slot, key block)`` tuple of ``key_set`` shared by every row of that
+run and those keys — to the shared
 list ``rows`` with one ``list.append`` and no lock: ``Run.log_metrics`` does it
 inline (one Python frame for the whole call, see ``run.py``), ``append_row`` is the
 same for other producers. Under the GIL a ``list.append`` is atomic, only this
@@ -104,6 +106,8 @@ def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.i
     if low == int(index.max()):  # one run / one key: the common case, no table lookup
         return np.array([low], np.intp), np.zeros(len(index), np.uint32)
     used = np.flatnonzero(np.bincount(index, minlength=size))
+    if int(used[-1]) - int(used[0]) + 1 == len(used):  # a contiguous range (one key set): no lookup table
+        return used, index - index.dtype.type(used[0]) if used[0] else index
     lookup = np.zeros(size, np.uint32)
     lookup[used] = np.arange(len(used), dtype=np.uint32)
     return used, lookup[index]
@@ -161,7 +165,8 @@ def _le(column: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
 
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
 # run, step, timestamp, key block, values (native doubles: bytes from ``Run``'s struct pack, or an array)
-_Row = tuple[int, int, int, "array[int]", "bytes | array[float]"]
+_KeySet = tuple[int, "array[int]"]  # run slot, key block: one object per pair (``Batcher.key_set``)
+_Row = tuple[_KeySet, int, int, bytes]
 _array = array
 _ARENA_MIN = 1 << 20  # values; the arena of vectorized calls starts at 16 MiB (steps + values)
 _ARENA_KEEP = 1 << 23  # arenas up to this many values are recycled, larger ones freed
@@ -198,6 +203,7 @@ class Batcher:
         self.keys: list[str] = []
         self._run_slots: dict[str, int] = {}
         self._key_slots: dict[str, int] = {}
+        self._key_sets: dict[tuple[int, bytes], _KeySet] = {}
         self.accepting = True
         self.rows: list[_Row] = []  # shared with producers (``Run``): they only ever append
         self._done = 0  # points taken or discarded so far
@@ -217,7 +223,7 @@ class Batcher:
     def _row_points(self, n: int) -> int:
         """Points in the first ``n`` rows (lock held): only rows added since the last call are counted."""
         if n > self._counted_rows:
-            self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]])
+            self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]]) >> 3
             self._counted_rows = n
         return self._counted_points
 
@@ -254,6 +260,12 @@ class Batcher:
                 block.append(slot)
         return block
 
+    def key_set(self, run: int, block: array[int]) -> _KeySet:
+        """The one ``(run, block)`` tuple rows of this run and these keys carry: ``take`` finds a
+        buffer of one key set by identity."""
+        with self._lock:
+            return self._key_sets.setdefault((run, block.tobytes()), (run, block))
+
     def append_row(self, run: int, step: int, timestamp: int, block: array[int], values: Iterable[object]) -> bool:
         """Buffer one call's values (one per key of ``block``); True when the sender should be woken.
 
@@ -268,19 +280,13 @@ class Batcher:
         n = len(block)
         if len(vals) != n:  # a mapping changed size under us: keep columns aligned
             raise ValueError("the metrics mapping changed while it was logged")
-        row = (run, step, timestamp, block, vals)
+        row = (self.key_set(run, block), step, timestamp, vals.tobytes())
         rows = self.rows
         rows.append(row)
         fill = self._fill + n  # an estimate (racing producers may lose an update, a racing take may
         # leave a stale one): it only decides a wake-up, the sender counts exactly
         self._fill = fill
-        try:
-            if rows[0] is row:  # first of an empty buffer: only one producer can see that
-                self._oldest = self._clock()
-                return True
-        except IndexError:  # taken meanwhile: the sender has it
-            return False
-        return fill >= self._max_points > fill - n
+        return self.first_row(row) or fill >= self._max_points > fill - n
 
     def first_row(self, row: object) -> bool:
         """Called by a producer that appended ``row`` to ``rows`` and saw the list at one row:
@@ -367,21 +373,25 @@ class Batcher:
 def _expand(rows: list[_Row], chunks: list[_Chunk]) -> Columns:
     parts = []
     if rows:
-        runs, steps, times, blocks, values = zip(*rows, strict=True)
-        # The common take: every row of one run and one key set (C-level identity scans)
+        sets, steps, times, values = zip(*rows, strict=True)
         n = len(rows)
-        lengths: npt.NDArray[np.int64] | int = len(blocks[0]) if blocks.count(blocks[0]) == n else \
-            np.fromiter(map(len, blocks), np.int64, n)
-        run_index = np.full(n, runs[0], np.uint32) if runs.count(runs[0]) == n else np.array(runs, np.uint32)
+        if sets.count(sets[0]) == n:  # the common take: one run, one key set (a C-level identity scan)
+            run, block = sets[0]
+            lengths: npt.NDArray[np.int64] | int = len(block)
+            run_index = np.full(n * len(block), run, np.uint32)
+            key_index = np.tile(np.frombuffer(block, np.uint32), n)
+        else:
+            lengths = np.fromiter([len(b) for _, b in sets], np.int64, n)
+            run_index = np.repeat(np.fromiter([r for r, _ in sets], np.uint32, n), lengths)
+            key_index = np.frombuffer(b"".join([b for _, b in sets]), np.uint32)
         parts.append(Columns(
-            np.repeat(run_index, lengths), np.frombuffer(b"".join(blocks), np.uint32),
-            np.repeat(np.frombuffer(array("q", steps), np.int64), lengths),
+            run_index, key_index, np.repeat(np.frombuffer(array("q", steps), np.int64), lengths),
             np.repeat(np.frombuffer(array("q", times), np.int64), lengths), np.frombuffer(b"".join(values), np.float64),
         ))  # fmt: skip
-    for run, key, steps_, ts, vals in chunks:
+    for run_, key, steps_, ts, vals in chunks:
         n = len(vals)
         stamps = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
-        parts.append(Columns(np.full(n, run, np.uint32), np.full(n, key, np.uint32), steps_, stamps, vals))
+        parts.append(Columns(np.full(n, run_, np.uint32), np.full(n, key, np.uint32), steps_, stamps, vals))
     if len(parts) == 1:
         return parts[0]
     return Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in
