@@ -340,7 +340,7 @@ class GrpcTransport:
 
     def stream_metrics(self, requests: Iterator[bytes]) -> AckStream:
         """Open the long-lived stream on the current ingest address; no deadline, the sender cancels it.
-        The requests are already serialized (``batcher.encode``): gRPC sends them as they are."""
+        The requests are already serialized (``wire.encode``): gRPC sends them as they are."""
         index, channel = self._ingest.current()
         stream = _GrpcAckStream(requests)
         try:
