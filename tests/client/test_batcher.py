@@ -9,7 +9,8 @@ from array import array
 import numpy as np
 import pytest
 
-from trackhouse.client.batcher import Batcher, BufferState, Columns, due_at, encode, is_due
+from trackhouse.client.batcher import Batcher, BufferState, Columns, due_at, is_due
+from trackhouse.client.wire import encode
 from trackhouse.proto.v1 import ingest_pb2
 
 RUN_A = "a" * 32

@@ -1,7 +1,9 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
 ``Batcher`` owns the process's not-yet-sent points. A log call appends one *row*
-— (run slot, step, timestamp, key block, values as native doubles) — to the shared
+— (key set, step, timestamp, values as native doubles), the key set being the
+interned ``(run slot, key block)`` tuple of ``key_set`` shared by every row of that
+run and those keys — to the shared
 list ``rows`` with one ``list.append`` and no lock: ``Run.log_metrics`` does it
 inline (one Python frame for the whole call, see ``run.py``), ``append_row`` is the
 same for other producers. Under the GIL a ``list.append`` is atomic, only this
@@ -16,9 +18,8 @@ Runs and keys are interned once for the life of the process: a ``Run`` keeps
 the interned key block of the key sets it logs, so it never looks a key up again.
 
 ``take`` removes the rows and chunks under the lock and expands them into
-``Columns`` (numpy, one join per column) off the hot path. ``encode`` turns a
-slice of ``Columns`` into a serialized ``MetricBatch`` holding only the runs and
-keys it uses.
+``Columns`` (numpy) off the hot path, the rows of one key set into reused scratch
+columns (given back by ``recycle``); ``wire.encode`` serializes them.
 
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
@@ -37,7 +38,7 @@ from __future__ import annotations
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,72 +97,10 @@ def due_at(state: BufferState, *, interval: float) -> float | None:
     return state.oldest + interval
 
 
-def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
-    """(used table positions, index renumbered into them), in O(n) without sorting."""
-    if not len(index):
-        return np.zeros(0, np.intp), np.zeros(0, np.uint32)
-    low = int(index.min())
-    if low == int(index.max()):  # one run / one key: the common case, no table lookup
-        return np.array([low], np.intp), np.zeros(len(index), np.uint32)
-    used = np.flatnonzero(np.bincount(index, minlength=size))
-    lookup = np.zeros(size, np.uint32)
-    lookup[used] = np.arange(len(used), dtype=np.uint32)
-    return used, lookup[index]
-
-
-def encode(cols: Columns, run_ids: Sequence[str], keys: Sequence[str], *, writer_id: str, seq: int) -> bytes:
-    """``cols`` as one serialized ``MetricBatch``, holding only the runs and keys it uses
-    (``run_index`` left empty when there is one run).
-
-    Built directly in the wire format instead of through the generated class: every
-    field is length-delimited (tag, varint length, bytes) except ``seq`` (tag, varint),
-    and the columns are ``bytes`` fields, so each column is copied once, straight into
-    the message, instead of into a message object and again at serialization. The bytes
-    are those ``MetricBatch.SerializeToString()`` produces (fields in number order,
-    defaults omitted), which the tests check.
-    """
-    runs_used, run_index = _compact(cols.run_index, len(run_ids))
-    keys_used, key_index = _compact(cols.key_index, len(keys))
-    parts: list[bytes | memoryview] = []
-    _put(parts, 0x0A, writer_id.encode())
-    if seq:
-        parts += (b"\x10", _varint(seq))
-    for prefix, names, used in ((b"\x1a", run_ids, runs_used), (b"\x22", keys, keys_used)):
-        for i in used:  # repeated: an element is written even when empty
-            name = names[i].encode()
-            parts += (prefix, _varint(len(name)), name)
-    if len(runs_used) > 1:
-        _put(parts, 0x2A, _le(run_index, "<u4"))
-    for tag, column, dtype in ((0x32, key_index, "<u4"), (0x3A, cols.steps, "<i8"),
-                               (0x42, cols.timestamps, "<i8"), (0x4A, cols.values, "<f8")):
-        _put(parts, tag, _le(column, dtype))
-    return b"".join(parts)
-
-
-def _put(parts: list[bytes | memoryview], tag: int, data: bytes | npt.NDArray[Any]) -> None:
-    """One singular length-delimited field (proto3 omits it when empty)."""
-    if len(data):
-        view = data.data if isinstance(data, np.ndarray) else memoryview(data)
-        parts += (bytes((tag,)), _varint(view.nbytes), view)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _le(column: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
-    """The column as contiguous little-endian data (no copy when it already is: the join copies it)."""
-    return np.ascontiguousarray(column, dtype)
-
-
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
 # run, step, timestamp, key block, values (native doubles: bytes from ``Run``'s struct pack, or an array)
-_Row = tuple[int, int, int, "array[int]", "bytes | array[float]"]
+_KeySet = tuple[int, "array[int]"]  # run slot, key block: one object per pair (``Batcher.key_set``)
+_Row = tuple[_KeySet, int, int, bytes]
 _array = array
 _ARENA_MIN = 1 << 20  # values; the arena of vectorized calls starts at 16 MiB (steps + values)
 _ARENA_KEEP = 1 << 23  # arenas up to this many values are recycled, larger ones freed
@@ -187,6 +126,15 @@ class _Arena:
         return dst_steps, dst_values
 
 
+class _RowScratch:
+    """Step, timestamp and key columns that the rows of a take expand into, reused take after
+    take: in this VM a fresh page costs several µs to fault in (~240 faults a 40,000-point take)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.steps, self.times = np.empty(capacity, np.int64), np.empty(capacity, np.int64)
+        self.keys = np.empty(capacity, np.uint32)
+
+
 class Batcher:
     """The process-wide columnar buffer of one client. Thread-safe; the lock is never held across I/O."""
 
@@ -198,12 +146,15 @@ class Batcher:
         self.keys: list[str] = []
         self._run_slots: dict[str, int] = {}
         self._key_slots: dict[str, int] = {}
+        self._key_sets: dict[tuple[int, bytes], _KeySet] = {}
         self.accepting = True
         self.rows: list[_Row] = []  # shared with producers (``Run``): they only ever append
         self._done = 0  # points taken or discarded so far
         self._arena: _Arena | None = None
         self._spare: _Arena | None = None  # recycled by the sender once it has encoded a take
         self._lent: _Arena | None = None
+        self._scratch: list[_RowScratch] = []  # at most one, lent to a take until ``recycle``
+        self._lent_scratch: _RowScratch | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -217,7 +168,7 @@ class Batcher:
     def _row_points(self, n: int) -> int:
         """Points in the first ``n`` rows (lock held): only rows added since the last call are counted."""
         if n > self._counted_rows:
-            self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]])
+            self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]]) >> 3
             self._counted_rows = n
         return self._counted_points
 
@@ -254,6 +205,12 @@ class Batcher:
                 block.append(slot)
         return block
 
+    def key_set(self, run: int, block: array[int]) -> _KeySet:
+        """The one ``(run, block)`` tuple rows of this run and these keys carry: ``take`` finds a
+        buffer of one key set by identity."""
+        with self._lock:
+            return self._key_sets.setdefault((run, block.tobytes()), (run, block))
+
     def append_row(self, run: int, step: int, timestamp: int, block: array[int], values: Iterable[object]) -> bool:
         """Buffer one call's values (one per key of ``block``); True when the sender should be woken.
 
@@ -268,19 +225,13 @@ class Batcher:
         n = len(block)
         if len(vals) != n:  # a mapping changed size under us: keep columns aligned
             raise ValueError("the metrics mapping changed while it was logged")
-        row = (run, step, timestamp, block, vals)
+        row = (self.key_set(run, block), step, timestamp, vals.tobytes())
         rows = self.rows
         rows.append(row)
         fill = self._fill + n  # an estimate (racing producers may lose an update, a racing take may
         # leave a stale one): it only decides a wake-up, the sender counts exactly
         self._fill = fill
-        try:
-            if rows[0] is row:  # first of an empty buffer: only one producer can see that
-                self._oldest = self._clock()
-                return True
-        except IndexError:  # taken meanwhile: the sender has it
-            return False
-        return fill >= self._max_points > fill - n
+        return self.first_row(row) or fill >= self._max_points > fill - n
 
     def first_row(self, row: object) -> bool:
         """Called by a producer that appended ``row`` to ``rows`` and saw the list at one row:
@@ -316,30 +267,35 @@ class Batcher:
                 return True
             return before < self._max_points <= before + n
 
-    def _remove(self) -> tuple[list[_Row], list[_Chunk], int]:
-        """Every buffered row and chunk, and their points, out of the buffer (lock held)."""
+    def _remove(self) -> tuple[list[_Row], list[_Chunk], int, int]:
+        """Every buffered row and chunk, their points and the rows' points, out of the buffer (lock held)."""
         n = len(self.rows)
-        points = self._row_points(n) + self._chunk_points
+        row_points = self._row_points(n)
+        points = row_points + self._chunk_points
         rows = self.rows[:n]
         del self.rows[:n]  # rows appended since len() stay
         chunks = self._chunks
         self._done += points
         self._reset()
-        return rows, chunks, points
+        return rows, chunks, points, row_points
 
     def take(self) -> Columns | None:
         """Remove and return every buffered point, or None when empty."""
         with self._lock:
-            rows, chunks, points = self._remove()
+            rows, chunks, points, rows_points = self._remove()
             if points == 0:
                 return None
             if self._arena is not None and self._arena.used:
                 self._lent, self._arena = self._arena, self._spare
                 self._spare = None
-        return _expand(rows, chunks)
+            scratch = self._scratch.pop() if self._scratch else None
+            if scratch is None or len(scratch.steps) < rows_points:
+                scratch = _RowScratch(rows_points)
+            self._lent_scratch = scratch
+        return _expand(rows, chunks, scratch)
 
     def recycle(self) -> None:
-        """The columns of the last ``take`` are no longer used (encoded): reuse their arena."""
+        """The columns of the last ``take`` are no longer used (encoded): reuse their memory."""
         with self._lock:
             lent, self._lent = self._lent, None
             if lent is not None and len(lent.values) <= _ARENA_KEEP:
@@ -348,6 +304,9 @@ class Batcher:
                     self._arena = lent
                 else:
                     self._spare = lent
+            scratch, self._lent_scratch = self._lent_scratch, None
+            if scratch is not None and len(scratch.steps) <= _ARENA_KEEP:
+                self._scratch[:] = [scratch]
 
     def discard(self) -> int:
         """Drop every buffered point; returns how many."""
@@ -360,28 +319,37 @@ class Batcher:
         self._lock = threading.Lock()
         self.rows.clear()
         self._reset()
-        self._arena = self._spare = self._lent = None
+        self._arena = self._spare = self._lent = self._lent_scratch = None
+        self._scratch.clear()
         self._done = 0
 
 
-def _expand(rows: list[_Row], chunks: list[_Chunk]) -> Columns:
+def _expand(rows: list[_Row], chunks: list[_Chunk], scratch: _RowScratch) -> Columns:
     parts = []
     if rows:
-        runs, steps, times, blocks, values = zip(*rows, strict=True)
-        # The common take: every row of one run and one key set (C-level identity scans)
+        sets, steps, times, values = zip(*rows, strict=True)
         n = len(rows)
-        lengths: npt.NDArray[np.int64] | int = len(blocks[0]) if blocks.count(blocks[0]) == n else \
-            np.fromiter(map(len, blocks), np.int64, n)
-        run_index = np.full(n, runs[0], np.uint32) if runs.count(runs[0]) == n else np.array(runs, np.uint32)
-        parts.append(Columns(
-            np.repeat(run_index, lengths), np.frombuffer(b"".join(blocks), np.uint32),
-            np.repeat(np.frombuffer(array("q", steps), np.int64), lengths),
-            np.repeat(np.frombuffer(array("q", times), np.int64), lengths), np.frombuffer(b"".join(values), np.float64),
-        ))  # fmt: skip
-    for run, key, steps_, ts, vals in chunks:
+        step_col = np.frombuffer(array("q", steps), np.int64)
+        time_col = np.frombuffer(array("q", times), np.int64)
+        if sets.count(sets[0]) == n:  # the common take: one run, one key set (a C-level identity scan)
+            run, block = sets[0]
+            size = n * len(block)
+            grid = (n, len(block))  # a row's columns broadcast into the reused scratch: no fresh pages
+            run_index = np.broadcast_to(np.uint32(run), (size,))
+            scratch.keys[:size].reshape(grid)[:] = np.frombuffer(block, np.uint32)
+            scratch.steps[:size].reshape(grid)[:] = step_col[:, None]
+            scratch.times[:size].reshape(grid)[:] = time_col[:, None]
+            key_index, step_col, time_col = scratch.keys[:size], scratch.steps[:size], scratch.times[:size]
+        else:
+            lengths = np.fromiter([len(b) for _, b in sets], np.int64, n)
+            run_index = np.repeat(np.fromiter([r for r, _ in sets], np.uint32, n), lengths)
+            key_index = np.frombuffer(b"".join([b for _, b in sets]), np.uint32)
+            step_col, time_col = np.repeat(step_col, lengths), np.repeat(time_col, lengths)
+        parts.append(Columns(run_index, key_index, step_col, time_col, np.frombuffer(b"".join(values), np.float64)))
+    for run_, key, steps_, ts, vals in chunks:
         n = len(vals)
         stamps = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
-        parts.append(Columns(np.full(n, run, np.uint32), np.full(n, key, np.uint32), steps_, stamps, vals))
+        parts.append(Columns(np.full(n, run_, np.uint32), np.full(n, key, np.uint32), steps_, stamps, vals))
     if len(parts) == 1:
         return parts[0]
     return Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in

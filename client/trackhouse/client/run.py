@@ -5,7 +5,7 @@ the key set compared with the last one logged (``tuple(metrics)``: identity
 compares, no hashing), the values converted and checked by one precompiled
 ``struct`` pack in C (``PyFloat_AsDouble`` per value: what ``float()`` takes,
 strings refused), and one ``list.append`` of the row
-``(run, step, timestamp, key block, values)`` to the batcher's shared row list —
+``(key set, step, timestamp, values)`` to the batcher's shared row list —
 no lock (see ``batcher.py``), no call into the batcher except on the first row of
 an empty buffer and when the buffer fills (to wake the sender). Anything unusual
 (a new key set, a value ``struct`` refuses) takes the slow path, which validates
@@ -51,7 +51,7 @@ _ACTIVE, _FINISHED, _DISABLED, _CLOSED = 0, 1, 2, 3
 _time_ns = time.time_ns
 
 
-_KeySet = tuple[tuple[str, ...], "array[int]", Callable[..., bytes], int]  # keys, block, pack, full
+_KeySet = tuple[tuple[str, ...], tuple[int, "array[int]"], Callable[..., bytes], int]  # keys, (run, block), pack, full
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,7 +136,7 @@ class Run:
         # call reads once: another thread logging into this run (the system-metrics sampler)
         # may switch it meanwhile, and keys, block and packer must come from the same set.
         # The empty key set is never logged, so the first call always switches.
-        self._current: _KeySet = ((), array("I"), _packer(0).pack, 1)
+        self._current: _KeySet = ((), (self._slot, array("I")), _packer(0).pack, 1)
         self._status_sent = False
 
     def __repr__(self) -> str:
@@ -169,7 +169,7 @@ class Run:
             values = current[2](*metrics.values())
         except Exception:  # a value struct refused (or the mapping changed meanwhile): find it, say what to do
             current, values = self._checked(metrics)
-        row = (self._slot, step, ts, current[1], values)
+        row = (current[1], step, ts, values)
         rows = self._rows
         rows.append(row)
         count = len(rows)
@@ -189,7 +189,8 @@ class Run:
             if not keys:
                 raise UsageError("log_metrics() needs at least one metric, e.g. {'loss': 0.5}")
             block = self._batcher.intern_keys([self._prefix + check_key(k) for k in keys])
-            found = (keys, block, _packer(len(block)).pack, max(1, self._max_points // len(block)))
+            found = (keys, self._batcher.key_set(self._slot, block), _packer(len(block)).pack,
+                     max(1, self._max_points // len(block)))
             if len(self._sets) >= _MAX_KEY_SETS:
                 self._sets.clear()
             self._sets[keys] = found
@@ -206,7 +207,7 @@ class Run:
         found = self._sets.get((key,)) if type(key) is str else None
         if found is None:
             found = self._switch((check_key(key),))
-        return found[1]
+        return found[1][1]
 
     def log_array(self, key: str, steps: npt.ArrayLike, values: npt.ArrayLike, *,
                   timestamps: npt.ArrayLike | None = None) -> None:

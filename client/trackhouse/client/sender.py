@@ -32,13 +32,14 @@ import uuid
 from collections.abc import Callable
 
 from trackhouse.client import policy
-from trackhouse.client.batcher import Batcher, due_at, encode, is_due
+from trackhouse.client.batcher import Batcher, due_at, is_due
 from trackhouse.client.errors import ServerUnavailable, SpoolError, TrackhouseError
 from trackhouse.client.ops import OP_KINDS, Op, PendingOps
 from trackhouse.client.outbox import Entry, Outbox
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import Location, WriterSpool
 from trackhouse.client.transport import AckStream, Transport, queued_requests
+from trackhouse.client.wire import encode
 from trackhouse.proto.v1 import ingest_pb2
 
 logger = logging.getLogger(__name__)
@@ -279,8 +280,7 @@ class Sender:
             return
         with self._cond:
             self._stream = stream
-        threading.Thread(target=self._read_acks, args=(stream, generation), name="trackhouse-acks",
-                         daemon=True).start()
+        threading.Thread(target=self._read_acks, args=(stream, generation), name="trackhouse-acks", daemon=True).start()
 
     def _pump(self) -> None:
         """Queue outbox entries in seq order; entries on disk within the replay window."""

@@ -213,13 +213,48 @@ class _Replicas:
 
 
 class _GrpcAckStream:
-    def __init__(self, call: Any, on_unavailable: Callable[[], None]) -> None:
-        self._call = call
-        self._on_unavailable = on_unavailable
+    """Reads acks only while a sent request is unanswered (the server answers each with one ack).
+
+    Waiting in gRPC's ``next()`` wakes the reader every 100 ms (``grpc._common.wait``
+    polls so that a main thread stays responsive to signals), whether or not anything is
+    in flight: about 1.4 ms of CPU a second for an idle stream. Between batches the
+    reader waits instead on an Event with no timeout, set when a request is handed to
+    gRPC or when the call ends (its done callback, or ``cancel``).
+    """
+
+    def __init__(self, requests: Iterator[bytes]) -> None:
+        self.requests = self._counted(requests)
+        self._sent = 0  # requests handed to gRPC; written by its request-consumer thread only
+        self._ended = False
+        self._ready = threading.Event()
+        self._call: Any = None
+        self._on_unavailable: Callable[[], None] = lambda: None
+
+    def _counted(self, requests: Iterator[bytes]) -> Iterator[bytes]:
+        for request in requests:
+            self._sent += 1
+            self._ready.set()
+            yield request
+
+    def start(self, call: Any, on_unavailable: Callable[[], None]) -> None:
+        self._call, self._on_unavailable = call, on_unavailable
+        call.add_done_callback(lambda _: self._end())  # at once when it already ended
+
+    def _end(self) -> None:
+        self._ended = True
+        self._ready.set()
 
     def __iter__(self) -> Iterator[ingest_pb2.BatchAck]:
+        answered = 0
         try:
-            for ack in self._call:
+            while True:
+                while answered >= self._sent and not self._ended:
+                    self._ready.wait()
+                    self._ready.clear()  # then the condition is checked again: no wake-up is lost
+                ack = next(self._call, None)
+                if ack is None:
+                    return
+                answered += 1
                 yield cast(ingest_pb2.BatchAck, ack)
         except grpc.RpcError as exc:
             error = _translate(exc)
@@ -229,6 +264,7 @@ class _GrpcAckStream:
 
     def cancel(self) -> None:
         self._call.cancel()
+        self._end()
 
 
 class GrpcTransport:
@@ -304,16 +340,18 @@ class GrpcTransport:
 
     def stream_metrics(self, requests: Iterator[bytes]) -> AckStream:
         """Open the long-lived stream on the current ingest address; no deadline, the sender cancels it.
-        The requests are already serialized (``batcher.encode``): gRPC sends them as they are."""
+        The requests are already serialized (``wire.encode``): gRPC sends them as they are."""
         index, channel = self._ingest.current()
+        stream = _GrpcAckStream(requests)
         try:
             call = channel.stream_stream(_STREAM_METRICS, request_serializer=None,
                                          response_deserializer=ingest_pb2.BatchAck.FromString)(
-                requests, metadata=self._metadata)
+                stream.requests, metadata=self._metadata)
         except ValueError as exc:
             self._ingest.failed(index)
             raise ServerUnavailable(f"channel closed: {exc}") from None
-        return _GrpcAckStream(call, lambda: self._ingest.failed(index))
+        stream.start(call, lambda: self._ingest.failed(index))
+        return stream
 
     def get_run(self, request: query_pb2.GetRunRequest) -> common_pb2.Run:
         return self._unary_query("GetRun", request, common_pb2.Run)
