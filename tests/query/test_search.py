@@ -710,6 +710,12 @@ def test_counts_are_read_after_write_between_refresher_passes(chdb_dsn: str) -> 
         store.put_tags(new.run_id, [("stage", "prod")], deleted=True)
         assert count("tags.stage = 'prod'") == 0
         assert page("tags.stage = 'prod'") == []
+        store.put_params(new.run_id, list(ODD_KEYS["params"].items()))  # read back from rows computed now
+        store.put_tags(new.run_id, list(ODD_KEYS["tags"].items()))
+        _put_metrics(store, new.run_id, ODD_KEYS["metrics"])
+        for text in ("params.`a.b` = '2020-01-01' AND tags.`ü.tag` LIKE '2020-01-01 %'",
+                     "metrics.`eval.loss` != 1 AND metrics.`val/acc` < 0 AND metrics.z = 0"):
+            assert count(text) == 1 and page(text) == [new.run_id], text
         assert index.refresh() >= 2  # the changed runs, recomputed
         assert page("params.optimizer = 'adam'") == adams
         assert count("params.optimizer = 'adam'") == before and count("tags.stage = 'prod'") == 0

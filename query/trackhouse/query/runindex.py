@@ -87,12 +87,32 @@ def rows_sql(db: str, runs: str) -> str:
                     f"FROM {db}.tags {w} GROUP BY run_id, key", "value", "WHERE deleted = 0", "String")
     metrics = _map(db, f"SELECT run_id, key, max(last_key) AS lk FROM {db}.latest_metrics {w} GROUP BY run_id, key",
                    f"reinterpretAsInt64({latest_value('lk')})", "", "Int64")
-    return (f"SELECT r.start_time, r.run_id, r.experiment_id, r.run_name, r.user_id, r.status, r.end_time, "
-            f"r.lifecycle_stage, r.artifact_uri, p.m, t.m, m.m, toUnixTimestamp64Nano(now64(9)) "
+    return (f"SELECT r.start_time AS start_time, r.run_id AS run_id, r.experiment_id AS experiment_id, "
+            f"r.run_name AS run_name, r.user_id AS user_id, r.status AS status, r.end_time AS end_time, "
+            f"r.lifecycle_stage AS lifecycle_stage, r.artifact_uri AS artifact_uri, p.m AS params, t.m AS tags, "
+            f"m.m AS metrics, toUnixTimestamp64Nano(now64(9)) AS version "
             f"FROM (SELECT run_id, {record} FROM {db}.runs {w} GROUP BY run_id) AS r "
             f"LEFT JOIN ({params}) AS p ON p.run_id = r.run_id "
             f"LEFT JOIN ({tags}) AS t ON t.run_id = r.run_id "
             f"LEFT JOIN ({metrics}) AS m ON m.run_id = r.run_id")
+
+
+def fresh_sql(db: str, ids: str) -> str:
+    """The current rows of the runs `ids` (a bound array), computed now from the run-major tables
+    (a few granules each: run_id leads their keys) with run_index's columns and types, so the
+    index's filter and order expressions read them as they read the index."""
+    return (f"SELECT * REPLACE (CAST(params, 'JSON') AS params, CAST(tags, 'JSON') AS tags, "
+            f"CAST(metrics, 'JSON') AS metrics) FROM ({rows_sql(db, f'run_id IN {ids}')})")
+
+
+# Settings of every query that reads `fresh_sql` (see _INSERT_SETTINGS).
+FRESH_SETTINGS = {"input_format_try_infer_dates": 0, "input_format_try_infer_datetimes": 0}
+
+
+def changed_runs_sql(db: str, watermark: str, limit: int) -> str:
+    """(run_id, start_time) of up to `limit` runs changed at or after `watermark`."""
+    return (f"SELECT run_id, any(start_time) FROM {db}.runs WHERE run_id IN {changed_since(db, watermark)} "
+            f"GROUP BY run_id LIMIT {int(limit)}")
 
 
 def changed_since(db: str, watermark: str) -> str:

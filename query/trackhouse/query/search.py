@@ -26,7 +26,15 @@ from trackhouse.query.errors import InvalidArgument
 from trackhouse.query.filters import ATTRIBUTES, Binder, Comparison, Node, parse_filter
 from trackhouse.query.order import OrderKey, parse_order_by
 from trackhouse.query.plan import RUNS, compile_search_filter, has_key_terms, key_values, split_pushed, value_condition
-from trackhouse.query.runindex import INDEX, changed_since, compile_index_filter, key_column, state_sql
+from trackhouse.query.runindex import (
+    FRESH_SETTINGS,
+    INDEX,
+    changed_runs_sql,
+    compile_index_filter,
+    fresh_sql,
+    key_column,
+    state_sql,
+)
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, RunRecord, Store, run_id_prefix
@@ -47,6 +55,9 @@ WINDOW_GROWTH = 8
 # Rows per read of a window: a read of search_runs FINAL in order with LIMIT above 1,000
 # costs ~2 s at 10 M runs against ~30 ms at 1,000 (docs/search.md, "Windowed pages").
 WINDOW_READ = 1000
+# Runs changed since the run index's watermark beyond which a search reads the per-key copies
+# alone (their current rows are computed per search: a few granules each, fine for thousands).
+MAX_CHANGED = 10_000
 
 
 def _clustered(window: Sequence[tuple[Any, ...]]) -> bool:
@@ -182,9 +193,9 @@ class RunSearch:
             raise InvalidArgument("page_token: does not match this search's ordering")
         if self._windowed(req, keys):
             rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
-        elif self._indexed(req, keys) and (watermark := (yield from self._watermark())) is not None:
-            sql, params = self._index_sql(req, keys, cursor, limit, watermark)
-            rows, with_info = (yield Rows(sql, params, settings={"join_use_nulls": 1})), False
+        elif self._indexed(req, keys) and (changed := (yield from self._changed())) is not None:
+            sql, params = self._index_sql(req, keys, cursor, limit, changed)
+            rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), False
         else:
             sql, params, with_info = self._sql(req, keys, cursor, limit)
             rows = yield Rows(sql, params, settings={"join_use_nulls": 1})
@@ -210,31 +221,50 @@ class RunSearch:
         return bool(self._settings.run_index) and (
             any(k.entity != ATTRIBUTES for k in keys) or has_key_terms(parse_filter(req.filter)))
 
-    def _watermark(self) -> Steps[int | None]:
-        """The run index's watermark (µs), or None while it cannot be used (`runindex.state_sql`)."""
-        watermark, usable = (yield Rows(state_sql(self._store.database), {}))[0]
-        return int(watermark) if usable and watermark is not None else None
+    def _changed(self) -> Steps[list[tuple[str, int]] | None]:
+        """The runs changed since the run index's watermark, (run_id, start_time) each; None when
+        the index cannot answer: not built, too old (`runindex.state_sql`), or more than
+        MAX_CHANGED runs behind (a bulk import the refresher has not taken in yet)."""
+        db = self._store.database
+        watermark, usable = (yield Rows(state_sql(db), {}))[0]
+        if not usable or watermark is None:
+            return None
+        rows = yield Rows(changed_runs_sql(db, "{w:Int64}", MAX_CHANGED + 1), {"w": int(watermark)})
+        return None if len(rows) > MAX_CHANGED else [(r[0], int(r[1])) for r in rows]
+
+    def _index_parts(self, req: SearchRequest, binder: Binder,
+                     changed: Sequence[tuple[str, int]]) -> tuple[str, str, str]:
+        """(scope and filter over run_index's columns, the changed runs' ids, their start times),
+        the two last bound (empty strings when no run changed)."""
+        node = parse_filter(req.filter)
+        where = self._where(req, binder, None)
+        if node is not None:
+            where += " AND " + compile_index_filter(node, binder)
+        if not changed:
+            return where, "", ""
+        return (where, binder.bind([c[0] for c in changed], "Array(String)"),
+                binder.bind(sorted({c[1] for c in changed}), "Array(Int64)"))
 
     def _index_sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any, limit: int,
-                   watermark: int) -> tuple[str, dict[str, Any]]:
-        """One page from the run index for runs unchanged since `watermark`, merged with one from
-        the per-key copies for the runs changed since (each ordered and cut at limit + 1)."""
+                   changed: Sequence[tuple[str, int]]) -> tuple[str, dict[str, Any]]:
+        """One page from the run index. The changed runs' rows there may be stale: the index's
+        first limit + 1 + len(changed) rows without them, merged with the first limit + 1 of
+        their rows computed now (`runindex.fresh_sql`), in the page's order."""
         db, binder = self._store.database, Binder()
-        changed = changed_since(db, binder.bind(watermark, "Int64"))
-        node = parse_filter(req.filter)
+        where, ids, _ = self._index_parts(req, binder, changed)
         exprs = [(k.key, _attribute_type(k)) if k.entity == ATTRIBUTES else key_column(k.entity, k.key) for k in keys]
-        where = [self._where(req, binder, None), f"run_id NOT IN {changed}"]
-        if node is not None:
-            where.append(compile_index_filter(node, binder))
         if cursor is not None:
-            where.append(_keyset(exprs, keys, cursor, binder))
+            where += " AND " + _keyset(exprs, keys, cursor, binder)
         order = _order(exprs, keys)
         select = ", ".join(["run_id", *(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))])
-        indexed = (f"SELECT {select} FROM {db}.{INDEX} FINAL WHERE {' AND '.join(where)} "
-                   f"ORDER BY {order} LIMIT {int(limit) + 1}")
-        recent, _, _ = self._sql(req, keys, cursor, limit, binder=binder, changed=changed)
+        indexed = (f"SELECT {select} FROM {db}.{INDEX} FINAL WHERE {where} "
+                   f"ORDER BY {order} LIMIT {int(limit) + 1 + len(changed)}")
+        if not changed:
+            return indexed, binder.params
+        fresh = f"SELECT {select} FROM ({fresh_sql(db, ids)}) WHERE {where} ORDER BY {order} LIMIT {int(limit) + 1}"
         outer = [(f"k{i}", kind) for i, (_, kind) in enumerate(exprs)]
-        sql = (f"SELECT run_id, {', '.join(e for e, _ in outer)} FROM ({indexed} UNION ALL {recent}) "
+        sql = (f"SELECT run_id, {', '.join(e for e, _ in outer)} FROM (SELECT * FROM ({indexed}) "
+               f"WHERE run_id NOT IN {ids} UNION ALL SELECT * FROM ({fresh})) "
                f"ORDER BY {_order(outer, keys)} LIMIT {int(limit) + 1}")
         return sql, binder.params
 
@@ -299,24 +329,22 @@ class RunSearch:
         return self._store.run(self._count(req))
 
     def _count(self, req: SearchRequest) -> Steps[int]:
-        """The run index's count of runs unchanged since its watermark plus the per-key copies'
-        count of the runs changed since (`runindex`); the copies alone until the index is built."""
+        """The run index's count, corrected for the runs changed since its watermark (their
+        stale rows' count out, their current rows' count in); the copies alone until the
+        index can answer (`_changed`)."""
         if req.view not in VIEWS:
             raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
         db, binder = self._store.database, Binder()
-        watermark = (yield from self._watermark()) if self._settings.run_index else None
-        if watermark is None:
+        changed = (yield from self._changed()) if self._settings.run_index else None
+        if changed is None:
             sql = f"SELECT count() FROM {db}.{RUNS} FINAL WHERE {self._where(req, binder)}"
             return int((yield Rows(sql, binder.params))[0][0])
-        changed = changed_since(db, binder.bind(int(watermark), "Int64"))
-        node = parse_filter(req.filter)
-        indexed = [self._where(req, binder, None), f"run_id NOT IN {changed}"]
-        if node is not None:
-            indexed.append(compile_index_filter(node, binder))
-        recent = self._where(req, binder, node, restrict=f"run_id IN {changed}")
-        sql = (f"SELECT (SELECT count() FROM {db}.{INDEX} FINAL WHERE {' AND '.join(indexed)}) "
-               f"+ (SELECT count() FROM {db}.{RUNS} FINAL WHERE {recent})")
-        return int((yield Rows(sql, binder.params))[0][0])
+        where, ids, times = self._index_parts(req, binder, changed)
+        sql = f"SELECT (SELECT count() FROM {db}.{INDEX} FINAL WHERE {where})"
+        if changed:
+            sql += (f" - (SELECT count() FROM {db}.{INDEX} FINAL WHERE start_time IN {times} AND run_id IN {ids} "
+                    f"AND {where}) + (SELECT count() FROM ({fresh_sql(db, ids)}) WHERE {where})")
+        return int((yield Rows(sql, binder.params, settings=FRESH_SETTINGS))[0][0])
 
     def _where(self, req: SearchRequest, binder: Binder, node: Node | str | None = "parse",
                restrict: str = "") -> str:
@@ -334,13 +362,11 @@ class RunSearch:
         return " AND ".join(where)
 
     def _sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any,
-             limit: int, window: Sequence[tuple[Any, ...]] | None = None, binder: Binder | None = None,
-             changed: str = "") -> tuple[str, dict[str, Any], bool]:
+             limit: int, window: Sequence[tuple[Any, ...]] | None = None) -> tuple[str, dict[str, Any], bool]:
         """(SQL, parameters, whether each row also carries the run's record after the order keys).
 
         `window`: only these runs are candidates (`_windowed_rows`); the filter's sets of run
-        ids are restricted to them too. `changed`: likewise, a subquery of run ids (the runs
-        the run index does not answer, `_index_sql`); rows then carry no record.
+        ids are restricted to them too.
 
         Without joins (every order key an attribute) the page's rows come from
         `search_runs` alone, which holds each run's latest record: selecting it here
@@ -348,13 +374,11 @@ class RunSearch:
         by-id query of `runs` — 186–206 ms of a 476 ms first page at 10 M runs.
         """
         db = self._store.database
-        binder = binder or Binder()
+        binder = Binder()
         node, pushed = parse_filter(req.filter), list[Comparison]()
         if keys[0].entity != ATTRIBUTES:  # the first order key's own filter terms ride on its join
             node, pushed = split_pushed(node, keys[0].entity, keys[0].key)
-        restrict = f"run_id IN {changed}" if changed else ""
-        if window is not None:
-            restrict = f"run_id IN {binder.bind([w[0] for w in window], 'Array(String)')}"
+        restrict = "" if window is None else f"run_id IN {binder.bind([w[0] for w in window], 'Array(String)')}"
         where = self._where(req, binder, node, restrict)
         if window is not None:  # the window's start-time range: search_runs' primary key narrows to it
             times = [w[1] for w in window]
@@ -370,8 +394,8 @@ class RunSearch:
         if cursor is not None:
             outer = "WHERE " + _keyset(exprs, keys, cursor, binder)
         order = _order(exprs, keys)
-        info = [] if joins or changed else [f"base.{c}" for c in RUN_RECORD_FIELDS[1:]]
-        select = ", ".join(["base.run_id", *(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs)), *info])
+        info = [] if joins else [f"base.{c}" for c in RUN_RECORD_FIELDS[1:]]
+        select = ", ".join(["base.run_id", *(e for e, _ in exprs), *info])
         sql = (
             f"SELECT {select} FROM (SELECT * FROM {db}.{RUNS} FINAL WHERE {where}) AS base "
             f"{' '.join(joins)} {outer} ORDER BY {order} LIMIT {int(limit) + 1}"
