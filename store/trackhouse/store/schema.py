@@ -171,9 +171,8 @@ MIGRATIONS: tuple[Migration, ...] = (
 # engine here keeps one row per key (Replacing by version, max of the latest tuple).
 # search_runs is ordered by (start_time, run_id): start_time never changes after a
 # run is created (as in MLflow), so the key still identifies one run.
-_SEARCH_LAYOUT = (
-    """
-    CREATE TABLE IF NOT EXISTS {db}.search_runs (
+# The run record's columns as search_runs and run_index (migration 8) hold them.
+_RECORD_COLUMNS = """
         start_time Int64,
         run_id String,
         experiment_id LowCardinality(String),
@@ -182,7 +181,10 @@ _SEARCH_LAYOUT = (
         status LowCardinality(String),
         end_time Nullable(Int64),
         lifecycle_stage LowCardinality(String),
-        artifact_uri String,
+        artifact_uri String,"""
+_SEARCH_LAYOUT = (
+    f"""
+    CREATE TABLE IF NOT EXISTS {{db}}.search_runs ({_RECORD_COLUMNS}
         version UInt64
     ) ENGINE = ReplacingMergeTree(version) ORDER BY (start_time, run_id)
     """,
@@ -512,17 +514,8 @@ _RUN_INDEX = (
     CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.run_changes_{source}_mv TO {{db}}.run_changes AS
     SELECT DISTINCT now64(6) AS changed_at, run_id FROM {{db}}.{source}
     """ for source in ("runs", "params", "tags", "latest_metrics")),
-    """
-    CREATE TABLE IF NOT EXISTS {db}.run_index (
-        start_time Int64,
-        run_id String,
-        experiment_id LowCardinality(String),
-        run_name String,
-        user_id String,
-        status LowCardinality(String),
-        end_time Nullable(Int64),
-        lifecycle_stage LowCardinality(String),
-        artifact_uri String,
+    f"""
+    CREATE TABLE IF NOT EXISTS {{db}}.run_index ({_RECORD_COLUMNS}
         params JSON,
         tags JSON,
         metrics JSON,
