@@ -11,6 +11,7 @@ docs/search.md ("A wide run index, probed at 10 M runs") has the figures.
     python loadtests/run_index_probe.py time --path P       # today's queries vs the wide table
     python loadtests/run_index_probe.py refresh --path P --pattern newest   # or random
     python loadtests/run_index_probe.py lookup --path Q     # by-id lookups, 10 M rows, 3 layouts
+    python loadtests/run_index_probe.py value-order --path P  # early stop on a value-ordered copy
 
 `refresh` rewrites the wide rows of 1,000 runs ten times, computed by id from the
 run-major source tables (what a background refresher would do), then times the
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import search_bench
 
+from trackhouse.query.runindex import key_path
 from trackhouse.store import Store, open_store
 from trackhouse.store.schema import latest_value
 
@@ -198,9 +200,71 @@ def lookup(store: Store, rows: int) -> None:
     print(f"load average {os.getloadavg()}", flush=True)
 
 
+def _value(key: str) -> str:
+    return f"reinterpretAsFloat64(metrics.{key_path(key)}.:Int64)"
+
+
+VALUE_ORDER_CASES = {  # name: (metric, ascending, filter over run_index)
+    "filter_metric_order": ("loss", True,
+                            f"{_value('loss')} < 0.5 AND params.{key_path('optimizer')}.:String = 'adam'"),
+    "or_filter": ("accuracy", False,
+                  f"(params.{key_path('optimizer')}.:String = 'sgd' OR tags.{key_path('stage')}.:String = 'prod')"),
+}
+
+
+def _early_stop_page(store: Store, key: str, ascending: bool, where: str, chunk: int) -> tuple[list[str], int]:
+    """The first 101 runs passing `where` in `key` order: candidates read from metric_order a chunk
+    at a time from the best value on, each verified on its run_index row (the filter, and that its
+    value is current). The cursor is the value alone: a probe, not exact for ties."""
+    found: list[str] = []
+    last, reads, direction = None, 0, "ASC" if ascending else "DESC"
+    while len(found) < 101:
+        after = "" if last is None else f"AND value {'>' if ascending else '<'} {{last:Float64}}"
+        cands = store.query_rows(f"SELECT run_id, start_time, value FROM {DB}.metric_order WHERE key = {{k:String}} "
+                                 f"{after} ORDER BY key {direction}, value {direction} LIMIT {chunk}",
+                                 {"k": key, "last": last})
+        reads += 1
+        if not cands:
+            break
+        last = cands[-1][2]
+        ok = dict(store.query_rows(
+            f"SELECT run_id, {_value(key)} FROM {DB}.run_index FINAL WHERE start_time IN {{t:Array(Int64)}} "
+            f"AND run_id IN {{i:Array(String)}} AND lifecycle_stage = 'active' AND {where}",
+            {"t": sorted({c[1] for c in cands}), "i": [c[0] for c in cands]}))
+        found += [c[0] for c in cands if ok.get(c[0]) == c[2]]
+    return found[:101], reads
+
+
+def value_order(store: Store, repeat: int) -> None:
+    """metric_order (key, value, start_time, run_id), from run_index (build it first: search_bench
+    --run-index), then the early-stop page against a scan of the index, for two chunk sizes."""
+    store.command(f"DROP TABLE IF EXISTS {DB}.metric_order")
+    store.command(f"CREATE TABLE {DB}.metric_order (key LowCardinality(String), value Float64, start_time Int64, "
+                  "run_id String) ENGINE = MergeTree ORDER BY (key, value, start_time, run_id) "
+                  "SETTINGS index_granularity = 1024")
+    started = time.monotonic()
+    for key in ("loss", "accuracy"):
+        store.maintain(f"INSERT INTO {DB}.metric_order SELECT '{key}', {_value(key)}, start_time, run_id "
+                       f"FROM {DB}.run_index FINAL WHERE NOT isNaN(ifNull({_value(key)}, nan))")
+    store.command(f"OPTIMIZE TABLE {DB}.metric_order FINAL")
+    print(f"metric_order built in {time.monotonic() - started:.0f} s; load average {os.getloadavg()}", flush=True)
+    for name, (key, ascending, where) in VALUE_ORDER_CASES.items():
+        scan = (f"SELECT run_id FROM {DB}.run_index FINAL WHERE lifecycle_stage = 'active' AND {where} ORDER BY "
+                f"isNaN({_value(key)}), {_value(key)} {'ASC' if ascending else 'DESC'}, start_time DESC, run_id "
+                "LIMIT 101")
+        ref = [r[0] for r in store.query_rows(scan)]
+        print(f"{name}: scan of the index {_median_ms(lambda s=scan: store.query_rows(s), repeat):.0f} ms", flush=True)
+        for chunk in (300, 1000):
+            ids, reads = _early_stop_page(store, key, ascending, where, chunk)
+            ms = _median_ms(lambda k=key, a=ascending, w=where, c=chunk: _early_stop_page(store, k, a, w, c), repeat)
+            print(f"{name}: early stop, chunks of {chunk}: {ms:.0f} ms, {reads} read(s), "
+                  f"{'same runs as' if set(ids) == set(ref) else 'NOT the same runs as'} the scan", flush=True)
+    print(f"load average {os.getloadavg()}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("build", "time", "refresh", "lookup"))
+    parser.add_argument("what", choices=("build", "time", "refresh", "lookup", "value-order"))
     parser.add_argument("--path", required=True, help="a search_bench store (chDB data directory)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--pattern", choices=("newest", "random"), default="newest")
@@ -217,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             time_all(store, args.repeat, not args.no_today)
         elif args.what == "lookup":
             lookup(store, args.rows)
+        elif args.what == "value-order":
+            value_order(store, args.repeat)
         else:
             refresh(store, args.pattern, args.repeat)
     finally:
