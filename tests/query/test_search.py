@@ -772,3 +772,45 @@ def test_the_query_service_builds_the_run_index_and_searches_read_it(chdb_dsn: s
             thread.stop(grace=1.0)
     finally:
         store.close()
+
+
+def test_searches_fall_back_to_the_copies_when_the_index_cannot_answer(chdb_dsn: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not built yet, a watermark older than run_changes keeps, or too many runs changed since:
+    the per-key copies answer (an emptied index proves the index is not read)."""
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        text, predicate = FILTERS[4]
+        expected = len([m for m in active(models) if predicate(m)])
+        order = ("metrics.loss DESC",)
+        want = expected_order([m for m in active(models) if predicate(m)], list(order))
+        search = direct_search(store)
+
+        def answers() -> tuple[int, list[str]]:
+            page = search.search(SearchRequest(filter=text, order_by=order, max_results=100, include_total=True))
+            return page.total or 0, [r.info.run_id for r in page.runs]
+
+        assert answers() == (expected, want)  # never built
+        index = RunIndex(store, lag=0.0)
+        index.refresh()
+        store.command(f"TRUNCATE TABLE {store.database}.run_index")  # from here on the index answers nothing
+        assert answers() == (0, [])  # proof that the index is read while it can answer
+        store.put_tags(models[0].run_id, [("touched", "1")])
+        store.put_tags(models[1].run_id, [("touched", "1")])
+        monkeypatch.setattr(search_module, "MAX_CHANGED", 1)
+        assert answers() == (expected, want)  # 2 runs changed since the watermark, more than MAX_CHANGED
+        monkeypatch.undo()
+        store.command(f"INSERT INTO {store.database}.run_index_state (key, watermark, runs) "
+                      "VALUES ('run_index', now64(6) - INTERVAL 30 DAY, 0)")
+        store.command(f"OPTIMIZE TABLE {store.database}.run_index_state FINAL")
+        assert index.state()[1] is True  # the latest pass still counts: max(watermark)
+        store.command(f"TRUNCATE TABLE {store.database}.run_index_state")
+        store.command(f"INSERT INTO {store.database}.run_index_state (key, watermark, runs) "
+                      "VALUES ('run_index', now64(6) - INTERVAL 30 DAY, 0)")
+        assert index.state() == (None, False)  # older than run_changes keeps its rows
+        assert answers() == (expected, want)
+        assert index.refresh() == len(models)  # such an index is rebuilt whole
+        assert answers() == (expected, want)
+    finally:
+        store.close()

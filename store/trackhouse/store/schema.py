@@ -528,7 +528,7 @@ _RUN_INDEX = (
         watermark DateTime64(6),
         runs UInt64,
         updated DateTime64(6) DEFAULT now64(6)
-    ) ENGINE = ReplacingMergeTree(updated) ORDER BY key
+    ) ENGINE = ReplacingMergeTree(watermark) ORDER BY key
     """,
 )
 
