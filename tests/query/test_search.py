@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import math
 import random
 import uuid
@@ -25,7 +26,7 @@ from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query import search as search_module
 from trackhouse.query.errors import InvalidArgument
-from trackhouse.query.runindex import RunIndex, changed_since
+from trackhouse.query.runindex import Refresher, RunIndex, changed_since
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec
@@ -814,3 +815,24 @@ def test_searches_fall_back_to_the_copies_when_the_index_cannot_answer(chdb_dsn:
         assert answers() == (expected, want)
     finally:
         store.close()
+
+
+def test_a_failed_refresher_pass_is_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    class Flaky:
+        calls = 0
+
+        def refresh(self) -> int:
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("store away")
+            return 0
+
+    refresher = Refresher(Flaky(), interval=0.01)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="trackhouse.query.runindex"):
+        refresher.start()
+        try:
+            assert refresher.first_pass.wait(10.0)
+        finally:
+            refresher.stop()
+    assert Flaky.calls >= 2 and refresher.passes >= 1
+    assert any("refresh failed (store away)" in r.getMessage() for r in caplog.records)
