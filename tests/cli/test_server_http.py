@@ -66,3 +66,14 @@ def test_grpc_health_service(http_server: ServerThread) -> None:
         for service in ("", "trackhouse.v1.IngestService", "trackhouse.v1.QueryService"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_metrics_report_the_run_index_refresher(http_server: ServerThread) -> None:
+    app = next(a for a in http_server.server._apps if getattr(a, "refresher", None) is not None)
+    assert app.refresher.first_pass.wait(30.0)  # the first pass (a build) runs at start
+    s = _samples(_get(http_server, "/metrics")[1])
+    assert s["trackhouse_query_run_index_passes_total"] >= 1
+    assert s["trackhouse_query_run_index_failures_total"] == 0
+    assert s["trackhouse_query_run_index_last_pass_seconds"] >= 0
+    assert 0 <= s["trackhouse_query_run_index_watermark_age_seconds"] < 3600
+    assert "trackhouse_query_run_index_last_pass_runs" in s

@@ -306,7 +306,7 @@ class EmbeddedServer:
             ("grpc.max_send_message_length", size),
         ])
         self._apps = [IngestApp(self.store, cfg.ingest, self.registry) if name == "ingest"
-                      else QueryApp(self.store, cfg.query) for name in cfg.services]
+                      else QueryApp(self.store, cfg.query, self.registry) for name in cfg.services]
         for app in self._apps:
             await app.start(self._server)
         health_servicer = health.aio.HealthServicer()

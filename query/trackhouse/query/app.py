@@ -10,10 +10,12 @@ import asyncio
 import secrets
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from trackhouse.proto.v1 import query_pb2_grpc
 from trackhouse.query.downsample import MetricCharts
 from trackhouse.query.history import MetricHistory
-from trackhouse.query.runindex import Refresher, RunIndex
+from trackhouse.query.runindex import Refresher, RunIndex, RunIndexCollector
 from trackhouse.query.scope import sql_experiments
 from trackhouse.query.search import RunSearch
 from trackhouse.query.service import QueryServicer
@@ -26,9 +28,11 @@ TOKEN_SECRET_KEY = "page_token_secret"
 
 
 class QueryApp:
-    def __init__(self, store: Store, settings: QuerySettings | None = None) -> None:
+    def __init__(self, store: Store, settings: QuerySettings | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.store = store
         self.settings = settings or QuerySettings()
+        self.registry = registry
         self.refresher: Refresher | None = None
 
     async def start(self, server: Any) -> None:
@@ -48,6 +52,8 @@ class QueryApp:
         if self.settings.run_index:
             index = RunIndex(store, lag=self.settings.run_index_lag_seconds)
             self.refresher = Refresher(index, self.settings.run_index_refresh_seconds)
+            if self.registry is not None:
+                self.registry.register(RunIndexCollector(self.refresher, index))
             self.refresher.start()
 
     async def stop(self) -> None:

@@ -27,6 +27,11 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from trackhouse.query.filters import ATTRIBUTES, METRICS, PARAMS, And, Binder, Comparison, Node, Or, condition
 from trackhouse.query.plan import value_condition
@@ -135,6 +140,7 @@ class RunIndex:
         self._db = store.database
         self._lag_us = int(lag * 1_000_000)
         self._chunk_runs = chunk_runs
+        self.watermark_us: int | None = None  # the last one this object set (µs since the epoch)
 
     def state(self) -> tuple[int | None, bool]:
         watermark, usable = self._store.query_rows(state_sql(self._db))[0]
@@ -160,6 +166,7 @@ class RunIndex:
         self._store.maintain(f"INSERT INTO {db}.run_index_state (key, watermark, runs) "
                              "VALUES ({k:String}, fromUnixTimestamp64Micro({w:Int64}), {n:UInt64})",
                              {"k": STATE_KEY, "w": int(now_us) - self._lag_us, "n": done})
+        self.watermark_us = int(now_us) - self._lag_us
         if done:
             logger.debug("run index: %d runs refreshed in %.2f s", done, time.monotonic() - started)
         return done
@@ -199,7 +206,8 @@ class Refresher:
         self._interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.passes = 0
+        self.passes = self.failures = self.last_runs = 0
+        self.last_seconds = 0.0
         self.first_pass = threading.Event()  # set once a pass has succeeded (the index is built)
 
     def start(self) -> None:
@@ -208,11 +216,14 @@ class Refresher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
-                self._index.refresh()
+                self.last_runs = self._index.refresh()
+                self.last_seconds = time.monotonic() - started
                 self.passes += 1
                 self.first_pass.set()
             except Exception as exc:  # the store away, say: searches fall back, the next pass retries
+                self.failures += 1
                 logger.warning("run index: refresh failed (%s); retrying in %.0f s", exc, self._interval)
             self._stop.wait(self._interval)
 
@@ -221,3 +232,29 @@ class Refresher:
         if self._thread is not None:
             self._thread.join(timeout)
 
+
+
+class RunIndexCollector(Collector):
+    """The refresher's Prometheus metrics, read from it at scrape time (no store I/O):
+
+        trackhouse_query_run_index_passes_total           refresher passes that succeeded
+        trackhouse_query_run_index_failures_total         passes that failed (retried)
+        trackhouse_query_run_index_last_pass_runs         runs the last pass recomputed
+        trackhouse_query_run_index_last_pass_seconds      how long it took
+        trackhouse_query_run_index_watermark_age_seconds  now minus the watermark it set (NaN before)
+    """
+
+    def __init__(self, refresher: Refresher, index: RunIndex) -> None:
+        self._refresher = refresher
+        self._index = index
+
+    def collect(self) -> Iterator[Any]:
+        r, name = self._refresher, "trackhouse_query_run_index_"
+        yield CounterMetricFamily(name + "passes", "Run index refresher passes that succeeded", value=r.passes)
+        yield CounterMetricFamily(name + "failures", "Run index refresher passes that failed", value=r.failures)
+        yield GaugeMetricFamily(name + "last_pass_runs", "Runs the last pass recomputed", value=r.last_runs)
+        yield GaugeMetricFamily(name + "last_pass_seconds", "Seconds the last pass took", value=r.last_seconds)
+        mark = self._index.watermark_us
+        age = float("nan") if mark is None else time.time() - mark / 1e6
+        yield GaugeMetricFamily(name + "watermark_age_seconds", "Seconds since the run index's watermark",
+                                value=age)
