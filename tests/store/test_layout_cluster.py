@@ -192,3 +192,11 @@ def test_the_shard_local_tables_and_views_execute_on_chdb(store: Store) -> None:
     assert store.query_rows(f"SELECT count() FROM {db}.c_search_metrics_local") == [(1,)]
     assert store.query_rows(f"SELECT g, sum(count) FROM {db}.c_metric_rollup_local GROUP BY g ORDER BY g") == [
         (10, 2), (1000, 2)]
+
+
+def test_optimize_final_merges_the_shard_local_table_on_a_cluster() -> None:
+    assert layout.optimize_final(layout.Layout("th"), "run_index") == "OPTIMIZE TABLE th.run_index FINAL"
+    assert (layout.optimize_final(layout.Layout("th", "c1"), "run_index")
+            == "OPTIMIZE TABLE th.run_index_local ON CLUSTER c1 FINAL")
+    with pytest.raises(ValueError, match="table name"):
+        layout.optimize_final(layout.Layout("th"), "run_index; DROP")

@@ -115,6 +115,15 @@ def migration_lock(layout: Layout, version: int) -> tuple[str, str]:
                   "(owner String) ENGINE = Memory")
 
 
+def optimize_final(layout: Layout, table: str) -> str:
+    """OPTIMIZE ... FINAL of one of our tables: on a cluster, of its shard-local table on every
+    node (a Distributed table has no parts to merge)."""
+    name = check_identifier(table, "table name")
+    if layout.cluster is None:
+        return f"OPTIMIZE TABLE {layout.database}.{name} FINAL"
+    return f"OPTIMIZE TABLE {layout.database}.{name}{LOCAL_SUFFIX}{layout.on_cluster} FINAL"
+
+
 def render(statement: str, layout: Layout) -> list[str]:
     """The statements to run for one migration statement (its `{db}` template) in `layout`."""
     sql = statement.format(db=layout.database)
