@@ -836,3 +836,21 @@ def test_a_failed_refresher_pass_is_logged_and_retried(caplog: pytest.LogCapture
             refresher.stop()
     assert Flaky.calls >= 2 and refresher.passes >= 1
     assert any("refresh failed (store away)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_merge_after_the_build_leaves_a_usable_index(chdb_dsn: str, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    from trackhouse.query import runindex
+
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        monkeypatch.setattr(runindex, "optimize_final", lambda layout, table: "OPTIMIZE TABLE no_such.table FINAL")
+        with caplog.at_level(logging.WARNING, logger="trackhouse.query.runindex"):
+            assert RunIndex(store, lag=0.0).refresh() == len(models)
+        assert any("merging the built parts failed" in r.getMessage() for r in caplog.records)
+        text, predicate = FILTERS[4]
+        assert direct_search(store).count(SearchRequest(filter=text)) == len(
+            [m for m in active(models) if predicate(m)])
+    finally:
+        store.close()
