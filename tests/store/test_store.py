@@ -11,6 +11,7 @@ from trackhouse.store import (
     RunDetails,
     RunRecord,
     Store,
+    StoreError,
     new_run_id,
     open_store,
 )
@@ -245,3 +246,12 @@ def test_new_run_id_is_hex_and_starts_with_its_start_time() -> None:
     assert new_run_id(1) < new_run_id(2) < new_run_id(1_700_000_000_000)
     assert new_run_id(0)[:12] == "0" * 12 and new_run_id(-5)[:12] == "0" * 12
     assert new_run_id(1 << 60)[:12] == "f" * 12 and len(new_run_id(1 << 60)) == 32
+
+
+def test_a_closed_store_refuses_reads_and_rebuilds_instead_of_waiting(store: Store) -> None:
+    s = store
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.query_rows("SELECT 1")
+    with pytest.raises(StoreError, match="closed"):
+        s.maintain("SELECT 1")

@@ -86,7 +86,8 @@ def rows_sql(db: str, runs: str) -> str:
     condition on run_id: our own SQL; values bound by the caller)."""
     check_identifier(db)
     w = f"WHERE {runs}"
-    record = ", ".join(f"argMax({c}, version) AS {c}" for c in _RECORD)
+    # argMax skips NULLs: a tuple keeps the latest version's end_time even when it is NULL.
+    record = ", ".join(f"tupleElement(argMax(tuple({c}), version), 1) AS {c}" for c in _RECORD)
     params = _map(db, f"SELECT run_id, key, any(value) AS value FROM {db}.params {w} GROUP BY run_id, key",
                   "value", "", "String")
     tags = _map(db, f"SELECT run_id, key, argMax(value, version) AS value, argMax(deleted, version) AS deleted "
@@ -197,7 +198,10 @@ class RunIndex:
             self._store.maintain(optimize_final(self._store.layout, INDEX))
         except StoreError as exc:
             logger.warning("run index: merging the built parts failed (%s); background merges will", exc)
-        built = int(self._store.query_rows(f"SELECT count() FROM {self._db}.{INDEX} FINAL")[0][0])
+        try:  # for the log only: a read timing out here must not throw the build away
+            built = int(self._store.query_rows(f"SELECT count() FROM {self._db}.{INDEX} FINAL")[0][0])
+        except StoreError:
+            built = runs
         logger.info("run index: %d runs built in %.1f s", built, time.monotonic() - started)
         return built
 

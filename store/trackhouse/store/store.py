@@ -181,11 +181,17 @@ class Store:
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[Any]:
+        if self._closed:  # the pool is empty: waiting on it would never end
+            raise StoreError(f"{self.dsn.redacted()}: the store is closed")
         client = self._readers.get()
         try:
             yield client
         finally:
-            self._readers.put(client)
+            if self._closed:  # close() has emptied the pool: a reader in use then is closed here
+                with contextlib.suppress(Exception):
+                    client.close()
+            else:
+                self._readers.put(client)
 
     # -- raw access (SQL built by our own modules, values bound) ---------------
 
@@ -230,6 +236,11 @@ class Store:
                 self._maintenance.command(sql, parameters=parameters)
             except Exception as exc:
                 raise translate(exc) from None
+            finally:
+                if self._closed:  # closed meanwhile: close() left this client to us
+                    with contextlib.suppress(Exception):
+                        self._maintenance.close()
+                    self._maintenance = None
 
     def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
