@@ -45,8 +45,10 @@ INDEX = "run_index"
 STATE_KEY = "run_index"
 # Runs per chunk of the first build: bounds the join's memory (maps of this many runs).
 BUILD_CHUNK_RUNS = 1_000_000
-# String values stay strings: the JSON type would otherwise store '2020-01-01' as a Date.
-_INSERT_SETTINGS = "SETTINGS input_format_try_infer_dates = 0, input_format_try_infer_datetimes = 0"
+# Settings of every query that turns maps into JSON (inserts, and reads of `fresh_sql`): string
+# values stay strings (the JSON type would otherwise store '2020-01-01' as a Date).
+FRESH_SETTINGS = {"input_format_try_infer_dates": 0, "input_format_try_infer_datetimes": 0}
+_INSERT_SETTINGS = "SETTINGS " + ", ".join(f"{k} = {v}" for k, v in FRESH_SETTINGS.items())
 _RECORD = ("start_time", "experiment_id", "run_name", "user_id", "status", "end_time", "lifecycle_stage",
            "artifact_uri")
 
@@ -76,7 +78,7 @@ def compile_index_filter(node: Node, binder: Binder) -> str:
     return value_condition(c, binder, key_column(c.entity, c.key)[0])
 
 
-def _map(db: str, source: str, value: str, where: str, kind: str) -> str:
+def _map(source: str, value: str, where: str, kind: str) -> str:
     return (f"SELECT run_id, CAST(mapFromArrays(groupArray(concat('k', hex(key))), groupArray({value})), "
             f"'Map(String, {kind})') AS m FROM ({source}) {where} GROUP BY run_id")
 
@@ -88,11 +90,11 @@ def rows_sql(db: str, runs: str) -> str:
     w = f"WHERE {runs}"
     # argMax skips NULLs: a tuple keeps the latest version's end_time even when it is NULL.
     record = ", ".join(f"tupleElement(argMax(tuple({c}), version), 1) AS {c}" for c in _RECORD)
-    params = _map(db, f"SELECT run_id, key, any(value) AS value FROM {db}.params {w} GROUP BY run_id, key",
+    params = _map(f"SELECT run_id, key, any(value) AS value FROM {db}.params {w} GROUP BY run_id, key",
                   "value", "", "String")
-    tags = _map(db, f"SELECT run_id, key, argMax(value, version) AS value, argMax(deleted, version) AS deleted "
+    tags = _map(f"SELECT run_id, key, argMax(value, version) AS value, argMax(deleted, version) AS deleted "
                     f"FROM {db}.tags {w} GROUP BY run_id, key", "value", "WHERE deleted = 0", "String")
-    metrics = _map(db, f"SELECT run_id, key, max(last_key) AS lk FROM {db}.latest_metrics {w} GROUP BY run_id, key",
+    metrics = _map(f"SELECT run_id, key, max(last_key) AS lk FROM {db}.latest_metrics {w} GROUP BY run_id, key",
                    f"reinterpretAsInt64({latest_value('lk')})", "", "Int64")
     return (f"SELECT r.start_time AS start_time, r.run_id AS run_id, r.experiment_id AS experiment_id, "
             f"r.run_name AS run_name, r.user_id AS user_id, r.status AS status, r.end_time AS end_time, "
@@ -111,9 +113,6 @@ def fresh_sql(db: str, ids: str) -> str:
     return (f"SELECT * REPLACE (CAST(params, 'JSON') AS params, CAST(tags, 'JSON') AS tags, "
             f"CAST(metrics, 'JSON') AS metrics) FROM ({rows_sql(db, f'run_id IN {ids}')})")
 
-
-# Settings of every query that reads `fresh_sql` (see _INSERT_SETTINGS).
-FRESH_SETTINGS = {"input_format_try_infer_dates": 0, "input_format_try_infer_datetimes": 0}
 
 
 def changed_runs_sql(db: str, watermark: str, limit: int) -> str:
