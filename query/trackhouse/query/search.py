@@ -191,6 +191,7 @@ class RunSearch:
         cursor = self._tokens.decode(req.page_token, question) if req.page_token else None
         if cursor is not None and (not isinstance(cursor, list) or len(cursor) != len(keys)):
             raise InvalidArgument("page_token: does not match this search's ordering")
+        changed: list[tuple[str, int]] | None = None
         if self._windowed(req, keys):
             rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
         elif self._indexed(req, keys) and (changed := (yield from self._changed())) is not None:
@@ -203,7 +204,7 @@ class RunSearch:
         rows = rows[:limit]
         n = len(keys)
         token = self._tokens.encode(question, list(rows[-1][1:1 + n])) if more else ""
-        total = (yield from self._count(req)) if req.include_total else None
+        total = (yield from self._count(req, changed)) if req.include_total else None
         infos = {r[0]: RunRecord(r[0], *r[1 + n:]) for r in rows} if with_info else None
         runs = yield from self._store.run_details_steps([r[0] for r in rows], infos)
         return SearchPage(runs, token, total)
@@ -328,14 +329,15 @@ class RunSearch:
         """How many runs match the scope and filter of `req` (every page)."""
         return self._store.run(self._count(req))
 
-    def _count(self, req: SearchRequest) -> Steps[int]:
+    def _count(self, req: SearchRequest, changed: list[tuple[str, int]] | None = None) -> Steps[int]:
         """The run index's count, corrected for the runs changed since its watermark (their
         stale rows' count out, their current rows' count in); the copies alone until the
         index can answer (`_changed`)."""
         if req.view not in VIEWS:
             raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
         db, binder = self._store.database, Binder()
-        changed = (yield from self._changed()) if self._settings.run_index else None
+        if changed is None and self._settings.run_index:  # not already read by this search's page
+            changed = yield from self._changed()
         if changed is None:
             sql = f"SELECT count() FROM {db}.{RUNS} FINAL WHERE {self._where(req, binder)}"
             return int((yield Rows(sql, binder.params))[0][0])
