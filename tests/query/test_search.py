@@ -854,3 +854,141 @@ def test_a_failed_merge_after_the_build_leaves_a_usable_index(chdb_dsn: str, mon
             [m for m in active(models) if predicate(m)])
     finally:
         store.close()
+
+
+# -- the run index's value order (runorder.py, schema migration 9) ---------------------------------
+
+ORDER_METRICS = ["metrics.loss", "metrics.loss DESC", "metrics.acc DESC", "metrics.`eval.loss`",
+                 "metrics.`eval.loss` DESC", "metrics.`val/acc`", "metrics.z DESC"]
+
+
+def _spy_hits(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What every `_ordered_hits` of the test returns (None: the page read the index whole)."""
+    seen: list[Any] = []
+    original = RunSearch._ordered_hits
+
+    def spy(self: RunSearch, *args: Any) -> Any:
+        hits = yield from original(self, *args)
+        seen.append(hits)
+        return hits
+
+    monkeypatch.setattr(RunSearch, "_ordered_hits", spy)
+    return seen
+
+
+def _walk(search: RunSearch, text: str, order_by: str, size: int, view: str = "ACTIVE_ONLY") -> list[str]:
+    got: list[str] = []
+    token = ""
+    for _ in range(100):
+        page = search.search(SearchRequest(filter=text, order_by=(order_by,), max_results=size, page_token=token,
+                                           view=view))
+        got += [r.info.run_id for r in page.runs]
+        token = page.next_page_token
+        if not token:
+            return got
+    raise AssertionError("more than 100 pages")
+
+
+@pytest.mark.parametrize("order_by", ORDER_METRICS)
+@pytest.mark.parametrize(("text", "predicate"), [INDEX_FILTERS[i] for i in (0, 5, 11, 13, 17, 18)],
+                         ids=lambda f: f[:40] if isinstance(f, str) else "")
+def test_pages_ordered_by_one_metric_stop_early_and_equal_the_reference(
+        indexed: tuple[Store, list[Model]], monkeypatch: pytest.MonkeyPatch, order_by: str, text: str,
+        predicate: Callable[[Model], bool]) -> None:
+    """Candidates read 3 at a time at first (ties, NaN, ±inf, -0.0 and missing values across
+    chunk edges), every page walked by its tokens, in both views."""
+    store, models = indexed
+    monkeypatch.setattr(search_module, "ORDER_CHUNK", 1)
+    monkeypatch.setattr(search_module, "ORDER_GROWTH", 2)
+    seen = _spy_hits(monkeypatch)
+    for view, stages in (("ACTIVE_ONLY", {"active"}), ("ALL", {"active", "deleted"})):
+        chosen = [m for m in models if m.info.lifecycle_stage in stages and predicate(m)]
+        assert _walk(direct_search(store), text, order_by, 2, view) == expected_order(chosen, [order_by]), view
+    key = order_by.split(".", 1)[1].split(" ")[0].strip("`")
+    if sum(1 for m in active(models) if predicate(m) and key in m.metrics) > 2:
+        assert seen[0] is not None  # the first page came from run_order: 3 runs with the key match
+
+
+def test_a_page_ordered_by_one_metric_is_read_from_run_order(chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows taken out of run_order vanish from the page (the whole index would still have them);
+    a filter too selective to stop early reads the index whole; so do large pages."""
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        RunIndex(store, lag=0.0).refresh()
+        search, order = direct_search(store), ("metrics.loss",)
+        want = expected_order(active(models), list(order))
+
+        def page(size: int = 5, text: str = "") -> list[str]:
+            found = search.search(SearchRequest(filter=text, order_by=order, max_results=size))
+            return [r.info.run_id for r in found.runs]
+
+        assert page() == want[:5]
+        store.command(f"ALTER TABLE {store.database}.run_order DELETE WHERE run_id = {{r:String}} "
+                      "SETTINGS mutations_sync = 2", {"r": want[1]})
+        assert page() == [want[0], *want[2:6]]
+        monkeypatch.setattr(search_module, "ORDER_CHUNK", 1)  # 6 candidates, 5 of them kept
+        monkeypatch.setattr(search_module, "ORDER_CANDIDATES", 6)
+        third = next(m for m in models if m.run_id == want[2])
+        not_third = f"tags.i != '{third.tags['i']}'"
+        assert page(5, not_third) == [want[0], want[1], *want[3:6]]  # gave up: the whole index answered
+        monkeypatch.undo()
+        assert RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_order_max_results=4)).search(
+            SearchRequest(order_by=order, max_results=5)).runs[1].info.run_id == want[1]
+        # Candidates run out: with a term on the order key no run missing it can match, otherwise
+        # the index is read whole (the missing ones follow).
+        seen = _spy_hits(monkeypatch)
+        text, predicate = next(f for f in INDEX_FILTERS if f[0] == "metrics.loss > -1e308")
+        finite = expected_order([m for m in active(models) if predicate(m)], list(order))
+        assert page(100, text) == [r for r in finite if r != want[1]] and seen[-1] is not None
+        assert page(100) == want and seen[-1] is None
+    finally:
+        store.close()
+
+
+def test_run_order_follows_changes_and_is_rebuilt_once_stale_rows_pile_up(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trackhouse.query import runorder
+
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        index, order = RunIndex(store, lag=0.0), runorder.RunOrder(store)
+        index.refresh()
+        generation, rows = order.state()
+        live = sum(2 * len(m.metrics) for m in models)
+        assert generation == 1 and rows == live
+        search = direct_search(store)
+        rng = random.Random(7)
+        for round_ in range(3):  # new latest values: each pass adds rows, the old ones go stale
+            for m in rng.sample(active(models), 6):
+                m.metrics["loss"] = rng.choice([0.5, math.nan, rng.random()])
+                store.insert_arrow("metrics", pa.table({
+                    "run_id": [m.run_id], "key": ["loss"], "step": pa.array([100 + round_], pa.int64()),
+                    "timestamp": pa.array([T0], pa.int64()), "value": pa.array([m.metrics["loss"]], pa.float64()),
+                    "writer_id": ["w"], "seq": pa.array([1], pa.uint64())}))
+            for direction in ("", " DESC"):  # read after write: the changed runs come from their rows now
+                assert _walk(search, "", "metrics.loss" + direction, 3) == expected_order(
+                    active(models), ["metrics.loss" + direction])
+            assert index.refresh() == 6
+            for direction in ("", " DESC"):  # and from run_order once the pass took them in
+                assert _walk(search, "", "metrics.loss" + direction, 3) == expected_order(
+                    active(models), ["metrics.loss" + direction])
+        held = store.query_rows(f"SELECT count() FROM {store.database}.run_order")[0][0]
+        assert held > live and order.state() == (1, rows)
+        monkeypatch.setattr(runorder, "REBUILD_GROWTH", 1.0)
+        m = active(models)[0]
+        store.put_tags(m.run_id, [("touched", "1")])
+        assert index.refresh() == 1
+        live = sum(2 * len(m.metrics) for m in models)  # some runs had no loss before
+        assert order.state() == (2, live)  # rebuilt: the stale rows and the old generation gone
+        assert store.query_rows(f"SELECT generation, count() FROM {store.database}.run_order "
+                                "GROUP BY generation") == [(2, live)]
+        assert _walk(search, "", "metrics.loss DESC", 4) == expected_order(active(models), ["metrics.loss DESC"])
+        # An index built before migration 9 (no generation yet): the next pass builds one.
+        store.command(f"TRUNCATE TABLE {store.database}.run_order_state")
+        store.command(f"TRUNCATE TABLE {store.database}.run_order")
+        assert _walk(search, "", "metrics.loss", 4) == expected_order(active(models), ["metrics.loss"])
+        assert index.refresh() == 0 and order.state() == (1, live)
+    finally:
+        store.close()

@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from trackhouse.query.filters import ATTRIBUTES, METRICS, PARAMS, And, Binder, Comparison, Node, Or, condition
 from trackhouse.query.plan import value_condition
+from trackhouse.query.runorder import RunOrder, generation_sql
 from trackhouse.store import Store, StoreError
 from trackhouse.store.layout import optimize_final
 from trackhouse.store.schema import RUN_CHANGES_TTL_DAYS, check_identifier, latest_value
@@ -127,10 +128,11 @@ def changed_since(db: str, watermark: str) -> str:
 
 
 def state_sql(db: str) -> str:
-    """(watermark in µs or NULL, whether it is recent enough to use): the index is usable when a
-    pass has finished within the life of `run_changes` rows (a day to spare)."""
+    """(watermark in µs or NULL, whether it is recent enough to use, the generation of run_order
+    to read or 0): the index is usable when a pass has finished within the life of `run_changes`
+    rows (a day to spare)."""
     return (f"SELECT toUnixTimestamp64Micro(max(watermark)), count() > 0 AND max(watermark) > "
-            f"now64(6) - INTERVAL {RUN_CHANGES_TTL_DAYS - 1} DAY FROM {db}.run_index_state")
+            f"now64(6) - INTERVAL {RUN_CHANGES_TTL_DAYS - 1} DAY, {generation_sql(db)} FROM {db}.run_index_state")
 
 
 class RunIndex:
@@ -141,10 +143,11 @@ class RunIndex:
         self._db = store.database
         self._lag_us = int(lag * 1_000_000)
         self._chunk_runs = chunk_runs
+        self._order = RunOrder(store)
         self.watermark_us: int | None = None  # the last one this object set (µs since the epoch)
 
     def state(self) -> tuple[int | None, bool]:
-        watermark, usable = self._store.query_rows(state_sql(self._db))[0]
+        watermark, usable, _ = self._store.query_rows(state_sql(self._db))[0]
         return (int(watermark) if usable else None), bool(usable)
 
     def refresh(self) -> int:
@@ -164,6 +167,12 @@ class RunIndex:
             if done:
                 self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, f'run_id IN {changed}')} "
                                      f"{_INSERT_SETTINGS}", {"w": watermark})
+                # Their value-order rows (runorder.py), before the watermark moves: until then
+                # searches take these runs as changed, whatever either table holds for them.
+                self._order.add(f"run_id IN {changed} AND start_time IN "
+                                f"(SELECT start_time FROM {db}.runs WHERE run_id IN {changed})", {"w": watermark})
+            elif not self._order.state()[0]:  # an index built before migration 9
+                self._order.rebuild()
         self._store.maintain(f"INSERT INTO {db}.run_index_state (key, watermark, runs) "
                              "VALUES ({k:String}, fromUnixTimestamp64Micro({w:Int64}), {n:UInt64})",
                              {"k": STATE_KEY, "w": int(now_us) - self._lag_us, "n": done})
@@ -202,6 +211,7 @@ class RunIndex:
         except StoreError:
             built = runs
         logger.info("run index: %d runs built in %.1f s", built, time.monotonic() - started)
+        self._order.rebuild()
         return built
 
 

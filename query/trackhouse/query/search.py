@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from trackhouse.query.errors import InvalidArgument
-from trackhouse.query.filters import ATTRIBUTES, Binder, Comparison, Node, parse_filter
+from trackhouse.query.filters import ATTRIBUTES, METRICS, And, Binder, Comparison, Node, parse_filter
 from trackhouse.query.order import OrderKey, parse_order_by
 from trackhouse.query.plan import RUNS, compile_search_filter, has_key_terms, key_values, split_pushed, value_condition
 from trackhouse.query.runindex import (
@@ -35,6 +35,7 @@ from trackhouse.query.runindex import (
     key_column,
     state_sql,
 )
+from trackhouse.query.runorder import after_sql, candidates_sql
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, RunRecord, Store, run_id_prefix
@@ -58,6 +59,11 @@ WINDOW_READ = 1000
 # Runs changed since the run index's watermark beyond which a search reads the per-key copies
 # alone (their current rows are computed per search: a few granules each, fine for thousands).
 MAX_CHANGED = 10_000
+# Pages ordered by one metric (`RunSearch._ordered_hits`): candidates of run_order in the first
+# read per run asked for, growth of each next read, and the most read before the whole index is.
+ORDER_CHUNK = 3
+ORDER_GROWTH = 4
+ORDER_CANDIDATES = 5_000
 
 
 def _clustered(window: Sequence[tuple[Any, ...]]) -> bool:
@@ -194,8 +200,12 @@ class RunSearch:
         changed: list[tuple[str, int]] | None = None
         if self._windowed(req, keys):
             rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
-        elif self._indexed(req, keys) and (changed := (yield from self._changed())) is not None:
-            sql, params = self._index_sql(req, keys, cursor, limit, changed)
+        elif self._indexed(req, keys) and (state := (yield from self._changed())) is not None:
+            changed, generation = state
+            hits = None
+            if generation and self._value_ordered(keys, limit):
+                hits = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
+            sql, params = self._index_sql(req, keys, cursor, limit, changed, hits)
             rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), False
         else:
             sql, params, with_info = self._sql(req, keys, cursor, limit)
@@ -222,16 +232,77 @@ class RunSearch:
         return bool(self._settings.run_index) and (
             any(k.entity != ATTRIBUTES for k in keys) or has_key_terms(parse_filter(req.filter)))
 
-    def _changed(self) -> Steps[list[tuple[str, int]] | None]:
-        """The runs changed since the run index's watermark, (run_id, start_time) each; None when
-        the index cannot answer: not built, too old (`runindex.state_sql`), or more than
-        MAX_CHANGED runs behind (a bulk import the refresher has not taken in yet)."""
+    def _changed(self) -> Steps[tuple[list[tuple[str, int]], int] | None]:
+        """(the runs changed since the run index's watermark, (run_id, start_time) each; the
+        generation of run_order to read, 0 for none); None when the index cannot answer: not
+        built, too old (`runindex.state_sql`), or more than MAX_CHANGED runs behind (a bulk
+        import the refresher has not taken in yet)."""
         db = self._store.database
-        watermark, usable = (yield Rows(state_sql(db), {}))[0]
+        watermark, usable, generation = (yield Rows(state_sql(db), {}))[0]
         if not usable or watermark is None:
             return None
         rows = yield Rows(changed_runs_sql(db, "{w:Int64}", MAX_CHANGED + 1), {"w": int(watermark)})
-        return None if len(rows) > MAX_CHANGED else [(r[0], int(r[1])) for r in rows]
+        return None if len(rows) > MAX_CHANGED else ([(r[0], int(r[1])) for r in rows], int(generation))
+
+    def _value_ordered(self, keys: Sequence[OrderKey], limit: int) -> bool:
+        """Whether a page may read run_order: ordered by one metric (then the tiebreak alone)."""
+        return (self._settings.run_order_max_results >= limit and keys[0].entity == METRICS
+                and list(keys[1:]) == list(TIEBREAK))
+
+    def _ordered_hits(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any, limit: int,
+                      changed: Sequence[tuple[str, int]], generation: int) -> Steps[list[tuple[str, int]] | None]:
+        """The first limit + 1 runs of the index (not changed since its watermark) in the page's
+        order after `cursor`, as (run_id, start_time): candidates read from run_order a chunk
+        at a time (ORDER_CHUNK x (limit + 1), then ORDER_GROWTH times more each time), each
+        kept when its run_index row passes scope and filter and is of the candidate's version.
+
+        None — read the index whole — when the cursor is past every value (runs missing the
+        key), or after ORDER_CANDIDATES candidates (a filter too selective to stop early), or
+        when the candidates run out and runs missing the key may still match.
+        """
+        key, db = keys[0], self._store.database
+        after: tuple[int, float, int, str] | None = None
+        if cursor is not None:
+            rank = _rank(cursor[0])
+            if rank == 2:
+                return None
+            value = 0.0 if rank else (-cursor[0] if not key.ascending else cursor[0]) + 0.0
+            after = (rank, value, -int(cursor[1]), str(cursor[2]))
+        skip = {c[0] for c in changed}
+        node = parse_filter(req.filter)
+        complete = any(isinstance(c, Comparison) and (c.entity, c.key) == (key.entity, key.key)
+                       for c in (node.items if isinstance(node, And) else (node,)))
+        hits: list[tuple[str, int]] = []
+        seen: set[str] = set()
+        read, chunk = 0, ORDER_CHUNK * (limit + 1)
+        while True:
+            binder = Binder()
+            scope = self._where(req, binder, None)
+            sql = candidates_sql(db, scope, "" if after is None else after_sql(after, binder.bind), chunk)
+            cands = yield Rows(sql, {**binder.params, "g": generation, "k": key.key, "d": int(not key.ascending)})
+            read += len(cands)
+            todo = [c for c in cands if c[0] not in skip and c[0] not in seen]
+            if todo:
+                binder = Binder()
+                where, _, _ = self._index_parts(req, binder, ())
+                ids = binder.bind([c[0] for c in todo], "Array(String)")
+                times = binder.bind(sorted({-int(c[1]) for c in todo}), "Array(Int64)")
+                versions = dict((yield Rows(
+                    f"SELECT run_id, version FROM {db}.{INDEX} FINAL WHERE start_time IN {times} "
+                    f"AND run_id IN {ids} AND {where}", binder.params, settings=FRESH_SETTINGS)))
+                for run_id, neg_start, version, _, _ in todo:
+                    if run_id not in seen and versions.get(run_id) == version:
+                        seen.add(run_id)
+                        hits.append((run_id, -int(neg_start)))
+                        if len(hits) > limit:
+                            return hits
+            if len(cands) < chunk:
+                return hits if complete else None
+            if read >= ORDER_CANDIDATES:
+                return None
+            last = cands[-1]
+            after = (int(last[3]), float(last[4]), int(last[1]), last[0])
+            chunk *= ORDER_GROWTH
 
     def _index_parts(self, req: SearchRequest, binder: Binder,
                      changed: Sequence[tuple[str, int]]) -> tuple[str, str, str]:
@@ -247,18 +318,25 @@ class RunSearch:
                 binder.bind(sorted({c[1] for c in changed}), "Array(Int64)"))
 
     def _index_sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any, limit: int,
-                   changed: Sequence[tuple[str, int]]) -> tuple[str, dict[str, Any]]:
+                   changed: Sequence[tuple[str, int]],
+                   hits: Sequence[tuple[str, int]] | None = None) -> tuple[str, dict[str, Any]]:
         """One page from the run index. The changed runs' rows there may be stale: the index's
         first limit + 1 + len(changed) rows without them, merged with the first limit + 1 of
-        their rows computed now (`runindex.fresh_sql`), in the page's order."""
+        their rows computed now (`runindex.fresh_sql`), in the page's order.
+
+        `hits`: those first rows of the index, found by `_ordered_hits`: only they are read."""
         db, binder = self._store.database, Binder()
         where, ids, _ = self._index_parts(req, binder, changed)
+        only = ""
+        if hits is not None:
+            only = (f" AND start_time IN {binder.bind(sorted({h[1] for h in hits}), 'Array(Int64)')} "
+                    f"AND run_id IN {binder.bind([h[0] for h in hits], 'Array(String)')}")
         exprs = [(k.key, _attribute_type(k)) if k.entity == ATTRIBUTES else key_column(k.entity, k.key) for k in keys]
         if cursor is not None:
             where += " AND " + _keyset(exprs, keys, cursor, binder)
         order = _order(exprs, keys)
         select = ", ".join(["run_id", *(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))])
-        indexed = (f"SELECT {select} FROM {db}.{INDEX} FINAL WHERE {where} "
+        indexed = (f"SELECT {select} FROM {db}.{INDEX} FINAL WHERE {where}{only} "
                    f"ORDER BY {order} LIMIT {int(limit) + 1 + len(changed)}")
         if not changed:
             return indexed, binder.params
@@ -337,7 +415,8 @@ class RunSearch:
             raise InvalidArgument(f"run_view_type: {req.view!r} is not one of {', '.join(VIEWS)}")
         db, binder = self._store.database, Binder()
         if changed is None and self._settings.run_index:  # not already read by this search's page
-            changed = yield from self._changed()
+            state = yield from self._changed()
+            changed = None if state is None else state[0]
         if changed is None:
             sql = f"SELECT count() FROM {db}.{RUNS} FINAL WHERE {self._where(req, binder)}"
             return int((yield Rows(sql, binder.params))[0][0])

@@ -46,6 +46,9 @@ class QuerySettings:
     run_index: int = 1
     run_index_refresh_seconds: float = 5.0
     run_index_lag_seconds: float = 10.0
+    # Pages of up to this many runs ordered by one metric read the run index's value order
+    # (runorder.py, schema migration 9) and stop early; 0 = never (they read the index whole).
+    run_order_max_results: int = 1000
     max_export_runs: int = 10_000
     max_export_points: int = 50_000_000
     max_query_seconds: float = 30.0
@@ -57,7 +60,7 @@ class QuerySettings:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name in ("run_index", "run_index_lag_seconds") and getattr(self, f.name) >= 0:
+            if f.name in ("run_index", "run_index_lag_seconds", "run_order_max_results") and getattr(self, f.name) >= 0:
                 continue
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"query setting {f.name} must be > 0, got {getattr(self, f.name)!r}")

@@ -52,6 +52,7 @@ SHARD_KEYS = {
     "api_tokens": "cityHash64(token_id)",
     "experiment_tags": "cityHash64(experiment_id)",
     "run_index_state": "cityHash64(key)",
+    "run_order_state": "cityHash64(key)",
 }
 RUN_SHARD_KEY = "cityHash64(run_id)"
 # Views replaced by an explicit write in cluster mode (see the module docstring).
@@ -122,6 +123,14 @@ def optimize_final(layout: Layout, table: str) -> str:
     if layout.cluster is None:
         return f"OPTIMIZE TABLE {layout.database}.{name} FINAL"
     return f"OPTIMIZE TABLE {layout.database}.{name}{LOCAL_SUFFIX}{layout.on_cluster} FINAL"
+
+
+def drop_partition(layout: Layout, table: str, partition: int) -> str:
+    """ALTER TABLE ... DROP PARTITION of one of our tables partitioned by an integer: on a cluster,
+    of its shard-local table on every node."""
+    name = check_identifier(table, "table name")
+    local = f"{name}{LOCAL_SUFFIX}" if layout.cluster else name
+    return f"ALTER TABLE {layout.database}.{local}{layout.on_cluster} DROP PARTITION {int(partition)}"
 
 
 def render(statement: str, layout: Layout) -> list[str]:

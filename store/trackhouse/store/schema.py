@@ -534,3 +534,43 @@ _RUN_INDEX = (
 
 MIGRATIONS = (*MIGRATIONS, Migration(8, "run_index: one wide row per run, kept by a refresher from run_changes",
                                      _RUN_INDEX))
+
+
+# Migration 9: the run index's value order (docs/search.md, "Fifth pass"). One row per
+# run, metric key and direction, sorted by the order a search ranks them in: a page
+# ordered by one metric reads candidates from the best value on and stops once enough
+# pass its filter on their run_index rows, instead of reading the metric of every run.
+# `value` is the metric value, negated in descending rows, 0 for NaN (`rank` 1 puts NaN
+# after every value); `neg_start` is -start_time (the tiebreak: newest first, then
+# run_id). Rows are written by the refresher from run_index rows and keep their version:
+# a row is current while it carries its run's run_index version. Rows of older versions
+# stay until the refresher rebuilds a new generation (a partition) and drops the old;
+# `run_order_state` names the generation searches read (merges keep the greatest).
+_RUN_ORDER = (
+    """
+    CREATE TABLE IF NOT EXISTS {db}.run_order (
+        generation UInt32,
+        key String,
+        descending UInt8,
+        rank UInt8,
+        value Float64,
+        neg_start Int64,
+        run_id String,
+        experiment_id LowCardinality(String),
+        lifecycle_stage LowCardinality(String),
+        version UInt64
+    ) ENGINE = MergeTree ORDER BY (key, descending, rank, value, neg_start, run_id)
+    PARTITION BY generation SETTINGS index_granularity = 1024
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS {db}.run_order_state (
+        key String,
+        generation UInt32,
+        rows UInt64,
+        updated DateTime64(6) DEFAULT now64(6)
+    ) ENGINE = ReplacingMergeTree(generation) ORDER BY key
+    """,
+)
+
+MIGRATIONS = (*MIGRATIONS, Migration(9, "run_order: the run index's rows in metric value order, for early-stop pages",
+                                     _RUN_ORDER))
