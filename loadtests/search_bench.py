@@ -43,6 +43,7 @@ from trackhouse.store import Store, new_version, open_store
 HISTORY_RUN = "history-1m"
 CHART_RUNS = [f"chart-{i:03d}" for i in range(100)]
 FILTER = "metrics.loss < 0.5 and params.optimizer = 'adam'"
+OR_FILTER = "params.optimizer = 'sgd' OR tags.stage = 'prod'"
 
 # Views the bench's fast path replaces by writing every copy itself, in key order.
 OPTIMIZED = ("runs", "params", "tags", "metrics", "latest_metrics", "search_runs", "search_params", "search_tags",
@@ -213,13 +214,21 @@ def page_token(store: Store, codec: TokenCodec, page: int, size: int) -> str:
 
 
 def queries(store: Store, run_index: bool = False) -> dict[str, Callable[[], Any]]:
-    """The fixed query set; with `run_index`, plus `count_copies`: the count on the per-key copies
-    alone (the plan before the run index), timed in the same run as `count` on the index."""
+    """The fixed query set; with `run_index`, plus baselines timed in the same run: `count_copies`,
+    the count on the per-key copies alone (the plan before the run index), and the two pages
+    ordered by one metric read from the whole index (`*_scan`: the plan before run_order)."""
     codec = TokenCodec(bytes.fromhex(store.meta_value("page_token_secret", lambda: "ab" * 32)))
     settings = QuerySettings()
     search, charts = RunSearch(store, codec, settings), MetricCharts(store, settings)
     copies = RunSearch(store, codec, QuerySettings(run_index=0))
-    baseline = {"count_copies": lambda: copies.count(SearchRequest(filter=FILTER))} if run_index else {}
+    scan = RunSearch(store, codec, QuerySettings(run_order_max_results=0))
+    baseline = {
+        "count_copies": lambda: copies.count(SearchRequest(filter=FILTER)),
+        "filter_metric_order_scan": lambda: scan.search(
+            SearchRequest(filter=FILTER, order_by=("metrics.loss ASC",), max_results=100)),
+        "or_filter_scan": lambda: scan.search(SearchRequest(
+            filter=OR_FILTER, order_by=("metrics.accuracy DESC",), max_results=100)),
+    } if run_index else {}
     runs = store.query_rows(f"SELECT count() FROM {store.t('search_runs')} FINAL WHERE lifecycle_stage = 'active'")
     token = page_token(store, codec, max(2, min(1000, int(runs[0][0]) // 100)), 100)
     return {
@@ -228,7 +237,7 @@ def queries(store: Store, run_index: bool = False) -> dict[str, Callable[[], Any
             SearchRequest(filter=FILTER, order_by=("metrics.loss ASC",), max_results=100)),
         "tag_filter": lambda: search.search(SearchRequest(filter="tags.team = 'team-3'", max_results=100)),
         "or_filter": lambda: search.search(SearchRequest(
-            filter="params.optimizer = 'sgd' OR tags.stage = 'prod'", order_by=("metrics.accuracy DESC",),
+            filter=OR_FILTER, order_by=("metrics.accuracy DESC",),
             max_results=100)),
         "page_1000": lambda: search.search(SearchRequest(max_results=100, page_token=token)),
         "count": lambda: search.count(SearchRequest(filter=FILTER)),
@@ -263,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="time only these queries")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-    logging.getLogger("trackhouse.query.runindex").setLevel(logging.INFO)  # the build's progress
+    for name in ("trackhouse.query.runindex", "trackhouse.query.runorder"):  # the build's progress
+        logging.getLogger(name).setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="search-bench-") as tmp:
         path = args.path or str(Path(tmp) / "data")
         store = open_store(f"chdb://{path}", "bench")

@@ -703,8 +703,11 @@ def test_counts_are_read_after_write_between_refresher_passes(chdb_dsn: str) -> 
 
         def page(text: str) -> list[str]:
             found = search.search(SearchRequest(filter=text, order_by=("metrics.loss",), max_results=1000))
-            return [r.info.run_id for r in found.runs]
+            ids = [r.info.run_id for r in found.runs]
+            assert repr(found.runs) == repr(store.get_run_details(ids))  # records read from index rows (NaN: repr)
+            return ids
 
+        store.put_run(RunRecord(**{**new.__dict__, "status": "FINISHED", "end_time": T0 + 100}))
         adams = page("params.optimizer = 'adam'")
         assert new.run_id in adams and adam.run_id not in adams and len(adams) == before
         assert page("tags.stage = 'prod' AND metrics.loss < 0.3") == [new.run_id]

@@ -206,7 +206,7 @@ class RunSearch:
             if generation and self._value_ordered(keys, limit):
                 hits = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
             sql, params = self._index_sql(req, keys, cursor, limit, changed, hits)
-            rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), False
+            rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), True
         else:
             sql, params, with_info = self._sql(req, keys, cursor, limit)
             rows = yield Rows(sql, params, settings={"join_use_nulls": 1})
@@ -324,7 +324,8 @@ class RunSearch:
         first limit + 1 + len(changed) rows without them, merged with the first limit + 1 of
         their rows computed now (`runindex.fresh_sql`), in the page's order.
 
-        `hits`: those first rows of the index, found by `_ordered_hits`: only they are read."""
+        `hits`: those first rows of the index, found by `_ordered_hits`: only they are read.
+        Each row carries the run's record after the order keys (no by-id read of `runs`)."""
         db, binder = self._store.database, Binder()
         where, ids, _ = self._index_parts(req, binder, changed)
         only = ""
@@ -335,14 +336,15 @@ class RunSearch:
         if cursor is not None:
             where += " AND " + _keyset(exprs, keys, cursor, binder)
         order = _order(exprs, keys)
-        select = ", ".join(["run_id", *(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))])
+        info = RUN_RECORD_FIELDS[1:]  # the run's record: current on an index row as on a fresh one
+        select = ", ".join(["run_id", *(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs)), *info])
         indexed = (f"SELECT {select} FROM {db}.{INDEX} FINAL WHERE {where}{only} "
                    f"ORDER BY {order} LIMIT {int(limit) + 1 + len(changed)}")
         if not changed:
             return indexed, binder.params
         fresh = f"SELECT {select} FROM ({fresh_sql(db, ids)}) WHERE {where} ORDER BY {order} LIMIT {int(limit) + 1}"
         outer = [(f"k{i}", kind) for i, (_, kind) in enumerate(exprs)]
-        sql = (f"SELECT run_id, {', '.join(e for e, _ in outer)} FROM (SELECT * FROM ({indexed}) "
+        sql = (f"SELECT run_id, {', '.join([*(e for e, _ in outer), *info])} FROM (SELECT * FROM ({indexed}) "
                f"WHERE run_id NOT IN {ids} UNION ALL SELECT * FROM ({fresh})) "
                f"ORDER BY {_order(outer, keys)} LIMIT {int(limit) + 1}")
         return sql, binder.params
