@@ -78,17 +78,17 @@ def test_drops_run_on_cluster_and_a_dropped_table_goes_with_its_local_half() -> 
     assert drops and all(s.endswith(" ON CLUSTER th_cluster SYNC") for s in drops)
     dropped = [re.match(r"DROP TABLE IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
                for s in drops if s.startswith("DROP TABLE")]
-    assert dropped == ["search_metrics", "search_metrics_local", "latest_metrics", "latest_metrics_local"]
+    assert dropped == ["search_metrics", "search_metrics_local", "latest_metrics", "latest_metrics_local",
+                       "run_index", "run_index_local", "run_index_state", "run_index_state_local"]
     views = [re.match(r"DROP VIEW IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
              for s in drops if s.startswith("DROP VIEW")]
     assert views == ["search_metrics_mv", "latest_metrics_mv", "metric_rollup_10_mv", "metric_rollup_1000_mv"]
-    # Each dropped table is created again afterwards, in both halves (migration 4).
+    # Each dropped table is created again afterwards, in both halves (migrations 4 and 9).
     script = cluster_script()
-    last_drop = max(i for i, s in enumerate(script) if s.startswith("DROP TABLE"))
-    for name in ("search_metrics", "latest_metrics"):
-        for half in (name, name + "_local"):
-            assert any(s.startswith(f"CREATE TABLE IF NOT EXISTS trackhouse.{half} ON CLUSTER")
-                       for s in script[last_drop:]), half
+    for half in dropped:
+        drop = max(i for i, s in enumerate(script) if s.startswith(f"DROP TABLE IF EXISTS trackhouse.{half} "))
+        assert any(s.startswith(f"CREATE TABLE IF NOT EXISTS trackhouse.{half} ON CLUSTER")
+                   for s in script[drop:]), half
 
 
 def test_mutations_run_on_the_shard_local_tables() -> None:

@@ -253,8 +253,9 @@ class RunSearch:
                       changed: Sequence[tuple[str, int]], generation: int) -> Steps[list[tuple[str, int]] | None]:
         """The first limit + 1 runs of the index (not changed since its watermark) in the page's
         order after `cursor`, as (run_id, start_time): candidates read from run_order a chunk
-        at a time (ORDER_CHUNK x (limit + 1), then ORDER_GROWTH times more each time), each
-        kept when its run_index row passes scope and filter and is of the candidate's version.
+        at a time (ORDER_CHUNK x (limit + 1), then as many as the rate kept so far says are
+        missing, half again to spare, at most ORDER_GROWTH times the last read), each kept
+        when its run_index row passes scope and filter and is of the candidate's version.
 
         None — read the index whole — when the cursor is past every value (runs missing the
         key), or after ORDER_CANDIDATES candidates (a filter too selective to stop early), or
@@ -302,7 +303,9 @@ class RunSearch:
                 return None
             last = cands[-1]
             after = (int(last[3]), float(last[4]), int(last[1]), last[0])
-            chunk *= ORDER_GROWTH
+            need = limit + 1 - len(hits)  # at the rate kept so far, with half again to spare
+            chunk = min(chunk * ORDER_GROWTH, max(need, math.ceil(need * read / len(hits) * 1.5))) if hits \
+                else chunk * ORDER_GROWTH
 
     def _index_parts(self, req: SearchRequest, binder: Binder,
                      changed: Sequence[tuple[str, int]]) -> tuple[str, str, str]:
@@ -325,7 +328,9 @@ class RunSearch:
         their rows computed now (`runindex.fresh_sql`), in the page's order.
 
         `hits`: those first rows of the index, found by `_ordered_hits`: only they are read.
-        Each row carries the run's record after the order keys (no by-id read of `runs`)."""
+        Each row carries the run's record after the order keys: hydration does not read it
+        again. (Params and tags as JSON from the same rows cost as much as reading them by id:
+        at 10 M runs ~125 ms for a page of 100, docs/search.md "Fifth pass".)"""
         db, binder = self._store.database, Binder()
         where, ids, _ = self._index_parts(req, binder, changed)
         only = ""
