@@ -205,8 +205,12 @@ class RunSearch:
             hits = None
             if generation and self._value_ordered(keys, limit):
                 hits = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
-            sql, params = self._index_sql(req, keys, cursor, limit, changed, hits)
-            rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), True
+            if hits is not None and not changed:  # the page itself: no changed run to merge in
+                rows, with_info = hits, True
+            else:
+                sql, params = self._index_sql(req, keys, cursor, limit, changed,
+                                              None if hits is None else [(h[0], h[2]) for h in hits])
+                rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), True
         else:
             sql, params, with_info = self._sql(req, keys, cursor, limit)
             rows = yield Rows(sql, params, settings={"join_use_nulls": 1})
@@ -250,9 +254,10 @@ class RunSearch:
                 and list(keys[1:]) == list(TIEBREAK))
 
     def _ordered_hits(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any, limit: int,
-                      changed: Sequence[tuple[str, int]], generation: int) -> Steps[list[tuple[str, int]] | None]:
+                      changed: Sequence[tuple[str, int]], generation: int) -> Steps[list[tuple[Any, ...]] | None]:
         """The first limit + 1 runs of the index (not changed since its watermark) in the page's
-        order after `cursor`, as (run_id, start_time): candidates read from run_order a chunk
+        order after `cursor`, as page rows (run_id, the key's value, start_time, run_id, the
+        run's record: what `_index_sql` gives for them): candidates read from run_order a chunk
         at a time (ORDER_CHUNK x (limit + 1), then as many as the rate kept so far says are
         missing, half again to spare, at most ORDER_GROWTH times the last read), each kept
         when its run_index row passes scope and filter and is of the candidate's version.
@@ -273,7 +278,7 @@ class RunSearch:
         node = parse_filter(req.filter)
         complete = any(isinstance(c, Comparison) and (c.entity, c.key) == (key.entity, key.key)
                        for c in (node.items if isinstance(node, And) else (node,)))
-        hits: list[tuple[str, int]] = []
+        hits: list[tuple[Any, ...]] = []
         seen: set[str] = set()
         read, chunk = 0, ORDER_CHUNK * (limit + 1)
         while True:
@@ -288,13 +293,15 @@ class RunSearch:
                 where, _, _ = self._index_parts(req, binder, ())
                 ids = binder.bind([c[0] for c in todo], "Array(String)")
                 times = binder.bind(sorted({-int(c[1]) for c in todo}), "Array(Int64)")
-                versions = dict((yield Rows(
-                    f"SELECT run_id, version FROM {db}.{INDEX} FINAL WHERE start_time IN {times} "
-                    f"AND run_id IN {ids} AND {where}", binder.params, settings=FRESH_SETTINGS)))
-                for run_id, neg_start, version, _, _ in todo:
-                    if run_id not in seen and versions.get(run_id) == version:
+                found = {r[0]: r for r in (yield Rows(
+                    f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, run_id, "
+                    f"{', '.join(RUN_RECORD_FIELDS[1:])} FROM {db}.{INDEX} FINAL WHERE start_time IN {times} "
+                    f"AND run_id IN {ids} AND {where}", binder.params, settings=FRESH_SETTINGS))}
+                for run_id, _, version, _, _ in todo:
+                    row = found.get(run_id)
+                    if run_id not in seen and row is not None and row[1] == version:
                         seen.add(run_id)
-                        hits.append((run_id, -int(neg_start)))
+                        hits.append((run_id, *row[2:]))
                         if len(hits) > limit:
                             return hits
             if len(cands) < chunk:
