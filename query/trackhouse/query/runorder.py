@@ -69,11 +69,12 @@ def candidates_sql(db: str, scope: str, after: str, limit: int) -> str:
 
 def after_sql(cursor: tuple[int, float, int, str], bind: Any) -> str:
     """Rows strictly after (rank, value, neg_start, run_id): the first term lets the primary
-    key skip the rows before, the tuple makes it exact."""
+    key skip the rows before (ties on the value too: 180,560 runs tie at accuracy 1.0 in
+    search_bench), the tuple makes it exact."""
     rank, value, neg_start, run_id = cursor
-    r, v = bind(rank, "UInt8"), bind(value, "Float64")
-    return (f"(rank > {r} OR (rank = {r} AND value >= {v})) AND "
-            f"(rank, value, neg_start, run_id) > ({r}, {v}, {bind(neg_start, 'Int64')}, {bind(run_id, 'String')})")
+    r, v, n = bind(rank, "UInt8"), bind(value, "Float64"), bind(neg_start, "Int64")
+    return (f"(rank > {r} OR (rank = {r} AND value > {v}) OR (rank = {r} AND value = {v} AND neg_start >= {n})) "
+            f"AND (rank, value, neg_start, run_id) > ({r}, {v}, {n}, {bind(run_id, 'String')})")
 
 
 class RunOrder:
