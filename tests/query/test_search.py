@@ -26,7 +26,7 @@ from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query import search as search_module
 from trackhouse.query.errors import InvalidArgument
-from trackhouse.query.runindex import Refresher, RunIndex, changed_since
+from trackhouse.query.runindex import STATE_KEY, Refresher, RunIndex, changed_since
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec
@@ -806,13 +806,16 @@ def test_searches_fall_back_to_the_copies_when_the_index_cannot_answer(chdb_dsn:
         assert answers() == (expected, want)  # 2 runs changed since the watermark, more than MAX_CHANGED
         monkeypatch.undo()
         store.command(f"INSERT INTO {store.database}.run_index_state (key, watermark, runs) "
-                      "VALUES ('run_index', now64(6) - INTERVAL 30 DAY, 0)")
+                      "VALUES ({k:String}, now64(6) - INTERVAL 30 DAY, 0)", {"k": STATE_KEY})
         store.command(f"OPTIMIZE TABLE {store.database}.run_index_state FINAL")
         assert index.state()[1] is True  # the latest pass still counts: max(watermark)
         store.command(f"TRUNCATE TABLE {store.database}.run_index_state")
         store.command(f"INSERT INTO {store.database}.run_index_state (key, watermark, runs) "
-                      "VALUES ('run_index', now64(6) - INTERVAL 30 DAY, 0)")
+                      "VALUES ({k:String}, now64(6) - INTERVAL 30 DAY, 0)", {"k": STATE_KEY})
         assert index.state() == (None, False)  # older than run_changes keeps its rows
+        store.command(f"INSERT INTO {store.database}.run_index_state (key, watermark, runs) "
+                      "VALUES ('run_index', now64(6), 0)")
+        assert index.state() == (None, False)  # a refresher from before migration 9 vouches for nothing
         assert answers() == (expected, want)
         assert index.refresh() == len(models)  # such an index is rebuilt whole
         assert answers() == (expected, want)
@@ -984,14 +987,52 @@ def test_run_order_follows_changes_and_is_rebuilt_once_stale_rows_pile_up(
         store.put_tags(m.run_id, [("touched", "1")])
         assert index.refresh() == 1
         live = sum(2 * len(m.metrics) for m in models)  # some runs had no loss before
-        assert order.state() == (2, live)  # rebuilt: the stale rows and the old generation gone
-        assert store.query_rows(f"SELECT generation, count() FROM {store.database}.run_order "
-                                "GROUP BY generation") == [(2, live)]
+        assert order.state() == (2, live)  # rebuilt without the stale rows
+        generations = f"SELECT generation, count() FROM {store.database}.run_order GROUP BY generation ORDER BY 1"
+        assert [g for g, _ in store.query_rows(generations)] == [1, 2]  # the old one kept a while for reads
         assert _walk(search, "", "metrics.loss DESC", 4) == expected_order(active(models), ["metrics.loss DESC"])
+        index._order.tidy(now=math.inf)  # its grace over
+        assert store.query_rows(generations) == [(2, live)]
         # An index built before migration 9 (no generation yet): the next pass builds one.
         store.command(f"TRUNCATE TABLE {store.database}.run_order_state")
         store.command(f"TRUNCATE TABLE {store.database}.run_order")
         assert _walk(search, "", "metrics.loss", 4) == expected_order(active(models), ["metrics.loss"])
         assert index.refresh() == 0 and order.state() == (1, live)
+    finally:
+        store.close()
+
+
+def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_rows_now(chdb_dsn: str) -> None:
+    """The search read the watermark; a pass then replaced the index row of a run it reads a
+    candidate of, and the search misses the run's new run_order rows: the run is on the
+    page all the same, answered as a changed run (from its rows computed now)."""
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        index = RunIndex(store, lag=0.0)
+        index.refresh()
+        search = direct_search(store)
+        before = store.run(search._changed())
+        third = expected_order(active(models), ["metrics.loss"])[2]  # its old rows are read
+        moved = next(m for m in models if m.run_id == third)
+        moved.metrics["loss"] = -1e300  # second in ascending order now, after -inf
+        store.insert_arrow("metrics", pa.table({
+            "run_id": [moved.run_id], "key": ["loss"], "step": pa.array([100], pa.int64()),
+            "timestamp": pa.array([T0], pa.int64()), "value": pa.array([-1e300], pa.float64()),
+            "writer_id": ["w"], "seq": pa.array([1], pa.uint64())}))
+        assert index.refresh() == 1
+        store.command(f"ALTER TABLE {store.database}.run_order DELETE WHERE run_id = {{r:String}} AND version = "
+                      f"(SELECT max(version) FROM {store.database}.run_index WHERE run_id = {{r:String}}) "
+                      "SETTINGS mutations_sync = 2", {"r": moved.run_id})
+
+        def began_before(self: RunSearch) -> Any:
+            return before
+            yield  # a generator, as _changed is
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(RunSearch, "_changed", began_before)
+            found = search.search(SearchRequest(order_by=("metrics.loss",), max_results=5))
+        assert [r.info.run_id for r in found.runs] == expected_order(active(models), ["metrics.loss"])[:5]
+        assert found.runs[1].info.run_id == moved.run_id
     finally:
         store.close()

@@ -43,7 +43,10 @@ from trackhouse.store.schema import RUN_CHANGES_TTL_DAYS, check_identifier, late
 logger = logging.getLogger(__name__)
 
 INDEX = "run_index"
-STATE_KEY = "run_index"
+# The key of the refresher's rows in run_index_state: readers take only theirs, so a
+# watermark written by a refresher from before migration 9 (key "run_index") never vouches
+# for the index that migration made again.
+STATE_KEY = "run_index@9"
 # Runs per chunk of the first build: bounds the join's memory (maps of this many runs).
 BUILD_CHUNK_RUNS = 1_000_000
 # Settings of every query that turns maps into JSON (inserts, and reads of `fresh_sql`): string
@@ -84,9 +87,9 @@ def _map(source: str, value: str, where: str, kind: str) -> str:
             f"'Map(String, {kind})') AS m FROM ({source}) {where} GROUP BY run_id")
 
 
-def rows_sql(db: str, runs: str) -> str:
+def rows_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))") -> str:
     """run_index rows, recomputed from the run-major tables, of the runs meeting `runs` (a
-    condition on run_id: our own SQL; values bound by the caller)."""
+    condition on run_id: our own SQL; values bound by the caller), of `version` (now, in ns)."""
     check_identifier(db)
     w = f"WHERE {runs}"
     # argMax skips NULLs: a tuple keeps the latest version's end_time even when it is NULL.
@@ -100,19 +103,19 @@ def rows_sql(db: str, runs: str) -> str:
     return (f"SELECT r.start_time AS start_time, r.run_id AS run_id, r.experiment_id AS experiment_id, "
             f"r.run_name AS run_name, r.user_id AS user_id, r.status AS status, r.end_time AS end_time, "
             f"r.lifecycle_stage AS lifecycle_stage, r.artifact_uri AS artifact_uri, p.m AS params, t.m AS tags, "
-            f"m.m AS metrics, toUnixTimestamp64Nano(now64(9)) AS version "
+            f"m.m AS metrics, {version} AS version "
             f"FROM (SELECT run_id, {record} FROM {db}.runs {w} GROUP BY run_id) AS r "
             f"LEFT JOIN ({params}) AS p ON p.run_id = r.run_id "
             f"LEFT JOIN ({tags}) AS t ON t.run_id = r.run_id "
             f"LEFT JOIN ({metrics}) AS m ON m.run_id = r.run_id")
 
 
-def fresh_sql(db: str, ids: str) -> str:
+def fresh_sql(db: str, ids: str, version: str = "toUnixTimestamp64Nano(now64(9))") -> str:
     """The current rows of the runs `ids` (a bound array), computed now from the run-major tables
     (a few granules each: run_id leads their keys) with run_index's columns and types, so the
     index's filter and order expressions read them as they read the index."""
     return (f"SELECT * REPLACE (CAST(params, 'JSON') AS params, CAST(tags, 'JSON') AS tags, "
-            f"CAST(metrics, 'JSON') AS metrics) FROM ({rows_sql(db, f'run_id IN {ids}')})")
+            f"CAST(metrics, 'JSON') AS metrics) FROM ({rows_sql(db, f'run_id IN {ids}', version)})")
 
 
 
@@ -132,7 +135,8 @@ def state_sql(db: str) -> str:
     to read or 0): the index is usable when a pass has finished within the life of `run_changes`
     rows (a day to spare)."""
     return (f"SELECT toUnixTimestamp64Micro(max(watermark)), count() > 0 AND max(watermark) > "
-            f"now64(6) - INTERVAL {RUN_CHANGES_TTL_DAYS - 1} DAY, {generation_sql(db)} FROM {db}.run_index_state")
+            f"now64(6) - INTERVAL {RUN_CHANGES_TTL_DAYS - 1} DAY, {generation_sql(db)} FROM {db}.run_index_state "
+            f"WHERE key = '{STATE_KEY}'")
 
 
 class RunIndex:
@@ -143,7 +147,7 @@ class RunIndex:
         self._db = store.database
         self._lag_us = int(lag * 1_000_000)
         self._chunk_runs = chunk_runs
-        self._order = RunOrder(store)
+        self._order = RunOrder(store, margin=lag + 60.0)
         self.watermark_us: int | None = None  # the last one this object set (µs since the epoch)
 
     def state(self) -> tuple[int | None, bool]:
@@ -155,8 +159,9 @@ class RunIndex:
         pass, or when the watermark is older than `run_changes` keeps), then move the watermark.
         Returns how many runs it recomputed."""
         db = self._db
-        now_us, runs_total = self._store.query_rows(
-            f"SELECT toUnixTimestamp64Micro(now64(6)), (SELECT count() FROM {db}.search_runs)")[0]
+        now_us, now_ns, runs_total = self._store.query_rows(
+            f"SELECT toUnixTimestamp64Micro(now64(6)), toUnixTimestamp64Nano(now64(9)), "
+            f"(SELECT count() FROM {db}.search_runs)")[0]
         watermark, usable = self.state()
         started = time.monotonic()
         if watermark is None or not usable:
@@ -164,15 +169,18 @@ class RunIndex:
         else:
             changed = changed_since(db, "{w:Int64}")
             done = int(self._store.query_rows(f"SELECT uniqExact(run_id) FROM {changed}", {"w": watermark})[0][0])
+            generation = self._order.state()[0]
             if done:
-                self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, f'run_id IN {changed}')} "
-                                     f"{_INSERT_SETTINGS}", {"w": watermark})
-                # Their value-order rows (runorder.py), before the watermark moves: until then
-                # searches take these runs as changed, whatever either table holds for them.
-                self._order.add(f"run_id IN {changed} AND start_time IN "
-                                f"(SELECT start_time FROM {db}.runs WHERE run_id IN {changed})", {"w": watermark})
-            elif not self._order.state()[0]:  # an index built before migration 9
-                self._order.rebuild()
+                # Their value-order rows first (runorder.py), of the version their index rows get:
+                # a search keeps a candidate only while its version is its run's in the index. A
+                # run written meanwhile is after the watermark this pass sets: searches answer it
+                # as changed until the next pass, which writes both again.
+                params = {"w": watermark, "v": int(now_ns)}
+                if generation:
+                    self._order.add(f"({fresh_sql(db, changed, '{v:UInt64}')})", params, generation)
+                self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, f'run_id IN {changed}', '{v:UInt64}')} "
+                                     f"{_INSERT_SETTINGS}", params)
+            self._order.upkeep()
         self._store.maintain(f"INSERT INTO {db}.run_index_state (key, watermark, runs) "
                              "VALUES ({k:String}, fromUnixTimestamp64Micro({w:Int64}), {n:UInt64})",
                              {"k": STATE_KEY, "w": int(now_us) - self._lag_us, "n": done})
@@ -211,7 +219,10 @@ class RunIndex:
         except StoreError:
             built = runs
         logger.info("run index: %d runs built in %.1f s", built, time.monotonic() - started)
-        self._order.rebuild()
+        try:  # every index row has a new version: a new generation (the next pass retries, not the index)
+            self._order.rebuild()
+        except StoreError as exc:
+            logger.warning("run index: building its value order failed (%s); the next pass retries", exc)
         return built
 
 

@@ -9,11 +9,17 @@ value on, a chunk at a time, checks each on its run_index row (the filter, and
 that the row is the run's current version) and stops once it has the page
 (`RunSearch._ordered_hits`).
 
-The refresher writes the rows of every run_index row it writes, with that row's
+The refresher writes a run's rows just before its run_index row, with the same
 version: a run's rows are current while they carry its run_index version, older
 ones fail the check. Those stale rows stay until the refresher rebuilds the
 table (a new generation, one partition) once it holds `REBUILD_GROWTH` times the
-rows it was built with, and drops the older generations.
+rows it was built with, and drops the older generations DROP_GRACE_SECONDS later
+(a search reads the generation it started with to the end).
+
+A search may miss a run whose index row a pass replaced after the search began
+(its old rows fail the check, its new ones may come after the search read past
+them): a write concurrent with the read. Runs changed before it began are
+answered from rows computed now, as every index read answers them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 from trackhouse.store import Store
 from trackhouse.store.layout import drop_partition
+from trackhouse.store.schema import check_identifier
 
 logger = logging.getLogger(__name__)
 
@@ -31,26 +38,36 @@ ORDER = "run_order"
 STATE_KEY = "run_order"
 # A generation is rebuilt once it holds this many times the rows it was built with.
 REBUILD_GROWTH = 2.0
+# Older generations are dropped this long after a newer one is published: a search that read
+# the older one's number just before reads it to the end (longer than max_query_seconds).
+DROP_GRACE_SECONDS = 120.0
 # Columns of a candidate: what the cursor of the next chunk and the check on run_index need.
 CANDIDATE = "run_id, neg_start, version, rank, value"
 SORT = "key, descending, rank, value, neg_start, run_id"
 
 
-def rows_sql(db: str, where: str) -> str:
-    """run_order rows of the run_index rows (FINAL) meeting `where`, in the generation bound as
-    {g:UInt32}: one per metric key and direction. A metric's path is `k` + the key's hex."""
+def index_rows(db: str, where: str) -> str:
+    """The run_index rows (FINAL) meeting `where`, as a source for `rows_sql`."""
+    check_identifier(db)
+    return f"{db}.run_index FINAL WHERE {where}"
+
+
+def rows_sql(source: str) -> str:
+    """run_order rows, in the generation bound as {g:UInt32}, of the rows of `source` (run_index
+    rows, or rows computed as run_index rows: `index_rows`, `runindex.fresh_sql`): one per metric
+    key and direction. A metric's path is `k` + the key's hex."""
     return ("SELECT {g:UInt32} AS generation, unhex(substring(kv.1, 2)) AS key, d AS descending, "
             "reinterpretAsFloat64(kv.2) AS v, toUInt8(isNaN(v)) AS rank, "
             "if(isNaN(v), 0., if(d = 1, -v, v) + 0.) AS value, -start_time AS neg_start, run_id, experiment_id, "
             "lifecycle_stage, version FROM (SELECT start_time, run_id, experiment_id, lifecycle_stage, version, "
-            f"JSONExtractKeysAndValues(toJSONString(metrics), 'Int64') AS kvs FROM {db}.run_index FINAL "
-            f"WHERE {where}) ARRAY JOIN kvs AS kv ARRAY JOIN [0, 1] AS d")
+            f"JSONExtractKeysAndValues(toJSONString(metrics), 'Int64') AS kvs FROM {source}) "
+            "ARRAY JOIN kvs AS kv ARRAY JOIN [0, 1] AS d")
 
 
-def _insert(db: str, where: str) -> str:
+def _insert(db: str, source: str) -> str:
     return (f"INSERT INTO {db}.{ORDER} (generation, key, descending, rank, value, neg_start, run_id, "
             f"experiment_id, lifecycle_stage, version) SELECT generation, key, descending, rank, value, neg_start, "
-            f"run_id, experiment_id, lifecycle_stage, version FROM ({rows_sql(db, where)})")
+            f"run_id, experiment_id, lifecycle_stage, version FROM ({rows_sql(source)})")
 
 
 def generation_sql(db: str) -> str:
@@ -80,9 +97,12 @@ def after_sql(cursor: tuple[int, float, int, str], bind: Any) -> str:
 class RunOrder:
     """Keeps `run_order` of one store (called by `RunIndex.refresh`, on the refresher's thread)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, margin: float = 60.0) -> None:
         self._store = store
         self._db = store.database
+        # How far before a rebuild's start its catch-up copies versions from (see `rebuild`).
+        self._margin_ns = int(margin * 1e9)
+        self._retired: dict[int, float] = {}  # older generation -> when it may be dropped (monotonic)
 
     def state(self) -> tuple[int, int]:
         """(generation searches read, 0 when none; rows it was built with)."""
@@ -90,41 +110,60 @@ class RunOrder:
             f"SELECT max(generation), argMax(rows, generation) FROM {self._db}.run_order_state")[0]
         return int(generation), int(rows)
 
-    def add(self, where: str, params: dict[str, Any]) -> None:
-        """The rows of the run_index rows meeting `where` (just written), into the generation
-        searches read; again into a newer one if a rebuild elsewhere published it meanwhile."""
-        generation, rows = self.state()
-        if not generation:
-            self.rebuild()
-            return
-        self._store.maintain(_insert(self._db, where), {**params, "g": generation})
+    def add(self, source: str, params: dict[str, Any], generation: int) -> None:
+        """The rows of `source` (run_index rows about to be written, with their version) into
+        `generation`; again into a newer one if a rebuild elsewhere published it meanwhile."""
+        self._store.maintain(_insert(self._db, source), {**params, "g": generation})
         latest, _ = self.state()
         if latest != generation:
-            self._store.maintain(_insert(self._db, where), {**params, "g": latest})
-        held = int(self._store.query_rows(f"SELECT count() FROM {self._db}.{ORDER} WHERE generation = {{g:UInt32}}",
-                                          {"g": latest})[0][0])
-        if held > REBUILD_GROWTH * max(rows, 1):
-            logger.info("run order: generation %d holds %d rows, built with %d: rebuilding", latest, held, rows)
+            self._store.maintain(_insert(self._db, source), {**params, "g": latest})
+
+    def upkeep(self) -> None:
+        """Build the first generation, or a new one once the current one holds REBUILD_GROWTH
+        times the rows it was built with (stale rows); drop retired generations (`tidy`)."""
+        generation, rows = self.state()
+        held = 0
+        if generation:
+            held = int(self._store.query_rows(f"SELECT count() FROM {self._db}.{ORDER} WHERE generation = "
+                                              "{g:UInt32}", {"g": generation})[0][0])
+        if not generation or held > REBUILD_GROWTH * max(rows, 1):
+            if generation:
+                logger.info("run order: generation %d holds %d rows, built with %d: rebuilding", generation, held,
+                            rows)
             self.rebuild()
+        self.tidy()
+
+    def tidy(self, now: float | None = None) -> None:
+        """Drop the older generations whose grace has passed (each refresher pass calls this)."""
+        now = time.monotonic() if now is None else now
+        for old, due in sorted(self._retired.items()):
+            if due <= now:
+                self._store.maintain(drop_partition(self._store.layout, ORDER, old))
+                del self._retired[old]
 
     def rebuild(self) -> int:
-        """A new generation from every run_index row, published, then the older ones dropped.
-        Rows another refresher writes into the old generation meanwhile are copied over after
-        publishing (every run_index row of a version since the build began)."""
+        """A new generation from every run_index row, published; the older ones are dropped by
+        `tidy` DROP_GRACE_SECONDS later. Rows another refresher writes into an old generation
+        meanwhile are copied over after publishing: every run_index row of a version since
+        the build began, less `margin` (a version is taken when its insert starts; it commits
+        later, and a cluster's clocks differ), that the build did not take."""
         db, started = self._db, time.monotonic()
         newest, since = self._store.query_rows(
             f"SELECT greatest((SELECT max(generation) FROM {db}.{ORDER}), {generation_sql(db)}), "
             "toUnixTimestamp64Nano(now64(9))")[0]
         generation = int(newest) + 1
-        self._store.maintain(_insert(db, "1"), {"g": generation})
+        self._store.maintain(_insert(db, index_rows(db, "1")), {"g": generation})
         rows = int(self._store.query_rows(f"SELECT count() FROM {db}.{ORDER} WHERE generation = {{g:UInt32}}",
                                           {"g": generation})[0][0])
         self._store.maintain(f"INSERT INTO {db}.run_order_state (key, generation, rows) VALUES "
                              "({k:String}, {g:UInt32}, {n:UInt64})", {"k": STATE_KEY, "g": generation, "n": rows})
-        self._store.maintain(_insert(db, "version >= {v:UInt64}"), {"g": generation, "v": int(since)})
+        self._store.maintain(_insert(db, index_rows(db, "version >= {v:UInt64} AND (run_id, version) NOT IN (SELECT "
+                                                 f"run_id, version FROM {db}.{ORDER} WHERE generation = {{g:UInt32}} "
+                                                 "AND version >= {v:UInt64})")),
+                             {"g": generation, "v": max(0, int(since) - self._margin_ns)})
         older = self._store.query_rows(f"SELECT groupUniqArray(generation) FROM {db}.{ORDER} "
                                        "WHERE generation < {g:UInt32}", {"g": generation})[0][0]
-        for old in older:
-            self._store.maintain(drop_partition(self._store.layout, ORDER, int(old)))
+        due = time.monotonic() + DROP_GRACE_SECONDS
+        self._retired.update({int(old): min(due, self._retired.get(int(old), due)) for old in older})
         logger.info("run order: generation %d built (%d rows) in %.1f s", generation, rows, time.monotonic() - started)
         return rows

@@ -202,14 +202,15 @@ class RunSearch:
             rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
         elif self._indexed(req, keys) and (state := (yield from self._changed())) is not None:
             changed, generation = state
-            hits = None
+            found = None
             if generation and self._value_ordered(keys, limit):
-                hits = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
-            if hits is not None and not changed:  # the page itself: no changed run to merge in
-                rows, with_info = hits, True
+                found = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
+            if found is not None and not changed and not found[1]:  # the page itself: nothing to merge in
+                rows, with_info = found[0], True
             else:
-                sql, params = self._index_sql(req, keys, cursor, limit, changed,
-                                              None if hits is None else [(h[0], h[2]) for h in hits])
+                hits = None if found is None else [(h[0], h[2]) for h in found[0]]
+                changed = changed if found is None else [*changed, *found[1]]
+                sql, params = self._index_sql(req, keys, cursor, limit, changed, hits)
                 rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), True
         else:
             sql, params, with_info = self._sql(req, keys, cursor, limit)
@@ -254,10 +255,13 @@ class RunSearch:
                 and list(keys[1:]) == list(TIEBREAK))
 
     def _ordered_hits(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any, limit: int,
-                      changed: Sequence[tuple[str, int]], generation: int) -> Steps[list[tuple[Any, ...]] | None]:
-        """The first limit + 1 runs of the index (not changed since its watermark) in the page's
-        order after `cursor`, as page rows (run_id, the key's value, start_time, run_id, the
-        run's record: what `_index_sql` gives for them): candidates read from run_order a chunk
+                      changed: Sequence[tuple[str, int]], generation: int,
+                      ) -> Steps[tuple[list[tuple[Any, ...]], list[tuple[str, int]]] | None]:
+        """(The first limit + 1 runs of the index not changed since its watermark in the page's
+        order after `cursor`, as page rows: run_id, the key's value, start_time, run_id, the
+        run's record, what `_index_sql` gives for them; the runs whose index row a refresher
+        pass replaced while this search ran, as (run_id, start_time), to be answered as changed
+        runs are, from rows computed now): candidates read from run_order a chunk
         at a time (ORDER_CHUNK x (limit + 1), then as many as the rate kept so far says are
         missing, half again to spare, at most ORDER_GROWTH times the last read), each kept
         when its run_index row passes scope and filter and is of the candidate's version.
@@ -279,6 +283,7 @@ class RunSearch:
         complete = any(isinstance(c, Comparison) and (c.entity, c.key) == (key.entity, key.key)
                        for c in (node.items if isinstance(node, And) else (node,)))
         hits: list[tuple[Any, ...]] = []
+        late: list[tuple[str, int]] = []
         seen: set[str] = set()
         read, chunk = 0, ORDER_CHUNK * (limit + 1)
         while True:
@@ -297,15 +302,20 @@ class RunSearch:
                     f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, run_id, "
                     f"{', '.join(RUN_RECORD_FIELDS[1:])} FROM {db}.{INDEX} FINAL WHERE start_time IN {times} "
                     f"AND run_id IN {ids} AND {where}", binder.params, settings=FRESH_SETTINGS))}
-                for run_id, _, version, _, _ in todo:
+                for run_id, neg_start, version, _, _ in todo:
                     row = found.get(run_id)
-                    if run_id not in seen and row is not None and row[1] == version:
-                        seen.add(run_id)
-                        hits.append((run_id, *row[2:]))
-                        if len(hits) > limit:
-                            return hits
+                    if run_id in seen or run_id in skip or row is None or row[1] < version:
+                        continue
+                    if row[1] > version:  # refreshed since this search began: answered as a changed run
+                        skip.add(run_id)
+                        late.append((run_id, -int(neg_start)))
+                        continue
+                    seen.add(run_id)
+                    hits.append((run_id, *row[2:]))
+                    if len(hits) > limit:
+                        return hits, late
             if len(cands) < chunk:
-                return hits if complete else None
+                return (hits, late) if complete else None
             if read >= ORDER_CANDIDATES:
                 return None
             last = cands[-1]
