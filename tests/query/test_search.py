@@ -9,6 +9,7 @@ ones, ties broken by start_time DESC then run_id ASC.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import math
@@ -603,10 +604,10 @@ ODD_KEYS = {"params": {"a.b": "2020-01-01", "x y": "12", "k" * 250: "long"},
             "metrics": {"eval.loss": math.nan, "val/acc": -math.inf, "z": -0.0}}
 
 
-def _put_metrics(store: Store, run_id: str, values: dict[str, float]) -> None:
+def _put_metrics(store: Store, run_id: str, values: dict[str, float], step: int = 0) -> None:
     keys = list(values)
     store.insert_arrow("metrics", pa.table({
-        "run_id": [run_id] * len(keys), "key": keys, "step": pa.array([0] * len(keys), pa.int64()),
+        "run_id": [run_id] * len(keys), "key": keys, "step": pa.array([step] * len(keys), pa.int64()),
         "timestamp": pa.array([T0] * len(keys), pa.int64()), "value": pa.array(list(values.values()), pa.float64()),
         "writer_id": ["w"] * len(keys), "seq": pa.array([1] * len(keys), pa.uint64()),
     }))
@@ -679,13 +680,21 @@ def test_the_run_index_answers_even_without_the_per_key_copies(chdb_dsn: str) ->
         store.close()
 
 
-def test_counts_are_read_after_write_between_refresher_passes(chdb_dsn: str) -> None:
+@contextlib.contextmanager
+def _refreshed(chdb_dsn: str) -> Iterator[tuple[Store, list[Model], RunIndex, RunSearch]]:
+    """A seeded store whose run index one refresher pass (no lag) has built, and a search on it."""
     store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
     try:
         models = seed(store)
         index = RunIndex(store, lag=0.0)
         index.refresh()
-        search = direct_search(store)
+        yield store, models, index, direct_search(store)
+    finally:
+        store.close()
+
+
+def test_counts_are_read_after_write_between_refresher_passes(chdb_dsn: str) -> None:
+    with _refreshed(chdb_dsn) as (store, models, index, search):
 
         def count(text: str) -> int:
             return search.count(SearchRequest(filter=text))
@@ -725,8 +734,6 @@ def test_counts_are_read_after_write_between_refresher_passes(chdb_dsn: str) -> 
         assert count("params.optimizer = 'adam'") == before and count("tags.stage = 'prod'") == 0
         assert count("metrics.loss < 0.3 AND attributes.run_name = 'fresh'") == 1
         assert index.refresh() == 0  # nothing changed since
-    finally:
-        store.close()
 
 
 INDEX_ORDERS = [["metrics.loss DESC"], ["params.lr", "tags.x DESC"], ["metrics.acc ASC", "attributes.run_name"],
@@ -969,10 +976,7 @@ def test_run_order_follows_changes_and_is_rebuilt_once_stale_rows_pile_up(
         for round_ in range(3):  # new latest values: each pass adds rows, the old ones go stale
             for m in rng.sample(active(models), 6):
                 m.metrics["loss"] = rng.choice([0.5, math.nan, rng.random()])
-                store.insert_arrow("metrics", pa.table({
-                    "run_id": [m.run_id], "key": ["loss"], "step": pa.array([100 + round_], pa.int64()),
-                    "timestamp": pa.array([T0], pa.int64()), "value": pa.array([m.metrics["loss"]], pa.float64()),
-                    "writer_id": ["w"], "seq": pa.array([1], pa.uint64())}))
+                _put_metrics(store, m.run_id, {"loss": m.metrics["loss"]}, step=100 + round_)  # the latest step
             for direction in ("", " DESC"):  # read after write: the changed runs come from their rows now
                 assert _walk(search, "", "metrics.loss" + direction, 3) == expected_order(
                     active(models), ["metrics.loss" + direction])
@@ -1006,20 +1010,12 @@ def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_
     """The search read the watermark; a pass then replaced the index row of a run it reads a
     candidate of, and the search misses the run's new run_order rows: the run is on the
     page all the same, answered as a changed run (from its rows computed now)."""
-    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
-    try:
-        models = seed(store)
-        index = RunIndex(store, lag=0.0)
-        index.refresh()
-        search = direct_search(store)
+    with _refreshed(chdb_dsn) as (store, models, index, search):
         before = store.run(search._changed())
         third = expected_order(active(models), ["metrics.loss"])[2]  # its old rows are read
         moved = next(m for m in models if m.run_id == third)
         moved.metrics["loss"] = -1e300  # second in ascending order now, after -inf
-        store.insert_arrow("metrics", pa.table({
-            "run_id": [moved.run_id], "key": ["loss"], "step": pa.array([100], pa.int64()),
-            "timestamp": pa.array([T0], pa.int64()), "value": pa.array([-1e300], pa.float64()),
-            "writer_id": ["w"], "seq": pa.array([1], pa.uint64())}))
+        _put_metrics(store, moved.run_id, {"loss": -1e300}, step=100)  # the latest step
         assert index.refresh() == 1
         store.command(f"ALTER TABLE {store.database}.run_order DELETE WHERE run_id = {{r:String}} AND version = "
                       f"(SELECT max(version) FROM {store.database}.run_index WHERE run_id = {{r:String}}) "
@@ -1034,5 +1030,3 @@ def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_
             found = search.search(SearchRequest(order_by=("metrics.loss",), max_results=5))
         assert [r.info.run_id for r in found.runs] == expected_order(active(models), ["metrics.loss"])[:5]
         assert found.runs[1].info.run_id == moved.run_id
-    finally:
-        store.close()
