@@ -103,6 +103,7 @@ class RunOrder:
         # How far before a rebuild's start its catch-up copies versions from (see `rebuild`).
         self._margin_ns = int(margin * 1e9)
         self._retired: dict[int, float] = {}  # older generation -> when it may be dropped (monotonic)
+        self._looked = False  # for older generations left by an earlier process (`upkeep`)
 
     def state(self) -> tuple[int, int]:
         """(generation searches read, 0 when none; rows it was built with)."""
@@ -131,7 +132,17 @@ class RunOrder:
                 logger.info("run order: generation %d holds %d rows, built with %d: rebuilding", generation, held,
                             rows)
             self.rebuild()
+        elif not self._looked:  # once per process: generations an earlier one retired but did not drop
+            self._retire(generation)
+        self._looked = True
         self.tidy()
+
+    def _retire(self, generation: int) -> None:
+        """Every generation older than `generation` is dropped DROP_GRACE_SECONDS from now."""
+        older = self._store.query_rows(f"SELECT groupUniqArray(generation) FROM {self._db}.{ORDER} "
+                                       "WHERE generation < {g:UInt32}", {"g": generation})[0][0]
+        due = time.monotonic() + DROP_GRACE_SECONDS
+        self._retired.update({int(old): min(due, self._retired.get(int(old), due)) for old in older})
 
     def tidy(self, now: float | None = None) -> None:
         """Drop the older generations whose grace has passed (each refresher pass calls this)."""
@@ -161,9 +172,6 @@ class RunOrder:
                                                  f"run_id, version FROM {db}.{ORDER} WHERE generation = {{g:UInt32}} "
                                                  "AND version >= {v:UInt64})")),
                              {"g": generation, "v": max(0, int(since) - self._margin_ns)})
-        older = self._store.query_rows(f"SELECT groupUniqArray(generation) FROM {db}.{ORDER} "
-                                       "WHERE generation < {g:UInt32}", {"g": generation})[0][0]
-        due = time.monotonic() + DROP_GRACE_SECONDS
-        self._retired.update({int(old): min(due, self._retired.get(int(old), due)) for old in older})
+        self._retire(generation)
         logger.info("run order: generation %d built (%d rows) in %.1f s", generation, rows, time.monotonic() - started)
         return rows
