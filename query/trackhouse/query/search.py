@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from trackhouse.query.errors import InvalidArgument
-from trackhouse.query.filters import ATTRIBUTES, METRICS, And, Binder, Comparison, Node, parse_filter
+from trackhouse.query.filters import ATTRIBUTES, METRICS, Binder, Comparison, Node, parse_filter
 from trackhouse.query.order import OrderKey, parse_order_by
 from trackhouse.query.plan import RUNS, compile_search_filter, has_key_terms, key_values, split_pushed, value_condition
 from trackhouse.query.runindex import (
@@ -279,9 +279,8 @@ class RunSearch:
             value = 0.0 if rank else (-cursor[0] if not key.ascending else cursor[0]) + 0.0
             after = (rank, value, -int(cursor[1]), str(cursor[2]))
         skip = {c[0] for c in changed}
-        node = parse_filter(req.filter)
-        complete = any(isinstance(c, Comparison) and (c.entity, c.key) == (key.entity, key.key)
-                       for c in (node.items if isinstance(node, And) else (node,)))
+        # A top-level AND term on the order key matches only runs that have it (`split_pushed`).
+        complete = bool(split_pushed(parse_filter(req.filter), key.entity, key.key)[1])
         hits: list[tuple[Any, ...]] = []
         late: list[tuple[str, int]] = []
         seen: set[str] = set()
