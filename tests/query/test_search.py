@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from trackhouse.query.runindex import STATE_KEY, Refresher, RunIndex, changed_si
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec
-from trackhouse.store import ExperimentRecord, RunRecord, Store, new_run_id, new_version, open_store
+from trackhouse.store import ExperimentRecord, RunDetails, RunRecord, Store, new_run_id, new_version, open_store
 
 T0 = 1_700_000_000_000
 LRS = ["0.001", "0.01", "0.1", "1e-3", "10", "2", "abc"]
@@ -693,6 +693,55 @@ def _refreshed(chdb_dsn: str) -> Iterator[tuple[Store, list[Model], RunIndex, Ru
         store.close()
 
 
+def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_would(chdb_dsn: str) -> None:
+    """Params, tags (a deleted one gone) and latest metrics (NaN, -inf, -0.0, step, min, max, count)
+    of every run of an index page come from run_pages, built whole then by a pass; a run changed
+    since the watermark, or without a row there, is read by id."""
+    with _refreshed(chdb_dsn) as (store, models, index, search):
+        odd = models[1].run_id
+        store.put_params(odd, list(ODD_KEYS["params"].items()))
+        store.put_tags(odd, list(ODD_KEYS["tags"].items()))
+        _put_metrics(store, odd, ODD_KEYS["metrics"])
+        _put_metrics(store, odd, {"eval.loss": 2.0, "z": 5.0}, step=3)  # the latest point: a later step
+        assert index.refresh() == 1  # the odd run's pages row written by a pass, the others' by the build
+        db = store.database
+
+        by_id: list[list[str]] = []
+        real = store.run_details_steps
+
+        def page() -> list[RunDetails]:
+            found = search.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000))
+            assert len(found.runs) == len(models)
+            reference = store.run(real([r.info.run_id for r in found.runs]))
+            assert repr(found.runs) == repr(reference)  # NaN: repr
+            return found.runs
+
+        def spy(run_ids: Sequence[str], infos: Any = None) -> Any:
+            by_id.append(list(run_ids))
+            return real(run_ids, infos)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(store, "run_details_steps", spy)
+            runs = page()
+            assert by_id == []  # nothing read by id
+            shown = next(r for r in runs if r.info.run_id == odd)
+            assert shown.params["k" * 250] == "long" and shown.tags["ü.tag"] == "2020-01-01 10:00:00"
+            assert [(m.key, m.step, m.count) for m in shown.metrics if m.key in ("eval.loss", "z")] == [
+                ("eval.loss", 3, 2), ("z", 3, 2)]
+            # Proof the rows are read: a newer row of the odd run shows (the newest of its rows wins).
+            store.command(f"INSERT INTO {db}.run_pages SELECT run_id, [('planted', 'yes')], tags, metrics, "
+                          f"version + 1 FROM {db}.run_pages WHERE run_id = {{r:String}}", {"r": odd})
+            planted = search.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000))
+            assert next(r for r in planted.runs if r.info.run_id == odd).params == {"planted": "yes"}
+            # Changed since the watermark (a tag), or without a row: read by id, current.
+            store.put_tags(models[2].run_id, [("fresh", "1")])
+            store.command(f"DELETE FROM {db}.run_pages WHERE run_id IN ({{r:String}}, {{s:String}})",
+                          {"r": odd, "s": models[3].run_id})
+            runs = page()
+            assert sorted(by_id[-1]) == sorted([odd, models[2].run_id, models[3].run_id])
+            assert next(r for r in runs if r.info.run_id == models[2].run_id).tags["fresh"] == "1"
+
+
 def test_counts_are_read_after_write_between_refresher_passes(chdb_dsn: str) -> None:
     with _refreshed(chdb_dsn) as (store, models, index, search):
 
@@ -821,8 +870,8 @@ def test_searches_fall_back_to_the_copies_when_the_index_cannot_answer(chdb_dsn:
                       "VALUES ({k:String}, now64(6) - INTERVAL 30 DAY, 0)", {"k": STATE_KEY})
         assert index.state() == (None, False)  # older than run_changes keeps its rows
         store.command(f"INSERT INTO {store.database}.run_index_state (key, watermark, runs) "
-                      "VALUES ('run_index', now64(6), 0)")
-        assert index.state() == (None, False)  # a refresher from before migration 9 vouches for nothing
+                      "VALUES ('run_index', now64(6), 0), ('run_index@9', now64(6), 0)")
+        assert index.state() == (None, False)  # refreshers from before migrations 9 and 10 vouch for nothing
         assert answers() == (expected, want)
         assert index.refresh() == len(models)  # such an index is rebuilt whole
         assert answers() == (expected, want)

@@ -44,7 +44,7 @@ def test_migrate_is_idempotent(store: Store) -> None:
     # The fixture's open_store already migrated: a second and third call apply nothing.
     assert store.migrate() == []
     assert store.migrate() == []
-    assert store.schema_version() == latest_version() == 9
+    assert store.schema_version() == latest_version() == 10
     rows = store.query_rows(f"SELECT version, description FROM {store.t('schema_migrations')} FINAL")
     assert sorted(r[0] for r in rows) == list(range(1, latest_version() + 1))
     tables = {r[0] for r in store.query_rows(
@@ -53,7 +53,7 @@ def test_migrate_is_idempotent(store: Store) -> None:
         "experiments", "runs", "params", "tags", "metrics", "latest_metrics", "latest_metrics_mv",
         "writer_progress", "writer_progress_mv", "meta", "schema_migrations",
         "search_runs", "search_params", "search_tags", "search_metrics", "metric_rollup", "metric_cells",
-        "experiment_tags", "run_changes", "run_index", "run_index_state", "run_order", "run_order_state",
+        "experiment_tags", "run_changes", "run_index", "run_index_state", "run_order", "run_order_state", "run_pages",
     }
 
 

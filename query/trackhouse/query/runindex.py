@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from trackhouse.query.filters import ATTRIBUTES, METRICS, PARAMS, And, Binder, Comparison, Node, Or, condition
 from trackhouse.query.plan import value_condition
 from trackhouse.query.runorder import RunOrder, generation_sql
+from trackhouse.query.runpages import PAGES, latest_sql, pages_sql, params_sql, tags_sql
 from trackhouse.store import Store, StoreError
 from trackhouse.store.layout import optimize_final
 from trackhouse.store.schema import RUN_CHANGES_TTL_DAYS, check_identifier, latest_value
@@ -44,9 +45,9 @@ logger = logging.getLogger(__name__)
 
 INDEX = "run_index"
 # The key of the refresher's rows in run_index_state: readers take only theirs, so a
-# watermark written by a refresher from before migration 9 (key "run_index") never vouches
-# for the index that migration made again.
-STATE_KEY = "run_index@9"
+# watermark written by a refresher from before migration 10 (keys "run_index", "run_index@9")
+# never vouches for rows that refresher did not write (migration 9's index, 10's pages).
+STATE_KEY = "run_index@10"
 # Runs per chunk of the first build: bounds the join's memory (maps of this many runs).
 BUILD_CHUNK_RUNS = 1_000_000
 # Settings of every query that turns maps into JSON (inserts, and reads of `fresh_sql`): string
@@ -94,12 +95,9 @@ def rows_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))
     w = f"WHERE {runs}"
     # argMax skips NULLs: a tuple keeps the latest version's end_time even when it is NULL.
     record = ", ".join(f"tupleElement(argMax(tuple({c}), version), 1) AS {c}" for c in _RECORD)
-    params = _map(f"SELECT run_id, key, any(value) AS value FROM {db}.params {w} GROUP BY run_id, key",
-                  "value", "", "String")
-    tags = _map(f"SELECT run_id, key, argMax(value, version) AS value, argMax(deleted, version) AS deleted "
-                    f"FROM {db}.tags {w} GROUP BY run_id, key", "value", "WHERE deleted = 0", "String")
-    metrics = _map(f"SELECT run_id, key, max(last_key) AS lk FROM {db}.latest_metrics {w} GROUP BY run_id, key",
-                   f"reinterpretAsInt64({latest_value('lk')})", "", "Int64")
+    params = _map(params_sql(db, w), "value", "", "String")
+    tags = _map(tags_sql(db, w), "value", "WHERE deleted = 0", "String")
+    metrics = _map(latest_sql(db, w), f"reinterpretAsInt64({latest_value('lk')})", "", "Int64")
     return (f"SELECT r.start_time AS start_time, r.run_id AS run_id, r.experiment_id AS experiment_id, "
             f"r.run_name AS run_name, r.user_id AS user_id, r.status AS status, r.end_time AS end_time, "
             f"r.lifecycle_stage AS lifecycle_stage, r.artifact_uri AS artifact_uri, p.m AS params, t.m AS tags, "
@@ -178,6 +176,8 @@ class RunIndex:
                 params = {"w": watermark, "v": int(now_ns)}
                 if generation:
                     self._order.add(f"({fresh_sql(db, changed, '{v:UInt64}')})", params, generation)
+                self._store.maintain(f"INSERT INTO {db}.{PAGES} {pages_sql(db, f'run_id IN {changed}', '{v:UInt64}')}",
+                                     params)
                 self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, f'run_id IN {changed}', '{v:UInt64}')} "
                                      f"{_INSERT_SETTINGS}", params)
             self._order.upkeep()
@@ -204,16 +204,18 @@ class RunIndex:
         for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
             cond = " AND ".join([*(["run_id >= {lo:String}"] if lo is not None else []),
                                  *(["run_id < {hi:String}"] if hi is not None else [])]) or "1"
-            self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, cond)} {_INSERT_SETTINGS}",
-                                 {"lo": lo, "hi": hi})
+            for table, sql in ((PAGES, pages_sql(db, cond)), (INDEX, f"{rows_sql(db, cond)} {_INSERT_SETTINGS}")):
+                self._store.maintain(f"INSERT INTO {db}.{table} {sql}", {"lo": lo, "hi": hi})
             if len(edges) > 2:
                 logger.info("run index: chunk %d/%d built (%.0f s)", i + 1, len(edges) - 1, time.monotonic() - started)
         # One part: FINAL over the chunks' parts cost 2.7x (a count at 10 M: 1,074 ms over 7 parts,
         # 400 ms merged; the merge took 45 s). Background merges leave parts that large alone.
-        try:  # the index is right without it, only slower: never rebuild over a failed merge
-            self._store.maintain(optimize_final(self._store.layout, INDEX))
-        except StoreError as exc:
-            logger.warning("run index: merging the built parts failed (%s); background merges will", exc)
+        for table in (PAGES, INDEX):
+            try:  # the index is right without it, only slower: never rebuild over a failed merge
+                self._store.maintain(optimize_final(self._store.layout, table))
+            except StoreError as exc:
+                logger.warning("run index: merging the built parts failed (%s: %s); background merges will",
+                               table, exc)
         try:  # for the log only: a read timing out here must not throw the build away
             built = int(self._store.query_rows(f"SELECT count() FROM {self._db}.{INDEX} FINAL")[0][0])
         except StoreError:

@@ -36,6 +36,7 @@ from trackhouse.query.runindex import (
     state_sql,
 )
 from trackhouse.query.runorder import after_sql, candidates_sql
+from trackhouse.query.runpages import page_details_steps
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, RunRecord, Store, run_id_prefix
@@ -221,7 +222,11 @@ class RunSearch:
         token = self._tokens.encode(question, list(rows[-1][1:1 + n])) if more else ""
         total = (yield from self._count(req, changed)) if req.include_total else None
         infos = {r[0]: RunRecord(r[0], *r[1 + n:]) for r in rows} if with_info else None
-        runs = yield from self._store.run_details_steps([r[0] for r in rows], infos)
+        ids = [r[0] for r in rows]
+        if changed is not None and infos is not None:  # the index answered: its runs' page rows
+            runs = yield from page_details_steps(self._store, ids, infos, {c[0] for c in changed})
+        else:
+            runs = yield from self._store.run_details_steps(ids, infos)
         return SearchPage(runs, token, total)
 
     def _windowed(self, req: SearchRequest, keys: Sequence[OrderKey]) -> bool:

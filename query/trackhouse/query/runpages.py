@@ -1,0 +1,76 @@
+"""run_pages (schema migration 10): what a page shows of each run, one row per run.
+
+A page of runs shows each run's record, params, tags (not deleted) and latest metrics
+(value, timestamp, step, min, max, count). Read by run id from the three run-major
+tables, that is 140-190 ms for a page of 100 at 10 M runs (docs/search.md, "Sixth
+pass"): each table holds several rows per run, and a page's runs are spread over the
+whole of each. The refresher (runindex.py) writes one row per run here, with the
+same version as the run's run_index row, in the same passes: a page answered from
+the index reads its runs' rows here, one small table sorted by run id, and only the
+runs changed since the watermark (whose rows may be stale) from the three tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+from trackhouse.store import RunDetails, RunRecord, Store
+from trackhouse.store.reads import Rows, Steps
+from trackhouse.store.records import LatestMetricRecord
+from trackhouse.store.schema import check_identifier, latest_step, latest_timestamp, latest_value
+
+PAGES = "run_pages"
+
+
+def params_sql(db: str, where: str) -> str:
+    """(run_id, key, value) of each param of the runs meeting `where` (params are write-once)."""
+    return f"SELECT run_id, key, any(value) AS value FROM {db}.params {where} GROUP BY run_id, key"
+
+
+def tags_sql(db: str, where: str) -> str:
+    """(run_id, key, value, deleted): the last write of each tag of the runs meeting `where`."""
+    return (f"SELECT run_id, key, argMax(value, version) AS value, argMax(deleted, version) AS deleted "
+            f"FROM {db}.tags {where} GROUP BY run_id, key")
+
+
+def latest_sql(db: str, where: str) -> str:
+    """(run_id, key, lk, lo, hi, count): each latest metric of the runs meeting `where`, `lk` its
+    packed latest key (schema.latest_value and friends decode it)."""
+    return (f"SELECT run_id, key, max(last_key) AS lk, min(min_value) AS lo, max(max_value) AS hi, "
+            f"sum(count) AS count FROM {db}.latest_metrics {where} GROUP BY run_id, key")
+
+
+def pages_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))") -> str:
+    """run_pages rows of the runs meeting `runs` (a condition on run_id: our own SQL, values bound
+    by the caller), of `version` (now, in ns); each list sorted by key, as hydration by id returns them."""
+    check_identifier(db)
+    w = f"WHERE {runs}"
+    metric = f"(key, {latest_value('lk')}, {latest_timestamp('lk')}, {latest_step('lk')}, lo, hi, count)"
+    return (f"SELECT r.run_id AS run_id, p.a AS params, t.a AS tags, m.a AS metrics, {version} AS version "
+            f"FROM (SELECT DISTINCT run_id FROM {db}.runs {w}) AS r "
+            f"LEFT JOIN (SELECT run_id, arraySort(groupArray((key, value))) AS a FROM ({params_sql(db, w)}) "
+            f"GROUP BY run_id) AS p ON p.run_id = r.run_id "
+            f"LEFT JOIN (SELECT run_id, arraySort(groupArray((key, value))) AS a FROM ({tags_sql(db, w)}) "
+            f"WHERE deleted = 0 GROUP BY run_id) AS t ON t.run_id = r.run_id "
+            f"LEFT JOIN (SELECT run_id, arraySort(groupArray({metric})) AS a FROM ({latest_sql(db, w)}) "
+            f"GROUP BY run_id) AS m ON m.run_id = r.run_id")
+
+
+def page_details_steps(store: Store, run_ids: Sequence[str], infos: Mapping[str, RunRecord],
+                       changed: Collection[str]) -> Steps[list[RunDetails]]:
+    """RunDetails of `run_ids` (in that order; runs without a record in `infos` left out): from
+    their run_pages rows, except the `changed` runs (changed since the index's watermark: their
+    rows may be stale) and any run without a row, which are read by id from the three tables."""
+    ids = [r for r in run_ids if r in infos]
+    wanted = [r for r in ids if r not in changed]
+    pages: dict[str, tuple[int, RunDetails]] = {}
+    if wanted:
+        rows = yield Rows(f"SELECT run_id, version, params, tags, metrics FROM {store.t(PAGES)} "
+                          "WHERE run_id IN {ids:Array(String)}", {"ids": wanted})
+        for run_id, version, params, tags, metrics in rows:  # unmerged parts: the newest row wins
+            if run_id not in pages or version > pages[run_id][0]:
+                pages[run_id] = (version, RunDetails(infos[run_id], dict(params), dict(tags),
+                                                     [LatestMetricRecord(*m) for m in metrics]))
+    rest = [r for r in ids if r not in pages]
+    by_id = {d.info.run_id: d for d in (yield from store.run_details_steps(rest, infos))} if rest else {}
+    return [pages[r][1] if r in pages else by_id[r] for r in ids if r in pages or r in by_id]
