@@ -205,6 +205,30 @@ def timed(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(times, 50)), 1), "p99_ms": round(float(np.percentile(times, 99)), 1)}
 
 
+def steps(store: Store, fn: Callable[[], Any], repeat: int) -> list[tuple[float, str]]:
+    """(p50 ms, the first words of its SQL) of each store call `fn` makes, in order (`repeat` runs
+    of `fn`, calls matched by position: a query whose calls vary between runs shows the first run's)."""
+    calls: list[list[tuple[float, str]]] = []
+    real = store._execute
+
+    def timed_call(request: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return real(request)
+        finally:
+            calls[-1].append(((time.perf_counter() - started) * 1000, " ".join(request.sql.split())[:90]))
+
+    store._execute = timed_call  # type: ignore[method-assign]
+    try:
+        for _ in range(repeat):
+            calls.append([])
+            fn()
+    finally:
+        del store._execute
+    first = calls[0]
+    return [(float(np.median([c[i][0] for c in calls if len(c) > i])), sql) for i, (_, sql) in enumerate(first)]
+
+
 def page_token(store: Store, codec: TokenCodec, page: int, size: int) -> str:
     """The token a client holds after walking `page - 1` pages of the default order."""
     row = store.query_rows(
@@ -216,18 +240,22 @@ def page_token(store: Store, codec: TokenCodec, page: int, size: int) -> str:
 def queries(store: Store, run_index: bool = False) -> dict[str, Callable[[], Any]]:
     """The fixed query set; with `run_index`, plus baselines timed in the same run: `count_copies`,
     the count on the per-key copies alone (the plan before the run index), and the two pages
-    ordered by one metric read from the whole index (`*_scan`: the plan before run_order)."""
+    ordered by one metric read from the whole index (`*_scan`: the plan before run_order), and the
+    filtered page with every run read by id (`filter_metric_order_by_id`: before run_pages)."""
     codec = TokenCodec(bytes.fromhex(store.meta_value("page_token_secret", lambda: "ab" * 32)))
     settings = QuerySettings()
     search, charts = RunSearch(store, codec, settings), MetricCharts(store, settings)
     copies = RunSearch(store, codec, QuerySettings(run_index=0))
     scan = RunSearch(store, codec, QuerySettings(run_order_max_results=0))
+    by_id = RunSearch(store, codec, QuerySettings(run_pages=0))
     baseline = {
         "count_copies": lambda: copies.count(SearchRequest(filter=FILTER)),
         "filter_metric_order_scan": lambda: scan.search(
             SearchRequest(filter=FILTER, order_by=("metrics.loss ASC",), max_results=100)),
         "or_filter_scan": lambda: scan.search(SearchRequest(
             filter=OR_FILTER, order_by=("metrics.accuracy DESC",), max_results=100)),
+        "filter_metric_order_by_id": lambda: by_id.search(
+            SearchRequest(filter=FILTER, order_by=("metrics.loss ASC",), max_results=100)),
     } if run_index else {}
     runs = store.query_rows(f"SELECT count() FROM {store.t('search_runs')} FINAL WHERE lifecycle_stage = 'active'")
     token = page_token(store, codec, max(2, min(1000, int(runs[0][0]) // 100)), 100)
@@ -268,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --run-index: write a tag on this many of the newest runs after the index "
                              "is current, so searches answer them from the per-key copies (runs being "
                              "trained); after timing, time the refresher pass that takes them in")
+    parser.add_argument("--steps", action="store_true",
+                        help="after timing each query, time each of its store calls (p50 of --repeat runs; "
+                             "the start of its SQL): where the query's time goes")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--only", nargs="*", help="time only these queries")
     args = parser.parse_args(argv)
@@ -308,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = timed(fn, args.repeat)
                 print(f"{name:22s} p50 {results[name]['p50_ms']:9.1f} ms   p99 {results[name]['p99_ms']:9.1f} ms",
                       flush=True)
+                if args.steps:
+                    for ms, sql in steps(store, fn, args.repeat):
+                        print(f"    {ms:8.1f} ms  {sql}", flush=True)
             if args.run_index and args.changed:
                 started = time.monotonic()
                 done = RunIndex(store, lag=0.0).refresh()

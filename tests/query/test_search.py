@@ -724,6 +724,10 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
             mp.setattr(store, "run_details_steps", spy)
             runs = page()
             assert by_id == []  # nothing read by id
+            off = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_pages=0))
+            assert repr(off.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000)).runs) \
+                == repr(runs)
+            assert sorted(by_id.pop()) == sorted(r.info.run_id for r in runs)  # turned off: every run by id
             shown = next(r for r in runs if r.info.run_id == odd)
             assert shown.params["k" * 250] == "long" and shown.tags["ü.tag"] == "2020-01-01 10:00:00"
             assert [(m.key, m.step, m.count) for m in shown.metrics if m.key in ("eval.loss", "z")] == [

@@ -223,7 +223,7 @@ class RunSearch:
         total = (yield from self._count(req, changed)) if req.include_total else None
         infos = {r[0]: RunRecord(r[0], *r[1 + n:]) for r in rows} if with_info else None
         ids = [r[0] for r in rows]
-        if changed is not None and infos is not None:  # the index answered: its runs' page rows
+        if changed is not None and infos is not None and self._settings.run_pages:  # the index answered
             runs = yield from page_details_steps(self._store, ids, infos, {c[0] for c in changed})
         else:
             runs = yield from self._store.run_details_steps(ids, infos)

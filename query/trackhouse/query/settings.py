@@ -49,6 +49,9 @@ class QuerySettings:
     # Pages of up to this many runs ordered by one metric read the run index's value order
     # (runorder.py, schema migration 9) and stop early; 0 = never (they read the index whole).
     run_order_max_results: int = 1000
+    # 1 = pages answered from the run index show their runs from run_pages (schema migration
+    # 10), the runs changed since its watermark read by id; 0 = every run read by id.
+    run_pages: int = 1
     max_export_runs: int = 10_000
     max_export_points: int = 50_000_000
     max_query_seconds: float = 30.0
@@ -60,7 +63,8 @@ class QuerySettings:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name in ("run_index", "run_index_lag_seconds", "run_order_max_results") and getattr(self, f.name) >= 0:
+            if f.name in ("run_index", "run_index_lag_seconds", "run_order_max_results", "run_pages") \
+                    and getattr(self, f.name) >= 0:
                 continue
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"query setting {f.name} must be > 0, got {getattr(self, f.name)!r}")
