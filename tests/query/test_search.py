@@ -702,7 +702,8 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
         store.put_params(odd, list(ODD_KEYS["params"].items()))
         store.put_tags(odd, list(ODD_KEYS["tags"].items()))
         _put_metrics(store, odd, ODD_KEYS["metrics"])
-        _put_metrics(store, odd, {"eval.loss": 2.0, "z": 5.0}, step=3)  # the latest point: a later step
+        _put_metrics(store, odd, {"loss": 5.0, "acc": -0.0}, step=99)  # the latest points: a later step
+        store.put_tags(odd, [("ü.tag", "")], deleted=True)
         assert index.refresh() == 1  # the odd run's pages row written by a pass, the others' by the build
         db = store.database
 
@@ -729,9 +730,10 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
                 == repr(runs)
             assert sorted(by_id.pop()) == sorted(r.info.run_id for r in runs)  # turned off: every run by id
             shown = next(r for r in runs if r.info.run_id == odd)
-            assert shown.params["k" * 250] == "long" and shown.tags["ü.tag"] == "2020-01-01 10:00:00"
-            assert [(m.key, m.step, m.count) for m in shown.metrics if m.key in ("eval.loss", "z")] == [
-                ("eval.loss", 3, 2), ("z", 3, 2)]
+            assert shown.params["k" * 250] == "long" and "ü.tag" not in shown.tags and shown.tags["mlflow.note"] == "v"
+            latest = {m.key: (m.value, m.step) for m in shown.metrics}  # (the latest key reads -0.0 back as 0.0)
+            assert repr([latest[k] for k in ("acc", "eval.loss", "loss", "val/acc", "z")]) == repr(
+                [(0.0, 99), (math.nan, 0), (5.0, 99), (-math.inf, 0), (0.0, 0)])
             # Proof the rows are read: a newer row of the odd run shows (the newest of its rows wins).
             store.command(f"INSERT INTO {db}.run_pages SELECT run_id, [('planted', 'yes')], tags, metrics, "
                           f"version + 1 FROM {db}.run_pages WHERE run_id = {{r:String}}", {"r": odd})
@@ -876,8 +878,10 @@ def test_searches_fall_back_to_the_copies_when_the_index_cannot_answer(chdb_dsn:
         store.command(f"INSERT INTO {store.database}.run_index_state (key, watermark, runs) "
                       "VALUES ('run_index', now64(6), 0), ('run_index@9', now64(6), 0)")
         assert index.state() == (None, False)  # refreshers from before migrations 9 and 10 vouch for nothing
+        store.command(f"TRUNCATE TABLE {store.database}.run_pages")  # as migration 10 leaves a store
         assert answers() == (expected, want)
-        assert index.refresh() == len(models)  # such an index is rebuilt whole
+        assert index.refresh() == len(models)  # such an index is rebuilt whole, its pages with it
+        assert store.query_rows(f"SELECT uniqExact(run_id) FROM {store.database}.run_pages") == [(len(models),)]
         assert answers() == (expected, want)
     finally:
         store.close()

@@ -595,11 +595,9 @@ MIGRATIONS = (*MIGRATIONS, Migration(9, "run_order: the run index's rows in metr
 # three tables by run id: at 10 M runs 140-190 ms for a page of 100, above the page's
 # whole budget. Granules of 128 rows and 4-16 KiB blocks: a page reads 100 rows spread
 # over the whole table, and each row read decompresses its granule of every column.
-# The refresher's state goes (and its key changes, runindex.STATE_KEY), so it builds
-# every row again, pages with them.
+# The refresher's state key changes (runindex.STATE_KEY), so it builds every row again,
+# pages with them; a refresher from before keeps its own key's watermark meanwhile.
 _RUN_PAGES = (
-    "DROP TABLE IF EXISTS {db}.run_index_state SYNC",
-    _RUN_INDEX_STATE,
     """
     CREATE TABLE IF NOT EXISTS {db}.run_pages (
         run_id String,
