@@ -735,10 +735,11 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
             assert repr([latest[k] for k in ("acc", "eval.loss", "loss", "val/acc", "z")]) == repr(
                 [(0.0, 99), (math.nan, 0), (5.0, 99), (-math.inf, 0), (0.0, 0)])
             # Proof the rows are read: a newer row of the odd run shows (the newest of its rows wins).
-            store.command(f"INSERT INTO {db}.run_pages SELECT run_id, [('planted', 'yes')], tags, metrics, "
+            store.command(f"INSERT INTO {db}.run_pages SELECT run_id, '[[[\"planted\", \"yes\"]], [], []]', "
                           f"version + 1 FROM {db}.run_pages WHERE run_id = {{r:String}}", {"r": odd})
             planted = search.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000))
-            assert next(r for r in planted.runs if r.info.run_id == odd).params == {"planted": "yes"}
+            planted_run = next(r for r in planted.runs if r.info.run_id == odd)
+            assert (planted_run.params, planted_run.tags, planted_run.metrics) == ({"planted": "yes"}, {}, [])
             # Changed since the watermark (a tag), or without a row: read by id, current.
             store.put_tags(models[2].run_id, [("fresh", "1")])
             store.command(f"DELETE FROM {db}.run_pages WHERE run_id IN ({{r:String}}, {{s:String}})",

@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from trackhouse.query.filters import ATTRIBUTES, METRICS, PARAMS, And, Binder, Comparison, Node, Or, condition
 from trackhouse.query.plan import value_condition
 from trackhouse.query.runorder import RunOrder, generation_sql
-from trackhouse.query.runpages import PAGES, latest_sql, pages_sql, params_sql, tags_sql
+from trackhouse.query.runpages import PAGE_SETTINGS, PAGES, latest_sql, pages_sql, params_sql, tags_sql
 from trackhouse.store import Store, StoreError
 from trackhouse.store.layout import optimize_final
 from trackhouse.store.schema import RUN_CHANGES_TTL_DAYS, check_identifier, latest_value
@@ -176,8 +176,8 @@ class RunIndex:
                 params = {"w": watermark, "v": int(now_ns)}
                 if generation:
                     self._order.add(f"({fresh_sql(db, changed, '{v:UInt64}')})", params, generation)
-                self._store.maintain(f"INSERT INTO {db}.{PAGES} {pages_sql(db, f'run_id IN {changed}', '{v:UInt64}')}",
-                                     params)
+                self._store.maintain(f"INSERT INTO {db}.{PAGES} {pages_sql(db, f'run_id IN {changed}', '{v:UInt64}')} "
+                                     f"{PAGE_SETTINGS}", params)
                 self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, f'run_id IN {changed}', '{v:UInt64}')} "
                                      f"{_INSERT_SETTINGS}", params)
             self._order.upkeep()
@@ -204,7 +204,8 @@ class RunIndex:
         for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
             cond = " AND ".join([*(["run_id >= {lo:String}"] if lo is not None else []),
                                  *(["run_id < {hi:String}"] if hi is not None else [])]) or "1"
-            for table, sql in ((PAGES, pages_sql(db, cond)), (INDEX, f"{rows_sql(db, cond)} {_INSERT_SETTINGS}")):
+            for table, sql in ((PAGES, f"{pages_sql(db, cond)} {PAGE_SETTINGS}"),
+                               (INDEX, f"{rows_sql(db, cond)} {_INSERT_SETTINGS}")):
                 self._store.maintain(f"INSERT INTO {db}.{table} {sql}", {"lo": lo, "hi": hi})
             if len(edges) > 2:
                 logger.info("run index: chunk %d/%d built (%.0f s)", i + 1, len(edges) - 1, time.monotonic() - started)

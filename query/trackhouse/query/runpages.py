@@ -12,7 +12,10 @@ runs changed since the watermark (whose rows may be stale) from the three tables
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Collection, Mapping, Sequence
+
+import orjson
 
 from trackhouse.store import RunDetails, RunRecord, Store
 from trackhouse.store.reads import Rows, Steps
@@ -20,6 +23,13 @@ from trackhouse.store.records import LatestMetricRecord
 from trackhouse.store.schema import check_identifier, latest_step, latest_timestamp, latest_value
 
 PAGES = "run_pages"
+# How `page` writes 64-bit integers: as numbers.
+PAGE_SETTINGS = "SETTINGS output_format_json_quote_64bit_integers = 0"
+_BITS, _FLOAT = struct.Struct("<Q"), struct.Struct("<d")
+
+
+def _float(bits: int) -> float:
+    return float(_FLOAT.unpack(_BITS.pack(bits))[0])
 
 
 def params_sql(db: str, where: str) -> str:
@@ -42,11 +52,15 @@ def latest_sql(db: str, where: str) -> str:
 
 def pages_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))") -> str:
     """run_pages rows of the runs meeting `runs` (a condition on run_id: our own SQL, values bound
-    by the caller), of `version` (now, in ns); each list sorted by key, as hydration by id returns them."""
+    by the caller), of `version` (now, in ns), to insert with PAGE_SETTINGS. `page` is one JSON
+    array [params, tags, metrics]: [key, value] pairs, then [key, value, timestamp, step, min,
+    max, count] lists (the floats as their bits), each sorted by key, as hydration by id returns them."""
     check_identifier(db)
     w = f"WHERE {runs}"
-    metric = f"(key, {latest_value('lk')}, {latest_timestamp('lk')}, {latest_step('lk')}, lo, hi, count)"
-    return (f"SELECT r.run_id AS run_id, p.a AS params, t.a AS tags, m.a AS metrics, {version} AS version "
+    bits = "reinterpretAsUInt64"  # a float as its bits: JSON has no NaN, ±inf or -0.0
+    metric = (f"(key, {bits}({latest_value('lk')}), {latest_timestamp('lk')}, {latest_step('lk')}, "
+              f"{bits}(lo), {bits}(hi), count)")
+    return (f"SELECT r.run_id AS run_id, toJSONString((p.a, t.a, m.a)) AS page, {version} AS version "
             f"FROM (SELECT DISTINCT run_id FROM {db}.runs {w}) AS r "
             f"LEFT JOIN (SELECT run_id, arraySort(groupArray((key, value))) AS a FROM ({params_sql(db, w)}) "
             f"GROUP BY run_id) AS p ON p.run_id = r.run_id "
@@ -65,12 +79,14 @@ def page_details_steps(store: Store, run_ids: Sequence[str], infos: Mapping[str,
     wanted = [r for r in ids if r not in changed]
     pages: dict[str, tuple[int, RunDetails]] = {}
     if wanted:
-        rows = yield Rows(f"SELECT run_id, version, params, tags, metrics FROM {store.t(PAGES)} "
-                          "WHERE run_id IN {ids:Array(String)}", {"ids": wanted})
-        for run_id, version, params, tags, metrics in rows:  # unmerged parts: the newest row wins
+        rows = yield Rows(f"SELECT run_id, version, page FROM {store.t(PAGES)} WHERE run_id IN {{ids:Array(String)}}",
+                          {"ids": wanted})
+        for run_id, version, page in rows:  # unmerged parts: the newest row wins
             if run_id not in pages or version > pages[run_id][0]:
-                pages[run_id] = (version, RunDetails(infos[run_id], dict(params), dict(tags),
-                                                     [LatestMetricRecord(*m) for m in metrics]))
+                params, tags, metrics = orjson.loads(page)
+                pages[run_id] = (version, RunDetails(infos[run_id], dict(params), dict(tags), [
+                    LatestMetricRecord(k, _float(v), ts, step, _float(lo), _float(hi), n)
+                    for k, v, ts, step, lo, hi, n in metrics]))
     rest = [r for r in ids if r not in pages]
     by_id = {d.info.run_id: d for d in (yield from store.run_details_steps(rest, infos))} if rest else {}
     return [pages[r][1] if r in pages else by_id[r] for r in ids if r in pages or r in by_id]

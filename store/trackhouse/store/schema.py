@@ -593,17 +593,17 @@ MIGRATIONS = (*MIGRATIONS, Migration(9, "run_order: the run index's rows in metr
 # step, min, max, count), each sorted by key — in one row per run, kept by the refresher
 # with run_index. A page answered from the index reads these rows by run id instead of
 # three tables by run id: at 10 M runs 140-190 ms for a page of 100, above the page's
-# whole budget. Granules of 128 rows and 4-16 KiB blocks: a page reads 100 rows spread
-# over the whole table, and each row read decompresses its granule of every column.
+# whole budget. `page` is the three as one JSON array (runpages.py): each column a read
+# touches costs per row read (a granule of it, wherever the row is), so the same lists
+# as arrays of tuples (eleven columns) took 52-55 ms for a page, as one column 24-27 ms.
+# Granules of 128 rows and 4-16 KiB blocks: a page reads 100 rows spread over the table.
 # The refresher's state key changes (runindex.STATE_KEY), so it builds every row again,
 # pages with them; a refresher from before keeps its own key's watermark meanwhile.
 _RUN_PAGES = (
     """
     CREATE TABLE IF NOT EXISTS {db}.run_pages (
         run_id String,
-        params Array(Tuple(String, String)),
-        tags Array(Tuple(String, String)),
-        metrics Array(Tuple(String, Float64, Int64, Int64, Float64, Float64, UInt64)),
+        page String,
         version UInt64
     ) ENGINE = ReplacingMergeTree(version) ORDER BY run_id
     SETTINGS index_granularity = 128, min_compress_block_size = 4096, max_compress_block_size = 16384
