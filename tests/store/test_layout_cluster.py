@@ -198,5 +198,8 @@ def test_optimize_final_merges_the_shard_local_table_on_a_cluster() -> None:
     assert layout.optimize_final(layout.Layout("th"), "run_index") == "OPTIMIZE TABLE th.run_index FINAL"
     assert (layout.optimize_final(layout.Layout("th", "c1"), "run_index")
             == "OPTIMIZE TABLE th.run_index_local ON CLUSTER c1 FINAL")
+    assert layout.optimize_final(layout.Layout("th"), "run_order", 3) == "OPTIMIZE TABLE th.run_order PARTITION 3 FINAL"
+    assert (layout.optimize_final(layout.Layout("th", "c1"), "run_order", 3)
+            == "OPTIMIZE TABLE th.run_order_local ON CLUSTER c1 PARTITION 3 FINAL")
     with pytest.raises(ValueError, match="table name"):
         layout.optimize_final(layout.Layout("th"), "run_index; DROP")

@@ -116,13 +116,15 @@ def migration_lock(layout: Layout, version: int) -> tuple[str, str]:
                   "(owner String) ENGINE = Memory")
 
 
-def optimize_final(layout: Layout, table: str) -> str:
-    """OPTIMIZE ... FINAL of one of our tables: on a cluster, of its shard-local table on every
-    node (a Distributed table has no parts to merge)."""
+def optimize_final(layout: Layout, table: str, partition: int | None = None) -> str:
+    """OPTIMIZE ... FINAL of one of our tables (of one partition of a table partitioned by an
+    integer): on a cluster, of its shard-local table on every node (a Distributed table has no
+    parts to merge)."""
     name = check_identifier(table, "table name")
+    only = "" if partition is None else f" PARTITION {int(partition)}"
     if layout.cluster is None:
-        return f"OPTIMIZE TABLE {layout.database}.{name} FINAL"
-    return f"OPTIMIZE TABLE {layout.database}.{name}{LOCAL_SUFFIX}{layout.on_cluster} FINAL"
+        return f"OPTIMIZE TABLE {layout.database}.{name}{only} FINAL"
+    return f"OPTIMIZE TABLE {layout.database}.{name}{LOCAL_SUFFIX}{layout.on_cluster}{only} FINAL"
 
 
 def drop_partition(layout: Layout, table: str, partition: int) -> str:
