@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import json
 import logging
 import math
 import random
@@ -725,6 +726,11 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
             mp.setattr(store, "run_details_steps", spy)
             runs = page()
             assert by_id == []  # nothing read by id
+            hits = _spy_hits(mp)
+            for order in ("metrics.loss", "metrics.loss DESC"):  # read from run_order: records from run_pages too
+                ordered = search.search(SearchRequest(filter="metrics.loss > -1e308", order_by=(order,), max_results=5))
+                assert hits.pop() is not None and by_id == [] and len(ordered.runs) == 5
+                assert repr(ordered.runs) == repr(store.run(real([r.info.run_id for r in ordered.runs])))
             off = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_pages=0))
             assert repr(off.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000)).runs) \
                 == repr(runs)
@@ -735,11 +741,16 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
             assert repr([latest[k] for k in ("acc", "eval.loss", "loss", "val/acc", "z")]) == repr(
                 [(0.0, 99), (math.nan, 0), (5.0, 99), (-math.inf, 0), (0.0, 0)])
             # Proof the rows are read: a newer row of the odd run shows (the newest of its rows wins).
-            store.command(f"INSERT INTO {db}.run_pages SELECT run_id, '[[[\"planted\", \"yes\"]], [], []]', "
-                          f"version + 1 FROM {db}.run_pages WHERE run_id = {{r:String}}", {"r": odd})
+            [(page_json, version)] = store.query_rows(f"SELECT page, version FROM {db}.run_pages FINAL "
+                                                      "WHERE run_id = {r:String}", {"r": odd})
+            record = json.loads(page_json)[3]
+            record[1] = "planted name"  # run_name
+            store.command(f"INSERT INTO {db}.run_pages VALUES ({{r:String}}, {{p:String}}, {{v:UInt64}})",
+                          {"r": odd, "p": json.dumps([[["planted", "yes"]], [], [], record]), "v": version + 1})
             planted = search.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000))
             planted_run = next(r for r in planted.runs if r.info.run_id == odd)
             assert (planted_run.params, planted_run.tags, planted_run.metrics) == ({"planted": "yes"}, {}, [])
+            assert planted_run.info == RunRecord(**{**shown.info.__dict__, "run_name": "planted name"})
             # Changed since the watermark (a tag), or without a row: read by id, current.
             store.put_tags(models[2].run_id, [("fresh", "1")])
             store.command(f"DELETE FROM {db}.run_pages WHERE run_id IN ({{r:String}}, {{s:String}})",

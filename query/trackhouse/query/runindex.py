@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from trackhouse.query.filters import ATTRIBUTES, METRICS, PARAMS, And, Binder, Comparison, Node, Or, condition
 from trackhouse.query.plan import value_condition
 from trackhouse.query.runorder import RunOrder, generation_sql
-from trackhouse.query.runpages import PAGE_SETTINGS, PAGES, latest_sql, pages_sql, params_sql, tags_sql
+from trackhouse.query.runpages import PAGE_SETTINGS, PAGES, latest_sql, pages_sql, params_sql, record_sql, tags_sql
 from trackhouse.store import Store, StoreError
 from trackhouse.store.layout import optimize_final
 from trackhouse.store.schema import RUN_CHANGES_TTL_DAYS, check_identifier, latest_value
@@ -54,8 +54,6 @@ BUILD_CHUNK_RUNS = 1_000_000
 # values stay strings (the JSON type would otherwise store '2020-01-01' as a Date).
 FRESH_SETTINGS = {"input_format_try_infer_dates": 0, "input_format_try_infer_datetimes": 0}
 _INSERT_SETTINGS = "SETTINGS " + ", ".join(f"{k} = {v}" for k, v in FRESH_SETTINGS.items())
-_RECORD = ("start_time", "experiment_id", "run_name", "user_id", "status", "end_time", "lifecycle_stage",
-           "artifact_uri")
 
 
 def key_path(key: str) -> str:
@@ -93,8 +91,6 @@ def rows_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))
     condition on run_id: our own SQL; values bound by the caller), of `version` (now, in ns)."""
     check_identifier(db)
     w = f"WHERE {runs}"
-    # argMax skips NULLs: a tuple keeps the latest version's end_time even when it is NULL.
-    record = ", ".join(f"tupleElement(argMax(tuple({c}), version), 1) AS {c}" for c in _RECORD)
     params = _map(params_sql(db, w), "value", "", "String")
     tags = _map(tags_sql(db, w), "value", "WHERE deleted = 0", "String")
     metrics = _map(latest_sql(db, w), f"reinterpretAsInt64({latest_value('lk')})", "", "Int64")
@@ -102,7 +98,7 @@ def rows_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))
             f"r.run_name AS run_name, r.user_id AS user_id, r.status AS status, r.end_time AS end_time, "
             f"r.lifecycle_stage AS lifecycle_stage, r.artifact_uri AS artifact_uri, p.m AS params, t.m AS tags, "
             f"m.m AS metrics, {version} AS version "
-            f"FROM (SELECT run_id, {record} FROM {db}.runs {w} GROUP BY run_id) AS r "
+            f"FROM ({record_sql(db, w)}) AS r "
             f"LEFT JOIN ({params}) AS p ON p.run_id = r.run_id "
             f"LEFT JOIN ({tags}) AS t ON t.run_id = r.run_id "
             f"LEFT JOIN ({metrics}) AS m ON m.run_id = r.run_id")

@@ -1,19 +1,21 @@
 """run_pages (schema migration 10): what a page shows of each run, one row per run.
 
 A page of runs shows each run's record, params, tags (not deleted) and latest metrics
-(value, timestamp, step, min, max, count). Read by run id from the three run-major
-tables, that is 140-190 ms for a page of 100 at 10 M runs (docs/search.md, "Sixth
+(value, timestamp, step, min, max, count): all of it is one row per run here. Read by
+run id from the four run-major tables, the record from `runs` and the rest from three
+more, that is 140-190 ms for a page of 100 at 10 M runs (docs/search.md, "Sixth
 pass"): each table holds several rows per run, and a page's runs are spread over the
-whole of each. The refresher (runindex.py) writes one row per run here, with the
-same version as the run's run_index row, in the same passes: a page answered from
-the index reads its runs' rows here, one small table sorted by run id, and only the
-runs changed since the watermark (whose rows may be stale) from the three tables.
+whole of each. The refresher (runindex.py) writes a run's row here in the passes that
+write its run_index row: a page answered from the index reads its runs' rows here,
+one small table sorted by run id, and only the runs changed since the watermark
+(whose rows may be stale) by id.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import fields
 
 import orjson
 
@@ -23,6 +25,7 @@ from trackhouse.store.records import LatestMetricRecord
 from trackhouse.store.schema import check_identifier, latest_step, latest_timestamp, latest_value
 
 PAGES = "run_pages"
+RECORD = tuple(f.name for f in fields(RunRecord))[1:]  # a run's record after its id
 # How `page` writes 64-bit integers: as numbers.
 PAGE_SETTINGS = "SETTINGS output_format_json_quote_64bit_integers = 0"
 _BITS, _FLOAT = struct.Struct("<Q"), struct.Struct("<d")
@@ -30,6 +33,13 @@ _BITS, _FLOAT = struct.Struct("<Q"), struct.Struct("<d")
 
 def _float(bits: int) -> float:
     return float(_FLOAT.unpack(_BITS.pack(bits))[0])
+
+
+def record_sql(db: str, where: str) -> str:
+    """run_id and the latest version of each field of the record of the runs meeting `where`."""
+    # argMax skips NULLs: a tuple keeps the latest version's end_time even when it is NULL.
+    record = ", ".join(f"tupleElement(argMax(tuple({c}), version), 1) AS {c}" for c in RECORD)
+    return f"SELECT run_id, {record} FROM {db}.runs {where} GROUP BY run_id"
 
 
 def params_sql(db: str, where: str) -> str:
@@ -53,15 +63,17 @@ def latest_sql(db: str, where: str) -> str:
 def pages_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))") -> str:
     """run_pages rows of the runs meeting `runs` (a condition on run_id: our own SQL, values bound
     by the caller), of `version` (now, in ns), to insert with PAGE_SETTINGS. `page` is one JSON
-    array [params, tags, metrics]: [key, value] pairs, then [key, value, timestamp, step, min,
-    max, count] lists (the floats as their bits), each sorted by key, as hydration by id returns them."""
+    array [params, tags, metrics, record]: [key, value] pairs, then [key, value, timestamp, step,
+    min, max, count] lists (the floats as their bits), each sorted by key, as hydration by id
+    returns them; then the record's fields (RECORD)."""
     check_identifier(db)
     w = f"WHERE {runs}"
     bits = "reinterpretAsUInt64"  # a float as its bits: JSON has no NaN, ±inf or -0.0
     metric = (f"(key, {bits}({latest_value('lk')}), {latest_timestamp('lk')}, {latest_step('lk')}, "
               f"{bits}(lo), {bits}(hi), count)")
-    return (f"SELECT r.run_id AS run_id, toJSONString((p.a, t.a, m.a)) AS page, {version} AS version "
-            f"FROM (SELECT DISTINCT run_id FROM {db}.runs {w}) AS r "
+    record = ", ".join(f"r.{c}" for c in RECORD)
+    return (f"SELECT r.run_id AS run_id, toJSONString((p.a, t.a, m.a, ({record}))) AS page, {version} AS version "
+            f"FROM ({record_sql(db, w)}) AS r "
             f"LEFT JOIN (SELECT run_id, arraySort(groupArray((key, value))) AS a FROM ({params_sql(db, w)}) "
             f"GROUP BY run_id) AS p ON p.run_id = r.run_id "
             f"LEFT JOIN (SELECT run_id, arraySort(groupArray((key, value))) AS a FROM ({tags_sql(db, w)}) "
@@ -70,23 +82,22 @@ def pages_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9)
             f"GROUP BY run_id) AS m ON m.run_id = r.run_id")
 
 
-def page_details_steps(store: Store, run_ids: Sequence[str], infos: Mapping[str, RunRecord],
+def page_details_steps(store: Store, run_ids: Sequence[str], infos: Mapping[str, RunRecord] | None,
                        changed: Collection[str]) -> Steps[list[RunDetails]]:
-    """RunDetails of `run_ids` (in that order; runs without a record in `infos` left out): from
-    their run_pages rows, except the `changed` runs (changed since the index's watermark: their
-    rows may be stale) and any run without a row, which are read by id from the three tables."""
-    ids = [r for r in run_ids if r in infos]
-    wanted = [r for r in ids if r not in changed]
+    """RunDetails of `run_ids` (in that order; unknown runs left out): from their run_pages rows,
+    except the `changed` runs (changed since the index's watermark: their rows may be stale) and
+    any run without a row, which are read by id (`Store.run_details_steps`, with `infos`)."""
+    wanted = [r for r in run_ids if r not in changed]
     pages: dict[str, tuple[int, RunDetails]] = {}
     if wanted:
         rows = yield Rows(f"SELECT run_id, version, page FROM {store.t(PAGES)} WHERE run_id IN {{ids:Array(String)}}",
                           {"ids": wanted})
         for run_id, version, page in rows:  # unmerged parts: the newest row wins
             if run_id not in pages or version > pages[run_id][0]:
-                params, tags, metrics = orjson.loads(page)
-                pages[run_id] = (version, RunDetails(infos[run_id], dict(params), dict(tags), [
+                params, tags, metrics, record = orjson.loads(page)
+                pages[run_id] = (version, RunDetails(RunRecord(run_id, *record), dict(params), dict(tags), [
                     LatestMetricRecord(k, _float(v), ts, step, _float(lo), _float(hi), n)
                     for k, v, ts, step, lo, hi, n in metrics]))
-    rest = [r for r in ids if r not in pages]
+    rest = [r for r in run_ids if r not in pages]
     by_id = {d.info.run_id: d for d in (yield from store.run_details_steps(rest, infos))} if rest else {}
-    return [pages[r][1] if r in pages else by_id[r] for r in ids if r in pages or r in by_id]
+    return [pages[r][1] if r in pages else by_id[r] for r in run_ids if r in pages or r in by_id]

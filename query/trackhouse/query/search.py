@@ -207,7 +207,7 @@ class RunSearch:
             if generation and self._value_ordered(keys, limit):
                 found = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
             if found is not None and not changed and not found[1]:  # the page itself: nothing to merge in
-                rows, with_info = found[0], True
+                rows, with_info = found[0], False
             else:
                 hits = None if found is None else [(h[0], h[2]) for h in found[0]]
                 changed = changed if found is None else [*changed, *found[1]]
@@ -223,7 +223,7 @@ class RunSearch:
         total = (yield from self._count(req, changed)) if req.include_total else None
         infos = {r[0]: RunRecord(r[0], *r[1 + n:]) for r in rows} if with_info else None
         ids = [r[0] for r in rows]
-        if changed is not None and infos is not None and self._settings.run_pages:  # the index answered
+        if changed is not None and self._settings.run_pages:  # the index answered
             runs = yield from page_details_steps(self._store, ids, infos, {c[0] for c in changed})
         else:
             runs = yield from self._store.run_details_steps(ids, infos)
@@ -263,8 +263,8 @@ class RunSearch:
                       changed: Sequence[tuple[str, int]], generation: int,
                       ) -> Steps[tuple[list[tuple[Any, ...]], list[tuple[str, int]]] | None]:
         """(The first limit + 1 runs of the index not changed since its watermark in the page's
-        order after `cursor`, as page rows: run_id, the key's value, start_time, run_id, the
-        run's record, what `_index_sql` gives for them; the runs whose index row a refresher
+        order after `cursor`, as page rows: run_id, the key's value, start_time, run_id (what
+        `_index_sql` gives for them, less the record); the runs whose index row a refresher
         pass replaced while this search ran, as (run_id, start_time), to be answered as changed
         runs are, from rows computed now): candidates read from run_order a chunk
         at a time (ORDER_CHUNK x (limit + 1), then as many as the rate kept so far says are
@@ -302,10 +302,16 @@ class RunSearch:
                 where, _, _ = self._index_parts(req, binder, ())
                 ids = binder.bind([c[0] for c in todo], "Array(String)")
                 times = binder.bind(sorted({-int(c[1]) for c in todo}), "Array(Int64)")
-                found = {r[0]: r for r in (yield Rows(
-                    f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, run_id, "
-                    f"{', '.join(RUN_RECORD_FIELDS[1:])} FROM {db}.{INDEX} FINAL WHERE start_time IN {times} "
-                    f"AND run_id IN {ids} AND {where}", binder.params, settings=FRESH_SETTINGS))}
+                # Every row of each candidate, whether it passes: the newest row of a run is what
+                # FINAL would keep (a third of the time at 10 M runs: 52 ms against 143 with FINAL
+                # and the record, which the page reads from run_pages).
+                found: dict[str, tuple[Any, ...]] = {}
+                for row in (yield Rows(
+                        f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, {where} "
+                        f"FROM {db}.{INDEX} WHERE start_time IN {times} AND run_id IN {ids}", binder.params,
+                        settings=FRESH_SETTINGS)):
+                    if row[0] not in found or row[1] > found[row[0]][1]:
+                        found[row[0]] = row
                 for run_id, neg_start, version, _, _ in todo:
                     row = found.get(run_id)
                     if run_id in seen or run_id in skip or row is None or row[1] < version:
@@ -314,8 +320,10 @@ class RunSearch:
                         skip.add(run_id)
                         late.append((run_id, -int(neg_start)))
                         continue
+                    if not row[4]:  # out of scope or filter (NULL: a key it compares is missing)
+                        continue
                     seen.add(run_id)
-                    hits.append((run_id, *row[2:]))
+                    hits.append((run_id, row[2], row[3], run_id))
                     if len(hits) > limit:
                         return hits, late
             if len(cands) < chunk:

@@ -589,8 +589,8 @@ MIGRATIONS = (*MIGRATIONS, Migration(9, "run_order: the run index's rows in metr
 
 
 # Migration 10: run_pages (docs/search.md, "Sixth pass"). What a page shows of each run
-# beyond its record — params, tags (not deleted) and latest metrics (value, timestamp,
-# step, min, max, count), each sorted by key — in one row per run, kept by the refresher
+# — its record, params, tags (not deleted) and latest metrics (value, timestamp, step,
+# min, max, count), each sorted by key — in one row per run, kept by the refresher
 # with run_index. A page answered from the index reads these rows by run id instead of
 # three tables by run id: at 10 M runs 140-190 ms for a page of 100, above the page's
 # whole budget. `page` is the three as one JSON array (runpages.py): each column a read
