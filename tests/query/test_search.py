@@ -728,9 +728,13 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
             assert by_id == []  # nothing read by id
             hits = _spy_hits(mp)
             for order in ("metrics.loss", "metrics.loss DESC"):  # read from run_order: records from run_pages too
-                ordered = search.search(SearchRequest(filter="metrics.loss > -1e308", order_by=(order,), max_results=5))
+                request = SearchRequest(filter="metrics.loss > -1e308", order_by=(order,), max_results=5)
+                ordered = search.search(request)
                 assert hits.pop() is not None and by_id == [] and len(ordered.runs) == 5
                 assert repr(ordered.runs) == repr(store.run(real([r.info.run_id for r in ordered.runs])))
+                without = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_pages=0)).search(request)
+                assert hits.pop() is not None and repr(without.runs) == repr(ordered.runs)
+                assert by_id.pop() == [r.info.run_id for r in ordered.runs]
             off = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_pages=0))
             assert repr(off.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000)).runs) \
                 == repr(runs)

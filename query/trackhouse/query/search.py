@@ -207,7 +207,7 @@ class RunSearch:
             if generation and self._value_ordered(keys, limit):
                 found = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
             if found is not None and not changed and not found[1]:  # the page itself: nothing to merge in
-                rows, with_info = found[0], False
+                rows, with_info = found[0], not self._settings.run_pages
             else:
                 hits = None if found is None else [(h[0], h[2]) for h in found[0]]
                 changed = changed if found is None else [*changed, *found[1]]
@@ -264,7 +264,8 @@ class RunSearch:
                       ) -> Steps[tuple[list[tuple[Any, ...]], list[tuple[str, int]]] | None]:
         """(The first limit + 1 runs of the index not changed since its watermark in the page's
         order after `cursor`, as page rows: run_id, the key's value, start_time, run_id (what
-        `_index_sql` gives for them, less the record); the runs whose index row a refresher
+        `_index_sql` gives for them; the record too only without run_pages, which holds it);
+        the runs whose index row a refresher
         pass replaced while this search ran, as (run_id, start_time), to be answered as changed
         runs are, from rows computed now): candidates read from run_order a chunk
         at a time (ORDER_CHUNK x (limit + 1), then as many as the rate kept so far says are
@@ -305,9 +306,11 @@ class RunSearch:
                 # Every row of each candidate, whether it passes: the newest row of a run is what
                 # FINAL would keep (a third of the time at 10 M runs: 52 ms against 143 with FINAL
                 # and the record, which the page reads from run_pages).
+                # Without run_pages (TRACKHOUSE_QUERY_RUN_PAGES=0) the records come from here.
+                record = "" if self._settings.run_pages else ", " + ", ".join(RUN_RECORD_FIELDS[1:])
                 found: dict[str, tuple[Any, ...]] = {}
                 for row in (yield Rows(
-                        f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, {where} "
+                        f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, {where}{record} "
                         f"FROM {db}.{INDEX} WHERE start_time IN {times} AND run_id IN {ids}", binder.params,
                         settings=FRESH_SETTINGS)):
                     if row[0] not in found or row[1] > found[row[0]][1]:
@@ -323,7 +326,7 @@ class RunSearch:
                     if not row[4]:  # out of scope or filter (NULL: a key it compares is missing)
                         continue
                     seen.add(run_id)
-                    hits.append((run_id, row[2], row[3], run_id))
+                    hits.append((run_id, row[2], row[3], run_id, *row[5:]))
                     if len(hits) > limit:
                         return hits, late
             if len(cands) < chunk:
