@@ -265,9 +265,9 @@ class RunSearch:
         """(The first limit + 1 runs of the index not changed since its watermark in the page's
         order after `cursor`, as page rows: run_id, the key's value, start_time, run_id (what
         `_index_sql` gives for them; the record too only without run_pages, which holds it);
-        the runs whose index row a refresher
-        pass replaced while this search ran, as (run_id, start_time), to be answered as changed
-        runs are, from rows computed now): candidates read from run_order a chunk
+        the runs whose index row a refresher pass replaced while this search ran, as (run_id,
+        start_time), to be answered as changed runs are, from rows computed now): candidates
+        read from run_order a chunk
         at a time (ORDER_CHUNK x (limit + 1), then as many as the rate kept so far says are
         missing, half again to spare, at most ORDER_GROWTH times the last read), each kept
         when its run_index row passes scope and filter and is of the candidate's version.
@@ -304,8 +304,8 @@ class RunSearch:
                 ids = binder.bind([c[0] for c in todo], "Array(String)")
                 times = binder.bind(sorted({-int(c[1]) for c in todo}), "Array(Int64)")
                 # Every row of each candidate, whether it passes: the newest row of a run is what
-                # FINAL would keep (a third of the time at 10 M runs: 52 ms against 143 with FINAL
-                # and the record, which the page reads from run_pages).
+                # FINAL would keep (about a third of the time at 10 M runs: 52 ms against 143 with
+                # FINAL and the record, which the page reads from run_pages).
                 # Without run_pages (TRACKHOUSE_QUERY_RUN_PAGES=0) the records come from here.
                 record = "" if self._settings.run_pages else ", " + ", ".join(RUN_RECORD_FIELDS[1:])
                 found: dict[str, tuple[Any, ...]] = {}
