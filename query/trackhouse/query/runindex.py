@@ -14,7 +14,7 @@ run-major tables and then moves the watermark to the pass's start minus `lag`
 change older than the watermark is in the index, and a search reads the index
 for runs not changed since and the per-key copies for the few that were:
 results stay read-after-write. The first pass builds every row (in chunks, with
-progress in the log); until it ends, searches do not use the index. Each pass
+progress in the log); until it ends, searches do not use the index. Each later pass
 writes the same runs' rows of the index's value order (runorder.py) and of
 run_pages (runpages.py) first, so up to the watermark all three are current.
 
