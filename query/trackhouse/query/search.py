@@ -199,9 +199,8 @@ class RunSearch:
         if cursor is not None and (not isinstance(cursor, list) or len(cursor) != len(keys)):
             raise InvalidArgument("page_token: does not match this search's ordering")
         changed: list[tuple[str, int]] | None = None
-        if self._windowed(req, keys):
-            rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
-        elif self._indexed(req, keys) and (state := (yield from self._changed())) is not None:
+        state = (yield from self._changed()) if self._indexed(req, keys) else None
+        if state is not None:
             changed, generation = state
             found = None
             if generation and self._value_ordered(keys, limit):
@@ -213,6 +212,8 @@ class RunSearch:
                 changed = changed if found is None else [*changed, *found[1]]
                 sql, params = self._index_sql(req, keys, cursor, limit, changed, hits)
                 rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), True
+        elif self._windowed(req, keys):
+            rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
         else:
             sql, params, with_info = self._sql(req, keys, cursor, limit)
             rows = yield Rows(sql, params, settings={"join_use_nulls": 1})
