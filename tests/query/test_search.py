@@ -694,7 +694,8 @@ def _refreshed(chdb_dsn: str) -> Iterator[tuple[Store, list[Model], RunIndex, Ru
         store.close()
 
 
-def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_would(chdb_dsn: str) -> None:
+def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_would(
+        chdb_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """Params, tags (a deleted one gone) and latest metrics (NaN, -inf, -0.0, step, min, max, count)
     of every run of an index page come from run_pages, built whole then by a pass; a run changed
     since the watermark, or without a row there, is read by id."""
@@ -705,6 +706,7 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
         _put_metrics(store, odd, ODD_KEYS["metrics"])
         _put_metrics(store, odd, {"loss": 5.0, "acc": -0.0}, step=99)  # the latest points: a later step
         store.put_tags(odd, [("ü.tag", "")], deleted=True)
+        models[1].metrics.update({**ODD_KEYS["metrics"], "loss": 5.0, "acc": -0.0})
         assert index.refresh() == 1  # the odd run's pages row written by a pass, the others' by the build
         db = store.database
 
@@ -730,7 +732,9 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
             for order in ("metrics.loss", "metrics.loss DESC"):  # read from run_order: records from run_pages too
                 request = SearchRequest(filter="metrics.loss > -1e308", order_by=(order,), max_results=5)
                 ordered = search.search(request)
-                assert hits.pop() is not None and by_id == [] and len(ordered.runs) == 5
+                assert hits.pop() is not None and by_id == []
+                with_loss = [m for m in active(models) if m.metrics.get("loss", math.nan) > -1e308]
+                assert [r.info.run_id for r in ordered.runs] == expected_order(with_loss, [order])[:5]
                 assert repr(ordered.runs) == repr(store.run(real([r.info.run_id for r in ordered.runs])))
                 without = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_pages=0)).search(request)
                 assert hits.pop() is not None and repr(without.runs) == repr(ordered.runs)
@@ -753,6 +757,13 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
                           {"r": odd, "p": json.dumps([[["planted", "yes"]], [], [], record]), "v": version + 1})
             planted = search.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000))
             planted_run = next(r for r in planted.runs if r.info.run_id == odd)
+            store.command(f"INSERT INTO {db}.run_pages VALUES ({{r:String}}, '[[], [], []]', {{v:UInt64}})",
+                          {"r": models[4].run_id, "v": 2**63})  # a row of another shape: read by id
+            with caplog.at_level(logging.WARNING, logger="trackhouse.query.runpages"):
+                odd_shape = search.search(SearchRequest(order_by=("metrics.loss",), view="ALL", max_results=1000))
+            assert by_id.pop() == [models[4].run_id] and "cannot be read" in caplog.text
+            assert next(r for r in odd_shape.runs if r.info.run_id == models[4].run_id) == next(
+                r for r in runs if r.info.run_id == models[4].run_id)
             assert (planted_run.params, planted_run.tags, planted_run.metrics) == ({"planted": "yes"}, {}, [])
             assert planted_run.info == RunRecord(**{**shown.info.__dict__, "run_name": "planted name"})
             # Changed since the watermark (a tag), or without a row: read by id, current.
@@ -760,7 +771,7 @@ def test_index_pages_show_each_run_from_its_run_pages_row_as_hydration_by_id_wou
             store.command(f"DELETE FROM {db}.run_pages WHERE run_id IN ({{r:String}}, {{s:String}})",
                           {"r": odd, "s": models[3].run_id})
             runs = page()
-            assert sorted(by_id[-1]) == sorted([odd, models[2].run_id, models[3].run_id])
+            assert sorted(by_id[-1]) == sorted([odd, models[2].run_id, models[3].run_id, models[4].run_id])
             assert next(r for r in runs if r.info.run_id == models[2].run_id).tags["fresh"] == "1"
 
 
@@ -938,10 +949,13 @@ def test_a_failed_merge_after_the_build_leaves_a_usable_index(chdb_dsn: str, mon
         messages = [r.getMessage() for r in caplog.records]
         assert any("merging the built parts failed" in m for m in messages)
         assert any("merging generation 1 failed" in m for m in messages)
+        assert runorder.RunOrder(store, margin=0.0).state()[0] == 1  # published all the same
         text, predicate = FILTERS[4]
         want = [m for m in active(models) if predicate(m)]
         assert direct_search(store).count(SearchRequest(filter=text)) == len(want)
+        hits = _spy_hits(monkeypatch)
         assert _walk(direct_search(store), text, "metrics.loss", 2) == expected_order(want, ["metrics.loss"])
+        assert hits and all(h is not None for h in hits[:-1])  # read from run_order
     finally:
         store.close()
 
@@ -1083,6 +1097,25 @@ def test_run_order_follows_changes_and_is_rebuilt_once_stale_rows_pile_up(
         assert index.refresh() == 0 and order.state() == (1, live)
     finally:
         store.close()
+
+
+def test_a_candidate_whose_run_no_longer_passes_the_filter_is_skipped_not_answered_as_changed(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass rewrote a run (a tag changed): its old run_order rows still pass the filter, its index
+    row no longer does. The run is left out, and the page needs no rows computed now."""
+    with _refreshed(chdb_dsn) as (store, models, index, search):
+        text, order = "(tags.x = 'a' OR tags.x = 'b') AND metrics.loss > -1e308", "metrics.loss"
+        matching = [m for m in active(models)
+                    if m.tags.get("x") in ("a", "b") and m.metrics.get("loss", math.nan) > -1e308]
+        first = next(r for r in expected_order(matching, [order]) if r in {m.run_id for m in matching})
+        store.put_tags(first, [("x", "z")])
+        assert index.refresh() == 1
+        hits = _spy_hits(monkeypatch)
+        ids = [r.info.run_id for r in search.search(SearchRequest(filter=text, order_by=(order,), max_results=3)).runs]
+        rest = [m for m in matching if m.run_id != first]
+        assert ids == expected_order(rest, [order])[:3] and first not in ids
+        [(found, late)] = hits
+        assert found and late == []
 
 
 def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_rows_now(chdb_dsn: str) -> None:

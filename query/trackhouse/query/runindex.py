@@ -160,7 +160,8 @@ class RunIndex:
             f"(SELECT count() FROM {db}.search_runs)")[0]
         watermark, usable = self.state()
         started = time.monotonic()
-        if watermark is None or not usable:
+        build = watermark is None or not usable
+        if build:
             done = self._build(int(runs_total))
         else:
             changed = changed_since(db, "{w:Int64}")
@@ -178,13 +179,21 @@ class RunIndex:
                                      f"{PAGE_SETTINGS}", params)
                 self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, f'run_id IN {changed}', '{v:UInt64}')} "
                                      f"{_INSERT_SETTINGS}", params)
-            self._order.upkeep()
         self._store.maintain(f"INSERT INTO {db}.run_index_state (key, watermark, runs) "
                              "VALUES ({k:String}, fromUnixTimestamp64Micro({w:Int64}), {n:UInt64})",
                              {"k": STATE_KEY, "w": int(now_us) - self._lag_us, "n": done})
         self.watermark_us = int(now_us) - self._lag_us
         if done:
             logger.debug("run index: %d runs refreshed in %.2f s", done, time.monotonic() - started)
+        # After the watermark: a new generation takes minutes at 10 M runs (build and merge), and
+        # searches meanwhile read the current one (or the whole index), not a growing set of changed runs.
+        if build:
+            try:  # every index row has a new version: a new generation (the next pass retries, not the index)
+                self._order.rebuild()
+            except StoreError as exc:
+                logger.warning("run index: building its value order failed (%s); the next pass retries", exc)
+        else:
+            self._order.upkeep()
         return done
 
     def _build(self, runs: int) -> int:
@@ -220,10 +229,6 @@ class RunIndex:
         except StoreError:
             built = runs
         logger.info("run index: %d runs built in %.1f s", built, time.monotonic() - started)
-        try:  # every index row has a new version: a new generation (the next pass retries, not the index)
-            self._order.rebuild()
-        except StoreError as exc:
-            logger.warning("run index: building its value order failed (%s); the next pass retries", exc)
         return built
 
 

@@ -13,6 +13,7 @@ one small table sorted by run id, and only the runs changed since the watermark
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import fields
@@ -24,15 +25,30 @@ from trackhouse.store.reads import Rows, Steps
 from trackhouse.store.records import LatestMetricRecord
 from trackhouse.store.schema import check_identifier, latest_step, latest_timestamp, latest_value
 
+logger = logging.getLogger(__name__)
+
 PAGES = "run_pages"
 RECORD = tuple(f.name for f in fields(RunRecord))[1:]  # a run's record after its id
-# How `page` writes 64-bit integers: as numbers.
-PAGE_SETTINGS = "SETTINGS output_format_json_quote_64bit_integers = 0"
+# How `page` is written whatever the profile: 64-bit integers as numbers, tuples as arrays.
+PAGE_SETTINGS = "SETTINGS output_format_json_quote_64bit_integers = 0, enable_named_columns_in_function_tuple = 0"
 _BITS, _FLOAT = struct.Struct("<Q"), struct.Struct("<d")
 
 
 def _float(bits: int) -> float:
     return float(_FLOAT.unpack(_BITS.pack(bits))[0])
+
+
+def _details(run_id: str, page: str) -> RunDetails | None:
+    """The RunDetails a `page` holds; None (the run is read by id) for a page of another shape
+    than pages_sql writes (written by an earlier build of migration 10), logged."""
+    try:
+        params, tags, metrics, record = orjson.loads(page)
+        return RunDetails(RunRecord(run_id, *record), dict(params), dict(tags), [
+            LatestMetricRecord(k, _float(v), ts, step, _float(lo), _float(hi), n)
+            for k, v, ts, step, lo, hi, n in metrics])
+    except (ValueError, TypeError, struct.error) as exc:
+        logger.warning("run_pages: the row of run %s cannot be read (%s); reading the run by id", run_id, exc)
+        return None
 
 
 def record_sql(db: str, where: str) -> str:
@@ -88,16 +104,14 @@ def page_details_steps(store: Store, run_ids: Sequence[str], infos: Mapping[str,
     except the `changed` runs (changed since the index's watermark: their rows may be stale) and
     any run without a row, which are read by id (`Store.run_details_steps`, with `infos`)."""
     wanted = [r for r in run_ids if r not in changed]
-    pages: dict[str, tuple[int, RunDetails]] = {}
+    newest: dict[str, tuple[int, str]] = {}
     if wanted:
         rows = yield Rows(f"SELECT run_id, version, page FROM {store.t(PAGES)} WHERE run_id IN {{ids:Array(String)}}",
                           {"ids": wanted})
         for run_id, version, page in rows:  # unmerged parts: the newest row wins
-            if run_id not in pages or version > pages[run_id][0]:
-                params, tags, metrics, record = orjson.loads(page)
-                pages[run_id] = (version, RunDetails(RunRecord(run_id, *record), dict(params), dict(tags), [
-                    LatestMetricRecord(k, _float(v), ts, step, _float(lo), _float(hi), n)
-                    for k, v, ts, step, lo, hi, n in metrics]))
+            if run_id not in newest or version > newest[run_id][0]:
+                newest[run_id] = (version, page)
+    pages = {r: d for r, (_, page) in newest.items() if (d := _details(r, page)) is not None}
     rest = [r for r in run_ids if r not in pages]
     by_id = {d.info.run_id: d for d in (yield from store.run_details_steps(rest, infos))} if rest else {}
-    return [pages[r][1] if r in pages else by_id[r] for r in run_ids if r in pages or r in by_id]
+    return [pages[r] if r in pages else by_id[r] for r in run_ids if r in pages or r in by_id]

@@ -231,15 +231,16 @@ class RunSearch:
         return SearchPage(runs, token, total)
 
     def _windowed(self, req: SearchRequest, keys: Sequence[OrderKey]) -> bool:
-        """Whether a page is answered window by window: ordered by start_time first (a read in
-        `search_runs` order) with only attributes to order by, and a filter on params, tags or
-        metrics (whose sets today's plan would build over every run)."""
+        """Whether a page the run index cannot answer is answered window by window: ordered by
+        start_time first (a read in `search_runs` order) with only attributes to order by, and a
+        filter on params, tags or metrics (whose sets today's plan would build over every run).
+        The index answers them faster whatever the filter (docs/search.md, "Sixth pass")."""
         return (keys[0].entity == ATTRIBUTES and keys[0].key == "start_time"
                 and all(k.entity == ATTRIBUTES for k in keys) and has_key_terms(parse_filter(req.filter)))
 
     def _indexed(self, req: SearchRequest, keys: Sequence[OrderKey]) -> bool:
-        """Whether a page not answered by windows reads the run index: ordered by a param, tag
-        or metric, or filtered on them (both build sets over every run on the per-key copies)."""
+        """Whether a page reads the run index when it can answer: ordered by a param, tag or
+        metric, or filtered on them (both build sets over every run on the per-key copies)."""
         return bool(self._settings.run_index) and (
             any(k.entity != ATTRIBUTES for k in keys) or has_key_terms(parse_filter(req.filter)))
 
@@ -320,11 +321,11 @@ class RunSearch:
                     row = found.get(run_id)
                     if run_id in seen or run_id in skip or row is None or row[1] < version:
                         continue
-                    if row[1] > version:  # refreshed since this search began: answered as a changed run
+                    if not row[4]:  # out of scope or filter now (NULL: a key it compares is missing)
+                        continue
+                    if row[1] > version:  # refreshed since this candidate's row: answered as a changed run
                         skip.add(run_id)
                         late.append((run_id, -int(neg_start)))
-                        continue
-                    if not row[4]:  # out of scope or filter (NULL: a key it compares is missing)
                         continue
                     seen.add(run_id)
                     hits.append((run_id, row[2], row[3], run_id, *row[5:]))
