@@ -935,6 +935,28 @@ def test_a_failed_refresher_pass_is_logged_and_retried(caplog: pytest.LogCapture
     assert any("refresh failed (store away)" in r.getMessage() for r in caplog.records)
 
 
+def test_the_watermark_is_written_before_the_value_order_is_built(chdb_dsn: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building (and merging) a generation takes minutes at 10 M runs: searches use the index meanwhile."""
+    from trackhouse.query import runorder
+
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        models = seed(store)
+        usable: list[bool] = []
+        original = runorder.RunOrder.rebuild
+
+        def rebuild(self: runorder.RunOrder) -> int:
+            usable.append(RunIndex(store).state()[1])
+            return original(self)
+
+        monkeypatch.setattr(runorder.RunOrder, "rebuild", rebuild)
+        assert RunIndex(store, lag=0.0).refresh() == len(models)
+        assert usable == [True] and runorder.RunOrder(store).state()[0] == 1
+    finally:
+        store.close()
+
+
 def test_a_failed_merge_after_the_build_leaves_a_usable_index(chdb_dsn: str, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     from trackhouse.query import runindex, runorder
