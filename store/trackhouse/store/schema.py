@@ -592,8 +592,9 @@ MIGRATIONS = (*MIGRATIONS, Migration(9, "run_order: the run index's rows in metr
 # — its record, params, tags (not deleted) and latest metrics (value, timestamp, step,
 # min, max, count), each sorted by key — in one row per run, kept by the refresher
 # with run_index. A page answered from the index reads these rows by run id instead of
-# three tables by run id: at 10 M runs 140-190 ms for a page of 100, above the page's
-# whole budget. `page` is the three as one JSON array (runpages.py): each column a read
+# the four run-major tables by run id: at 10 M runs 140-190 ms for params, tags and
+# metrics of a page of 100, above the page's whole budget. `page` is all of it as one
+# JSON array (runpages.py): each column a read
 # touches costs per row read (a granule of it, wherever the row is), so the same lists
 # as arrays of tuples (eleven columns) took 52-55 ms for a page, as one column 24-27 ms.
 # Granules of 128 rows and 4-16 KiB blocks: a page reads 100 rows spread over the table.
