@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import fields
+from typing import Any
 
 import orjson
 
@@ -28,7 +29,8 @@ from trackhouse.store.schema import check_identifier, latest_step, latest_timest
 logger = logging.getLogger(__name__)
 
 PAGES = "run_pages"
-RECORD = tuple(f.name for f in fields(RunRecord))[1:]  # a run's record after its id
+RECORD = tuple(f.name for f in fields(RunRecord))[1:]  # a run's record after its id; search_runs and
+# run_index hold it under the same names (schema migrations 2, 8)
 # How `page` is written whatever the profile: 64-bit integers as numbers, tuples as arrays.
 PAGE_SETTINGS = "SETTINGS output_format_json_quote_64bit_integers = 0, enable_named_columns_in_function_tuple = 0"
 _BITS, _FLOAT = struct.Struct("<Q"), struct.Struct("<d")
@@ -36,6 +38,16 @@ _BITS, _FLOAT = struct.Struct("<Q"), struct.Struct("<d")
 
 def _float(bits: int) -> float:
     return float(_FLOAT.unpack(_BITS.pack(bits))[0])
+
+
+def newest(rows: Iterable[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """Each run's row (run_id, version, …) of the greatest version: what FINAL keeps of a
+    ReplacingMergeTree(version), chosen here from a read of unmerged parts."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        if row[0] not in found or row[1] > found[row[0]][1]:
+            found[row[0]] = row
+    return found
 
 
 def _details(run_id: str, page: str) -> RunDetails | None:
@@ -104,14 +116,9 @@ def page_details_steps(store: Store, run_ids: Sequence[str], infos: Mapping[str,
     except the `changed` runs (changed since the index's watermark: their rows may be stale) and
     any run without a row, which are read by id (`Store.run_details_steps`, with `infos`)."""
     wanted = [r for r in run_ids if r not in changed]
-    newest: dict[str, tuple[int, str]] = {}
-    if wanted:
-        rows = yield Rows(f"SELECT run_id, version, page FROM {store.t(PAGES)} WHERE run_id IN {{ids:Array(String)}}",
-                          {"ids": wanted})
-        for run_id, version, page in rows:  # unmerged parts: the newest row wins
-            if run_id not in newest or version > newest[run_id][0]:
-                newest[run_id] = (version, page)
-    pages = {r: d for r, (_, page) in newest.items() if (d := _details(r, page)) is not None}
+    rows = newest((yield Rows(f"SELECT run_id, version, page FROM {store.t(PAGES)} "
+                              "WHERE run_id IN {ids:Array(String)}", {"ids": wanted}))) if wanted else {}
+    pages = {r: d for r, (_, _, page) in rows.items() if (d := _details(r, page)) is not None}
     rest = [r for r in run_ids if r not in pages]
     by_id = {d.info.run_id: d for d in (yield from store.run_details_steps(rest, infos))} if rest else {}
     return [pages[r] if r in pages else by_id[r] for r in run_ids if r in pages or r in by_id]

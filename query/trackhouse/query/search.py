@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from trackhouse.query.errors import InvalidArgument
@@ -36,7 +36,7 @@ from trackhouse.query.runindex import (
     state_sql,
 )
 from trackhouse.query.runorder import after_sql, candidates_sql
-from trackhouse.query.runpages import page_details_steps
+from trackhouse.query.runpages import RECORD, newest, page_details_steps
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, RunRecord, Store, run_id_prefix
@@ -49,8 +49,6 @@ ATTRIBUTE_TYPES = {
     "start_time": "Int64", "end_time": "Int64", "artifact_uri": "String",
     "lifecycle_stage": "String", "experiment_id": "String",
 }
-# RunRecord's fields, which search_runs holds under the same names (schema migration 2).
-RUN_RECORD_FIELDS = tuple(f.name for f in fields(RunRecord))
 TIEBREAK = (OrderKey(ATTRIBUTES, "start_time", False), OrderKey(ATTRIBUTES, "run_id", True))
 # Windowed pages (`RunSearch._windowed`): runs per window, first and second round.
 WINDOW_GROWTH = 8
@@ -309,14 +307,11 @@ class RunSearch:
                 # FINAL would keep (about a third of the time at 10 M runs: 52 ms against 143 with
                 # FINAL and the record, which the page reads from run_pages).
                 # Without run_pages (TRACKHOUSE_QUERY_RUN_PAGES=0) the records come from here.
-                record = "" if self._settings.run_pages else ", " + ", ".join(RUN_RECORD_FIELDS[1:])
-                found: dict[str, tuple[Any, ...]] = {}
-                for row in (yield Rows(
-                        f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, {where}{record} "
-                        f"FROM {db}.{INDEX} WHERE start_time IN {times} AND run_id IN {ids}", binder.params,
-                        settings=FRESH_SETTINGS)):
-                    if row[0] not in found or row[1] > found[row[0]][1]:
-                        found[row[0]] = row
+                record = "" if self._settings.run_pages else ", " + ", ".join(RECORD)
+                found = newest((yield Rows(
+                    f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, {where}{record} "
+                    f"FROM {db}.{INDEX} WHERE start_time IN {times} AND run_id IN {ids}", binder.params,
+                    settings=FRESH_SETTINGS)))
                 for run_id, neg_start, version, _, _ in todo:
                     row = found.get(run_id)
                     if run_id in seen or run_id in skip or row is None or row[1] < version:
@@ -375,7 +370,7 @@ class RunSearch:
         if cursor is not None:
             where += " AND " + _keyset(exprs, keys, cursor, binder)
         order = _order(exprs, keys)
-        info = RUN_RECORD_FIELDS[1:]  # the run's record: current on an index row as on a fresh one
+        info = RECORD  # the run's record: current on an index row as on a fresh one
         select = ", ".join(["run_id", *(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs)), *info])
         indexed = (f"SELECT {select} FROM {db}.{INDEX} FINAL WHERE {where}{only} "
                    f"ORDER BY {order} LIMIT {int(limit) + 1 + len(changed)}")
@@ -516,7 +511,7 @@ class RunSearch:
         if cursor is not None:
             outer = "WHERE " + _keyset(exprs, keys, cursor, binder)
         order = _order(exprs, keys)
-        info = [] if joins else [f"base.{c}" for c in RUN_RECORD_FIELDS[1:]]
+        info = [] if joins else [f"base.{c}" for c in RECORD]
         select = ", ".join(["base.run_id", *(e for e, _ in exprs), *info])
         sql = (
             f"SELECT {select} FROM (SELECT * FROM {db}.{RUNS} FINAL WHERE {where}) AS base "
