@@ -1140,6 +1140,34 @@ def test_a_candidate_whose_run_no_longer_passes_the_filter_is_skipped_not_answer
         assert found and late == []
 
 
+def test_candidates_of_rows_an_earlier_pass_superseded_are_skipped_not_answered_as_changed(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass that ended before the search moved three runs (new latest values); their old run_order
+    rows stay until the next generation. Every page is right and none needs rows computed now: an
+    old row is skipped whether the run's current row sorts later in the page, after it, or on an
+    earlier page, where it was read at its place."""
+    with _refreshed(chdb_dsn) as (store, models, index, search):
+        order = "metrics.loss"
+        ranked = expected_order(active(models), [order])
+        by_id = {m.run_id: m for m in models}
+        finite = [r for r in ranked if math.isfinite(by_id[r].metrics.get("loss", math.nan))]
+        later, earlier, nearby = by_id[finite[0]], by_id[finite[6]], by_id[finite[3]]
+        moves = {later.run_id: 1e300, earlier.run_id: -1e300, nearby.run_id: nearby.metrics["loss"] + 0.05}
+        for run_id, loss in moves.items():
+            by_id[run_id].metrics["loss"] = loss
+            _put_metrics(store, run_id, {"loss": loss}, step=100)  # the latest step
+        assert index.refresh() == 3
+        db = store.database
+        stale = store.query_rows(f"SELECT count() FROM {db}.run_order WHERE key = 'loss' AND run_id IN "
+                                 f"{{r:Array(String)}} AND version < (SELECT max(version) FROM {db}.run_index)",
+                                 {"r": list(moves)})[0][0]
+        assert stale == 6  # their old rows (both directions) are still there to be read
+        hits = _spy_hits(monkeypatch)
+        assert _walk(search, "", order, 3) == expected_order(active(models), [order])
+        assert sum(h is not None for h in hits) >= 4  # read from run_order
+        assert [h[1] for h in hits if h is not None] == [[] for h in hits if h is not None]
+
+
 def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_rows_now(chdb_dsn: str) -> None:
     """The search read the watermark; a pass then replaced the index row of a run it reads a
     candidate of, and the search misses the run's new run_order rows: the run is on the

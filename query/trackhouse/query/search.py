@@ -132,6 +132,30 @@ def _rank_expr(expr: str, kind: str) -> str:
     return f"if(isNull({expr}), 2, 0)"
 
 
+def _place(value: float, start_time: int, run_id: str, ascending: bool) -> tuple[int, float, int, str]:
+    """A run's place in run_order, (rank, value, neg_start, run_id), as `runorder.rows_sql` writes it."""
+    if math.isnan(value):
+        return 1, 0.0, -start_time, run_id
+    return 0, (value if ascending else -value) + 0.0, -start_time, run_id
+
+
+def _late(moved: dict[str, tuple[tuple[int, float, int, str], int]], seen: set[str],
+          start: tuple[int, float, int, str] | None, upto: tuple[int, float, int, str] | None,
+          late: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """`late` and the superseded candidates (`moved`, taken out) whose run's current run_order
+    row sorts where this search has read, from after `start` up to `upto` (None: the end), and
+    was not among what it read: a pass wrote it after that read (answered as changed runs, as
+    (run_id, start_time)). Those before `start` belong to earlier pages, those read were
+    checked at their place, those after `upto` are left for later reads."""
+    for run_id, (place, start_time) in list(moved.items()):
+        if run_id in seen or (start is not None and place <= start):
+            del moved[run_id]
+        elif upto is None or place <= upto:
+            del moved[run_id]
+            late.append((run_id, start_time))
+    return late
+
+
 def _rank(value: Any) -> int:
     """What `_rank_expr` gives for a value read back from a row or a cursor."""
     if value is None:
@@ -271,6 +295,10 @@ class RunSearch:
         at a time (ORDER_CHUNK x (limit + 1), then as many as the rate kept so far says are
         missing, half again to spare, at most ORDER_GROWTH times the last read), each kept
         when its run_index row passes scope and filter and is of the candidate's version.
+        A candidate of an older version (a row an earlier pass superseded: it stays until the
+        next generation) is skipped when its run's current row sorts outside what this search
+        has read (before its start, or after the rows read so far: read later at its place),
+        and answered as changed only when that place was read without it (`_late`).
 
         None — read the index whole — when the cursor is past every value (runs missing the
         key), or after ORDER_CANDIDATES candidates (a filter too selective to stop early), or
@@ -284,12 +312,14 @@ class RunSearch:
                 return None
             value = 0.0 if rank else (-cursor[0] if not key.ascending else cursor[0]) + 0.0
             after = (rank, value, -int(cursor[1]), str(cursor[2]))
+        start = after
         skip = {c[0] for c in changed}
         # A top-level AND term on the order key matches only runs that have it (`split_pushed`).
         complete = bool(split_pushed(parse_filter(req.filter), key.entity, key.key)[1])
         hits: list[tuple[Any, ...]] = []
         late: list[tuple[str, int]] = []
         seen: set[str] = set()
+        moved: dict[str, tuple[tuple[int, float, int, str], int]] = {}  # superseded: (current place, start)
         read, chunk = 0, ORDER_CHUNK * (limit + 1)
         while True:
             binder = Binder()
@@ -312,25 +342,28 @@ class RunSearch:
                     f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, {where}{record} "
                     f"FROM {db}.{INDEX} WHERE start_time IN {times} AND run_id IN {ids}", binder.params,
                     settings=FRESH_SETTINGS)))
-                for run_id, neg_start, version, _, _ in todo:
+                for run_id, neg_start, version, c_rank, c_value in todo:
                     row = found.get(run_id)
                     if run_id in seen or run_id in skip or row is None or row[1] < version:
                         continue
                     if not row[4]:  # out of scope or filter now (NULL: a key it compares is missing)
                         continue
-                    if row[1] > version:  # refreshed since this candidate's row: answered as a changed run
-                        skip.add(run_id)
-                        late.append((run_id, -int(neg_start)))
+                    if row[1] > version:  # refreshed since this candidate's row: where is its current one?
+                        if row[2] is not None:  # (none: the run lacks the key now, it is not in run_order)
+                            moved[run_id] = (_place(row[2], int(row[3]), run_id, key.ascending), int(row[3]))
                         continue
                     seen.add(run_id)
                     hits.append((run_id, row[2], row[3], run_id, *row[5:]))
                     if len(hits) > limit:
-                        return hits, late
+                        here = (int(c_rank), float(c_value), int(neg_start), run_id)
+                        return hits, _late(moved, seen, start, here, late)
             if len(cands) < chunk:
-                return (hits, late) if complete else None
+                return (hits, _late(moved, seen, start, None, late)) if complete else None
+            last = cands[-1]
+            late = _late(moved, seen, start, (int(last[3]), float(last[4]), int(last[1]), last[0]), late)
+            skip.update(r for r, _ in late)
             if read >= ORDER_CANDIDATES:
                 return None
-            last = cands[-1]
             after = (int(last[3]), float(last[4]), int(last[1]), last[0])
             need = limit + 1 - len(hits)  # at the rate kept so far, with half again to spare
             chunk = min(chunk * ORDER_GROWTH, max(need, math.ceil(need * read / len(hits) * 1.5))) if hits \
