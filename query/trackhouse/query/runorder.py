@@ -84,14 +84,24 @@ def candidates_sql(db: str, scope: str, after: str, limit: int) -> str:
             f"AND descending = {{d:UInt8}} AND {scope}{more} ORDER BY {SORT} LIMIT {int(limit)}")
 
 
-def after_sql(cursor: tuple[int, float, int, str], bind: Any) -> str:
-    """Rows strictly after (rank, value, neg_start, run_id): the first term lets the primary
-    key skip the rows before (ties on the value too: 180,560 runs tie at accuracy 1.0 in
-    search_bench), the tuple makes it exact."""
+def after_sqls(cursor: tuple[int, float, int, str], bind: Any, first_of_value: bool) -> list[str]:
+    """Conditions for the rows strictly after (rank, value, neg_start, run_id), to read one after
+    the other (each from where the previous ends) until a chunk is full. Each is a range the
+    primary key finds by binary search; one condition for them all (the rank, value and neg_start
+    terms OR-ed) made ClickHouse's key analysis an exclusion search over every granule of the
+    generation: ~25 ms at 10 M runs before a row was read (docs/search.md, "Seventh pass").
+    `first_of_value`: the row before the cursor had another value, so few rows tie with it and
+    the rest of its value is read from the value's first row, with the rows after it, in one
+    read; otherwise (in a tie, or not known: a page token) the tie is read from the cursor's
+    neg_start on (180,560 runs tie at accuracy 1.0 in search_bench), then the values after it.
+    NaN rows (rank 1) come last."""
     rank, value, neg_start, run_id = cursor
-    r, v, n = bind(rank, "UInt8"), bind(value, "Float64"), bind(neg_start, "Int64")
-    return (f"(rank > {r} OR (rank = {r} AND value > {v}) OR (rank = {r} AND value = {v} AND neg_start >= {n})) "
-            f"AND (rank, value, neg_start, run_id) > ({r}, {v}, {n}, {bind(run_id, 'String')})")
+    r, v, n, i = bind(rank, "UInt8"), bind(value, "Float64"), bind(neg_start, "Int64"), bind(run_id, "String")
+    nans = [f"rank > {r}"] if rank == 0 else []
+    if first_of_value:
+        return [f"rank = {r} AND value >= {v} AND (rank, value, neg_start, run_id) > ({r}, {v}, {n}, {i})", *nans]
+    tie = f"rank = {r} AND value = {v} AND neg_start >= {n} AND (neg_start, run_id) > ({n}, {i})"
+    return [tie, f"rank = {r} AND value > {v}", *nans] if rank == 0 else [tie]
 
 
 class RunOrder:

@@ -35,7 +35,7 @@ from trackhouse.query.runindex import (
     key_column,
     state_sql,
 )
-from trackhouse.query.runorder import after_sql, candidates_sql
+from trackhouse.query.runorder import after_sqls, candidates_sql
 from trackhouse.query.runpages import RECORD, newest, page_details_steps
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
@@ -320,12 +320,16 @@ class RunSearch:
         late: list[tuple[str, int]] = []
         seen: set[str] = set()
         moved: dict[str, tuple[tuple[int, float, int, str], int]] = {}  # superseded: (current place, start)
-        read, chunk = 0, ORDER_CHUNK * (limit + 1)
+        read, chunk, first_of_value = 0, ORDER_CHUNK * (limit + 1), False  # (a token's cursor: not known)
         while True:
             binder = Binder()
             scope = self._where(req, binder, None)
-            sql = candidates_sql(db, scope, "" if after is None else after_sql(after, binder.bind), chunk)
-            cands = yield Rows(sql, {**binder.params, "g": generation, "k": key.key, "d": int(not key.ascending)})
+            cands: list[tuple[Any, ...]] = []
+            for cond in [""] if after is None else after_sqls(after, binder.bind, first_of_value):
+                sql = candidates_sql(db, scope, cond, chunk - len(cands))
+                cands += yield Rows(sql, {**binder.params, "g": generation, "k": key.key, "d": int(not key.ascending)})
+                if len(cands) >= chunk:
+                    break
             read += len(cands)
             todo = [c for c in cands if c[0] not in skip and c[0] not in seen]
             if todo:
@@ -365,6 +369,7 @@ class RunSearch:
             if read >= ORDER_CANDIDATES:
                 return None
             after = (int(last[3]), float(last[4]), int(last[1]), last[0])
+            first_of_value = len(cands) > 1 and (cands[-2][3], cands[-2][4]) != (last[3], last[4])
             need = limit + 1 - len(hits)  # at the rate kept so far, with half again to spare
             chunk = min(chunk * ORDER_GROWTH, max(need, math.ceil(need * read / len(hits) * 1.5))) if hits \
                 else chunk * ORDER_GROWTH
