@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -243,11 +244,11 @@ def queries(store: Store, run_index: bool = False) -> dict[str, Callable[[], Any
     ordered by one metric read from the whole index (`*_scan`: the plan before run_order), and the
     filtered page with every run read by id (`filter_metric_order_by_id`: before run_pages)."""
     codec = TokenCodec(bytes.fromhex(store.meta_value("page_token_secret", lambda: "ab" * 32)))
-    settings = QuerySettings()
+    settings = QuerySettings.from_env()  # TRACKHOUSE_QUERY_* as the service reads them
     search, charts = RunSearch(store, codec, settings), MetricCharts(store, settings)
-    copies = RunSearch(store, codec, QuerySettings(run_index=0))
-    scan = RunSearch(store, codec, QuerySettings(run_order_max_results=0))
-    by_id = RunSearch(store, codec, QuerySettings(run_pages=0))
+    copies = RunSearch(store, codec, replace(settings, run_index=0))
+    scan = RunSearch(store, codec, replace(settings, run_order_max_results=0))
+    by_id = RunSearch(store, codec, replace(settings, run_pages=0))
     baseline = {
         "count_copies": lambda: copies.count(SearchRequest(filter=FILTER)),
         "filter_metric_order_scan": lambda: scan.search(

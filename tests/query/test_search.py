@@ -28,7 +28,7 @@ from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query import search as search_module
 from trackhouse.query.errors import InvalidArgument
-from trackhouse.query.runindex import STATE_KEY, Refresher, RunIndex, changed_since
+from trackhouse.query.runindex import STATE_KEY, Refresher, RunIndex, changed_since, state_sql
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec
@@ -878,7 +878,7 @@ def test_searches_fall_back_to_the_copies_when_the_index_cannot_answer(chdb_dsn:
         expected = len([m for m in active(models) if predicate(m)])
         order = ("metrics.loss DESC",)
         want = expected_order([m for m in active(models) if predicate(m)], list(order))
-        search = direct_search(store)
+        search = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_index_state_seconds=0))  # no state held
 
         def answers() -> tuple[int, list[str]]:
             page = search.search(SearchRequest(filter=text, order_by=order, max_results=100, include_total=True))
@@ -1168,6 +1168,42 @@ def test_candidates_of_rows_an_earlier_pass_superseded_are_skipped_not_answered_
         assert _walk(search, "", order, 3) == expected_order(active(models), [order])
         assert sum(h is not None for h in hits) >= 4  # read from run_order
         assert [h[1] for h in hits if h is not None] == [[] for h in hits if h is not None]
+
+
+def test_the_index_state_is_held_for_its_seconds_and_pages_stay_right_meanwhile(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search service reads the run index's state once per `run_index_state_seconds`; a pass in
+    between (a run moved to the top) leaves the held watermark behind, and the moved run is
+    answered as a changed run: every page is right while the state is held, and after."""
+    with _refreshed(chdb_dsn) as (store, models, index, _):
+        clock = [1000.0]
+        monkeypatch.setattr(search_module, "monotonic", lambda: clock[0])
+        reads: list[str] = []
+        execute = store._execute
+
+        def spy(request: Any) -> Any:
+            reads.append(request.sql)
+            return execute(request)
+
+        monkeypatch.setattr(store, "_execute", spy)
+        search = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_index_state_seconds=1.0))
+        request = SearchRequest(order_by=("metrics.loss",), max_results=4)
+        def states() -> int:
+            return sum(sql == state_sql(store.database) for sql in reads)
+
+        def page() -> list[str]:
+            return [r.info.run_id for r in search.search(request).runs]
+
+        assert page() == expected_order(active(models), ["metrics.loss"])[:4] and states() == 1
+        moved = next(m for m in active(models) if m.run_id == expected_order(active(models), ["metrics.loss"])[3])
+        moved.metrics["loss"] = -1e300
+        _put_metrics(store, moved.run_id, {"loss": -1e300}, step=100)
+        assert index.refresh() == 1  # its new run_order rows, and a watermark past its change
+        assert page() == expected_order(active(models), ["metrics.loss"])[:4] and states() == 1  # held
+        clock[0] += 1.0
+        assert page() == expected_order(active(models), ["metrics.loss"])[:4] and states() == 2  # read again
+        with pytest.raises(ValueError, match="run_index_state_seconds"):
+            QuerySettings(run_index_state_seconds=61)
 
 
 def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_rows_now(chdb_dsn: str) -> None:

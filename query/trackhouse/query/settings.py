@@ -52,6 +52,10 @@ class QuerySettings:
     # 1 = pages answered from the run index show their runs from run_pages (schema migration
     # 10), the runs changed since its watermark read by id; 0 = every run read by id.
     run_pages: int = 1
+    # Seconds a search service holds the run index's state (watermark, run_order generation)
+    # before reading it again; 0 = read it for every search. Well under run_order's
+    # DROP_GRACE_SECONDS (a retired generation stays readable that long).
+    run_index_state_seconds: float = 1.0
     max_export_runs: int = 10_000
     max_export_points: int = 50_000_000
     max_query_seconds: float = 30.0
@@ -63,7 +67,8 @@ class QuerySettings:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name in ("run_index", "run_index_lag_seconds", "run_order_max_results", "run_pages") \
+            if f.name in ("run_index", "run_index_lag_seconds", "run_order_max_results", "run_pages",
+                          "run_index_state_seconds") \
                     and getattr(self, f.name) >= 0:
                 continue
             if getattr(self, f.name) <= 0:
@@ -72,6 +77,9 @@ class QuerySettings:
             raise ValueError("default_max_results must not exceed max_results")
         if self.history_page > self.max_history_page:
             raise ValueError("history_page must not exceed max_history_page")
+        if self.run_index_state_seconds > 60:
+            raise ValueError("run_index_state_seconds must be at most 60 (run_order keeps a retired "
+                             f"generation 120 s), got {self.run_index_state_seconds!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> QuerySettings:
