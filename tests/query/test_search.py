@@ -903,7 +903,7 @@ def test_searches_fall_back_to_the_copies_when_the_index_cannot_answer(chdb_dsn:
                       "VALUES ({k:String}, now64(6) - INTERVAL 30 DAY, 0)", {"k": STATE_KEY})
         assert index.state() == (None, False)  # older than run_changes keeps its rows
         store.command(f"INSERT INTO {store.database}.run_index_state (key, watermark, runs) "
-                      "VALUES ('run_index', now64(6), 0), ('run_index@9', now64(6), 0)")
+                      "VALUES ('run_index', now64(6), 0), ('run_index@9', now64(6), 0), ('run_index@10', now64(6), 0)")
         assert index.state() == (None, False)  # refreshers from before migrations 9 and 10 vouch for nothing
         store.command(f"TRUNCATE TABLE {store.database}.run_pages")  # as migration 10 leaves a store
         assert answers() == (expected, want)

@@ -79,11 +79,12 @@ def test_drops_run_on_cluster_and_a_dropped_table_goes_with_its_local_half() -> 
     dropped = [re.match(r"DROP TABLE IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
                for s in drops if s.startswith("DROP TABLE")]
     assert dropped == ["search_metrics", "search_metrics_local", "latest_metrics", "latest_metrics_local",
-                       "run_index_state", "run_index_state_local", "run_index", "run_index_local"]
+                       "run_index_state", "run_index_state_local", "run_index", "run_index_local",
+                       "run_pages", "run_pages_local"]
     views = [re.match(r"DROP VIEW IF EXISTS trackhouse\.(\w+) ", s)[1]  # type: ignore[index]
              for s in drops if s.startswith("DROP VIEW")]
     assert views == ["search_metrics_mv", "latest_metrics_mv", "metric_rollup_10_mv", "metric_rollup_1000_mv"]
-    # Each dropped table is created again afterwards, in both halves (migrations 4 and 9).
+    # Each dropped table is created again afterwards, in both halves (migrations 4, 9 and 11).
     script = cluster_script()
     for half in dropped:
         drop = max(i for i, s in enumerate(script) if s.startswith(f"DROP TABLE IF EXISTS trackhouse.{half} "))

@@ -44,7 +44,7 @@ def test_migrate_is_idempotent(store: Store) -> None:
     # The fixture's open_store already migrated: a second and third call apply nothing.
     assert store.migrate() == []
     assert store.migrate() == []
-    assert store.schema_version() == latest_version() == 10
+    assert store.schema_version() == latest_version() == 11
     rows = store.query_rows(f"SELECT version, description FROM {store.t('schema_migrations')} FINAL")
     assert sorted(r[0] for r in rows) == list(range(1, latest_version() + 1))
     tables = {r[0] for r in store.query_rows(

@@ -47,9 +47,10 @@ logger = logging.getLogger(__name__)
 
 INDEX = "run_index"
 # The key of the refresher's rows in run_index_state: readers take only theirs, so a
-# watermark written by a refresher from before migration 10 (keys "run_index", "run_index@9")
-# never vouches for rows that refresher did not write (migration 9's index, 10's pages).
-STATE_KEY = "run_index@10"
+# watermark written by a refresher from before migration 11 (keys "run_index", "run_index@9",
+# "run_index@10") never vouches for rows that refresher did not write (migration 9's index,
+# the pages of 10 and 11: 11 made run_pages again, empty).
+STATE_KEY = "run_index@11"
 # Runs per chunk of the first build: bounds the join's memory (maps of this many runs).
 BUILD_CHUNK_RUNS = 1_000_000
 # Settings of every query that turns maps into JSON (inserts, and reads of `fresh_sql`): string

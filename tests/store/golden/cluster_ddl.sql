@@ -111,3 +111,9 @@ CREATE TABLE IF NOT EXISTS trackhouse.run_order_state ON CLUSTER th_cluster AS t
 CREATE TABLE trackhouse.migration_lock_10 ON CLUSTER th_cluster (owner String) ENGINE = Memory;
 CREATE TABLE IF NOT EXISTS trackhouse.run_pages_local ON CLUSTER th_cluster ( run_id String, page String, version UInt64 ) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/trackhouse/run_pages_local', '{replica}', version) ORDER BY run_id SETTINGS index_granularity = 128, min_compress_block_size = 4096, max_compress_block_size = 16384;
 CREATE TABLE IF NOT EXISTS trackhouse.run_pages ON CLUSTER th_cluster AS trackhouse.run_pages_local ENGINE = Distributed(th_cluster, trackhouse, run_pages_local, cityHash64(run_id));
+-- migration 11: run_pages in granules of 32 rows: a page reads 100 rows spread over it;
+CREATE TABLE trackhouse.migration_lock_11 ON CLUSTER th_cluster (owner String) ENGINE = Memory;
+DROP TABLE IF EXISTS trackhouse.run_pages ON CLUSTER th_cluster SYNC;
+DROP TABLE IF EXISTS trackhouse.run_pages_local ON CLUSTER th_cluster SYNC;
+CREATE TABLE IF NOT EXISTS trackhouse.run_pages_local ON CLUSTER th_cluster ( run_id String, page String, version UInt64 ) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/trackhouse/run_pages_local', '{replica}', version) ORDER BY run_id SETTINGS index_granularity = 32, min_compress_block_size = 4096, max_compress_block_size = 16384;
+CREATE TABLE IF NOT EXISTS trackhouse.run_pages ON CLUSTER th_cluster AS trackhouse.run_pages_local ENGINE = Distributed(th_cluster, trackhouse, run_pages_local, cityHash64(run_id));
