@@ -1206,6 +1206,46 @@ def test_the_index_state_is_held_for_its_seconds_and_pages_stay_right_meanwhile(
             QuerySettings(run_index_state_seconds=61)
 
 
+def test_changed_runs_that_sort_after_a_full_page_are_not_computed_again(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs changed since the watermark are answered from rows computed now, but only those whose
+    latest value of the page's metric sorts within the page: one that fell out of it is left out
+    unread, one still within it (its value unchanged) and one that rose into it are computed."""
+    with _refreshed(chdb_dsn) as (store, models, index, _):
+        reads: list[str] = []
+        execute = store._execute
+
+        def spy(request: Any) -> Any:
+            reads.append(request.sql)
+            return execute(request)
+
+        monkeypatch.setattr(store, "_execute", spy)
+        search = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_index_state_seconds=0))
+        order = ["metrics.loss"]
+
+        def page() -> list[str]:
+            reads.clear()
+            return [r.info.run_id for r in search.search(SearchRequest(order_by=tuple(order), max_results=4)).runs]
+
+        def computed() -> bool:  # a read of rows computed now (runindex.fresh_sql)
+            return any("CAST(params, 'JSON')" in sql for sql in reads)
+
+        first = expected_order(active(models), order)
+        fell = next(m for m in models if m.run_id == first[1])
+        fell.metrics["loss"] = 1e300
+        _put_metrics(store, fell.run_id, {"loss": 1e300}, step=100)
+        assert page() == expected_order(active(models), order)[:4] and fell.run_id not in page()
+        assert not computed()  # it changed, and sorts after the page: not computed again
+        fifth = expected_order(active(models), order)[5]
+        tie = next(m for m in models if m.run_id == expected_order(active(models), order)[4])
+        _put_metrics(store, tie.run_id, {"loss": tie.metrics["loss"]}, step=100)  # same value: still within
+        assert page() == expected_order(active(models), order)[:4] and computed()
+        rose = next(m for m in models if m.run_id == fifth)
+        rose.metrics["loss"] = -1e300
+        _put_metrics(store, rose.run_id, {"loss": -1e300}, step=100)
+        assert page() == expected_order(active(models), order)[:4] and rose.run_id in page() and computed()
+
+
 def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_rows_now(chdb_dsn: str) -> None:
     """The search read the watermark; a pass then replaced the index row of a run it reads a
     candidate of, and the search misses the run's new run_order rows: the run is on the

@@ -42,6 +42,7 @@ from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec, fingerprint
 from trackhouse.store import RunDetails, RunRecord, Store, run_id_prefix
 from trackhouse.store.reads import Rows, Steps
+from trackhouse.store.schema import latest_value
 
 VIEWS = {"ACTIVE_ONLY": ("active",), "DELETED_ONLY": ("deleted",), "ALL": ("active", "deleted")}
 # Attribute columns a search may order by, with their ClickHouse types for cursors.
@@ -229,13 +230,16 @@ class RunSearch:
             found = None
             if generation and self._value_ordered(keys, limit):
                 found = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
-            if found is not None and not changed and not found[1]:  # the page itself: nothing to merge in
+            merge = changed if found is None else [*changed, *found[1]]
+            if found is not None and merge and len(found[0]) > limit:
+                merge = yield from self._may_enter(keys[0], found[0][-1], merge)
+            if found is not None and not merge:  # the page itself: nothing to merge in
                 rows, with_info = found[0], not self._settings.run_pages
             else:
                 hits = None if found is None else [(h[0], h[2]) for h in found[0]]
-                changed = changed if found is None else [*changed, *found[1]]
-                sql, params = self._index_sql(req, keys, cursor, limit, changed, hits)
+                sql, params = self._index_sql(req, keys, cursor, limit, merge, hits)
                 rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), True
+            changed = [*changed, *found[1]] if found is not None else changed
         elif self._windowed(req, keys):
             rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
         else:
@@ -385,6 +389,22 @@ class RunSearch:
             need = limit + 1 - len(hits)  # at the rate kept so far, with half again to spare
             chunk = min(chunk * ORDER_GROWTH, max(need, math.ceil(need * read / len(hits) * 1.5))) if hits \
                 else chunk * ORDER_GROWTH
+
+    def _may_enter(self, key: OrderKey, last: tuple[Any, ...],
+                   changed: list[tuple[str, int]]) -> Steps[list[tuple[str, int]]]:
+        """The changed runs that may enter a page `_ordered_hits` filled (limit + 1 rows, `last`
+        the last): those whose latest value of the page's metric sorts no later than `last`'s.
+        The others sort after the page's every row, so their rows need not be computed now (at
+        10 M runs ~250 ms for 1,000 changed runs; this read ~35 ms when their ids are close, as
+        the newest runs' are). A run without the metric sorts after every value: left out."""
+        db, binder = self._store.database, Binder()
+        ids = binder.bind([c[0] for c in changed], "Array(String)")
+        rows = yield Rows(f"SELECT run_id, {latest_value('max(last_key)')} FROM {db}.latest_metrics "
+                          f"WHERE run_id IN {ids} AND key = {binder.bind(key.key, 'String')} GROUP BY run_id",
+                          binder.params)
+        values = dict(rows)
+        bound = _place(last[1], int(last[2]), "", key.ascending)[:2]  # (rank, value): ties kept
+        return [c for c in changed if c[0] in values and _place(values[c[0]], 0, "", key.ascending)[:2] <= bound]
 
     def _index_parts(self, req: SearchRequest, binder: Binder,
                      changed: Sequence[tuple[str, int]]) -> tuple[str, str, str]:
