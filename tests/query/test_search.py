@@ -26,13 +26,23 @@ import pytest
 
 from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
+from trackhouse.query import runorder as runorder_module
 from trackhouse.query import search as search_module
 from trackhouse.query.errors import InvalidArgument
 from trackhouse.query.runindex import STATE_KEY, Refresher, RunIndex, changed_since, state_sql
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec
-from trackhouse.store import ExperimentRecord, RunDetails, RunRecord, Store, new_run_id, new_version, open_store
+from trackhouse.store import (
+    ExperimentRecord,
+    RunDetails,
+    RunRecord,
+    Store,
+    StoreError,
+    new_run_id,
+    new_version,
+    open_store,
+)
 
 T0 = 1_700_000_000_000
 LRS = ["0.001", "0.01", "0.1", "1e-3", "10", "2", "abc"]
@@ -239,7 +249,9 @@ def env(chdb_dsn: str) -> Iterator[Env]:
 def direct_search(store: Store) -> RunSearch:
     """A RunSearch over `store` built as QueryApp.start builds it."""
     secret = store.meta_value("page_token_secret", lambda: "00" * 32)
-    return RunSearch(store, TokenCodec(bytes.fromhex(secret)), QuerySettings())
+    # The index state read by every search: tests change it under the search's feet
+    # (test_the_index_state_is_held_... holds it).
+    return RunSearch(store, TokenCodec(bytes.fromhex(secret)), QuerySettings(run_index_state_seconds=0))
 
 
 def assert_code(code: grpc.StatusCode, call: Callable[[], Any], *fragments: str) -> str:
@@ -1142,19 +1154,21 @@ def test_a_candidate_whose_run_no_longer_passes_the_filter_is_skipped_not_answer
         assert found and late == []
 
 
+@pytest.mark.parametrize("order", ["metrics.loss", "metrics.loss DESC"])
 def test_candidates_of_rows_an_earlier_pass_superseded_are_skipped_not_answered_as_changed(
-        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pass that ended before the search moved three runs (new latest values); their old run_order
-    rows stay until the next generation. Every page is right and none needs rows computed now: an
-    old row is skipped whether the run's current row sorts later in the page, after it, or on an
-    earlier page, where it was read at its place."""
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch, order: str) -> None:
+    """A pass that ended before the search moved three runs (new latest values: one to NaN); their
+    old run_order rows stay until the next generation. Every page is right and none needs rows
+    computed now: an old row is skipped whether the run's current row sorts later in the page,
+    after it, or on an earlier page, where it was read at its place."""
     with _refreshed(chdb_dsn) as (store, models, index, search):
-        order = "metrics.loss"
         ranked = expected_order(active(models), [order])
         by_id = {m.run_id: m for m in models}
         finite = [r for r in ranked if math.isfinite(by_id[r].metrics.get("loss", math.nan))]
         later, earlier, nearby = by_id[finite[0]], by_id[finite[6]], by_id[finite[3]]
-        moves = {later.run_id: 1e300, earlier.run_id: -1e300, nearby.run_id: nearby.metrics["loss"] + 0.05}
+        sign = 1 if order == "metrics.loss" else -1
+        moves = {later.run_id: math.nan, earlier.run_id: -sign * 1e300,
+                 nearby.run_id: nearby.metrics["loss"] + sign * 0.05}
         for run_id, loss in moves.items():
             by_id[run_id].metrics["loss"] = loss
             _put_metrics(store, run_id, {"loss": loss}, step=100)  # the latest step
@@ -1198,12 +1212,14 @@ def test_the_index_state_is_held_for_its_seconds_and_pages_stay_right_meanwhile(
         moved = next(m for m in active(models) if m.run_id == expected_order(active(models), ["metrics.loss"])[3])
         moved.metrics["loss"] = -1e300
         _put_metrics(store, moved.run_id, {"loss": -1e300}, step=100)
+        assert page() == expected_order(active(models), ["metrics.loss"])[:4] and states() == 1  # a changed run
         assert index.refresh() == 1  # its new run_order rows, and a watermark past its change
         assert page() == expected_order(active(models), ["metrics.loss"])[:4] and states() == 1  # held
         clock[0] += 1.0
         assert page() == expected_order(active(models), ["metrics.loss"])[:4] and states() == 2  # read again
-        with pytest.raises(ValueError, match="run_index_state_seconds"):
-            QuerySettings(run_index_state_seconds=61)
+        for wrong in (11, -1, math.nan, math.inf):
+            with pytest.raises(ValueError, match="run_index_state_seconds"):
+                QuerySettings(run_index_state_seconds=wrong)
 
 
 def test_changed_runs_that_sort_after_a_full_page_are_not_computed_again(
@@ -1211,7 +1227,7 @@ def test_changed_runs_that_sort_after_a_full_page_are_not_computed_again(
     """Runs changed since the watermark are answered from rows computed now, but only those whose
     latest value of the page's metric sorts within the page: one that fell out of it is left out
     unread, one still within it (its value unchanged) and one that rose into it are computed."""
-    with _refreshed(chdb_dsn) as (store, models, index, _):
+    with _refreshed(chdb_dsn) as (store, models, _index, _):
         reads: list[str] = []
         execute = store._execute
 
@@ -1246,16 +1262,72 @@ def test_changed_runs_that_sort_after_a_full_page_are_not_computed_again(
         assert page() == expected_order(active(models), order)[:4] and rose.run_id in page() and computed()
 
 
-def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_rows_now(chdb_dsn: str) -> None:
+def test_an_index_built_again_reads_no_generation_of_the_index_before_until_its_own_is_built(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build pass (a new state key after an upgrade, or a watermark too old) writes its watermark
+    before its value order is built: a run created since the last pass has no row in the older
+    generation and is not a changed run, so pages read the whole index until the new generation
+    is published (the next pass builds it when this one's build failed)."""
+    with _refreshed(chdb_dsn) as (store, models, index, _):
+        base = active(models)[0]
+        info = RunRecord(**{**base.info.__dict__, "run_id": "ffffffffff", "artifact_uri": "file:///a/new"})
+        store.insert_rows("runs", (*RunRecord.__dataclass_fields__, "version"),
+                          [(*info.__dict__.values(), new_version())])
+        _put_metrics(store, info.run_id, {"loss": -1e300})
+        added = Model(info, metrics={"loss": -1e300})
+        store.command(f"TRUNCATE TABLE {store.database}.run_index_state")  # the next pass builds the index
+        with monkeypatch.context() as patch:
+            def failed(self: Any) -> int:
+                raise StoreError("merge failed")
+            patch.setattr(runorder_module.RunOrder, "rebuild", failed)
+            assert index.refresh() == len(models) + 1
+        hits = _spy_hits(monkeypatch)
+        request = SearchRequest(filter="metrics.loss < 0.5", order_by=("metrics.loss",), max_results=3)
+        want = expected_order([m for m in active([*models, added]) if m.metrics.get("loss", math.nan) < 0.5],
+                              ["metrics.loss"])[:3]
+        assert [r.info.run_id for r in direct_search(store).search(request).runs] == want and hits == []  # no run_order
+        assert index.refresh() == 0  # upkeep builds the generation the build pass did not
+        assert [r.info.run_id for r in direct_search(store).search(request).runs] == want and hits[-1] is not None
+
+
+def test_a_generation_published_while_a_pass_writes_gets_that_passes_rows(chdb_dsn: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another refresher publishes a new generation (its catch-up copies run_index) between a
+    pass's run_order rows and its run_index rows: the pass copies its rows into it afterwards."""
+    with _refreshed(chdb_dsn) as (store, models, index, _):
+        order = ["metrics.loss"]
+        by_id = {m.run_id: m for m in models}
+        last = next(by_id[r] for r in reversed(expected_order(active(models), order))
+                    if math.isfinite(by_id[r].metrics.get("loss", math.nan)))
+        last.metrics["loss"] = -1e300
+        _put_metrics(store, last.run_id, {"loss": -1e300}, step=100)
+        add = runorder_module.RunOrder.add
+
+        def add_then_rebuilt(self: Any, source: str, params: dict[str, Any], generation: int) -> None:
+            add(self, source, params, generation)
+            runorder_module.RunOrder(store).rebuild()  # elsewhere, before this pass's run_index rows
+
+        monkeypatch.setattr(runorder_module.RunOrder, "add", add_then_rebuilt)
+        assert index.refresh() == 1
+        monkeypatch.undo()
+        page = direct_search(store).search(SearchRequest(order_by=tuple(order), max_results=3))
+        assert [r.info.run_id for r in page.runs] == expected_order(active(models), order)[:3]
+        assert page.runs[1].info.run_id == last.run_id  # after -inf
+
+
+@pytest.mark.parametrize("order", ["metrics.loss", "metrics.loss DESC"])
+def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_rows_now(chdb_dsn: str,
+                                                                                          order: str) -> None:
     """The search read the watermark; a pass then replaced the index row of a run it reads a
     candidate of, and the search misses the run's new run_order rows: the run is on the
     page all the same, answered as a changed run (from its rows computed now)."""
     with _refreshed(chdb_dsn) as (store, models, index, search):
         before = store.run(search._changed())
-        third = expected_order(active(models), ["metrics.loss"])[2]  # its old rows are read
+        third = expected_order(active(models), [order])[2]  # its old rows are read
         moved = next(m for m in models if m.run_id == third)
-        moved.metrics["loss"] = -1e300  # second in ascending order now, after -inf
-        _put_metrics(store, moved.run_id, {"loss": -1e300}, step=100)  # the latest step
+        top = -1e300 if order == "metrics.loss" else 1e300  # second now, after -inf (+inf descending)
+        moved.metrics["loss"] = top
+        _put_metrics(store, moved.run_id, {"loss": top}, step=100)  # the latest step
         assert index.refresh() == 1
         store.command(f"ALTER TABLE {store.database}.run_order DELETE WHERE run_id = {{r:String}} AND version = "
                       f"(SELECT max(version) FROM {store.database}.run_index WHERE run_id = {{r:String}}) "
@@ -1267,6 +1339,6 @@ def test_a_run_refreshed_while_a_value_ordered_search_runs_is_answered_from_its_
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(RunSearch, "_changed", began_before)
-            found = search.search(SearchRequest(order_by=("metrics.loss",), max_results=5))
-        assert [r.info.run_id for r in found.runs] == expected_order(active(models), ["metrics.loss"])[:5]
+            found = search.search(SearchRequest(order_by=(order,), max_results=5))
+        assert [r.info.run_id for r in found.runs] == expected_order(active(models), [order])[:5]
         assert found.runs[1].info.run_id == moved.run_id

@@ -180,6 +180,10 @@ class RunIndex:
                                      f"{PAGE_SETTINGS}", params)
                 self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, f'run_id IN {changed}', '{v:UInt64}')} "
                                      f"{_INSERT_SETTINGS}", params)
+                if generation:
+                    self._order.follow(int(now_ns), generation)
+        if build:  # searches read no generation of the index before this build (RunOrder.retract)
+            self._order.retract()
         self._store.maintain(f"INSERT INTO {db}.run_index_state (key, watermark, runs) "
                              "VALUES ({k:String}, fromUnixTimestamp64Micro({w:Int64}), {n:UInt64})",
                              {"k": STATE_KEY, "w": int(now_us) - self._lag_us, "n": done})

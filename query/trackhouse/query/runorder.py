@@ -16,10 +16,12 @@ table (a new generation, one partition) once it holds `REBUILD_GROWTH` times the
 rows it was built with, and drops the older generations DROP_GRACE_SECONDS later
 (a search reads the generation it started with to the end).
 
-A search may miss a run whose index row a pass replaced after the search began
-(its old rows fail the check, its new ones may come after the search read past
-them): a write concurrent with the read. Runs changed before it began are
-answered from rows computed now, as every index read answers them.
+A search that meets a row of an older version skips it when the run's current row
+sorts outside what it has read, and answers the run from rows computed now when that
+place was read without it (a pass concurrent with the search). A build of the whole
+index publishes an empty generation before its watermark (`retract`): searches read
+the index whole until a generation of the new rows is built. A pass copies its rows
+into a generation another refresher published while it wrote (`follow`).
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def _insert(db: str, source: str) -> str:
 
 
 def generation_sql(db: str) -> str:
-    """The generation searches read (0: none built yet)."""
-    return f"(SELECT max(generation) FROM {db}.run_order_state)"
+    """The generation searches read: 0 when none is built yet, or when the newest published one
+    holds no rows (`RunOrder.retract`: the index was built again and no generation is of it yet)."""
+    return f"(SELECT if(argMax(rows, generation) > 0, max(generation), 0) FROM {db}.run_order_state)"
 
 
 def candidates_sql(db: str, scope: str, after: str, limit: int) -> str:
@@ -129,15 +132,40 @@ class RunOrder:
         if latest != generation:
             self._store.maintain(_insert(self._db, source), {**params, "g": latest})
 
+    def follow(self, version: int, generation: int) -> None:
+        """After a pass wrote its run_index rows (of `version`), whose run_order rows went into
+        `generation` (`add`): when a rebuild elsewhere published a newer one meanwhile, its
+        catch-up may have copied run_index before those rows were there; copy them now (rows
+        it did copy are left alone)."""
+        latest, _ = self.state()
+        if latest > generation:
+            where = ("version = {v:UInt64} AND (run_id, version) NOT IN (SELECT run_id, version FROM "
+                     f"{self._db}.{ORDER} WHERE generation = {{g:UInt32}} AND version = {{v:UInt64}})")
+            self._store.maintain(_insert(self._db, index_rows(self._db, where)), {"v": version, "g": latest})
+
+    def retract(self) -> None:
+        """Before the watermark of an index built again is written: no generation is read until
+        one is built from the new rows (`rebuild`). The current one is of the index before: a
+        run changed between its last pass and the build has no row of its current version there,
+        and is not among the changed runs (its change is before the new watermark)."""
+        generation, rows = self.state()
+        if generation and rows:
+            self._store.maintain(f"INSERT INTO {self._db}.run_order_state (key, generation, rows) VALUES "
+                                 "({k:String}, {g:UInt32}, 0)", {"k": STATE_KEY, "g": generation + 1})
+            logger.info("run order: generation %d retracted until one is built from the new index", generation)
+
     def upkeep(self) -> None:
         """Build the first generation, or a new one once the current one holds REBUILD_GROWTH
-        times the rows it was built with (stale rows); drop retired generations (`tidy`)."""
+        times the rows it was built with (stale rows) or after `retract`; drop retired
+        generations (`tidy`)."""
         generation, rows = self.state()
         held = 0
         if generation:
             held = int(self._store.query_rows(f"SELECT count() FROM {self._db}.{ORDER} WHERE generation = "
                                               "{g:UInt32}", {"g": generation})[0][0])
-        if not generation or held > REBUILD_GROWTH * max(rows, 1):
+        retracted = generation and not rows and self._store.query_rows(
+            f"SELECT count() > 0 FROM {self._db}.run_index")[0][0]
+        if not generation or retracted or held > REBUILD_GROWTH * max(rows, 1):
             if generation:
                 logger.info("run order: generation %d holds %d rows, built with %d: rebuilding", generation, held,
                             rows)
@@ -170,8 +198,8 @@ class RunOrder:
         later, and a cluster's clocks differ), that the build did not take."""
         db, started = self._db, time.monotonic()
         newest, since = self._store.query_rows(
-            f"SELECT greatest((SELECT max(generation) FROM {db}.{ORDER}), {generation_sql(db)}), "
-            "toUnixTimestamp64Nano(now64(9))")[0]
+            f"SELECT greatest((SELECT max(generation) FROM {db}.{ORDER}), (SELECT max(generation) FROM "
+            f"{db}.run_order_state)), toUnixTimestamp64Nano(now64(9))")[0]
         generation = int(newest) + 1
         self._store.maintain(_insert(db, index_rows(db, "1")), {"g": generation})
         try:  # one part before searches read it: the build leaves dozens (at 10 M runs 40; candidates

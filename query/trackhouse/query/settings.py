@@ -25,6 +25,7 @@ Every variable (all optional):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -53,7 +54,7 @@ class QuerySettings:
     # 10), the runs changed since its watermark read by id; 0 = every run read by id.
     run_pages: int = 1
     # Seconds a search service holds the run index's state (watermark, run_order generation)
-    # before reading it again; 0 = read it for every search. Well under run_order's
+    # before reading it again; 0 = read it for every search; at most 10, well under run_order's
     # DROP_GRACE_SECONDS (a retired generation stays readable that long).
     run_index_state_seconds: float = 1.0
     max_export_runs: int = 10_000
@@ -67,6 +68,8 @@ class QuerySettings:
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            if not math.isfinite(getattr(self, f.name)):  # NaN passes every comparison below
+                raise ValueError(f"query setting {f.name} must be a finite number, got {getattr(self, f.name)!r}")
             if f.name in ("run_index", "run_index_lag_seconds", "run_order_max_results", "run_pages",
                           "run_index_state_seconds") \
                     and getattr(self, f.name) >= 0:
@@ -77,9 +80,9 @@ class QuerySettings:
             raise ValueError("default_max_results must not exceed max_results")
         if self.history_page > self.max_history_page:
             raise ValueError("history_page must not exceed max_history_page")
-        if self.run_index_state_seconds > 60:
-            raise ValueError("run_index_state_seconds must be at most 60 (run_order keeps a retired "
-                             f"generation 120 s), got {self.run_index_state_seconds!r}")
+        if self.run_index_state_seconds > 10:
+            raise ValueError("run_index_state_seconds must be at most 10 (a search reads the generation it "
+                             f"holds, kept 120 s after it is retired), got {self.run_index_state_seconds!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> QuerySettings:
