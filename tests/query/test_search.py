@@ -1290,6 +1290,20 @@ def test_an_index_built_again_reads_no_generation_of_the_index_before_until_its_
         assert [r.info.run_id for r in direct_search(store).search(request).runs] == want and hits[-1] is not None
 
 
+def test_runs_without_metrics_get_one_generation_not_one_a_pass(chdb_dsn: str) -> None:
+    """A generation with no rows (no run has a metric) is built once, not taken for a retracted one."""
+    store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        store.put_experiment(ExperimentRecord("e1", "exp-e1", "file:///e1", "active", T0, T0))
+        store.put_run(RunRecord("aaaaaaaaaa", "e1", "r", "ann", "RUNNING", T0, None, "active", "file:///a"))
+        index = RunIndex(store, lag=0.0)
+        assert index.refresh() == 1 and index._order.state() == (1, 1)
+        assert index.refresh() == 0 and index._order.state() == (1, 1)
+        assert store.query_rows(f"SELECT {runorder_module.generation_sql(store.database)}") == [(1,)]
+    finally:
+        store.close()
+
+
 def test_a_generation_published_while_a_pass_writes_gets_that_passes_rows(chdb_dsn: str,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Another refresher publishes a new generation (its catch-up copies run_index) between a

@@ -209,8 +209,10 @@ class RunOrder:
             logger.warning("run order: merging generation %d failed (%s); background merges will", generation, exc)
         rows = int(self._store.query_rows(f"SELECT count() FROM {db}.{ORDER} WHERE generation = {{g:UInt32}}",
                                           {"g": generation})[0][0])
+        # At least 1: 0 marks a retracted generation (`retract`), which upkeep builds again.
         self._store.maintain(f"INSERT INTO {db}.run_order_state (key, generation, rows) VALUES "
-                             "({k:String}, {g:UInt32}, {n:UInt64})", {"k": STATE_KEY, "g": generation, "n": rows})
+                             "({k:String}, {g:UInt32}, {n:UInt64})",
+                             {"k": STATE_KEY, "g": generation, "n": max(rows, 1)})
         self._store.maintain(_insert(db, index_rows(db, "version >= {v:UInt64} AND (run_id, version) NOT IN (SELECT "
                                                  f"run_id, version FROM {db}.{ORDER} WHERE generation = {{g:UInt32}} "
                                                  "AND version >= {v:UInt64})")),
