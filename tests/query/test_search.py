@@ -1220,6 +1220,10 @@ def test_the_index_state_is_held_for_its_seconds_and_pages_stay_right_meanwhile(
         for wrong in (11, -1, math.nan, math.inf):
             with pytest.raises(ValueError, match="run_index_state_seconds"):
                 QuerySettings(run_index_state_seconds=wrong)
+        for name in ("TRACKHOUSE_QUERY_MAX_QUERY_SECONDS", "TRACKHOUSE_QUERY_MAX_RESULTS"):
+            for text in ("nan", "1" + "0" * 400):
+                with pytest.raises(ValueError, match="finite|whole number"):
+                    QuerySettings.from_env({name: text})
 
 
 def test_changed_runs_that_sort_after_a_full_page_are_not_computed_again(
@@ -1286,19 +1290,49 @@ def test_an_index_built_again_reads_no_generation_of_the_index_before_until_its_
         want = expected_order([m for m in active([*models, added]) if m.metrics.get("loss", math.nan) < 0.5],
                               ["metrics.loss"])[:3]
         assert [r.info.run_id for r in direct_search(store).search(request).runs] == want and hits == []  # no run_order
+        generations = f"SELECT max(generation) FROM {store.database}.run_order_state"
+        assert store.query_rows(generations) == [(1,)]  # readers from before retract go on reading generation 1
         assert index.refresh() == 0  # upkeep builds the generation the build pass did not
         assert [r.info.run_id for r in direct_search(store).search(request).runs] == want and hits[-1] is not None
 
 
+def test_a_first_generation_published_while_a_pass_writes_gets_that_passes_rows(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No generation yet when a pass starts (another refresher is building the first): one
+    published before the pass's run_index rows gets them too."""
+    with _refreshed(chdb_dsn) as (store, models, index, _):
+        db = store.database
+        store.command(f"TRUNCATE TABLE {db}.run_order_state")
+        store.command(f"TRUNCATE TABLE {db}.run_order")
+        order = ["metrics.loss"]
+        moved = next(m for m in reversed(active(models)) if math.isfinite(m.metrics.get("loss", math.nan)))
+        moved.metrics["loss"] = -1e300
+        _put_metrics(store, moved.run_id, {"loss": -1e300}, step=100)
+        maintain = store.maintain
+
+        def rebuilt_before_pages(sql: str, parameters: dict[str, Any] | None = None) -> None:
+            if sql.startswith(f"INSERT INTO {db}.run_pages"):
+                runorder_module.RunOrder(store).rebuild()  # elsewhere, before this pass's run_index rows
+            maintain(sql, parameters)
+
+        monkeypatch.setattr(store, "maintain", rebuilt_before_pages)
+        assert index.refresh() == 1
+        monkeypatch.undo()
+        hits = _spy_hits(monkeypatch)
+        page = direct_search(store).search(SearchRequest(order_by=tuple(order), max_results=3))
+        assert [r.info.run_id for r in page.runs] == expected_order(active(models), order)[:3] and hits[-1] is not None
+
+
 def test_runs_without_metrics_get_one_generation_not_one_a_pass(chdb_dsn: str) -> None:
-    """A generation with no rows (no run has a metric) is built once, not taken for a retracted one."""
+    """A generation with no rows (no run has a metric) is built once, not taken for a retracted one;
+    searches read it."""
     store = open_store(chdb_dsn, f"t_{uuid.uuid4().hex[:12]}")
     try:
         store.put_experiment(ExperimentRecord("e1", "exp-e1", "file:///e1", "active", T0, T0))
         store.put_run(RunRecord("aaaaaaaaaa", "e1", "r", "ann", "RUNNING", T0, None, "active", "file:///a"))
         index = RunIndex(store, lag=0.0)
-        assert index.refresh() == 1 and index._order.state() == (1, 1)
-        assert index.refresh() == 0 and index._order.state() == (1, 1)
+        assert index.refresh() == 1 and index._order.state() == (1, 0)
+        assert index.refresh() == 0 and index._order.state() == (1, 0)
         assert store.query_rows(f"SELECT {runorder_module.generation_sql(store.database)}") == [(1,)]
     finally:
         store.close()

@@ -180,8 +180,7 @@ class RunIndex:
                                      f"{PAGE_SETTINGS}", params)
                 self._store.maintain(f"INSERT INTO {db}.{INDEX} {rows_sql(db, f'run_id IN {changed}', '{v:UInt64}')} "
                                      f"{_INSERT_SETTINGS}", params)
-                if generation:
-                    self._order.follow(int(now_ns), generation)
+                self._order.follow(int(now_ns), generation)  # (also from none: a first build elsewhere)
         if build:  # searches read no generation of the index before this build (RunOrder.retract)
             self._order.retract()
         self._store.maintain(f"INSERT INTO {db}.run_index_state (key, watermark, runs) "

@@ -19,7 +19,7 @@ rows it was built with, and drops the older generations DROP_GRACE_SECONDS later
 A search that meets a row of an older version skips it when the run's current row
 sorts outside what it has read, and answers the run from rows computed now when that
 place was read without it (a pass concurrent with the search). A build of the whole
-index publishes an empty generation before its watermark (`retract`): searches read
+index retracts the current generation before its watermark (`retract`): searches read
 the index whole until a generation of the new rows is built. A pass copies its rows
 into a generation another refresher published while it wrote (`follow`).
 """
@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 ORDER = "run_order"
 STATE_KEY = "run_order"
+# A build of the whole index writes the generation it makes stale under this key (`retract`):
+# searches read no generation up to it. (Readers from before it take max(generation) of every
+# key, so they go on reading that generation, as they did.)
+RETRACTED_KEY = "run_order_retracted"
 # A generation is rebuilt once it holds this many times the rows it was built with.
 REBUILD_GROWTH = 2.0
 # Older generations are dropped this long after a newer one is published: a search that read
@@ -73,9 +77,11 @@ def _insert(db: str, source: str) -> str:
 
 
 def generation_sql(db: str) -> str:
-    """The generation searches read: 0 when none is built yet, or when the newest published one
-    holds no rows (`RunOrder.retract`: the index was built again and no generation is of it yet)."""
-    return f"(SELECT if(argMax(rows, generation) > 0, max(generation), 0) FROM {db}.run_order_state)"
+    """The generation searches read: 0 when none is built yet, or when the newest one is retracted
+    (`RunOrder.retract`: the index was built again and no generation is of it yet)."""
+    built = f"maxIf(generation, key = '{STATE_KEY}')"
+    return (f"(SELECT if({built} > maxIf(generation, key = '{RETRACTED_KEY}'), {built}, 0) "
+            f"FROM {db}.run_order_state)")
 
 
 def candidates_sql(db: str, scope: str, after: str, limit: int) -> str:
@@ -121,7 +127,8 @@ class RunOrder:
     def state(self) -> tuple[int, int]:
         """(generation searches read, 0 when none; rows it was built with)."""
         generation, rows = self._store.query_rows(
-            f"SELECT max(generation), argMax(rows, generation) FROM {self._db}.run_order_state")[0]
+            f"SELECT maxIf(generation, key = {{k:String}}), argMaxIf(rows, generation, key = {{k:String}}) "
+            f"FROM {self._db}.run_order_state", {"k": STATE_KEY})[0]
         return int(generation), int(rows)
 
     def add(self, source: str, params: dict[str, Any], generation: int) -> None:
@@ -138,20 +145,21 @@ class RunOrder:
         catch-up may have copied run_index before those rows were there; copy them now (rows
         it did copy are left alone)."""
         latest, _ = self.state()
-        if latest > generation:
-            where = ("version = {v:UInt64} AND (run_id, version) NOT IN (SELECT run_id, version FROM "
-                     f"{self._db}.{ORDER} WHERE generation = {{g:UInt32}} AND version = {{v:UInt64}})")
-            self._store.maintain(_insert(self._db, index_rows(self._db, where)), {"v": version, "g": latest})
+        if latest > generation:  # (without FINAL: the rows of this version are this pass's)
+            source = (f"{self._db}.run_index WHERE version = {{v:UInt64}} AND (run_id, version) NOT IN (SELECT "
+                      f"run_id, version FROM {self._db}.{ORDER} WHERE generation = {{g:UInt32}} AND version = "
+                      "{v:UInt64})")
+            self._store.maintain(_insert(self._db, source), {"v": version, "g": latest})
 
     def retract(self) -> None:
         """Before the watermark of an index built again is written: no generation is read until
         one is built from the new rows (`rebuild`). The current one is of the index before: a
         run changed between its last pass and the build has no row of its current version there,
         and is not among the changed runs (its change is before the new watermark)."""
-        generation, rows = self.state()
-        if generation and rows:
+        generation, _ = self.state()
+        if generation:
             self._store.maintain(f"INSERT INTO {self._db}.run_order_state (key, generation, rows) VALUES "
-                                 "({k:String}, {g:UInt32}, 0)", {"k": STATE_KEY, "g": generation + 1})
+                                 "({k:String}, {g:UInt32}, 0)", {"k": RETRACTED_KEY, "g": generation})
             logger.info("run order: generation %d retracted until one is built from the new index", generation)
 
     def upkeep(self) -> None:
@@ -163,8 +171,9 @@ class RunOrder:
         if generation:
             held = int(self._store.query_rows(f"SELECT count() FROM {self._db}.{ORDER} WHERE generation = "
                                               "{g:UInt32}", {"g": generation})[0][0])
-        retracted = generation and not rows and self._store.query_rows(
-            f"SELECT count() > 0 FROM {self._db}.run_index")[0][0]
+        retracted = generation and self._store.query_rows(
+            f"SELECT maxIf(generation, key = {{r:String}}) >= {{g:UInt32}} FROM {self._db}.run_order_state",
+            {"r": RETRACTED_KEY, "g": generation})[0][0]
         if not generation or retracted or held > REBUILD_GROWTH * max(rows, 1):
             if generation:
                 logger.info("run order: generation %d holds %d rows, built with %d: rebuilding", generation, held,
@@ -209,10 +218,8 @@ class RunOrder:
             logger.warning("run order: merging generation %d failed (%s); background merges will", generation, exc)
         rows = int(self._store.query_rows(f"SELECT count() FROM {db}.{ORDER} WHERE generation = {{g:UInt32}}",
                                           {"g": generation})[0][0])
-        # At least 1: 0 marks a retracted generation (`retract`), which upkeep builds again.
         self._store.maintain(f"INSERT INTO {db}.run_order_state (key, generation, rows) VALUES "
-                             "({k:String}, {g:UInt32}, {n:UInt64})",
-                             {"k": STATE_KEY, "g": generation, "n": max(rows, 1)})
+                             "({k:String}, {g:UInt32}, {n:UInt64})", {"k": STATE_KEY, "g": generation, "n": rows})
         self._store.maintain(_insert(db, index_rows(db, "version >= {v:UInt64} AND (run_id, version) NOT IN (SELECT "
                                                  f"run_id, version FROM {db}.{ORDER} WHERE generation = {{g:UInt32}} "
                                                  "AND version >= {v:UInt64})")),

@@ -68,7 +68,11 @@ class QuerySettings:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if not math.isfinite(getattr(self, f.name)):  # NaN passes every comparison below
+            try:  # NaN passes every comparison below; an int past a float's range cannot be one
+                finite = math.isfinite(getattr(self, f.name))
+            except OverflowError:
+                finite = False
+            if not finite:
                 raise ValueError(f"query setting {f.name} must be a finite number, got {getattr(self, f.name)!r}")
             if f.name in ("run_index", "run_index_lag_seconds", "run_order_max_results", "run_pages",
                           "run_index_state_seconds") \
