@@ -1014,6 +1014,19 @@ def _spy_hits(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return seen
 
 
+def _spy_sql(monkeypatch: pytest.MonkeyPatch, store: Store) -> list[str]:
+    """The SQL of every read the store runs from here on."""
+    reads: list[str] = []
+    execute = store._execute
+
+    def spy(request: Any) -> Any:
+        reads.append(request.sql)
+        return execute(request)
+
+    monkeypatch.setattr(store, "_execute", spy)
+    return reads
+
+
 def _walk(search: RunSearch, text: str, order_by: str, size: int, view: str = "ACTIVE_ONLY") -> list[str]:
     got: list[str] = []
     token = ""
@@ -1192,14 +1205,7 @@ def test_the_index_state_is_held_for_its_seconds_and_pages_stay_right_meanwhile(
     with _refreshed(chdb_dsn) as (store, models, index, _):
         clock = [1000.0]
         monkeypatch.setattr(search_module, "monotonic", lambda: clock[0])
-        reads: list[str] = []
-        execute = store._execute
-
-        def spy(request: Any) -> Any:
-            reads.append(request.sql)
-            return execute(request)
-
-        monkeypatch.setattr(store, "_execute", spy)
+        reads = _spy_sql(monkeypatch, store)
         search = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_index_state_seconds=1.0))
         request = SearchRequest(order_by=("metrics.loss",), max_results=4)
         def states() -> int:
@@ -1222,7 +1228,7 @@ def test_the_index_state_is_held_for_its_seconds_and_pages_stay_right_meanwhile(
                 QuerySettings(run_index_state_seconds=wrong)
         for name in ("TRACKHOUSE_QUERY_MAX_QUERY_SECONDS", "TRACKHOUSE_QUERY_MAX_RESULTS"):
             for text in ("nan", "1" + "0" * 400):
-                with pytest.raises(ValueError, match="finite|whole number"):
+                with pytest.raises(ValueError, match=r"finite|whole number"):
                     QuerySettings.from_env({name: text})
 
 
@@ -1232,14 +1238,7 @@ def test_changed_runs_that_sort_after_a_full_page_are_not_computed_again(
     latest value of the page's metric sorts within the page: one that fell out of it is left out
     unread, one still within it (its value unchanged) and one that rose into it are computed."""
     with _refreshed(chdb_dsn) as (store, models, _index, _):
-        reads: list[str] = []
-        execute = store._execute
-
-        def spy(request: Any) -> Any:
-            reads.append(request.sql)
-            return execute(request)
-
-        monkeypatch.setattr(store, "_execute", spy)
+        reads = _spy_sql(monkeypatch, store)
         search = RunSearch(store, TokenCodec(b"k" * 32), QuerySettings(run_index_state_seconds=0))
         order = ["metrics.loss"]
 
