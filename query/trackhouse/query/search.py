@@ -141,6 +141,11 @@ def _place(value: float, start_time: int, run_id: str, ascending: bool) -> tuple
     return 0, (value if ascending else -value) + 0.0, -start_time, run_id
 
 
+def _candidate_place(c: Sequence[Any]) -> tuple[int, float, int, str]:
+    """A candidate's place, from its row (`runorder.CANDIDATE`: run_id, neg_start, version, rank, value)."""
+    return int(c[3]), float(c[4]), int(c[1]), str(c[0])
+
+
 def _late(moved: dict[str, tuple[tuple[int, float, int, str], int]], seen: set[str],
           start: tuple[int, float, int, str] | None, upto: tuple[int, float, int, str] | None,
           late: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -323,11 +328,9 @@ class RunSearch:
         key, db = keys[0], self._store.database
         after: tuple[int, float, int, str] | None = None
         if cursor is not None:
-            rank = _rank(cursor[0])
-            if rank == 2:
+            if _rank(cursor[0]) == 2:  # past every value: runs missing the key
                 return None
-            value = 0.0 if rank else (-cursor[0] if not key.ascending else cursor[0]) + 0.0
-            after = (rank, value, -int(cursor[1]), str(cursor[2]))
+            after = _place(float(cursor[0]), int(cursor[1]), str(cursor[2]), key.ascending)
         start = after
         skip = {c[0] for c in changed}
         # A top-level AND term on the order key matches only runs that have it (`split_pushed`).
@@ -362,7 +365,8 @@ class RunSearch:
                     f"SELECT run_id, version, {key_column(key.entity, key.key)[0]}, start_time, {where}{record} "
                     f"FROM {db}.{INDEX} WHERE start_time IN {times} AND run_id IN {ids}", binder.params,
                     settings=FRESH_SETTINGS)))
-                for run_id, neg_start, version, c_rank, c_value in todo:
+                for cand in todo:
+                    run_id, version = cand[0], cand[2]
                     row = found.get(run_id)
                     if run_id in seen or run_id in skip or row is None or row[1] < version:
                         continue
@@ -375,16 +379,15 @@ class RunSearch:
                     seen.add(run_id)
                     hits.append((run_id, row[2], row[3], run_id, *row[5:]))
                     if len(hits) > limit:
-                        here = (int(c_rank), float(c_value), int(neg_start), run_id)
-                        return hits, _late(moved, seen, start, here, late)
+                        return hits, _late(moved, seen, start, _candidate_place(cand), late)
             if len(cands) < chunk:
                 return (hits, _late(moved, seen, start, None, late)) if complete else None
             last = cands[-1]
-            late = _late(moved, seen, start, (int(last[3]), float(last[4]), int(last[1]), last[0]), late)
+            after = _candidate_place(last)
+            late = _late(moved, seen, start, after, late)
             skip.update(r for r, _ in late)
             if read >= ORDER_CANDIDATES:
                 return None
-            after = (int(last[3]), float(last[4]), int(last[1]), last[0])
             first_of_value = len(cands) > 1 and (cands[-2][3], cands[-2][4]) != (last[3], last[4])
             need = limit + 1 - len(hits)  # at the rate kept so far, with half again to spare
             chunk = min(chunk * ORDER_GROWTH, max(need, math.ceil(need * read / len(hits) * 1.5))) if hits \
