@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
+from trackhouse.proto.points import batch_points
 from trackhouse.proto.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 
@@ -77,7 +78,7 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
             yield ack
 
     def _store(self, batch: Any) -> Any:
-        n = len(batch.steps) // 8
+        n = batch_points(batch)
         with self.cond:
             ident = (batch.writer_id, batch.seq)
             self.received.append(ident)

@@ -7,10 +7,12 @@ import threading
 from array import array
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
-from trackhouse.client.batcher import Batcher, BufferState, Columns, due_at, is_due
+from trackhouse.client.batcher import Batcher, BufferState, Columns, Rows, Taken, due_at, is_due
 from trackhouse.client.wire import encode
+from trackhouse.proto.points import batch_columns, batch_points
 from trackhouse.proto.v1 import ingest_pb2
 
 RUN_A = "a" * 32
@@ -18,16 +20,12 @@ RUN_B = "b" * 32
 
 
 def _decode(batch: ingest_pb2.MetricBatch) -> list[tuple[str, str, int, int, float]]:
-    n = len(batch.steps) // 8
-    run_index = np.frombuffer(batch.run_index, "<u4") if batch.run_index else np.zeros(n, "<u4")
-    key_index = np.frombuffer(batch.key_index, "<u4")
-    steps = np.frombuffer(batch.steps, "<i8")
-    times = np.frombuffer(batch.timestamps, "<i8")
-    values = np.frombuffer(batch.values, "<f8")
-    assert len(run_index) == len(key_index) == len(times) == len(values) == n
+    cols = batch_columns(batch)
+    assert len(cols) == batch_points(batch)
     return [
         (batch.run_ids[r], batch.keys[k], int(s), int(t), float(v))
-        for r, k, s, t, v in zip(run_index, key_index, steps, times, values, strict=True)
+        for r, k, s, t, v in zip(cols.run_index, cols.key_index, cols.steps, cols.timestamps, cols.values,
+                                 strict=True)
     ]
 
 
@@ -36,27 +34,46 @@ def _append(b: Batcher, run: str, step: int, ts: int, items: list[tuple[str, flo
     return b.append_row(b.intern_run(run), step, ts, block, [v for _, v in items])
 
 
-def _take(b: Batcher) -> Columns:
-    cols = b.take()
-    assert cols is not None
-    return cols
+def _take(b: Batcher) -> Taken:
+    taken = b.take()
+    assert taken is not None
+    return taken
 
 
-def _encode(b: Batcher, cols: Columns, seq: int = 1) -> ingest_pb2.MetricBatch:
-    return ingest_pb2.MetricBatch.FromString(encode(cols, b.run_ids, b.keys, writer_id="w", seq=seq))
+def _encode(b: Batcher, taken: Taken, seq: int = 1) -> ingest_pb2.MetricBatch:
+    return ingest_pb2.MetricBatch.FromString(encode(taken, b.run_ids, b.keys, writer_id="w", seq=seq))
 
 
-def _reference(cols: Columns, run_ids: list[str], keys: list[str], writer_id: str, seq: int) -> ingest_pb2.MetricBatch:
+def _u4(a: npt.ArrayLike) -> bytes:
+    return np.asarray(a).astype("<u4").tobytes()
+
+
+def _reference(taken: Taken, run_ids: list[str], keys: list[str], writer_id: str, seq: int) -> ingest_pb2.MetricBatch:
     """The batch ``encode`` must produce, built with the generated class (sorting instead of
     ``encode``'s counting to find the runs and keys used)."""
-    runs_used, run_index = np.unique(cols.run_index, return_inverse=True)
-    keys_used, key_index = np.unique(cols.key_index, return_inverse=True)
-    return ingest_pb2.MetricBatch(
-        writer_id=writer_id, seq=seq, run_ids=[run_ids[i] for i in runs_used], keys=[keys[i] for i in keys_used],
-        run_index=run_index.astype("<u4").tobytes() if len(runs_used) > 1 else b"",
-        key_index=key_index.astype("<u4").tobytes(), steps=cols.steps.astype("<i8").tobytes(),
-        timestamps=cols.timestamps.astype("<i8").tobytes(), values=cols.values.astype("<f8").tobytes(),
-    )
+    cols, rows = taken.columns, taken.rows
+    sets = rows.sets if rows is not None else ()
+    col_runs, col_keys = (cols.run_index, cols.key_index) if cols is not None else ([], [])
+    set_runs, set_keys = [r for r, _ in sets], [k for _, block in sets for k in block]
+    runs_used, run_index = np.unique(np.array([*col_runs, *set_runs], np.int64), return_inverse=True)
+    keys_used, key_index = np.unique(np.array([*col_keys, *set_keys], np.int64), return_inverse=True)
+    batch = ingest_pb2.MetricBatch(writer_id=writer_id, seq=seq, run_ids=[run_ids[i] for i in runs_used],
+                                   keys=[keys[i] for i in keys_used])
+    several = len(runs_used) > 1
+    if cols is not None:
+        batch.run_index = _u4(run_index[: len(col_runs)]) if several else b""
+        batch.key_index = _u4(key_index[: len(col_keys)])
+        batch.steps, batch.timestamps = cols.steps.astype("<i8").tobytes(), cols.timestamps.astype("<i8").tobytes()
+        batch.values = cols.values.astype("<f8").tobytes()
+    if rows is not None:
+        batch.set_runs = _u4(run_index[len(col_runs) :]) if several else b""
+        batch.set_widths = _u4([len(block) for _, block in sets])
+        batch.set_keys = _u4(key_index[len(col_keys) :])
+        batch.row_sets = _u4(rows.row_sets) if rows.row_sets is not None else b""
+        batch.row_steps = rows.steps.astype("<i8").tobytes()
+        batch.row_timestamps = rows.timestamps.astype("<i8").tobytes()
+        batch.row_values = np.frombuffer(b"".join(rows.values), "=f8").astype("<f8").tobytes()
+    return batch
 
 
 def _columns(runs: list[int], keys: list[int], steps: list[int], times: list[int], values: list[float]) -> Columns:
@@ -89,17 +106,83 @@ def test_encoded_bytes_are_exactly_what_the_generated_class_serializes(cols: Col
                                                                        seq: int) -> None:
     run_ids = [f"run-{i:04d}" for i in range(300)]
     keys = [f"loss/é{i}" if i % 3 else f"k{i}" for i in range(1000)]  # multi-byte UTF-8 too
-    wire = encode(cols, run_ids, keys, writer_id=writer_id, seq=seq)
-    expected = _reference(cols, run_ids, keys, writer_id, seq)
+    wire = encode(Taken(None, cols), run_ids, keys, writer_id=writer_id, seq=seq)
+    expected = _reference(Taken(None, cols), run_ids, keys, writer_id, seq)
     assert ingest_pb2.MetricBatch.FromString(wire) == expected
     assert wire == expected.SerializeToString(deterministic=True)
+
+
+def _row_take(sets: list[tuple[int, list[int]]], rows: list[tuple[int, int, int, list[float]]],
+              cols: Columns | None = None) -> Taken:
+    """A take of rows (set index, step, timestamp, values) of key sets (run, keys)."""
+    key_sets = tuple((run, array("I", keys)) for run, keys in sets)
+    row_sets = np.array([r[0] for r in rows], np.uint32) if len(sets) > 1 else None
+    values = tuple(array("d", r[3]).tobytes() for r in rows)
+    return Taken(Rows(key_sets, row_sets, np.array([r[1] for r in rows], np.int64),
+                      np.array([r[2] for r in rows], np.int64), values, sum(len(r[3]) for r in rows)), cols)
+
+
+_SETS = [(7, list(range(20, 40))), (3, [5]), (7, [999, 0, 21])]
+
+
+@pytest.mark.parametrize(
+    "taken",
+    [
+        pytest.param(_row_take([(3, [4, 2])], [(0, 1, 5, [0.5, -0.0])]), id="one row"),
+        pytest.param(_row_take([(0, [0])], [(0, _I64_MAX, _I64_MAX, [float("nan")]),
+                                            (0, _I64_MIN, _I64_MIN, [float("-inf")])]), id="extremes"),
+        pytest.param(_row_take(_SETS[:1], [(0, s, 1000 + s, [s / 7] * 20) for s in range(500)]),
+                     id="one run, 20 keys"),
+        pytest.param(_row_take(_SETS, [(s % 3, s, s, [1.5] * len(_SETS[s % 3][1])) for s in range(30)]),
+                     id="several runs and sets"),
+        pytest.param(_row_take(_SETS[:1], [(0, 1, 2, [3.0] * 20)], _columns([7, 299], [0, 30], [1, 2], [3, 4],
+                                                                             [5.0, 6.0])), id="rows and columns"),
+        pytest.param(_row_take(_SETS[1:2], [(0, 1, 2, [3.0])], _columns([3], [5], [1], [2], [3.0])),
+                     id="rows and columns, one run and key"),
+    ],
+)  # fmt: skip
+def test_rows_encode_exactly_what_the_generated_class_serializes(taken: Taken) -> None:
+    run_ids = [f"run-{i:04d}" for i in range(300)]
+    keys = [f"loss/é{i}" if i % 3 else f"k{i}" for i in range(1000)]
+    wire = encode(taken, run_ids, keys, writer_id="w", seq=3)
+    expected = _reference(taken, run_ids, keys, "w", 3)
+    assert ingest_pb2.MetricBatch.FromString(wire) == expected
+    assert wire == expected.SerializeToString(deterministic=True)
+
+
+def test_rows_travel_in_a_third_of_the_bytes_of_columns() -> None:
+    b = Batcher(max_points=10**6)
+    keys = [f"metric_{k:02d}" for k in range(20)]
+    for step in range(1000):
+        _append(b, RUN_A, step, 1_700_000_000_000 + step, [(k, step * 0.5) for k in keys])
+    taken = _take(b)
+    wire = encode(taken, b.run_ids, b.keys, writer_id="w" * 32, seq=1)
+    assert len(wire) / 20_000 < 10  # columns: 28 bytes a point (key, step, timestamp, value)
+    batch = ingest_pb2.MetricBatch.FromString(wire)
+    assert batch.steps == b"" and len(_decode(batch)) == 20_000
+    assert _decode(batch)[21] == (RUN_A, "metric_01", 1, 1_700_000_000_001, 0.5)
+
+
+def test_rows_split_at_row_boundaries_and_a_wide_row_goes_alone() -> None:
+    taken = _row_take(_SETS, [(0, 0, 0, [0.0] * 20), (1, 1, 1, [1.0]), (2, 2, 2, [2.0] * 3), (1, 3, 3, [3.0]),
+                              (2, 4, 4, [4.0] * 3), (1, 5, 5, [5.0])])  # fmt: skip
+    parts = taken.split(4)
+    assert [len(p) for p in parts] == [20, 4, 4, 1]
+    assert [p.rows.steps.tolist() for p in parts if p.rows is not None] == [[0], [1, 2], [3, 4], [5]]
+    run_ids, keys = [f"r{i}" for i in range(8)], [f"k{i}" for i in range(1000)]
+    whole = _decode(ingest_pb2.MetricBatch.FromString(encode(taken, run_ids, keys, writer_id="w", seq=1)))
+    pieces = [r for i, p in enumerate(parts)
+              for r in _decode(ingest_pb2.MetricBatch.FromString(encode(p, run_ids, keys, writer_id="w", seq=i + 1)))]
+    assert pieces == whole and len(whole) == 29
+    one_set = _row_take(_SETS[:1], [(0, s, s, [float(s)] * 20) for s in range(5)])
+    assert [p.rows.steps.tolist() for p in one_set.split(45) if p.rows is not None] == [[0, 1], [2, 3], [4]]
 
 
 def test_encoding_a_view_of_a_strided_column_copies_its_values() -> None:
     cols = _columns([0] * 6, [0, 1] * 3, list(range(6)), [9] * 6, [float(i) for i in range(6)])
     strided = Columns(cols.run_index[::2], cols.key_index[::2], cols.steps[::2], cols.timestamps[::2],
                       cols.values[::2])
-    batch = ingest_pb2.MetricBatch.FromString(encode(strided, ["r"], ["a", "b"], writer_id="w", seq=1))
+    batch = ingest_pb2.MetricBatch.FromString(encode(Taken(None, strided), ["r"], ["a", "b"], writer_id="w", seq=1))
     assert list(batch.keys) == ["a"] and np.frombuffer(batch.steps, "<i8").tolist() == [0, 2, 4]
     assert np.frombuffer(batch.values, "<f8").tolist() == [0.0, 2.0, 4.0]
 
@@ -129,7 +212,7 @@ def test_runs_are_coalesced_into_one_batch_with_only_the_keys_it_uses() -> None:
     batch = _encode(b, _take(b))
     assert list(batch.run_ids) == [RUN_B, RUN_A]  # interning order
     assert list(batch.keys) == ["loss", "acc"]
-    assert len(batch.run_index) == 9 * 4
+    assert batch.run_index == b"" and len(batch.set_runs) == 2 * 4 and len(batch.row_sets) == 6 * 4  # rows
     rows = _decode(batch)
     assert [r[:3] for r in rows[:3]] == [(RUN_A, "loss", 0), (RUN_A, "acc", 0), (RUN_B, "acc", 0)]
     assert sum(1 for r in rows if r[0] == RUN_B) == 3
@@ -143,7 +226,7 @@ def test_split_keeps_order_and_rows_and_arrays_mix() -> None:
     key = b.intern_keys(["arr"])[0]
     b.append_arrays(b.intern_run(RUN_A), key, np.arange(10, 13), 7, np.array([1.0, 2.0, 3.0]))
     parts = _take(b).split(3)
-    assert [len(p) for p in parts] == [3, 3, 2]
+    assert [len(p) for p in parts] == [3, 2, 3]  # the rows' parts, then the arrays' ones
     rows = [r for i, p in enumerate(parts) for r in _decode(_encode(b, p, i + 1))]
     assert [(r[0], r[1], r[2]) for r in rows[:5]] == [(RUN_A if s % 2 else RUN_B, f"k{s}", s) for s in range(5)]
     assert rows[5:] == [(RUN_A, "arr", 10, 7, 1.0), (RUN_A, "arr", 11, 7, 2.0), (RUN_A, "arr", 12, 7, 3.0)]
@@ -199,19 +282,20 @@ def test_vectorized_chunks_are_copied_into_a_recycled_arena() -> None:
     steps, values = np.arange(4, dtype=np.int32), np.array([1, 2, 3, 4], np.int16)  # converted on copy
     b.append_arrays(run, key, steps, 9, values)
     values[:] = 0  # the caller's buffer is its own again
-    first = _take(b)
-    assert first.values.tolist() == [1.0, 2.0, 3.0, 4.0] and first.steps.dtype == np.int64
+    first = _take(b).columns
+    assert first is not None and first.values.tolist() == [1.0, 2.0, 3.0, 4.0] and first.steps.dtype == np.int64
     arena = b._lent
     b.recycle()
     b.append_arrays(run, key, np.arange(10, 12), 9, np.array([5.0, 6.0]))
     assert b._arena is arena  # the same memory, no new pages to fault in
-    second = _take(b)
-    assert second.steps.tolist() == [10, 11] and second.values.tolist() == [5.0, 6.0]
+    second = _take(b).columns
+    assert second is not None and second.steps.tolist() == [10, 11] and second.values.tolist() == [5.0, 6.0]
 
 
 def test_rows_appended_by_many_threads_while_taken_are_each_taken_once_and_intact() -> None:
     """append_row takes no lock: rows appended while ``take`` runs stay for the next take."""
     b = Batcher(max_points=10**9)
+    assert b.intern_run(RUN_A) == 0
     blocks = [b.intern_keys([f"t{t}.a", f"t{t}.b", f"t{t}.c"]) for t in range(4)]
     per_thread, taken = 10_000, []
     done, first_take = threading.Event(), threading.Event()
@@ -244,13 +328,14 @@ def test_rows_appended_by_many_threads_while_taken_are_each_taken_once_and_intac
     finally:
         sys.setswitchinterval(old)
     last = b.take()
-    cols = taken + ([last] if last is not None else [])
-    keys = np.concatenate([c.key_index for c in cols])
+    batches = [_encode(b, t) for t in taken + ([last] if last is not None else [])]
+    cols = [batch_columns(batch) for batch in batches]
+    keys = np.concatenate([np.array(batch.keys)[c.key_index] for batch, c in zip(batches, cols, strict=True)])
     steps, times, values = (np.concatenate([getattr(c, f) for c in cols]) for f in ("steps", "timestamps", "values"))
     assert len(values) == 4 * per_thread * 3 == b.appended and b.state().points == 0
     for t in range(4):
         mine = times == t
-        assert np.array_equal(keys[mine], np.tile(np.array(blocks[t], np.uint32), per_thread))
+        assert np.array_equal(keys[mine], np.tile([f"t{t}.a", f"t{t}.b", f"t{t}.c"], per_thread))
         assert sorted(steps[mine][::3].tolist()) == list(range(per_thread))  # every row once
         row_values = values[mine].reshape(-1, 3)
         assert np.array_equal(row_values[:, 0], steps[mine][::3]) and np.all(row_values[:, 1] == t)

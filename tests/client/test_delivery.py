@@ -10,10 +10,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 
 import trackhouse.client as th
+from trackhouse.proto.points import batch_columns, batch_points
 
 FAST = th.Settings(flush_interval=0.05, max_batch_points=100, backoff_initial=0.01, backoff_max=0.05)
 
@@ -31,9 +31,8 @@ def _stored_points(fake: Any, writer_id: str) -> list[tuple[int, float]]:
     points = []
     for (writer, _), batch in sorted(fake.ingest.stored.items()):
         assert writer == writer_id
-        steps = np.frombuffer(batch.steps, "<i8")
-        values = np.frombuffer(batch.values, "<f8")
-        points += list(zip(steps.tolist(), values.tolist(), strict=True))
+        cols = batch_columns(batch)
+        points += list(zip(cols.steps.tolist(), cols.values.tolist(), strict=True))
     return points
 
 
@@ -100,7 +99,7 @@ def test_server_away_then_back(fake: Any, restart_fake: Any) -> None:
     assert client.flush(timeout=0.3) is False
     back = restart_fake(type(fake.ingest)(), port)
     assert client.flush(timeout=10.0) is True
-    assert sum(len(b.steps) // 8 for b in back.ingest.stored.values()) == 250
+    assert sum(batch_points(b) for b in back.ingest.stored.values()) == 250
     assert client.close(timeout=5.0)
 
 
@@ -175,7 +174,7 @@ def test_atexit_delivers_what_a_script_left_unflushed(fake: Any, tmp_path: Any) 
     )
     done = subprocess.run([sys.executable, str(script), fake.address], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
-    assert sum(len(b.steps) // 8 for b in fake.ingest.stored.values()) == 100
+    assert sum(batch_points(b) for b in fake.ingest.stored.values()) == 100
 
 
 class _HungFirstStream(th.MemoryTransport):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 import trackhouse.client as th
+from trackhouse.proto.points import batch_columns
 
 
 def _settings(tmp_path: Path, **kw: Any) -> th.Settings:
@@ -23,9 +24,9 @@ def _settings(tmp_path: Path, **kw: Any) -> th.Settings:
 def _points_by_writer(fake: Any) -> dict[str, list[tuple[str, int]]]:
     out: dict[str, list[tuple[str, int]]] = {}
     for (writer, _), batch in sorted(fake.ingest.stored.items()):
-        keys = np.frombuffer(batch.key_index, "<u4")
-        steps = np.frombuffer(batch.steps, "<i8")
-        out.setdefault(writer, []).extend((batch.keys[k], int(s)) for k, s in zip(keys, steps, strict=True))
+        cols = batch_columns(batch)
+        out.setdefault(writer, []).extend((batch.keys[k], int(s)) for k, s in zip(cols.key_index, cols.steps,
+                                                                                   strict=True))
     return out
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trackhouse.ingest.convert import (
     MAX_KEY_LENGTH,
@@ -18,6 +20,7 @@ from trackhouse.ingest.convert import (
 )
 from trackhouse.ingest.errors import InvalidArgument
 from trackhouse.ingest.settings import IngestSettings
+from trackhouse.proto.v1 import ingest_pb2
 
 SETTINGS = IngestSettings(max_batch_points=100, max_batch_keys=3, buffer_bytes=1 << 20)
 
@@ -175,3 +178,115 @@ def test_to_arrow_merges_batches_with_different_keys_and_runs(make_batch: Any) -
     assert table.column("value").to_pylist() == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     assert table.column("writer_id").to_pylist() == ["w1", "w1", "w2", "w2", "w2", "w1", "w1"]
     assert table.column("seq").to_pylist() == [1, 1, 9, 9, 9, 2, 2]
+
+
+# -- the row form ----------------------------------------------------------------------
+
+
+def _u4(*xs: int) -> bytes:
+    return np.array(xs, "<u4").tobytes()
+
+
+def _i8(*xs: int) -> bytes:
+    return np.array(xs, "<i8").tobytes()
+
+
+def _f8(*xs: float) -> bytes:
+    return np.array(xs, "<f8").tobytes()
+
+
+def _rows(**fields: Any) -> Any:
+    """Two runs, three keys; set 0 = run 1 with keys (2, 0), set 1 = run 0 with key 1;
+    rows: set 0 at step 5, set 1 at step 6, set 0 at step 7."""
+    base: dict[str, Any] = dict(
+        writer_id="w", seq=1, run_ids=["r0", "r1"], keys=["a", "b", "c"],
+        set_runs=_u4(1, 0), set_widths=_u4(2, 1), set_keys=_u4(2, 0, 1), row_sets=_u4(0, 1, 0),
+        row_steps=_i8(5, 6, 7), row_timestamps=_i8(50, 60, 70), row_values=_f8(1.0, 2.0, 3.0, 4.0, 5.0),
+    )  # fmt: skip
+    base.update(fields)
+    return ingest_pb2.MetricBatch(**base)
+
+
+def _named(decoded: Any) -> list[tuple[str, str, int, int, float]]:
+    return [(decoded.run_ids[r], decoded.keys[k], int(s), int(t), float(v)) for r, k, s, t, v in
+            zip(decoded.run_index, decoded.key_index, decoded.steps, decoded.timestamps, decoded.values, strict=True)]
+
+
+def test_rows_expand_to_a_point_per_key_of_their_set() -> None:
+    decoded = decode_batch(_rows(), SETTINGS)
+    assert decoded.points == 5
+    assert _named(decoded) == [("r1", "c", 5, 50, 1.0), ("r1", "a", 5, 50, 2.0), ("r0", "b", 6, 60, 3.0),
+                               ("r1", "c", 7, 70, 4.0), ("r1", "a", 7, 70, 5.0)]
+
+
+def test_one_run_and_one_set_need_neither_run_nor_set_indices() -> None:
+    batch = _rows(run_ids=["r0"], set_runs=b"", set_widths=_u4(2), set_keys=_u4(1, 2), row_sets=b"",
+                  row_steps=_i8(1, 2), row_timestamps=_i8(10, 20), row_values=_f8(0.5, math.inf, -0.0, math.nan))
+    named = _named(decode_batch(batch, SETTINGS))
+    assert named[:3] == [("r0", "b", 1, 10, 0.5), ("r0", "c", 1, 10, math.inf), ("r0", "b", 2, 20, -0.0)]
+    assert named[3][:4] == ("r0", "c", 2, 20) and math.isnan(named[3][4])
+
+
+def test_columns_and_rows_in_one_batch_decode_columns_first(make_batch: Any) -> None:
+    cols = make_batch(points=2)
+    batch = _rows(run_ids=[*cols.run_ids, "r1"], keys=[cols.keys[0], "b", "c"], key_index=_u4(0, 0),
+                  steps=cols.steps, timestamps=cols.timestamps, values=cols.values, run_index=_u4(0, 0))
+    decoded = decode_batch(batch, SETTINGS)
+    assert decoded.points == 7 and decoded.steps.tolist()[:2] == np.frombuffer(cols.steps, "<i8").tolist()
+    assert decoded.steps.tolist()[2:] == [5, 5, 6, 7, 7]
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragments"),
+    [
+        (dict(set_widths=_u4(2, 0), set_keys=_u4(2, 0)), ("set_widths", "width 0")),
+        (dict(set_widths=b"", set_keys=b"", set_runs=b""), ("set_widths", "at least one key set")),
+        (dict(set_keys=_u4(2, 0)), ("set_keys", "2 keys", "adds up to 3")),
+        (dict(set_keys=_u4(2, 0, 3)), ("set_keys", "index 3 out of range", "keys has 3")),
+        (dict(set_runs=b""), ("set_runs", "required", "2 run_ids")),
+        (dict(set_runs=_u4(1)), ("set_runs", "1 values", "set_widths has 2")),
+        (dict(set_runs=_u4(1, 2)), ("set_runs", "index 2 out of range", "run_ids has 2")),
+        (dict(row_sets=b""), ("row_sets", "required", "2 key sets")),
+        (dict(row_sets=_u4(0, 2, 0)), ("row_sets", "index 2 out of range")),
+        (dict(row_sets=_u4(0, 1)), ("row_sets", "2 values", "row_steps has 3")),
+        (dict(row_timestamps=_i8(50, 60)), ("row_timestamps", "2 values", "row_steps has 3")),
+        (dict(row_values=_f8(1.0, 2.0, 3.0, 4.0)), ("row_values", "4 values", "5 keys")),
+        (dict(row_values=_f8(*range(6))), ("row_values", "6 values", "5 keys")),
+        (dict(row_values=b"\x00" * 7), ("row_values", "multiple of 8")),
+        (dict(row_steps=b"", row_timestamps=b"", row_sets=b""), ("set_runs", "no rows")),
+        (dict(row_timestamps=_i8(50, -1, 70)), ("timestamps", "out of range")),
+    ],
+)  # fmt: skip
+def test_a_malformed_row_form_is_rejected_naming_the_field(fields: dict[str, Any], fragments: tuple[str, ...]) -> None:
+    rejects(_rows(**fields), *fragments)
+
+
+def test_the_point_limit_counts_row_points_before_expanding() -> None:
+    rejects(_rows(set_widths=_u4(60, 1), set_keys=_u4(*[0] * 60, 1), row_values=_f8(*range(121))),
+            "row_values", "121 points", "limit 100")
+    huge = _rows(set_widths=_u4(2**32 - 1, 1))  # claims billions of points: refused on its sizes, nothing expanded
+    rejects(huge, "set_keys")
+
+
+_SMALL_U4 = st.lists(st.integers(0, 4), max_size=6).map(lambda xs: _u4(*xs))
+_ANY_BYTES = st.binary(max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(set_runs=st.one_of(_SMALL_U4, _ANY_BYTES), set_widths=st.one_of(_SMALL_U4, _ANY_BYTES),
+       set_keys=st.one_of(_SMALL_U4, _ANY_BYTES), row_sets=st.one_of(_SMALL_U4, _ANY_BYTES),
+       row_steps=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4).map(lambda xs: _i8(*xs)),
+       row_timestamps=st.lists(st.integers(0, 2**40), max_size=4).map(lambda xs: _i8(*xs)),
+       row_values=st.lists(st.floats(), max_size=12).map(lambda xs: _f8(*xs)))
+def test_any_row_form_decodes_consistently_or_is_rejected(**fields: bytes) -> None:
+    """Whatever the row fields hold: InvalidArgument or points that agree with the sets."""
+    batch = _rows(**fields)
+    try:
+        decoded = decode_batch(batch, SETTINGS)
+    except InvalidArgument:
+        return
+    widths = np.frombuffer(batch.set_widths, "<u4")
+    rows = len(batch.row_steps) // 8
+    sets = np.frombuffer(batch.row_sets, "<u4") if batch.row_sets else np.zeros(rows, np.int64)
+    assert decoded.points == len(batch.row_values) // 8 == int(widths[sets].sum()) if rows else decoded.points == 0
+    assert int(decoded.key_index.max(initial=0)) < 3 and int(decoded.run_index.max(initial=0)) < 2

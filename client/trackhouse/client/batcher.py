@@ -17,9 +17,11 @@ Vectorized calls copy numpy chunks into an arena under the lock.
 Runs and keys are interned once for the life of the process: a ``Run`` keeps
 the interned key block of the key sets it logs, so it never looks a key up again.
 
-``take`` removes the rows and chunks under the lock and expands them into
-``Columns`` (numpy) off the hot path, the rows of one key set into reused scratch
-columns (given back by ``recycle``); ``wire.encode`` serializes them.
+``take`` removes the rows and chunks under the lock and gathers them off the hot
+path: the rows stay rows (``Rows``: each row's step, timestamp and packed values,
+its key set named once; they travel in the row form of ingest.proto, a third of
+the bytes of a point per key), the chunks become ``Columns`` (numpy);
+``wire.encode`` serializes both.
 
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
@@ -81,6 +83,56 @@ class Columns:
         ]  # fmt: skip
 
 
+_KeySet = tuple[int, "array[int]"]  # run slot, key block: one object per pair (``Batcher.key_set``)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows taken from the buffer, as they travel: row i is of key set ``sets[row_sets[i]]``
+    (``sets[0]`` when ``row_sets`` is None), a value per key of the set in ``values[i]``."""
+
+    sets: tuple[_KeySet, ...]
+    row_sets: npt.NDArray[np.uint32] | None
+    steps: npt.NDArray[np.int64]
+    timestamps: npt.NDArray[np.int64]
+    values: tuple[bytes, ...]  # each row's values as native doubles (``Run``'s struct pack)
+    points: int
+
+    def split(self, limit: int) -> list[Rows]:
+        """Consecutive runs of whole rows of at most ``limit`` points (a wider row goes alone)."""
+        if self.points <= limit:
+            return [self]
+        widths = np.array([len(block) for _, block in self.sets], np.int64)
+        ends = np.cumsum(widths[self.row_sets] if self.row_sets is not None else np.full(len(self.steps), widths[0]))
+        parts, start, done = [], 0, 0
+        while start < len(ends):
+            stop = max(start + 1, int(np.searchsorted(ends, done + limit, side="right")))
+            parts.append(Rows(self.sets, None if self.row_sets is None else self.row_sets[start:stop],
+                              self.steps[start:stop], self.timestamps[start:stop], self.values[start:stop],
+                              int(ends[stop - 1]) - done))
+            start, done = stop, int(ends[stop - 1])
+        return parts
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What one ``take`` removed: rows, vectorized chunks as columns, or both."""
+
+    rows: Rows | None
+    columns: Columns | None
+
+    def __len__(self) -> int:
+        return (self.rows.points if self.rows is not None else 0) + (len(self.columns) if self.columns else 0)
+
+    def split(self, limit: int) -> list[Taken]:
+        """Parts of at most ``limit`` points (a row wider than that alone), rows first."""
+        if len(self) <= limit:
+            return [self]
+        rows = self.rows.split(limit) if self.rows is not None else []
+        cols = self.columns.split(limit) if self.columns is not None else []
+        return [Taken(r, None) for r in rows] + [Taken(None, c) for c in cols]
+
+
 def is_due(state: BufferState, now: float, *, max_points: int, interval: float, forced: bool) -> bool:
     """Whether the sender should take points now: full, old enough, or asked to."""
     if state.points == 0:
@@ -99,7 +151,6 @@ def due_at(state: BufferState, *, interval: float) -> float | None:
 
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
 # run, step, timestamp, key block, values (native doubles: bytes from ``Run``'s struct pack, or an array)
-_KeySet = tuple[int, "array[int]"]  # run slot, key block: one object per pair (``Batcher.key_set``)
 _Row = tuple[_KeySet, int, int, bytes]
 _array = array
 _ARENA_MIN = 1 << 20  # values; the arena of vectorized calls starts at 16 MiB (steps + values)
@@ -126,15 +177,6 @@ class _Arena:
         return dst_steps, dst_values
 
 
-class _RowScratch:
-    """Step, timestamp and key columns that the rows of a take expand into, reused take after
-    take: in this VM a fresh page costs several µs to fault in (~240 faults a 40,000-point take)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.steps, self.times = np.empty(capacity, np.int64), np.empty(capacity, np.int64)
-        self.keys = np.empty(capacity, np.uint32)
-
-
 class Batcher:
     """The process-wide columnar buffer of one client. Thread-safe; the lock is never held across I/O."""
 
@@ -153,8 +195,6 @@ class Batcher:
         self._arena: _Arena | None = None
         self._spare: _Arena | None = None  # recycled by the sender once it has encoded a take
         self._lent: _Arena | None = None
-        self._scratch: list[_RowScratch] = []  # at most one, lent to a take until ``recycle``
-        self._lent_scratch: _RowScratch | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -279,7 +319,7 @@ class Batcher:
         self._reset()
         return rows, chunks, points, row_points
 
-    def take(self) -> Columns | None:
+    def take(self) -> Taken | None:
         """Remove and return every buffered point, or None when empty."""
         with self._lock:
             rows, chunks, points, rows_points = self._remove()
@@ -288,11 +328,7 @@ class Batcher:
             if self._arena is not None and self._arena.used:
                 self._lent, self._arena = self._arena, self._spare
                 self._spare = None
-            scratch = self._scratch.pop() if self._scratch else None
-            if scratch is None or len(scratch.steps) < rows_points:
-                scratch = _RowScratch(rows_points)
-            self._lent_scratch = scratch
-        return _expand(rows, chunks, scratch)
+        return Taken(_gather(rows, rows_points) if rows else None, _columns(chunks) if chunks else None)
 
     def recycle(self) -> None:
         """The columns of the last ``take`` are no longer used (encoded): reuse their memory."""
@@ -304,9 +340,6 @@ class Batcher:
                     self._arena = lent
                 else:
                     self._spare = lent
-            scratch, self._lent_scratch = self._lent_scratch, None
-            if scratch is not None and len(scratch.steps) <= _ARENA_KEEP:
-                self._scratch[:] = [scratch]
 
     def discard(self) -> int:
         """Drop every buffered point; returns how many."""
@@ -319,33 +352,24 @@ class Batcher:
         self._lock = threading.Lock()
         self.rows.clear()
         self._reset()
-        self._arena = self._spare = self._lent = self._lent_scratch = None
-        self._scratch.clear()
+        self._arena = self._spare = self._lent = None
         self._done = 0
 
 
-def _expand(rows: list[_Row], chunks: list[_Chunk], scratch: _RowScratch) -> Columns:
+def _gather(rows: list[_Row], points: int) -> Rows:
+    sets, steps, times, values = zip(*rows, strict=True)
+    n = len(rows)
+    row_sets = None
+    if sets.count(sets[0]) != n:  # not the common take of one run and one key set (a C-level identity scan)
+        ids: dict[int, int] = {}  # key sets are interned: one object each, alive as long as the batcher
+        row_sets = np.fromiter([ids.setdefault(id(s), len(ids)) for s in sets], np.uint32, n)
+        sets = tuple({id(s): s for s in sets}.values())  # in the order of their ids
+    return Rows(sets[:1] if row_sets is None else sets, row_sets, np.frombuffer(array("q", steps), np.int64),
+                np.frombuffer(array("q", times), np.int64), values, points)
+
+
+def _columns(chunks: list[_Chunk]) -> Columns:
     parts = []
-    if rows:
-        sets, steps, times, values = zip(*rows, strict=True)
-        n = len(rows)
-        step_col = np.frombuffer(array("q", steps), np.int64)
-        time_col = np.frombuffer(array("q", times), np.int64)
-        if sets.count(sets[0]) == n:  # the common take: one run, one key set (a C-level identity scan)
-            run, block = sets[0]
-            size = n * len(block)
-            grid = (n, len(block))  # a row's columns broadcast into the reused scratch: no fresh pages
-            run_index = np.broadcast_to(np.uint32(run), (size,))
-            scratch.keys[:size].reshape(grid)[:] = np.frombuffer(block, np.uint32)
-            scratch.steps[:size].reshape(grid)[:] = step_col[:, None]
-            scratch.times[:size].reshape(grid)[:] = time_col[:, None]
-            key_index, step_col, time_col = scratch.keys[:size], scratch.steps[:size], scratch.times[:size]
-        else:
-            lengths = np.fromiter([len(b) for _, b in sets], np.int64, n)
-            run_index = np.repeat(np.fromiter([r for r, _ in sets], np.uint32, n), lengths)
-            key_index = np.frombuffer(b"".join([b for _, b in sets]), np.uint32)
-            step_col, time_col = np.repeat(step_col, lengths), np.repeat(time_col, lengths)
-        parts.append(Columns(run_index, key_index, step_col, time_col, np.frombuffer(b"".join(values), np.float64)))
     for run_, key, steps_, ts, vals in chunks:
         n = len(vals)
         stamps = np.full(n, ts, np.int64) if isinstance(ts, int) else ts

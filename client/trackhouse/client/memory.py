@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from trackhouse.client.errors import AlreadyExists, InvalidArgument, NotFound, ServerUnavailable, UsageError
+from trackhouse.proto.points import batch_columns, batch_points
 from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 
 _Point = tuple[int, int, float]
@@ -155,7 +156,7 @@ class MemoryTransport:
 
     def _store(self, batch: ingest_pb2.MetricBatch) -> ingest_pb2.BatchAck:
         self._check()
-        n = len(batch.steps) // 8
+        n = batch_points(batch)
         with self._lock:
             if batch.seq <= self.high_water.get(batch.writer_id, 0):
                 return ingest_pb2.BatchAck(seq=batch.seq, status=ingest_pb2.DUPLICATE, points=n)
@@ -163,11 +164,13 @@ class MemoryTransport:
             if missing:
                 return ingest_pb2.BatchAck(seq=batch.seq, status=ingest_pb2.REJECTED, points=n, code=5,
                                            message=f"run_ids: {missing[0]!r} not found")
-            runs = np.frombuffer(batch.run_index, "<u4") if batch.run_index else np.zeros(n, np.uint32)
-            keys = np.frombuffer(batch.key_index, "<u4")
-            columns = zip(runs.tolist(), keys.tolist(), np.frombuffer(batch.steps, "<i8").tolist(),
-                          np.frombuffer(batch.timestamps, "<i8").tolist(), np.frombuffer(batch.values, "<f8").tolist(),
-                          strict=True)  # fmt: skip
+            try:
+                cols = batch_columns(batch)
+            except ValueError as exc:
+                return ingest_pb2.BatchAck(seq=batch.seq, status=ingest_pb2.REJECTED, points=n, code=3,
+                                           message=str(exc))
+            columns = zip(cols.run_index.tolist(), cols.key_index.tolist(), cols.steps.tolist(),
+                          cols.timestamps.tolist(), cols.values.tolist(), strict=True)
             for r, k, step, ts, value in columns:
                 self.metrics.setdefault(batch.run_ids[r], {}).setdefault(batch.keys[k], []).append((step, ts, value))
             self.high_water[batch.writer_id] = batch.seq

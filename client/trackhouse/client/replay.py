@@ -51,6 +51,7 @@ from trackhouse.client.spool import (
     writer_dirs,
 )  # fmt: skip
 from trackhouse.client.transport import Transport
+from trackhouse.proto.points import batch_points
 from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class _Stream:
                     self._cond.wait_for(lambda: self._window < policy.REPLAY_WINDOW or self._stopped)
                     if self._stopped:
                         return
-                    self._in_flight[batch.seq] = (size, len(batch.steps) // 8)
+                    self._in_flight[batch.seq] = (size, batch_points(batch))
                     self._window += size
                 out.put(payload)
         out.put(None)

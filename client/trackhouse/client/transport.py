@@ -77,6 +77,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+# The ingest channels receive only acks and small unary replies: no bandwidth-delay probing of
+# what they receive. Its pings cost the client's gRPC threads ~1.5 ms of CPU per metric batch
+# (measured: docs/benchmarks.md, issue 5 fourth pass); reads go over the query channels, which keep it.
+_INGEST_OPTIONS = [*_CHANNEL_OPTIONS, ("grpc.http2.bdp_probe", 0)]
 
 
 class AckStream(Protocol):
@@ -154,14 +158,14 @@ def _retry_info(blob: bytes) -> float | None:
     return None
 
 
-def _open_channel(target: str, secure: bool, tls_ca: str = "") -> grpc.Channel:
+def _open_channel(target: str, secure: bool, tls_ca: str, options: list[tuple[str, Any]]) -> grpc.Channel:
     if secure:
         roots = None
         if tls_ca:
             with open(tls_ca, "rb") as f:
                 roots = f.read()
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=_CHANNEL_OPTIONS)
-    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
+    return grpc.insecure_channel(target, options=options)
 
 
 _INHERITED: list[grpc.Channel] = []
@@ -182,9 +186,10 @@ class _Replicas:
     several calls failing on one dead address move past it once.
     """
 
-    def __init__(self, url: str, tls_ca: str = "") -> None:
+    def __init__(self, url: str, tls_ca: str, options: list[tuple[str, Any]]) -> None:
         self._targets = parse_urls(url)
         self._tls_ca = tls_ca
+        self._options = options
         self._channels: list[grpc.Channel | None] = [None] * len(self._targets)
         self._index = 0
         self._lock = threading.Lock()
@@ -197,7 +202,7 @@ class _Replicas:
             i = self._index
             channel = self._channels[i]
             if channel is None:
-                channel = self._channels[i] = _open_channel(*self._targets[i], self._tls_ca)
+                channel = self._channels[i] = _open_channel(*self._targets[i], self._tls_ca, self._options)
             return i, channel
 
     def failed(self, index: int) -> None:
@@ -268,7 +273,8 @@ class _GrpcAckStream:
 
 
 class GrpcTransport:
-    """``Transport`` over gRPC channels: one per address of ingest and of query (shared when equal).
+    """``Transport`` over gRPC channels: one per address of ingest and one per address of query
+    (two to one address when they are equal: the query channels keep gRPC's receive-window probing).
 
     ``url`` / ``query_url`` are one address or several, comma-separated (replicas).
     Creating it does no I/O: gRPC channels connect on first use (``tls_ca`` is read then).
@@ -285,15 +291,13 @@ class GrpcTransport:
         self._connect()
 
     def _connect(self) -> None:
-        self._ingest = _Replicas(self.url, self._tls_ca)
-        self._query = self._ingest if self._query_url == self.url else _Replicas(self._query_url, self._tls_ca)
+        self._ingest = _Replicas(self.url, self._tls_ca, _INGEST_OPTIONS)
+        self._query = _Replicas(self._query_url, self._tls_ca, _CHANNEL_OPTIONS)  # its own options: never shared
 
     def reopen(self) -> None:
         # The parent's channels share sockets with the parent: never close them here
         # (a shutdown would cut the parent's connection); keep them referenced.
-        _INHERITED.extend(self._ingest.channels())
-        if self._query is not self._ingest:
-            _INHERITED.extend(self._query.channels())
+        _INHERITED.extend([*self._ingest.channels(), *self._query.channels()])
         self._connect()
 
     def _call(self, replicas: _Replicas, stub: Callable[[grpc.Channel], Any], method: str, request: Any,
@@ -381,8 +385,5 @@ class GrpcTransport:
         raise error
 
     def close(self) -> None:
-        for channel in self._ingest.channels():
+        for channel in [*self._ingest.channels(), *self._query.channels()]:
             channel.close()
-        if self._query is not self._ingest:
-            for channel in self._query.channels():
-                channel.close()

@@ -1,21 +1,26 @@
-"""The wire format of a metric batch: ``encode`` turns ``Columns`` into a serialized
-``MetricBatch`` holding only the runs and keys it uses, without the generated class.
+"""The wire format of a metric batch: ``encode`` turns what the batcher took (``Taken``:
+rows and columns) into a serialized ``MetricBatch`` holding only the runs and keys it
+uses, without the generated class.
 
 Every field is length-delimited (tag, varint length, bytes) except ``seq`` (tag,
 varint), and the columns are ``bytes`` fields, so each column is copied once, straight
-into the message. The bytes are those ``MetricBatch.SerializeToString()`` produces
-(fields in number order, defaults omitted), which the tests check.
+into the message; so are the rows' values, row by row. The bytes are those
+``MetricBatch.SerializeToString()`` produces (fields in number order, defaults
+omitted), which the tests check.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from trackhouse.client.batcher import Columns
+from trackhouse.client.batcher import Taken
+
+_LITTLE = sys.byteorder == "little"
 
 
 def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
@@ -33,31 +38,64 @@ def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.i
     return used, lookup[index]
 
 
-def encode(cols: Columns, run_ids: Sequence[str], keys: Sequence[str], *, writer_id: str, seq: int) -> bytes:
-    """``cols`` as one serialized ``MetricBatch`` (``run_index`` left empty when there is one run)."""
-    runs_used, run_index = _compact(cols.run_index, len(run_ids))
-    keys_used, key_index = _compact(cols.key_index, len(keys))
+def encode(taken: Taken, run_ids: Sequence[str], keys: Sequence[str], *, writer_id: str, seq: int) -> bytes:
+    """``taken`` as one serialized ``MetricBatch``: its chunks in the column form, its rows in the
+    row form (run index columns left empty when the batch has one run, ``row_sets`` when it
+    has one key set)."""
+    rows, cols = taken.rows, taken.columns
+    sets = rows.sets if rows is not None else ()
+    set_runs = np.array([run for run, _ in sets], np.uint32)
+    set_keys = np.frombuffer(b"".join([block for _, block in sets]), np.uint32)
+    runs_used, (run_index, set_runs) = _compact_all(cols.run_index if cols else None, set_runs, len(run_ids))
+    keys_used, (key_index, set_keys) = _compact_all(cols.key_index if cols else None, set_keys, len(keys))
     parts: list[bytes | memoryview] = []
-    _put(parts, 0x0A, writer_id.encode())
+    _put(parts, b"\x0a", writer_id.encode())
     if seq:
         parts += (b"\x10", _varint(seq))
     for prefix, names, used in ((b"\x1a", run_ids, runs_used), (b"\x22", keys, keys_used)):
         for i in used:  # repeated: an element is written even when empty
             name = names[i].encode()
             parts += (prefix, _varint(len(name)), name)
-    if len(runs_used) > 1:
-        _put(parts, 0x2A, _le(run_index, "<u4"))
-    for tag, column, dtype in ((0x32, key_index, "<u4"), (0x3A, cols.steps, "<i8"),
-                               (0x42, cols.timestamps, "<i8"), (0x4A, cols.values, "<f8")):
-        _put(parts, tag, _le(column, dtype))
+    several_runs = len(runs_used) > 1
+    if cols is not None:
+        if several_runs:
+            _put(parts, b"\x2a", _le(run_index, "<u4"))
+        for tag, column, dtype in ((b"\x32", key_index, "<u4"), (b"\x3a", cols.steps, "<i8"),
+                                   (b"\x42", cols.timestamps, "<i8"), (b"\x4a", cols.values, "<f8")):
+            _put(parts, tag, _le(column, dtype))
+    if rows is not None:
+        if several_runs:
+            _put(parts, b"\x52", _le(set_runs, "<u4"))
+        _put(parts, b"\x5a", np.array([len(block) for _, block in sets], "<u4"))
+        _put(parts, b"\x62", _le(set_keys, "<u4"))
+        if rows.row_sets is not None:
+            _put(parts, b"\x6a", _le(rows.row_sets, "<u4"))
+        _put(parts, b"\x72", _le(rows.steps, "<i8"))
+        _put(parts, b"\x7a", _le(rows.timestamps, "<i8"))
+        values = rows.values if _LITTLE else (np.frombuffer(b"".join(rows.values), "=f8").astype("<f8").tobytes(),)
+        if rows.points:  # the rows' packed values, copied once, straight into the message
+            parts += (b"\x82\x01", _varint(8 * rows.points), *values)
     return b"".join(parts)
 
 
-def _put(parts: list[bytes | memoryview], tag: int, data: bytes | npt.NDArray[Any]) -> None:
+def _compact_all(column: npt.NDArray[np.uint32] | None, sets: npt.NDArray[np.uint32],
+                 size: int) -> tuple[npt.NDArray[np.intp], tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]]:
+    """``_compact`` over a column index and a key sets' index together: one numbering for both."""
+    if column is None:
+        used, index = _compact(sets, size)
+        return used, (index[:0], index)
+    if not len(sets):
+        used, index = _compact(column, size)
+        return used, (index, index[:0])
+    used, index = _compact(np.concatenate([column, sets]), size)
+    return used, (index[: len(column)], index[len(column) :])
+
+
+def _put(parts: list[bytes | memoryview], tag: bytes, data: bytes | npt.NDArray[Any]) -> None:
     """One singular length-delimited field (proto3 omits it when empty)."""
     if len(data):
         view = data.data if isinstance(data, np.ndarray) else memoryview(data)
-        parts += (bytes((tag,)), _varint(view.nbytes), view)
+        parts += (tag, _varint(view.nbytes), view)
 
 
 def _varint(n: int) -> bytes:

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from trackhouse.ingest.errors import InvalidArgument
 from trackhouse.ingest.settings import BYTES_PER_POINT, IngestSettings
+from trackhouse.proto.points import batch_columns, batch_points
 
 # MLflow's rule for metric, param and tag names (used with fullmatch: `$` alone accepts a trailing newline).
 KEY_PATTERN = re.compile(r"[/\w.\- :]+")
@@ -29,11 +30,6 @@ MAX_KEY_LENGTH = 250
 MAX_WRITER_ID_LENGTH = 128
 # Timestamps are ms since the epoch: from 1970 to the year 3000.
 MAX_TIMESTAMP_MS = 32_503_680_000_000
-
-_I64 = np.dtype("<i8")
-_U32 = np.dtype("<u4")
-_F64 = np.dtype("<f8")
-
 
 @dataclass(frozen=True)
 class DecodedBatch:
@@ -69,20 +65,6 @@ def check_key(key: str, field: str) -> None:
         )
 
 
-def _column(data: bytes, dtype: np.dtype[Any], field: str) -> npt.NDArray[Any]:
-    if len(data) % dtype.itemsize:
-        raise InvalidArgument(
-            f"{field}: {len(data)} bytes is not a multiple of {dtype.itemsize} "
-            f"(each value is a little-endian {dtype.name})"
-        )
-    return np.frombuffer(data, dtype=dtype)
-
-
-def _check_index(index: npt.NDArray[np.uint32], size: int, field: str, names: str) -> None:
-    if len(index) and int(index.max()) >= size:
-        raise InvalidArgument(f"{field}: index {int(index.max())} out of range, {names} has {size} entries")
-
-
 def _check_header(batch: Any, settings: IngestSettings) -> None:
     if not batch.writer_id or len(batch.writer_id) > MAX_WRITER_ID_LENGTH:
         raise InvalidArgument(f"writer_id: required, 1 to {MAX_WRITER_ID_LENGTH} characters")
@@ -97,34 +79,25 @@ def _check_header(batch: Any, settings: IngestSettings) -> None:
 
 
 def decode_batch(batch: Any, settings: IngestSettings) -> DecodedBatch:
-    """Validate a MetricBatch message and return its columns as numpy views."""
+    """Validate a MetricBatch message and return its points as columns (the column form as
+    numpy views, the row form expanded: ``trackhouse.proto.points``)."""
     _check_header(batch, settings)
-    steps = _column(batch.steps, _I64, "steps")
-    n = len(steps)
-    if n > settings.max_batch_points:
-        raise InvalidArgument(f"steps: {n} points in one batch, limit {settings.max_batch_points}")
-    timestamps = _column(batch.timestamps, _I64, "timestamps")
-    values = _column(batch.values, _F64, "values")
-    key_index = _column(batch.key_index, _U32, "key_index")
-    if batch.run_index:
-        run_index = _column(batch.run_index, _U32, "run_index")
-    elif len(batch.run_ids) == 1:
-        run_index = np.zeros(n, dtype=np.uint32)
-    else:
-        raise InvalidArgument(f"run_index: required when the batch has {len(batch.run_ids)} run_ids")
-    for name, col in (("timestamps", timestamps), ("values", values), ("key_index", key_index),
-                      ("run_index", run_index)):
-        if len(col) != n:
-            raise InvalidArgument(f"{name}: {len(col)} values, but steps has {n}; all columns must have one length")
-    _check_index(key_index, len(batch.keys), "key_index", "keys")
-    _check_index(run_index, len(batch.run_ids), "run_index", "run_ids")
-    if n and (int(timestamps.min()) < 0 or int(timestamps.max()) > MAX_TIMESTAMP_MS):
+    n = batch_points(batch)
+    if n > settings.max_batch_points:  # before the rows are expanded
+        raise InvalidArgument(f"steps and row_values: {n} points in one batch, limit {settings.max_batch_points}")
+    try:
+        cols = batch_columns(batch)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+    timestamps = cols.timestamps
+    if len(cols) and (int(timestamps.min()) < 0 or int(timestamps.max()) > MAX_TIMESTAMP_MS):
         raise InvalidArgument(
             f"timestamps: out of range [0, {MAX_TIMESTAMP_MS}] (milliseconds since the epoch, up to year 3000)"
         )
     return DecodedBatch(
         writer_id=batch.writer_id, seq=batch.seq, run_ids=tuple(batch.run_ids), keys=tuple(batch.keys),
-        run_index=run_index, key_index=key_index, steps=steps, timestamps=timestamps, values=values,
+        run_index=cols.run_index, key_index=cols.key_index, steps=cols.steps, timestamps=timestamps,
+        values=cols.values,
     )
 
 

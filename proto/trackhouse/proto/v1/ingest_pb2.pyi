@@ -136,7 +136,7 @@ class SetTagsResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class MetricBatch(_message.Message):
-    __slots__ = ("writer_id", "seq", "run_ids", "keys", "run_index", "key_index", "steps", "timestamps", "values")
+    __slots__ = ("writer_id", "seq", "run_ids", "keys", "run_index", "key_index", "steps", "timestamps", "values", "set_runs", "set_widths", "set_keys", "row_sets", "row_steps", "row_timestamps", "row_values")
     WRITER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RUN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,13 @@ class MetricBatch(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    SET_RUNS_FIELD_NUMBER: _ClassVar[int]
+    SET_WIDTHS_FIELD_NUMBER: _ClassVar[int]
+    SET_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ROW_SETS_FIELD_NUMBER: _ClassVar[int]
+    ROW_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ROW_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    ROW_VALUES_FIELD_NUMBER: _ClassVar[int]
     writer_id: str
     seq: int
     run_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -155,7 +162,14 @@ class MetricBatch(_message.Message):
     steps: bytes
     timestamps: bytes
     values: bytes
-    def __init__(self, writer_id: _Optional[str] = ..., seq: _Optional[int] = ..., run_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[str]] = ..., run_index: _Optional[bytes] = ..., key_index: _Optional[bytes] = ..., steps: _Optional[bytes] = ..., timestamps: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
+    set_runs: bytes
+    set_widths: bytes
+    set_keys: bytes
+    row_sets: bytes
+    row_steps: bytes
+    row_timestamps: bytes
+    row_values: bytes
+    def __init__(self, writer_id: _Optional[str] = ..., seq: _Optional[int] = ..., run_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[str]] = ..., run_index: _Optional[bytes] = ..., key_index: _Optional[bytes] = ..., steps: _Optional[bytes] = ..., timestamps: _Optional[bytes] = ..., values: _Optional[bytes] = ..., set_runs: _Optional[bytes] = ..., set_widths: _Optional[bytes] = ..., set_keys: _Optional[bytes] = ..., row_sets: _Optional[bytes] = ..., row_steps: _Optional[bytes] = ..., row_timestamps: _Optional[bytes] = ..., row_values: _Optional[bytes] = ...) -> None: ...
 
 class BatchAck(_message.Message):
     __slots__ = ("seq", "status", "points", "code", "message")
