@@ -174,6 +174,10 @@ def test_rows_split_at_row_boundaries_and_a_wide_row_goes_alone() -> None:
     pieces = [r for i, p in enumerate(parts)
               for r in _decode(ingest_pb2.MetricBatch.FromString(encode(p, run_ids, keys, writer_id="w", seq=i + 1)))]
     assert pieces == whole and len(whole) == 29
+    named = [ingest_pb2.MetricBatch.FromString(encode(p, run_ids, keys, writer_id="w", seq=1)).run_ids for p in parts]
+    assert [len(runs) for runs in named] == [1, 2, 2, 1]  # each part names only the runs it uses
+    assert [[run for run, _ in p.rows.sets] for p in parts if p.rows is not None] == [[7], [3, 7], [3, 7], [3]]
+    assert [p.rows.row_sets is None for p in parts if p.rows is not None] == [True, False, False, True]
     one_set = _row_take(_SETS[:1], [(0, s, s, [float(s)] * 20) for s in range(5)])
     assert [p.rows.steps.tolist() for p in one_set.split(45) if p.rows is not None] == [[0, 1], [2, 3], [4]]
 

@@ -42,6 +42,8 @@ def run(client: th.Client) -> th.Run:
         (lambda r: r.log_metrics({3: 1.0}), "non-empty strings"),
         (lambda r: r.log_metrics({"a": 1.0}, timestamp=1.5), "timestamp must be an int"),
         (lambda r: r.log(step=0), r"needs metrics as keywords"),
+        (lambda r: r.log_metrics({}), r"needs at least one metric"),  # a run's first call too
+        (lambda r: r.log_metrics({None: 1.0}), "non-empty strings"),  # type: ignore[dict-item]
         (lambda r: r.log_params({"": 1}), "param keys must be non-empty"),
         (lambda r: r.finish("DONE"), "status must be one of FINISHED, FAILED, KILLED"),
     ],
@@ -50,6 +52,24 @@ def test_bad_calls_raise_at_once(client: th.Client, run: th.Run, call: Any, matc
     with pytest.raises(th.UsageError, match=match):
         call(run)
     assert client.stats()["points_logged"] == 0
+
+
+def test_an_empty_call_after_other_runs_logged_spoils_none_of_their_points() -> None:
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(flush_interval=600.0, replay_orphans=False))
+    try:
+        first, fresh = client.start_run(experiment="e"), client.start_run(experiment="e")
+        first.log(step=0, loss=0.5)
+        with pytest.raises(th.UsageError, match="needs at least one metric"):
+            fresh.log_metrics({}, step=0)
+        first.log_metrics({"loss": 0.25}, step=1)
+        with pytest.raises(th.UsageError, match="needs at least one metric"):
+            first.log_metrics({}, step=2)
+        assert client.flush(timeout=10.0)
+        assert [v for _, _, v in transport.points(first.run_id, "loss")] == [0.5, 0.25]
+        assert client.stats()["points_rejected"] == 0
+    finally:
+        client.close(timeout=5.0)
 
 
 def test_one_bad_value_appends_nothing_of_the_call(client: th.Client, run: th.Run) -> None:

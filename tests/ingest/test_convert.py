@@ -241,6 +241,8 @@ def test_columns_and_rows_in_one_batch_decode_columns_first(make_batch: Any) -> 
     [
         (dict(set_widths=_u4(2, 0), set_keys=_u4(2, 0)), ("set_widths", "width 0")),
         (dict(set_widths=b"", set_keys=b"", set_runs=b""), ("set_widths", "at least one key set")),
+        (dict(row_steps=_i8(5), row_timestamps=_i8(50), row_sets=_u4(0), row_values=_f8(1.0, 2.0)),
+         ("set_widths", "2 key sets for 1 rows")),
         (dict(set_keys=_u4(2, 0)), ("set_keys", "2 keys", "adds up to 3")),
         (dict(set_keys=_u4(2, 0, 3)), ("set_keys", "index 3 out of range", "keys has 3")),
         (dict(set_runs=b""), ("set_runs", "required", "2 run_ids")),

@@ -107,11 +107,21 @@ class Rows:
         parts, start, done = [], 0, 0
         while start < len(ends):
             stop = max(start + 1, int(np.searchsorted(ends, done + limit, side="right")))
-            parts.append(Rows(self.sets, None if self.row_sets is None else self.row_sets[start:stop],
-                              self.steps[start:stop], self.timestamps[start:stop], self.values[start:stop],
-                              int(ends[stop - 1]) - done))
+            sets, row_sets = self._sets_of(start, stop)
+            parts.append(Rows(sets, row_sets, self.steps[start:stop], self.timestamps[start:stop],
+                              self.values[start:stop], int(ends[stop - 1]) - done))
             start, done = stop, int(ends[stop - 1])
         return parts
+
+    def _sets_of(self, start: int, stop: int) -> tuple[tuple[_KeySet, ...], npt.NDArray[np.uint32] | None]:
+        """The key sets rows ``start:stop`` use, and their rows' indices into them: a part names only
+        its own runs and keys (the server checks every run a batch names)."""
+        if self.row_sets is None:
+            return self.sets, None
+        part = self.row_sets[start:stop]
+        used = np.unique(part)
+        sets = tuple(self.sets[i] for i in used)
+        return sets, None if len(used) == 1 else np.searchsorted(used, part).astype(np.uint32)
 
 
 @dataclass(frozen=True)
@@ -263,6 +273,8 @@ class Batcher:
             raise UsageError(_CLOSED)
         vals: array[float] = _array("d", values)  # type: ignore[arg-type]  # C loop; rejects non-numbers
         n = len(block)
+        if not n:
+            raise UsageError("a row needs at least one metric")
         if len(vals) != n:  # a mapping changed size under us: keep columns aligned
             raise ValueError("the metrics mapping changed while it was logged")
         row = (self.key_set(run, block), step, timestamp, vals.tobytes())

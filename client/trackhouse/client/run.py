@@ -49,9 +49,11 @@ _TERMINAL = ("FINISHED", "FAILED", "KILLED")
 _MAX_KEY_SETS = 256  # cached key blocks per run; a loop logs a handful of distinct key sets
 _ACTIVE, _FINISHED, _DISABLED, _CLOSED = 0, 1, 2, 3
 _time_ns = time.time_ns
+_NO_KEYS = (object(),)  # the key set of a Run that has logged nothing yet
 
 
-_KeySet = tuple[tuple[str, ...], tuple[int, "array[int]"], Callable[..., bytes], int]  # keys, (run, block), pack, full
+# keys, (run, block), pack, full
+_KeySet = tuple[tuple[object, ...], tuple[int, "array[int]"], Callable[..., bytes], int]
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,8 +137,9 @@ class Run:
         # The key set of the last call and what the hot path needs of it, in one tuple that a
         # call reads once: another thread logging into this run (the system-metrics sampler)
         # may switch it meanwhile, and keys, block and packer must come from the same set.
-        # The empty key set is never logged, so the first call always switches.
-        self._current: _KeySet = ((), (self._slot, array("I")), _packer(0).pack, 1)
+        # No mapping's keys equal _NO_KEYS (it holds an object only this module has), so the first
+        # call always switches, and its keys are checked (an empty mapping is refused there).
+        self._current: _KeySet = (_NO_KEYS, (self._slot, array("I")), _packer(0).pack, 1)
         self._status_sent = False
 
     def __repr__(self) -> str:

@@ -102,6 +102,8 @@ def _row_form(batch: Any) -> BatchColumns | None:
     sets = len(widths)
     if not sets:
         raise ValueError("set_widths: rows need at least one key set")
+    if sets > len(row_steps):
+        raise ValueError(f"set_widths: {sets} key sets for {len(row_steps)} rows; name only the sets the rows use")
     if int(widths.min()) == 0:
         raise ValueError("set_widths: a key set of width 0; every key set has at least one key")
     set_keys = column(batch.set_keys, U32, "set_keys")
