@@ -1197,6 +1197,44 @@ def test_candidates_of_rows_an_earlier_pass_superseded_are_skipped_not_answered_
         assert [h[1] for h in hits if h is not None] == [[] for h in hits if h is not None]
 
 
+@pytest.mark.parametrize("order", ["metrics.loss", "metrics.loss DESC"])
+def test_a_runs_rows_superseded_beside_its_current_one_are_not_checked(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch, order: str) -> None:
+    """Two passes over the first page's runs that change no value (a tag each time) leave each run
+    three run_order rows at one place, newest first: the page is right, and each run is checked
+    on run_index once, from its current row, not once per row."""
+    with _refreshed(chdb_dsn) as (store, models, index, search):
+        top = expected_order(active(models), [order])[:3]
+        for value in ("1", "2"):
+            store.put_tags(top[0], [("touched", value)])
+            store.put_tags(top[1], [("touched", value)])
+            store.put_tags(top[2], [("touched", value)])
+            assert index.refresh() == 3
+            for m in models:
+                if m.run_id in top:
+                    m.tags["touched"] = value
+        db = store.database
+        rows = store.query_rows(f"SELECT run_id, count() FROM {db}.run_order WHERE key = 'loss' "
+                                "AND run_id IN {r:Array(String)} GROUP BY run_id", {"r": top})
+        assert sorted(n for _, n in rows) == [6, 6, 6]  # three in each direction
+        checked: list[list[str]] = []
+        execute, all_ids = store._execute, {m.run_id for m in models}
+
+        def spy(request: Any) -> Any:
+            if f"FROM {db}.run_index WHERE start_time IN" in request.sql:
+                checked.extend(v for v in (request.parameters or {}).values() if isinstance(v, list) and v
+                            and set(v) <= all_ids)  # the candidates' ids
+            return execute(request)
+
+        monkeypatch.setattr(store, "_execute", spy)
+        hits = _spy_hits(monkeypatch)
+        page = search.search(SearchRequest(order_by=(order,), max_results=5))
+        assert [r.info.run_id for r in page.runs] == expected_order(active(models), [order])[:5]
+        assert hits[0] is not None and hits[0][1] == []  # from run_order, nothing answered as changed
+        ids = [i for chunk in checked for i in chunk]
+        assert set(top) <= set(ids) and len(ids) == len(set(ids))  # each run checked once
+
+
 def test_the_index_state_is_held_for_its_seconds_and_pages_stay_right_meanwhile(
         chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A search service reads the run index's state once per `run_index_state_seconds`; a pass in

@@ -319,7 +319,8 @@ class RunSearch:
         A candidate of an older version (a row an earlier pass superseded: it stays until the
         next generation) is skipped when its run's current row sorts outside what this search
         has read (before its start, or after the rows read so far: read later at its place),
-        and answered as changed only when that place was read without it (`_late`).
+        and answered as changed only when that place was read without it (`_late`). One older
+        than a row of its run already met is skipped without a check.
 
         None — read the index whole — when the cursor is past every value (runs missing the
         key), or after ORDER_CANDIDATES candidates (a filter too selective to stop early), or
@@ -339,6 +340,7 @@ class RunSearch:
         late: list[tuple[str, int]] = []
         seen: set[str] = set()
         moved: dict[str, tuple[tuple[int, float, int, str], int]] = {}  # superseded: (current place, start)
+        met: dict[str, int] = {}  # run_id: the newest version met, a candidate's or its run_index row's
         read, chunk, first_of_value = 0, ORDER_CHUNK * (limit + 1), False  # (a token's cursor: not known)
         while True:
             binder = Binder()
@@ -350,7 +352,13 @@ class RunSearch:
                 if len(cands) >= chunk:
                     break
             read += len(cands)
-            todo = [c for c in cands if c[0] not in skip and c[0] not in seen]
+            for c in cands:
+                if c[2] > met.get(c[0], -1):
+                    met[c[0]] = c[2]
+            # A candidate older than a row of its run met already (in this read or an earlier one) is
+            # superseded: that row, or the current one its check finds, decides the run. Left unchecked.
+            # (A pass that changes no value leaves a run's old rows right beside its current one.)
+            todo = [c for c in cands if c[0] not in skip and c[0] not in seen and c[2] >= met[c[0]]]
             if todo:
                 binder = Binder()
                 where, _, _ = self._index_parts(req, binder, ())
@@ -370,6 +378,7 @@ class RunSearch:
                     row = found.get(run_id)
                     if run_id in seen or run_id in skip or row is None or row[1] < version:
                         continue
+                    met[run_id] = max(met[run_id], row[1])
                     if not row[4]:  # out of scope or filter now (NULL: a key it compares is missing)
                         continue
                     if row[1] > version:  # refreshed since this candidate's row: where is its current one?
