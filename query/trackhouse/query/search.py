@@ -313,8 +313,8 @@ class RunSearch:
         the runs whose index row a refresher pass replaced while this search ran, as (run_id,
         start_time), to be answered as changed runs are, from rows computed now): candidates
         read from run_order a chunk
-        at a time (ORDER_CHUNK x (limit + 1), then as many as the rate kept so far says are
-        missing, half again to spare, at most ORDER_GROWTH times the last read), each kept
+        at a time (ORDER_CHUNK x (limit + 1), then as many as the rate at which checked ones were
+        kept says are missing, half again to spare, at most ORDER_GROWTH times the last read), each kept
         when its run_index row passes scope and filter and is of the candidate's version.
         A candidate of an older version (a row an earlier pass superseded: it stays until the
         next generation) is skipped when its run's current row sorts outside what this search
@@ -342,6 +342,7 @@ class RunSearch:
         moved: dict[str, tuple[tuple[int, float, int, str], int]] = {}  # superseded: (current place, start)
         met: dict[str, int] = {}  # run_id: the newest version met, a candidate's or its run_index row's
         read, chunk, first_of_value = 0, ORDER_CHUNK * (limit + 1), False  # (a token's cursor: not known)
+        checked = 0  # candidates checked: the rate below leaves out those skipped unchecked
         while True:
             binder = Binder()
             scope = self._where(req, binder, None)
@@ -359,6 +360,7 @@ class RunSearch:
             # superseded: that row, or the current one its check finds, decides the run. Left unchecked.
             # (A pass that changes no value leaves a run's old rows right beside its current one.)
             todo = [c for c in cands if c[0] not in skip and c[0] not in seen and c[2] >= met[c[0]]]
+            checked += len(todo)
             if todo:
                 binder = Binder()
                 where, _, _ = self._index_parts(req, binder, ())
@@ -398,8 +400,8 @@ class RunSearch:
             if read >= ORDER_CANDIDATES:
                 return None
             first_of_value = len(cands) > 1 and (cands[-2][3], cands[-2][4]) != (last[3], last[4])
-            need = limit + 1 - len(hits)  # at the rate kept so far, with half again to spare
-            chunk = min(chunk * ORDER_GROWTH, max(need, math.ceil(need * read / len(hits) * 1.5))) if hits \
+            need = limit + 1 - len(hits)  # at the rate checked ones were kept so far, half again to spare
+            chunk = min(chunk * ORDER_GROWTH, max(need, math.ceil(need * checked / len(hits) * 1.5))) if hits \
                 else chunk * ORDER_GROWTH
 
     def _may_enter(self, key: OrderKey, last: tuple[Any, ...],
