@@ -1235,6 +1235,42 @@ def test_a_runs_rows_superseded_beside_its_current_one_are_not_checked(
         assert set(top) <= set(ids) and len(ids) == len(set(ids))  # each run checked once
 
 
+@pytest.mark.parametrize("order", ["metrics.loss", "metrics.loss DESC"])
+def test_changed_runs_at_the_top_are_computed_a_chunk_at_a_time(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch, order: str) -> None:
+    """Twenty runs changed since the watermark, all moved to the top of the order: a page of two
+    computes the first chunk of them (3 x 3, in the page's order) and stops, for the tenth sorts
+    after its three rows; walking every page stays right (later pages compute more chunks)."""
+    with _refreshed(chdb_dsn) as (store, models, _index, search):
+        sign = 1 if order == "metrics.loss" else -1
+        moved = [m for m in active(models) if "loss" in m.metrics][:20]
+        for i, m in enumerate(moved):
+            m.metrics["loss"] = -sign * (1e290 * (20 - i))
+            _put_metrics(store, m.run_id, {"loss": m.metrics["loss"]}, step=100)
+        computed: list[list[int]] = []
+        execute, all_ids = store._execute, {m.run_id for m in models}
+
+        def spy(request: Any) -> Any:
+            if "CAST(params, 'JSON')" in request.sql:  # rows computed now (runindex.fresh_sql)
+                lists = [v for v in (request.parameters or {}).values()
+                         if isinstance(v, list) and v and set(v) <= all_ids]
+                computed.append(sorted(len(v) for v in lists))
+            return execute(request)
+
+        monkeypatch.setattr(store, "_execute", spy)
+        page = search.search(SearchRequest(order_by=(order,), max_results=2))
+        expected = expected_order(active(models), [order])
+        assert [r.info.run_id for r in page.runs] == expected[:2] == [moved[0].run_id, moved[1].run_id]
+        assert computed == [[3, 9, 20]]  # the hits read from the index, the chunk computed, all changed
+        assert _walk(search, "", order, 2) == expected
+        assert _walk(search, "metrics.loss < 0" if sign > 0 else "metrics.loss > 0", order, 3) == [
+            r for r in expected if sign * by_loss(models)[r] < 0]
+
+
+def by_loss(models: list[Model]) -> dict[str, float]:
+    return {m.run_id: m.metrics.get("loss", math.nan) for m in models}
+
+
 def test_the_index_state_is_held_for_its_seconds_and_pages_stay_right_meanwhile(
         chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A search service reads the run index's state once per `run_index_state_seconds`; a pass in

@@ -236,14 +236,14 @@ class RunSearch:
             if generation and self._value_ordered(keys, limit):
                 found = yield from self._ordered_hits(req, keys, cursor, limit, changed, generation)
             merge = changed if found is None else [*changed, *found[1]]
+            places = None
             if found is not None and merge and len(found[0]) > limit:
-                merge = yield from self._may_enter(keys[0], found[0][-1], merge)
+                merge, places = yield from self._may_enter(keys[0], found[0][-1], merge)
             if found is not None and not merge:  # the page itself: nothing to merge in
                 rows, with_info = found[0], not self._settings.run_pages
             else:
                 hits = None if found is None else [(h[0], h[2]) for h in found[0]]
-                sql, params = self._index_sql(req, keys, cursor, limit, merge, hits)
-                rows, with_info = (yield Rows(sql, params, settings=FRESH_SETTINGS)), True
+                rows, with_info = (yield from self._merged(req, keys, cursor, limit, merge, hits, places)), True
             changed = [*changed, *found[1]] if found is not None else changed
         elif self._windowed(req, keys):
             rows, with_info = yield from self._windowed_rows(req, keys, cursor, limit)
@@ -404,10 +404,33 @@ class RunSearch:
             chunk = min(chunk * ORDER_GROWTH, max(need, math.ceil(need * checked / len(hits) * 1.5))) if hits \
                 else chunk * ORDER_GROWTH
 
-    def _may_enter(self, key: OrderKey, last: tuple[Any, ...],
-                   changed: list[tuple[str, int]]) -> Steps[list[tuple[str, int]]]:
+    def _merged(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any, limit: int,
+                merge: Sequence[tuple[str, int]], hits: Sequence[tuple[str, int]] | None,
+                places: dict[str, tuple[int, float, int, str]] | None) -> Steps[list[tuple[Any, ...]]]:
+        """The page: the index's rows (`hits`, or all) without the `merge` runs, merged with those
+        runs' rows computed now (`_index_sql`). With their `places` (`merge` in that order), the
+        runs are computed a chunk at a time (ORDER_CHUNK x (limit + 1), then ORDER_GROWTH times
+        more) until the next one sorts after the page's limit + 1 rows: it, and every one after
+        it, cannot enter. Runs a filter leaves out still cost their computation, so with 1,000
+        changed runs at the top of the order (~250 ms to compute at 10 M runs) a page that fills
+        from the first few hundred stops there."""
+        upto = len(merge) if places is None else min(len(merge), ORDER_CHUNK * (limit + 1))
+        while True:
+            sql, params = self._index_sql(req, keys, cursor, limit, merge, hits, merge[:upto])
+            rows: list[tuple[Any, ...]] = yield Rows(sql, params, settings=FRESH_SETTINGS)
+            if upto >= len(merge) or places is None:
+                return rows
+            last = rows[-1] if len(rows) > limit else None
+            if last is not None and last[1] is not None and (
+                    _place(last[1], int(last[2]), str(last[0]), keys[0].ascending) < places[merge[upto][0]]):
+                return rows
+            upto = min(len(merge), upto * ORDER_GROWTH)
+
+    def _may_enter(self, key: OrderKey, last: tuple[Any, ...], changed: list[tuple[str, int]],
+                   ) -> Steps[tuple[list[tuple[str, int]], dict[str, tuple[int, float, int, str]]]]:
         """The changed runs that may enter a page `_ordered_hits` filled (limit + 1 rows, `last`
-        the last): those whose latest value of the page's metric sorts no later than `last`'s.
+        the last): those whose latest value of the page's metric sorts no later than `last`'s,
+        in the page's order, with their places (`_merged` computes them in that order).
         The others sort after the page's every row, so their rows need not be computed now (at
         10 M runs ~250 ms for 1,000 changed runs; this read ~35 ms when their ids are close, as
         the newest runs' are). A run without the metric sorts after every value: left out."""
@@ -418,7 +441,10 @@ class RunSearch:
                           binder.params)
         values = dict(rows)
         bound = _place(last[1], int(last[2]), "", key.ascending)[:2]  # (rank, value): ties kept
-        return [c for c in changed if c[0] in values and _place(values[c[0]], 0, "", key.ascending)[:2] <= bound]
+        places = {c[0]: _place(values[c[0]], c[1], c[0], key.ascending) for c in changed if c[0] in values}
+        entering = sorted((c for c in changed if c[0] in places and places[c[0]][:2] <= bound),
+                          key=lambda c: places[c[0]])
+        return entering, places
 
     def _index_parts(self, req: SearchRequest, binder: Binder,
                      changed: Sequence[tuple[str, int]]) -> tuple[str, str, str]:
@@ -434,11 +460,12 @@ class RunSearch:
                 binder.bind(sorted({c[1] for c in changed}), "Array(Int64)"))
 
     def _index_sql(self, req: SearchRequest, keys: Sequence[OrderKey], cursor: Any, limit: int,
-                   changed: Sequence[tuple[str, int]],
-                   hits: Sequence[tuple[str, int]] | None = None) -> tuple[str, dict[str, Any]]:
+                   changed: Sequence[tuple[str, int]], hits: Sequence[tuple[str, int]] | None = None,
+                   fresh: Sequence[tuple[str, int]] | None = None) -> tuple[str, dict[str, Any]]:
         """One page from the run index. The changed runs' rows there may be stale: the index's
         first limit + 1 + len(changed) rows without them, merged with the first limit + 1 of
-        their rows computed now (`runindex.fresh_sql`), in the page's order.
+        their rows computed now (`runindex.fresh_sql`; of the `fresh` ones only, when given),
+        in the page's order.
 
         `hits`: those first rows of the index, found by `_ordered_hits`: only they are read.
         Each row carries the run's record after the order keys: hydration does not read it
@@ -460,10 +487,13 @@ class RunSearch:
                    f"ORDER BY {order} LIMIT {int(limit) + 1 + len(changed)}")
         if not changed:
             return indexed, binder.params
-        fresh = f"SELECT {select} FROM ({fresh_sql(db, ids)}) WHERE {where} ORDER BY {order} LIMIT {int(limit) + 1}"
+        now = ids if fresh is None or len(fresh) == len(changed) else binder.bind([c[0] for c in fresh],
+                                                                                   "Array(String)")
+        computed = (f"SELECT {select} FROM ({fresh_sql(db, now)}) WHERE {where} ORDER BY {order} "
+                    f"LIMIT {int(limit) + 1}")
         outer = [(f"k{i}", kind) for i, (_, kind) in enumerate(exprs)]
         sql = (f"SELECT run_id, {', '.join([*(e for e, _ in outer), *info])} FROM (SELECT * FROM ({indexed}) "
-               f"WHERE run_id NOT IN {ids} UNION ALL SELECT * FROM ({fresh})) "
+               f"WHERE run_id NOT IN {ids} UNION ALL SELECT * FROM ({computed})) "
                f"ORDER BY {_order(outer, keys)} LIMIT {int(limit) + 1}")
         return sql, binder.params
 
