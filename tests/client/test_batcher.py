@@ -10,9 +10,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from trackhouse.client.batcher import Batcher, BufferState, Columns, Rows, Taken, due_at, is_due
+from trackhouse.client.batcher import Batcher, BufferState, Rows, Taken, due_at, is_due
 from trackhouse.client.wire import encode
-from trackhouse.proto.points import batch_columns, batch_points
+from trackhouse.proto.points import Columns, batch_columns, batch_points
 from trackhouse.proto.v1 import ingest_pb2
 
 RUN_A = "a" * 32

@@ -48,6 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.client.errors import UsageError
+from trackhouse.proto.points import Columns
 
 _CLOSED = "the client is closed; create a new one with trackhouse.client.connect()"
 
@@ -58,29 +59,6 @@ class BufferState:
 
     points: int
     oldest: float | None
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Points taken from the buffer, as numpy columns of one length."""
-
-    run_index: npt.NDArray[np.uint32]
-    key_index: npt.NDArray[np.uint32]
-    steps: npt.NDArray[np.int64]
-    timestamps: npt.NDArray[np.int64]
-    values: npt.NDArray[np.float64]
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def split(self, limit: int) -> list[Columns]:
-        """Consecutive slices of at most ``limit`` points (views, no copy)."""
-        n = len(self)
-        return [
-            Columns(self.run_index[i : i + limit], self.key_index[i : i + limit], self.steps[i : i + limit],
-                    self.timestamps[i : i + limit], self.values[i : i + limit])
-            for i in range(0, n, limit)
-        ]  # fmt: skip
 
 
 _KeySet = tuple[int, "array[int]"]  # run slot, key block: one object per pair (``Batcher.key_set``)
@@ -386,7 +364,4 @@ def _columns(chunks: list[_Chunk]) -> Columns:
         n = len(vals)
         stamps = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
         parts.append(Columns(np.full(n, run_, np.uint32), np.full(n, key, np.uint32), steps_, stamps, vals))
-    if len(parts) == 1:
-        return parts[0]
-    return Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                     ("run_index", "key_index", "steps", "timestamps", "values")))  # fmt: skip
+    return Columns.concat(parts)

@@ -26,8 +26,13 @@ I64 = np.dtype("<i8")
 F64 = np.dtype("<f8")
 
 
+_FIELDS = ("run_index", "key_index", "steps", "timestamps", "values")
+
+
 @dataclass(frozen=True)
-class BatchColumns:
+class Columns:
+    """Points as numpy columns of one length (a batch's, decoded; the client's buffer's, taken)."""
+
     run_index: npt.NDArray[np.uint32]
     key_index: npt.NDArray[np.uint32]
     steps: npt.NDArray[np.int64]
@@ -36,6 +41,17 @@ class BatchColumns:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def split(self, limit: int) -> list[Columns]:
+        """Consecutive slices of at most ``limit`` points (views, no copy)."""
+        return [Columns(*(getattr(self, f)[i : i + limit] for f in _FIELDS)) for i in range(0, len(self), limit)]
+
+    @staticmethod
+    def concat(parts: list[Columns]) -> Columns:
+        """``parts`` one after another (the part itself when there is one)."""
+        if len(parts) == 1:
+            return parts[0]
+        return Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
 
 
 def batch_points(batch: Any) -> int:
@@ -74,7 +90,7 @@ def _runs(data: bytes, n: int, runs: int, field: str) -> npt.NDArray[np.uint32]:
     raise ValueError(f"{field}: required when the batch has {runs} run_ids")
 
 
-def _column_form(batch: Any) -> BatchColumns:
+def _column_form(batch: Any) -> Columns:
     steps = column(batch.steps, I64, "steps")
     n, runs = len(steps), len(batch.run_ids)
     timestamps, values = column(batch.timestamps, I64, "timestamps"), column(batch.values, F64, "values")
@@ -84,13 +100,13 @@ def _column_form(batch: Any) -> BatchColumns:
                   "run_index": run_index}, "steps")
     _check_index(key_index, len(batch.keys), "key_index", "keys")
     _check_index(run_index, runs, "run_index", "run_ids")
-    return BatchColumns(run_index, key_index, steps, timestamps, values)
+    return Columns(run_index, key_index, steps, timestamps, values)
 
 
 _ROW_FIELDS = ("set_runs", "set_widths", "set_keys", "row_sets", "row_timestamps", "row_values")
 
 
-def _row_form(batch: Any) -> BatchColumns | None:
+def _row_form(batch: Any) -> Columns | None:
     """The rows expanded into columns; None when the batch has none."""
     row_steps = column(batch.row_steps, I64, "row_steps")
     if not len(row_steps):
@@ -135,16 +151,13 @@ def _row_form(batch: Any) -> BatchColumns | None:
         row_starts = np.cumsum(row_widths) - row_widths
         key_index = set_keys[np.arange(total) + np.repeat(set_starts[row_sets] - row_starts, row_widths)]
         run_index = np.repeat(set_runs[row_sets], row_widths)
-    return BatchColumns(run_index, key_index, np.repeat(row_steps, row_widths),
+    return Columns(run_index, key_index, np.repeat(row_steps, row_widths),
                         np.repeat(rows["row_timestamps"], row_widths), values)
 
 
-def batch_columns(batch: Any) -> BatchColumns:
+def batch_columns(batch: Any) -> Columns:
     """Both forms of ``batch`` checked and joined: the column points, then the rows' points."""
     cols, rows = _column_form(batch), _row_form(batch)
     if rows is None:
         return cols
-    if not len(cols):
-        return rows
-    return BatchColumns(*(np.concatenate([getattr(cols, f), getattr(rows, f)]) for f in
-                          ("run_index", "key_index", "steps", "timestamps", "values")))  # fmt: skip
+    return Columns.concat([cols, rows] if len(cols) else [rows])
