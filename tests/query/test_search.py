@@ -29,7 +29,15 @@ from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query import runorder as runorder_module
 from trackhouse.query import search as search_module
 from trackhouse.query.errors import InvalidArgument
-from trackhouse.query.runindex import STATE_KEY, Refresher, RunIndex, changed_since, state_sql
+from trackhouse.query.runindex import (
+    FRESH_SETTINGS,
+    STATE_KEY,
+    Refresher,
+    RunIndex,
+    changed_since,
+    fresh_sql,
+    state_sql,
+)
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.tokens import TokenCodec
@@ -1265,6 +1273,24 @@ def test_changed_runs_at_the_top_are_computed_a_chunk_at_a_time(
         assert _walk(search, "", order, 2) == expected
         assert _walk(search, "metrics.loss < 0" if sign > 0 else "metrics.loss > 0", order, 3) == [
             r for r in expected if sign * by_loss(models)[r] < 0]
+
+
+def test_rows_computed_now_hold_only_the_keys_a_read_asks_for(chdb_dsn: str) -> None:
+    """A changed run's row computed for a page holds the keys its filter and order read, no more:
+    a map the read does not name is empty."""
+    with _refreshed(chdb_dsn) as (store, models, _index, _):
+        run = next(m for m in models if len(m.params) > 1 and len(m.tags) > 1 and "loss" in m.metrics)
+        tag = sorted(run.tags)[0]
+        sql = fresh_sql(store.database, "{ids:Array(String)}", keys={"tags": "key IN {k:Array(String)}"})
+        params, tags, metrics = store.query_rows(
+            f"SELECT toJSONString(params), toJSONString(tags), toJSONString(metrics) FROM ({sql})",
+            {"ids": [run.run_id], "k": [tag]}, settings=FRESH_SETTINGS)[0]
+        assert (json.loads(params), json.loads(metrics)) == ({}, {})
+        assert json.loads(tags) == {"k" + tag.encode().hex().upper(): run.tags[tag]}
+        whole = fresh_sql(store.database, "{ids:Array(String)}")
+        everything = store.query_rows(f"SELECT toJSONString(tags) FROM ({whole})", {"ids": [run.run_id]},
+                                      settings=FRESH_SETTINGS)[0][0]
+        assert len(json.loads(everything)) == len(run.tags) > 1
 
 
 def by_loss(models: list[Model]) -> dict[str, float]:

@@ -89,30 +89,41 @@ def _map(source: str, value: str, where: str, kind: str) -> str:
             f"'Map(String, {kind})') AS m FROM ({source}) {where} GROUP BY run_id")
 
 
-def rows_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))") -> str:
+def rows_sql(db: str, runs: str, version: str = "toUnixTimestamp64Nano(now64(9))",
+             keys: dict[str, str] | None = None) -> str:
     """run_index rows, recomputed from the run-major tables, of the runs meeting `runs` (a
-    condition on run_id: our own SQL; values bound by the caller), of `version` (now, in ns)."""
+    condition on run_id: our own SQL; values bound by the caller), of `version` (now, in ns).
+    `keys`, for a read that needs only some: per map ("params", "tags", "metrics"), a condition
+    on `key` (our own SQL, values bound) that keeps the keys it reads; a map it does not name is
+    left empty, unread."""
     check_identifier(db)
     w = f"WHERE {runs}"
-    params = _map(params_sql(db, w), "value", "", "String")
-    tags = _map(tags_sql(db, w), "value", "WHERE deleted = 0", "String")
-    metrics = _map(latest_sql(db, w), f"reinterpretAsInt64({latest_value('lk')})", "", "Int64")
+    sources = {"params": (params_sql, "value", "", "String"),
+               "tags": (tags_sql, "value", "WHERE deleted = 0", "String"),
+               "metrics": (latest_sql, f"reinterpretAsInt64({latest_value('lk')})", "", "Int64")}
+    columns, joins = [], []
+    for name, (source, value, where, kind) in sources.items():
+        if keys is not None and name not in keys:
+            columns.append(f"CAST(map(), 'Map(String, {kind})') AS {name}")
+            continue
+        only = "" if keys is None else f" AND {keys[name]}"
+        columns.append(f"{name[0]}.m AS {name}")
+        joins.append(f"LEFT JOIN ({_map(source(db, w + only), value, where, kind)}) AS {name[0]} "
+                     f"ON {name[0]}.run_id = r.run_id")
     return (f"SELECT r.start_time AS start_time, r.run_id AS run_id, r.experiment_id AS experiment_id, "
             f"r.run_name AS run_name, r.user_id AS user_id, r.status AS status, r.end_time AS end_time, "
-            f"r.lifecycle_stage AS lifecycle_stage, r.artifact_uri AS artifact_uri, p.m AS params, t.m AS tags, "
-            f"m.m AS metrics, {version} AS version "
-            f"FROM ({record_sql(db, w)}) AS r "
-            f"LEFT JOIN ({params}) AS p ON p.run_id = r.run_id "
-            f"LEFT JOIN ({tags}) AS t ON t.run_id = r.run_id "
-            f"LEFT JOIN ({metrics}) AS m ON m.run_id = r.run_id")
+            f"r.lifecycle_stage AS lifecycle_stage, r.artifact_uri AS artifact_uri, {', '.join(columns)}, "
+            f"{version} AS version FROM ({record_sql(db, w)}) AS r {' '.join(joins)}")
 
 
-def fresh_sql(db: str, ids: str, version: str = "toUnixTimestamp64Nano(now64(9))") -> str:
+def fresh_sql(db: str, ids: str, version: str = "toUnixTimestamp64Nano(now64(9))",
+              keys: dict[str, str] | None = None) -> str:
     """The current rows of the runs `ids` (a bound array), computed now from the run-major tables
     (a few granules each: run_id leads their keys) with run_index's columns and types, so the
-    index's filter and order expressions read them as they read the index."""
+    index's filter and order expressions read them as they read the index (`keys`: only those,
+    as `rows_sql` says)."""
     return (f"SELECT * REPLACE (CAST(params, 'JSON') AS params, CAST(tags, 'JSON') AS tags, "
-            f"CAST(metrics, 'JSON') AS metrics) FROM ({rows_sql(db, f'run_id IN {ids}', version)})")
+            f"CAST(metrics, 'JSON') AS metrics) FROM ({rows_sql(db, f'run_id IN {ids}', version, keys)})")
 
 
 

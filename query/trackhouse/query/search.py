@@ -163,6 +163,24 @@ def _late(moved: dict[str, tuple[tuple[int, float, int, str], int]], seen: set[s
     return late
 
 
+def _read_keys(req: SearchRequest, keys: Sequence[OrderKey], binder: Binder) -> dict[str, str]:
+    """What rows computed now for a page or a count must hold (`runindex.rows_sql`'s `keys`): the
+    params, tags and metrics its filter compares and it orders by, as a bound condition on `key`
+    per map (computing only those: ~40 against ~90 ms for 1,000 runs at 10 M runs)."""
+    found: dict[str, set[str]] = {}
+    stack: list[Node | None] = [parse_filter(req.filter)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Comparison):
+            found.setdefault(node.entity, set()).add(node.key)
+        elif node is not None:
+            stack.extend(node.items)
+    for key in keys:
+        found.setdefault(key.entity, set()).add(key.key)
+    found.pop(ATTRIBUTES, None)
+    return {entity: f"key IN {binder.bind(sorted(names), 'Array(String)')}" for entity, names in found.items()}
+
+
 def _rank(value: Any) -> int:
     """What `_rank_expr` gives for a value read back from a row or a cursor."""
     if value is None:
@@ -489,7 +507,8 @@ class RunSearch:
             return indexed, binder.params
         now = ids if fresh is None or len(fresh) == len(changed) else binder.bind([c[0] for c in fresh],
                                                                                    "Array(String)")
-        computed = (f"SELECT {select} FROM ({fresh_sql(db, now)}) WHERE {where} ORDER BY {order} "
+        computed = (f"SELECT {select} FROM ({fresh_sql(db, now, keys=_read_keys(req, keys, binder))}) "
+                    f"WHERE {where} ORDER BY {order} "
                     f"LIMIT {int(limit) + 1}")
         outer = [(f"k{i}", kind) for i, (_, kind) in enumerate(exprs)]
         sql = (f"SELECT run_id, {', '.join([*(e for e, _ in outer), *info])} FROM (SELECT * FROM ({indexed}) "
@@ -574,7 +593,8 @@ class RunSearch:
         sql = f"SELECT (SELECT count() FROM {db}.{INDEX} FINAL WHERE {where})"
         if changed:
             sql += (f" - (SELECT count() FROM {db}.{INDEX} FINAL WHERE start_time IN {times} AND run_id IN {ids} "
-                    f"AND {where}) + (SELECT count() FROM ({fresh_sql(db, ids)}) WHERE {where})")
+                    f"AND {where}) + (SELECT count() FROM ({fresh_sql(db, ids, keys=_read_keys(req, (), binder))}) "
+                    f"WHERE {where})")
         return int((yield Rows(sql, binder.params, settings=FRESH_SETTINGS))[0][0])
 
     def _where(self, req: SearchRequest, binder: Binder, node: Node | str | None = "parse",
