@@ -79,6 +79,37 @@ def test_rejected_batch_is_counted_and_logged_once(
     assert len(warnings) == 1 and "key 'bad' is not allowed" in warnings[0].getMessage()
 
 
+def test_a_server_that_stores_fewer_points_than_sent_is_reported_not_silent(
+    fake: Any, client: th.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server older than the row form reads a batch of rows as empty and acks 0 points: the
+    client counts them lost and says why, once per batch, instead of counting them acked."""
+    store = fake.ingest._store
+
+    def old_server(batch: Any) -> Any:
+        ack = store(batch)
+        ack.points = len(batch.steps) // 8  # the column form only, as servers before fields 10-16
+        return ack
+
+    fake.ingest._store = old_server
+    said = threading.Event()
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: said.set()  # type: ignore[method-assign]
+    logging.getLogger("trackhouse.client").addHandler(handler)
+    try:
+        run = client.start_run()
+        with caplog.at_level(logging.ERROR, logger="trackhouse.client"):
+            run.log(step=0, loss=1.0, acc=2.0)
+            assert client.flush(timeout=10.0)
+            assert said.wait(10.0)  # the ack reader logs after the counts a flush waits on
+    finally:
+        logging.getLogger("trackhouse.client").removeHandler(handler)
+    stats = client.stats()
+    assert (stats["points_acked"], stats["points_lost"], stats["points_pending"]) == (0, 2, 0)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "stored 0 of 2 points" in errors[0] and "upgrade it" in errors[0]
+
+
 def test_flush_returns_false_on_timeout_and_true_once_acked(fake: Any, client: th.Client) -> None:
     fake.ingest.plan = [_connection(fake, ack=False)]
     run = client.start_run()

@@ -1,24 +1,21 @@
-"""The background sender: one worker thread per client that turns buffered points into
-acknowledged batches (OpenTelemetry's BatchProcessor model), spilling to disk when it must.
+"""The background sender: one worker thread per client that turns buffered points into acknowledged batches
+(OpenTelemetry's BatchProcessor model), spilling to disk when it must.
 
-The worker sleeps on an Event, woken by ``log()`` (buffer non-empty or full),
-``flush()``/``close()``, acks that free replay room, the end of a stream, or its own
-deadline (batch age, reconnect, grace period, ack stall). It cuts the buffered points
-into batches of at most ``max_batch_points`` numbered by ``seq`` and keeps each in the
-``Outbox`` until acknowledged: in memory or, once spilled, in this writer's spool —
-when the server has been away past ``spool_grace`` or memory passes
-``memory_budget`` (``policy.py`` decides). Offline, batches go straight to the spool.
+The worker sleeps on an Event, woken by ``log()`` (buffer non-empty or full), ``flush()``/``close()``, acks
+that free replay room, the end of a stream, or its own deadline (batch age, reconnect, grace period, ack
+stall). It cuts the buffered points into batches of at most ``max_batch_points`` numbered by ``seq`` and keeps
+each in the ``Outbox`` until acknowledged: in memory or, once spilled, in this writer's spool — when the
+server has been away past ``spool_grace`` or memory passes ``memory_budget`` (``policy.py`` decides). Offline,
+batches go straight to the spool.
 
-One long-lived StreamMetrics call carries the outbox in seq order; entries on
-disk are read back within a bounded window. One thread per open stream reads its
-acks and does nothing else. When a stream ends, the worker reconnects after a
-jittered backoff (or the server's retry delay) and resends every unacknowledged
-entry from the oldest: the server dedupes by (writer_id, seq) with a per-writer
-high-water mark, which is why entries are always sent in seq order.
+One long-lived StreamMetrics call carries the outbox in seq order; entries on disk are read back within a
+bounded window. One thread per open stream reads its acks and does nothing else. When a stream ends, the
+worker reconnects after a jittered backoff (or the server's retry delay) and resends every unacknowledged
+entry from the oldest: the server dedupes by (writer_id, seq) with a per-writer high-water mark, which is why
+entries are always sent in seq order.
 
-Invariants: ``seq`` is strictly increasing from 1; an entry leaves the outbox only
-on its ack; only the worker touches the spool; ``_cond`` guards shared fields and
-is never held across I/O.
+Invariants: ``seq`` is strictly increasing from 1; an entry leaves the outbox only on its ack; only the worker
+touches the spool; ``_cond`` guards shared fields and is never held across I/O.
 """
 
 from __future__ import annotations
@@ -59,8 +56,7 @@ class Sender:
     def _reset(self) -> None:
         s = self._settings
         self.writer_id = uuid.uuid4().hex
-        self.spool = WriterSpool(s.spool_dir, self.writer_id, s.spool_segment_bytes,
-                                 {"mode": s.mode, "url": s.url})
+        self.spool = WriterSpool(s.spool_dir, self.writer_id, s.spool_segment_bytes, {"mode": s.mode, "url": s.url})
         self._cond = threading.Condition()
         self._wake = threading.Event()
         self._outbox = Outbox()
@@ -129,12 +125,10 @@ class Sender:
     def stats(self) -> dict[str, int]:
         with self._cond:
             counts = dict(self._counts)
-            counts["points_logged"] = self._batcher.appended
-            counts["points_sent"] = self._taken
-            counts["batches_pending"] = len(self._outbox)
-            counts["points_spooled"] = self._outbox.points_on_disk()
+            counts.update(points_logged=self._batcher.appended, points_sent=self._taken,
+                          batches_pending=len(self._outbox), points_spooled=self._outbox.points_on_disk())
             answered = counts["points_acked"] + counts["points_rejected"] + counts["points_offline"]
-            counts["points_pending"] = self._batcher.appended - answered - counts["points_lost"]
+            counts["points_pending"] = counts["points_logged"] - answered - counts["points_lost"]
         return counts
 
     def after_fork(self) -> None:
@@ -361,8 +355,10 @@ class Sender:
             if item.loc is not None:
                 self._released.append(item.loc)
             rejected = ack.status == ingest_pb2.REJECTED
+            short = 0 if rejected else max(0, item.points - ack.points)  # a server older than the row form
             self._counts["batches_rejected" if rejected else "batches_acked"] += 1
-            self._counts["points_rejected" if rejected else "points_acked"] += item.points
+            self._counts["points_rejected" if rejected else "points_acked"] += item.points - short
+            self._counts["points_lost"] += short
             self._counts["batches_duplicate"] += ack.status == ingest_pb2.DUPLICATE
             self._cond.notify_all()
         if item.loc is not None:
@@ -370,6 +366,9 @@ class Sender:
         if rejected:
             logger.warning("trackhouse rejected metric batch seq=%d (%d points), code %d: %s",
                            ack.seq, item.points, ack.code, ack.message)
+        if short:
+            logger.error("trackhouse server stored %d of %d points of batch seq=%d: it predates the row form "
+                         "(ingest.proto fields 10-16); upgrade it", item.points - short, item.points, ack.seq)
 
     def _on_stream_end(self, generation: int, error: TrackhouseError | None) -> None:
         with self._cond:
