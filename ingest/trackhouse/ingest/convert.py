@@ -1,9 +1,11 @@
-"""Validate a columnar MetricBatch and decode it into numpy arrays — no per-point Python.
+"""Validate a MetricBatch and decode it into numpy arrays — no per-point Python.
 
-Owns the wire-level rules of a batch: column widths and lengths, index bounds,
-key names, step and timestamp ranges, size limits. Each violation raises
-InvalidArgument naming the field and the limit. Decoding is zero-copy
-(`np.frombuffer` over the message's bytes); checks are vectorised.
+The service's rules of a batch: key names, writer id, seq, timestamp range and size
+limits, checked here; the wire-level rules of its two forms (column widths and
+lengths, index bounds, key sets of rows) are `trackhouse.proto.points`', shared with
+the client's MemoryTransport. Each violation raises InvalidArgument naming the field
+and the limit. The column form decodes zero-copy (`np.frombuffer` over the message's
+bytes), the row form by `np.repeat`; checks are vectorised.
 
 `to_arrow` builds ONE Arrow table from many decoded batches (the flush), with
 run ids, keys and writer ids dictionary-encoded, so a flush costs a few numpy

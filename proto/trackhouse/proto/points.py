@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-U32 = np.dtype("<u4")
-I64 = np.dtype("<i8")
-F64 = np.dtype("<f8")
+_U32 = np.dtype("<u4")
+_I64 = np.dtype("<i8")
+_F64 = np.dtype("<f8")
 
 
 _FIELDS = ("run_index", "key_index", "steps", "timestamps", "values")
@@ -59,7 +59,7 @@ def batch_points(batch: Any) -> int:
     return (len(batch.steps) + len(batch.row_values)) // 8
 
 
-def column(data: bytes, dtype: np.dtype[Any], field: str) -> npt.NDArray[Any]:
+def _column(data: bytes, dtype: np.dtype[Any], field: str) -> npt.NDArray[Any]:
     """``data`` as a little-endian column (a view, no copy)."""
     if len(data) % dtype.itemsize:
         raise ValueError(
@@ -84,17 +84,17 @@ def _same_length(columns: dict[str, npt.NDArray[Any]], first: str) -> None:
 def _runs(data: bytes, n: int, runs: int, field: str) -> npt.NDArray[np.uint32]:
     """A run index column, which may be left empty when the batch names one run."""
     if data:
-        return column(data, U32, field)
+        return _column(data, _U32, field)
     if runs == 1:
         return np.zeros(n, dtype=np.uint32)
     raise ValueError(f"{field}: required when the batch has {runs} run_ids")
 
 
 def _column_form(batch: Any) -> Columns:
-    steps = column(batch.steps, I64, "steps")
+    steps = _column(batch.steps, _I64, "steps")
     n, runs = len(steps), len(batch.run_ids)
-    timestamps, values = column(batch.timestamps, I64, "timestamps"), column(batch.values, F64, "values")
-    key_index = column(batch.key_index, U32, "key_index")
+    timestamps, values = _column(batch.timestamps, _I64, "timestamps"), _column(batch.values, _F64, "values")
+    key_index = _column(batch.key_index, _U32, "key_index")
     run_index = _runs(batch.run_index, n, runs, "run_index") if n or batch.run_index else key_index[:0]
     _same_length({"steps": steps, "timestamps": timestamps, "values": values, "key_index": key_index,
                   "run_index": run_index}, "steps")
@@ -108,13 +108,13 @@ _ROW_FIELDS = ("set_runs", "set_widths", "set_keys", "row_sets", "row_timestamps
 
 def _row_form(batch: Any) -> Columns | None:
     """The rows expanded into columns; None when the batch has none."""
-    row_steps = column(batch.row_steps, I64, "row_steps")
+    row_steps = _column(batch.row_steps, _I64, "row_steps")
     if not len(row_steps):
         for name in _ROW_FIELDS:
             if getattr(batch, name):
                 raise ValueError(f"{name}: set, but the batch has no rows (row_steps is empty)")
         return None
-    widths = column(batch.set_widths, U32, "set_widths").astype(np.int64)
+    widths = _column(batch.set_widths, _U32, "set_widths").astype(np.int64)
     sets = len(widths)
     if not sets:
         raise ValueError("set_widths: rows need at least one key set")
@@ -122,15 +122,15 @@ def _row_form(batch: Any) -> Columns | None:
         raise ValueError(f"set_widths: {sets} key sets for {len(row_steps)} rows; name only the sets the rows use")
     if int(widths.min()) == 0:
         raise ValueError("set_widths: a key set of width 0; every key set has at least one key")
-    set_keys = column(batch.set_keys, U32, "set_keys")
+    set_keys = _column(batch.set_keys, _U32, "set_keys")
     if len(set_keys) != int(widths.sum()):
         raise ValueError(f"set_keys: {len(set_keys)} keys, but set_widths adds up to {int(widths.sum())}")
     _check_index(set_keys, len(batch.keys), "set_keys", "keys")
     set_runs = _runs(batch.set_runs, sets, len(batch.run_ids), "set_runs")
-    row_sets = column(batch.row_sets, U32, "row_sets") if batch.row_sets else None
+    row_sets = _column(batch.row_sets, _U32, "row_sets") if batch.row_sets else None
     if row_sets is None and sets > 1:
         raise ValueError(f"row_sets: required when there are {sets} key sets")
-    rows = {"row_steps": row_steps, "row_timestamps": column(batch.row_timestamps, I64, "row_timestamps")}
+    rows = {"row_steps": row_steps, "row_timestamps": _column(batch.row_timestamps, _I64, "row_timestamps")}
     if row_sets is not None:
         rows["row_sets"] = row_sets
     _same_length(rows, "row_steps")
@@ -138,7 +138,7 @@ def _row_form(batch: Any) -> Columns | None:
     _check_index(set_runs, len(batch.run_ids), "set_runs", "run_ids")
     if row_sets is not None:
         _check_index(row_sets, sets, "row_sets", "set_widths")
-    values = column(batch.row_values, F64, "row_values")
+    values = _column(batch.row_values, _F64, "row_values")
     row_widths = widths[row_sets] if row_sets is not None else np.full(len(row_steps), widths[0])
     total = int(row_widths.sum())
     if len(values) != total:
