@@ -146,7 +146,9 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
     their CPU (adds preemption by other processes and GIL waits: an upper bound).
     ``wall_ab_slowdown_pct``: the median ratio of wall times of alternating trials with
     and without logging; direct, but on a shared machine its noise is larger than 1 %.
-    ``background_by_thread_us_per_step``: the background CPU per step by thread name;
+    ``background_by_thread_us_per_step``: the median background CPU per logged step by
+    thread name; ``background_all_by_thread_us_per_step``: every ns of each, as in
+    ``background_all_us_per_step``;
     ``background_idle_us_per_step``: what the background threads use in the trials
     without logging (an open stream with nothing to send: gRPC's polling, and sends of
     points logged in the trial before).
@@ -184,7 +186,8 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
                 idle.append(sum(_background_ns(snapshot, _thread_cpu()).values()) / 1e9)
         ratios.append(times[True] / times[False] - 1)
         base.append(times[False])
-    everything = sum(_background_ns(first, _thread_cpu()).values()) / 1e9  # logging and plain trials
+    all_used = _background_ns(first, _thread_cpu())  # logging and plain trials
+    everything = sum(all_used.values()) / 1e9
     plain, instrument = statistics.median(base), statistics.median(empty)
     in_calls, bg = statistics.median(calls), statistics.median(background)
     return {"step_loop_slowdown_pct": (in_calls - instrument + everything / trials) / plain * 100,
@@ -197,6 +200,8 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
             "background_us_per_step": bg / steps * 1e6,
             "background_idle_us_per_step": statistics.median(idle) / steps * 1e6,
             "background_all_us_per_step": everything / (trials * steps) * 1e6,
+            "background_all_by_thread_us_per_step": {
+                name: round(ns / 1e3 / (trials * steps), 2) for name, ns in sorted(all_used.items())},
             "background_by_thread_us_per_step": {
                 name: round(statistics.median(v + [0.0] * (trials - len(v))), 2)
                 for name, v in sorted(per_thread.items())

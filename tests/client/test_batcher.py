@@ -9,6 +9,8 @@ from array import array
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trackhouse.client.batcher import Batcher, BufferState, Rows, Taken, due_at, is_due
 from trackhouse.client.wire import encode
@@ -72,7 +74,7 @@ def _reference(taken: Taken, run_ids: list[str], keys: list[str], writer_id: str
         batch.row_sets = _u4(rows.row_sets) if rows.row_sets is not None else b""
         batch.row_steps = rows.steps.astype("<i8").tobytes()
         batch.row_timestamps = rows.timestamps.astype("<i8").tobytes()
-        batch.row_values = np.frombuffer(b"".join(rows.values), "=f8").astype("<f8").tobytes()
+        batch.row_values = rows.values.astype("<f8").tobytes()
     return batch
 
 
@@ -117,9 +119,9 @@ def _row_take(sets: list[tuple[int, list[int]]], rows: list[tuple[int, int, int,
     """A take of rows (set index, step, timestamp, values) of key sets (run, keys)."""
     key_sets = tuple((run, array("I", keys)) for run, keys in sets)
     row_sets = np.array([r[0] for r in rows], np.uint32) if len(sets) > 1 else None
-    values = tuple(array("d", r[3]).tobytes() for r in rows)
+    values = np.array([v for r in rows for v in r[3]], np.float64)
     return Taken(Rows(key_sets, row_sets, np.array([r[1] for r in rows], np.int64),
-                      np.array([r[2] for r in rows], np.int64), values, sum(len(r[3]) for r in rows)), cols)
+                      np.array([r[2] for r in rows], np.int64), values, len(values)), cols)
 
 
 _SETS = [(7, list(range(20, 40))), (3, [5]), (7, [999, 0, 21])]
@@ -235,6 +237,30 @@ def test_split_keeps_order_and_rows_and_arrays_mix() -> None:
     assert [(r[0], r[1], r[2]) for r in rows[:5]] == [(RUN_A if s % 2 else RUN_B, f"k{s}", s) for s in range(5)]
     assert rows[5:] == [(RUN_A, "arr", 10, 7, 1.0), (RUN_A, "arr", 11, 7, 2.0), (RUN_A, "arr", 12, 7, 3.0)]
     assert b.appended == 8
+
+
+_KEY_SETS = [(RUN_A, ["loss"]), (RUN_A, ["acc"]), (RUN_B, ["loss", "acc"]), (RUN_A, ["x", "y"]),
+             (RUN_B, ["a", "b", "c", "d", "e"])]
+
+
+@given(st.lists(st.tuples(st.integers(0, len(_KEY_SETS) - 1), st.integers(_I64_MIN, _I64_MAX),
+                          st.integers(_I64_MIN, _I64_MAX), st.floats(allow_nan=False)), min_size=1, max_size=40),
+       st.integers(1, 12))
+def test_any_rows_are_taken_split_and_decoded_as_appended(rows: list[tuple[int, int, int, float]],
+                                                          limit: int) -> None:
+    """Rows of one width or several, of one key set or several (``take`` reads them by numpy)."""
+    b = Batcher(max_points=10**9)
+    expected = []
+    for which, step, ts, value in rows:
+        run, keys = _KEY_SETS[which]
+        values = [value + i for i in range(len(keys))]
+        _append(b, run, step, ts, list(zip(keys, values, strict=True)))
+        expected += [(run, key, step, ts, v) for key, v in zip(keys, values, strict=True)]
+    taken = _take(b)
+    assert len(taken) == len(expected) == b.appended
+    parts = taken.split(limit)
+    assert all(len(p) <= limit or (p.rows is not None and len(p.rows.steps) == 1) for p in parts)
+    assert [r for i, p in enumerate(parts) for r in _decode(_encode(b, p, i + 1))] == expected
 
 
 def test_a_refused_value_appends_nothing() -> None:

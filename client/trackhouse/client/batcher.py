@@ -1,33 +1,36 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
 ``Batcher`` owns the process's not-yet-sent points. A log call appends one *row*
-— (key set, step, timestamp, values as native doubles), the key set being the
-interned ``(run slot, key block)`` tuple of ``key_set`` shared by every row of that
-run and those keys — to the shared
-list ``rows`` with one ``list.append`` and no lock: ``Run.log_metrics`` does it
-inline (one Python frame for the whole call, see ``run.py``), ``append_row`` is the
-same for other producers. Under the GIL a ``list.append`` is atomic, only this
-module's consumer side removes rows, and it removes a prefix it has copied
-(``rows[:n]``, then ``del rows[:n]``) while holding the lock, so a row appended
-meanwhile by any thread stays for the next take. The call runs with caches cold
-(after a training step), where cost follows the distinct code and data it touches
-more than its operation count: no lock, no counters, one object. Producers call
-``first_row`` only when they made the list non-empty (to arm the interval).
-Vectorized calls copy numpy chunks into an arena under the lock.
-Runs and keys are interned once for the life of the process: a ``Run`` keeps
-the interned key block of the key sets it logs, so it never looks a key up again.
+— (key set id, step, timestamp, values as native doubles packed by ``row_packer``),
+the key set being a run and its key block, interned once by ``key_set`` — to the
+shared list ``rows`` with one ``list.append`` and no lock: ``Run.log_metrics``
+does it inline (one Python frame for the whole call, see ``run.py``),
+``append_row`` is the same for other producers. Under the GIL a ``list.append`` is
+atomic, only this module's consumer side removes rows, and it removes a prefix it
+has copied (``rows[:n]``, then ``del rows[:n]``) while holding the lock, so a row
+appended meanwhile by any thread stays for the next take. The call runs with caches
+cold (after a training step), where cost follows the distinct code and data it
+touches more than its operation count: no lock, no counters, one tuple (packing the
+step and timestamp too, as int64, costs the cold call ~2 µs more: measured,
+docs/benchmarks.md). Producers call ``first_row`` only when they made the list
+non-empty (to arm the interval). Vectorized calls copy numpy chunks into an arena
+under the lock. Runs and keys are interned once for the life of the process: a
+``Run`` keeps the id and key block of the key sets it logs, so it never looks a key
+up again.
 
 ``take`` removes the rows and chunks under the lock and gathers them off the hot
-path: the rows stay rows (``Rows``: each row's step, timestamp and packed values,
-its key set named once; they travel in the row form of ingest.proto, a third of
-the bytes of a point per key), the chunks become ``Columns`` (numpy);
-``wire.encode`` serializes both.
+path, a C-level pass over the rows per field (they are cold by then, and each read
+of one costs cache misses, so nothing else reads them: not even to count points
+while every key set has one width): the rows stay rows (``Rows``: each row's step, timestamp and values,
+its key set named once; they travel in the row form of ingest.proto, a third of the
+bytes of a point per key), the chunks become ``Columns`` (numpy); ``wire.encode``
+serializes both.
 
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
 
-Invariants: every row has ``len(block)`` values; ``rows`` is one list for the life
-of the batcher (emptied in place after a fork); interned indices never change;
+Invariants: every row has ``len(block)`` values of its key set; ``rows`` is one list for
+the life of the batcher (emptied in place after a fork); interned indices never change;
 ``appended`` (exact, computed under the lock) counts every value ever buffered:
 taken or discarded (``_done``), in chunks, and in rows (counted incrementally: rows
 are only ever added at the end). Wake-ups on a full buffer are estimates (the
@@ -37,6 +40,9 @@ counts exactly and also wakes on the interval.
 
 from __future__ import annotations
 
+import functools
+import operator
+import struct
 import threading
 import time
 from array import array
@@ -61,7 +67,14 @@ class BufferState:
     oldest: float | None
 
 
-_KeySet = tuple[int, "array[int]"]  # run slot, key block: one object per pair (``Batcher.key_set``)
+_KeySet = tuple[int, "array[int]"]  # run slot, key block
+
+
+@functools.lru_cache(maxsize=64)
+def row_packer(width: int) -> Callable[..., bytes]:
+    """``pack(*values)``: a row's ``width`` values as native doubles (``PyFloat_AsDouble``
+    per value: what ``float()`` takes, strings refused, with ``struct.error``)."""
+    return struct.Struct(f"{width}d").pack
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,7 @@ class Rows:
     row_sets: npt.NDArray[np.uint32] | None
     steps: npt.NDArray[np.int64]
     timestamps: npt.NDArray[np.int64]
-    values: tuple[bytes, ...]  # each row's values as native doubles (``Run``'s struct pack)
+    values: npt.NDArray[np.float64]  # every row's values, row after row (native doubles)
     points: int
 
     def split(self, limit: int) -> list[Rows]:
@@ -87,7 +100,7 @@ class Rows:
             stop = max(start + 1, int(np.searchsorted(ends, done + limit, side="right")))
             sets, row_sets = self._sets_of(start, stop)
             parts.append(Rows(sets, row_sets, self.steps[start:stop], self.timestamps[start:stop],
-                              self.values[start:stop], int(ends[stop - 1]) - done))
+                              self.values[done : int(ends[stop - 1])], int(ends[stop - 1]) - done))
             start, done = stop, int(ends[stop - 1])
         return parts
 
@@ -138,8 +151,9 @@ def due_at(state: BufferState, *, interval: float) -> float | None:
 
 
 _Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
-# run, step, timestamp, key block, values (native doubles: bytes from ``Run``'s struct pack, or an array)
-_Row = tuple[_KeySet, int, int, bytes]
+# run, key, steps, timestamp(s), values
+_Row = tuple[int, int, int, bytes]  # key set id, step, timestamp, values
+_SET, _STEP, _STAMP, _VALUES = (operator.itemgetter(i) for i in range(4))
 _array = array
 _ARENA_MIN = 1 << 20  # values; the arena of vectorized calls starts at 16 MiB (steps + values)
 _ARENA_KEEP = 1 << 23  # arenas up to this many values are recycled, larger ones freed
@@ -176,7 +190,11 @@ class Batcher:
         self.keys: list[str] = []
         self._run_slots: dict[str, int] = {}
         self._key_slots: dict[str, int] = {}
-        self._key_sets: dict[tuple[int, bytes], _KeySet] = {}
+        self._set_ids: dict[tuple[int, bytes], int] = {}
+        self._sets: list[_KeySet] = []  # by key set id
+        # The width of every key set interned so far when they all have one width (then every row
+        # has it: a key set is interned before its first row), 0 once a second width came.
+        self._width: int | None = None
         self.accepting = True
         self.rows: list[_Row] = []  # shared with producers (``Run``): they only ever append
         self._done = 0  # points taken or discarded so far
@@ -196,7 +214,10 @@ class Batcher:
     def _row_points(self, n: int) -> int:
         """Points in the first ``n`` rows (lock held): only rows added since the last call are counted."""
         if n > self._counted_rows:
-            self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]]) >> 3
+            if self._width:  # no row to touch
+                self._counted_points += (n - self._counted_rows) * self._width
+            else:
+                self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]]) >> 3
             self._counted_rows = n
         return self._counted_points
 
@@ -233,11 +254,15 @@ class Batcher:
                 block.append(slot)
         return block
 
-    def key_set(self, run: int, block: array[int]) -> _KeySet:
-        """The one ``(run, block)`` tuple rows of this run and these keys carry: ``take`` finds a
-        buffer of one key set by identity."""
+    def key_set(self, run: int, block: array[int]) -> int:
+        """The id rows of this run and these keys carry (the same for the life of the batcher)."""
         with self._lock:
-            return self._key_sets.setdefault((run, block.tobytes()), (run, block))
+            found = self._set_ids.get((run, block.tobytes()))
+            if found is None:
+                found = self._set_ids[(run, block.tobytes())] = len(self._sets)
+                self._sets.append((run, block))
+                self._width = len(block) if self._width in (None, len(block)) else 0
+            return found
 
     def append_row(self, run: int, step: int, timestamp: int, block: array[int], values: Iterable[object]) -> bool:
         """Buffer one call's values (one per key of ``block``); True when the sender should be woken.
@@ -297,28 +322,27 @@ class Batcher:
                 return True
             return before < self._max_points <= before + n
 
-    def _remove(self) -> tuple[list[_Row], list[_Chunk], int, int]:
-        """Every buffered row and chunk, their points and the rows' points, out of the buffer (lock held)."""
+    def _remove(self) -> tuple[list[_Row], list[_Chunk], int]:
+        """Every buffered row and chunk and their points, out of the buffer (lock held)."""
         n = len(self.rows)
-        row_points = self._row_points(n)
-        points = row_points + self._chunk_points
+        points = self._row_points(n) + self._chunk_points
         rows = self.rows[:n]
         del self.rows[:n]  # rows appended since len() stay
         chunks = self._chunks
         self._done += points
         self._reset()
-        return rows, chunks, points, row_points
+        return rows, chunks, points
 
     def take(self) -> Taken | None:
         """Remove and return every buffered point, or None when empty."""
         with self._lock:
-            rows, chunks, points, rows_points = self._remove()
+            rows, chunks, points = self._remove()
             if points == 0:
                 return None
             if self._arena is not None and self._arena.used:
                 self._lent, self._arena = self._arena, self._spare
                 self._spare = None
-        return Taken(_gather(rows, rows_points) if rows else None, _columns(chunks) if chunks else None)
+        return Taken(_gather(rows, self._sets) if rows else None, _columns(chunks) if chunks else None)
 
     def recycle(self) -> None:
         """The columns of the last ``take`` are no longer used (encoded): reuse their memory."""
@@ -346,16 +370,20 @@ class Batcher:
         self._done = 0
 
 
-def _gather(rows: list[_Row], points: int) -> Rows:
-    sets, steps, times, values = zip(*rows, strict=True)
+def _gather(rows: list[_Row], sets: list[_KeySet]) -> Rows:
+    """The rows as columns, a C-level pass per field (``zip(*rows)`` makes an iterator per row:
+    4x slower on rows gone cold). ``sets`` is read after the rows were removed: a key set is
+    interned before its first row, so one key set in the process means one here."""
     n = len(rows)
-    row_sets = None
-    if sets.count(sets[0]) != n:  # not the common take of one run and one key set (a C-level identity scan)
-        ids: dict[int, int] = {}  # key sets are interned: one object each, alive as long as the batcher
-        row_sets = np.fromiter([ids.setdefault(id(s), len(ids)) for s in sets], np.uint32, n)
-        sets = tuple({id(s): s for s in sets}.values())  # in the order of their ids
-    return Rows(sets[:1] if row_sets is None else sets, row_sets, np.frombuffer(array("q", steps), np.int64),
-                np.frombuffer(array("q", times), np.int64), values, points)
+    steps, stamps = (np.fromiter(map(field, rows), np.int64, n) for field in (_STEP, _STAMP))
+    values = np.frombuffer(b"".join(map(_VALUES, rows)), np.float64)
+    if len(sets) == 1:
+        return Rows((sets[0],), None, steps, stamps, values, len(values))
+    ids = np.fromiter(map(_SET, rows), np.int64, n)
+    if ids.min() == ids.max():
+        return Rows((sets[int(ids[0])],), None, steps, stamps, values, len(values))
+    used, row_sets = np.unique(ids, return_inverse=True)
+    return Rows(tuple(sets[int(i)] for i in used), row_sets.astype(np.uint32), steps, stamps, values, len(values))
 
 
 def _columns(chunks: list[_Chunk]) -> Columns:

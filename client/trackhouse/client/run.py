@@ -5,7 +5,7 @@ the key set compared with the last one logged (``tuple(metrics)``: identity
 compares, no hashing), the values converted and checked by one precompiled
 ``struct`` pack in C (``PyFloat_AsDouble`` per value: what ``float()`` takes,
 strings refused), and one ``list.append`` of the row
-``(key set, step, timestamp, values)`` to the batcher's shared row list —
+``(key set id, step, timestamp, values)`` to the batcher's shared row list —
 no lock (see ``batcher.py``), no call into the batcher except on the first row of
 an empty buffer and when the buffer fills (to wake the sender). Anything unusual
 (a new key set, a value ``struct`` refuses) takes the slow path, which validates
@@ -22,10 +22,8 @@ which spools them when the server is away or the client is offline.
 
 from __future__ import annotations
 
-import functools
 import logging
 import operator
-import struct
 import time
 from array import array
 from collections.abc import Callable, Mapping
@@ -35,7 +33,7 @@ from typing import TYPE_CHECKING, Any, SupportsFloat, SupportsIndex, cast
 import numpy as np
 import numpy.typing as npt
 
-from trackhouse.client.batcher import Batcher
+from trackhouse.client.batcher import Batcher, row_packer
 from trackhouse.client.errors import UsageError
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
@@ -52,13 +50,8 @@ _time_ns = time.time_ns
 _NO_KEYS = (object(),)  # the key set of a Run that has logged nothing yet
 
 
-# keys, (run, block), pack, full
-_KeySet = tuple[tuple[object, ...], tuple[int, "array[int]"], Callable[..., bytes], int]
-
-
-@functools.lru_cache(maxsize=64)
-def _packer(n: int) -> struct.Struct:
-    return struct.Struct(f"{n}d")
+# keys, key set id, pack(*values), rows that fill a batch, key block
+_KeySet = tuple[tuple[object, ...], int, Callable[..., bytes], int, "array[int]"]
 
 
 def now_ms() -> int:
@@ -139,7 +132,7 @@ class Run:
         # may switch it meanwhile, and keys, block and packer must come from the same set.
         # No mapping's keys equal _NO_KEYS (it holds an object only this module has), so the first
         # call always switches, and its keys are checked (an empty mapping is refused there).
-        self._current: _KeySet = (_NO_KEYS, (self._slot, array("I")), _packer(0).pack, 1)
+        self._current: _KeySet = (_NO_KEYS, -1, row_packer(0), 1, array("I"))
         self._status_sent = False
 
     def __repr__(self) -> str:
@@ -192,8 +185,8 @@ class Run:
             if not keys:
                 raise UsageError("log_metrics() needs at least one metric, e.g. {'loss': 0.5}")
             block = self._batcher.intern_keys([self._prefix + check_key(k) for k in keys])
-            found = (keys, self._batcher.key_set(self._slot, block), _packer(len(block)).pack,
-                     max(1, self._max_points // len(block)))
+            found = (keys, self._batcher.key_set(self._slot, block), row_packer(len(block)),
+                     max(1, self._max_points // len(block)), block)
             if len(self._sets) >= _MAX_KEY_SETS:
                 self._sets.clear()
             self._sets[keys] = found
@@ -210,7 +203,7 @@ class Run:
         found = self._sets.get((key,)) if type(key) is str else None
         if found is None:
             found = self._switch((check_key(key),))
-        return found[1][1]
+        return found[4]
 
     def log_array(self, key: str, steps: npt.ArrayLike, values: npt.ArrayLike, *,
                   timestamps: npt.ArrayLike | None = None) -> None:

@@ -4,14 +4,13 @@ uses, without the generated class.
 
 Every field is length-delimited (tag, varint length, bytes) except ``seq`` (tag,
 varint), and the columns are ``bytes`` fields, so each column is copied once, straight
-into the message; so are the rows' values, row by row. The bytes are those
+into the message. The bytes are those
 ``MetricBatch.SerializeToString()`` produces (fields in number order, defaults
 omitted), which the tests check.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +18,6 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.client.batcher import Taken
-
-_LITTLE = sys.byteorder == "little"
 
 
 def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
@@ -72,9 +69,7 @@ def encode(taken: Taken, run_ids: Sequence[str], keys: Sequence[str], *, writer_
             _put(parts, b"\x6a", _le(rows.row_sets, "<u4"))
         _put(parts, b"\x72", _le(rows.steps, "<i8"))
         _put(parts, b"\x7a", _le(rows.timestamps, "<i8"))
-        values = rows.values if _LITTLE else (np.frombuffer(b"".join(rows.values), "=f8").astype("<f8").tobytes(),)
-        if rows.points:  # the rows' packed values, copied once, straight into the message
-            parts += (b"\x82\x01", _varint(8 * rows.points), *values)
+        _put(parts, b"\x82\x01", _le(rows.values, "<f8"))
     return b"".join(parts)
 
 
