@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,6 +131,28 @@ def test_values_are_stored_as_float_gives_them_whatever_the_key_order(tmp_path: 
     assert got == {"a": [(0, 1.5), (1, -0.0), (2, float("inf")), (4, 3.0)], "b": [(0, 0.25), (1, 7.0), (4, 4.0)],
                    "c": [(0, float(2**53 + 1)), (1, 1.0), (4, 5.0)]}
     assert client.stats()["points_logged"] == 10
+    client.close(timeout=5.0)
+
+
+def test_mappings_that_answer_for_missing_keys_are_logged_as_they_are_and_left_untouched(tmp_path: Any) -> None:
+    # The fast path reads the current key set's values with an itemgetter: on a defaultdict or a
+    # Counter of other keys it would invent values (and insert keys into the caller's defaultdict).
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(spool_dir=str(tmp_path), replay_orphans=False))
+    run = client.start_run(experiment="mappings")
+    run.log_metrics({"a": 1.0, "b": 2.0}, step=0)
+    other = collections.defaultdict(float, {"c": 3.0, "d": 4.0})  # as many keys, none of the current ones
+    run.log_metrics(other, step=1)
+    assert dict(other) == {"c": 3.0, "d": 4.0}
+    run.log_metrics(collections.Counter({"a": 5, "x": 6}), step=2)  # a Counter answers 0 for any key
+    run.log_metrics(types.MappingProxyType({"b": 7.0, "a": 8.0}), step=3)  # a mapping that is not a dict
+    run.log_metrics({"z": 9.0}, step=4)
+    run.log_metrics({"y": 10.0}, step=5)  # one key, another one
+    run.log_metrics({"b": 12.0, "a": 11.0}, step=6)
+    assert client.flush(timeout=10.0)
+    got = {key: [(step, value) for step, _, value in transport.points(run.run_id, key)] for key in "abcdxyz"}
+    assert got == {"a": [(0, 1.0), (2, 5.0), (3, 8.0), (6, 11.0)], "b": [(0, 2.0), (3, 7.0), (6, 12.0)],
+                   "c": [(1, 3.0)], "d": [(1, 4.0)], "x": [(2, 6.0)], "y": [(5, 10.0)], "z": [(4, 9.0)]}
     client.close(timeout=5.0)
 
 

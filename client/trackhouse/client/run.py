@@ -1,8 +1,11 @@
 """``Run``: the handle a training loop logs through.
 
 The hot path (``log``, ``log_metrics``) is one Python frame: exact type checks,
-the key set compared with the last one logged (``tuple(metrics)``: identity
-compares, no hashing), the values converted and checked by one precompiled
+the values of the last key set logged read from a ``dict`` of as many keys by one
+``operator.itemgetter`` (in the set's order, whatever the dict's; a missing key
+means another key set; a dict subclass, whose ``__missing__`` could invent a
+value, takes the general path, which compares ``tuple(metrics)`` with the set's
+keys), the values converted and checked by one precompiled
 ``struct`` pack in C (``PyFloat_AsDouble`` per value: what ``float()`` takes,
 strings refused), and one ``list.append`` of the row
 ``(key set id, step, timestamp, values)`` to the batcher's shared row list —
@@ -50,8 +53,10 @@ _time_ns = time.time_ns
 _NO_KEYS = (object(),)  # the key set of a Run that has logged nothing yet
 
 
-# keys, key set id, pack(*values), rows that fill a batch, key block
-_KeySet = tuple[tuple[object, ...], int, Callable[..., bytes], int, "array[int]"]
+# get(mapping) -> its values in the key set's order, key set id, pack(*values), rows that fill a batch,
+# key block, keys, width
+_KeySet = tuple[Callable[[Any], tuple[Any, ...]], int, Callable[..., bytes], int, "array[int]",
+                tuple[object, ...], int]
 
 
 def now_ms() -> int:
@@ -130,9 +135,10 @@ class Run:
         # The key set of the last call and what the hot path needs of it, in one tuple that a
         # call reads once: another thread logging into this run (the system-metrics sampler)
         # may switch it meanwhile, and keys, block and packer must come from the same set.
-        # No mapping's keys equal _NO_KEYS (it holds an object only this module has), so the first
-        # call always switches, and its keys are checked (an empty mapping is refused there).
-        self._current: _KeySet = (_NO_KEYS, -1, row_packer(0), 1, array("I"))
+        # No mapping has -1 keys, and none's keys equal _NO_KEYS (it holds an object only this
+        # module has), so the first call always switches, and its keys are checked (an empty
+        # mapping is refused there).
+        self._current: _KeySet = (tuple, -1, row_packer(0), 1, array("I"), _NO_KEYS, -1)
         self._status_sent = False
 
     def __repr__(self) -> str:
@@ -159,12 +165,13 @@ class Run:
             step = check_int("step", step)
         ts = _time_ns() // 1_000_000 if timestamp is None else check_int("timestamp", timestamp)
         current = self._current
-        if tuple(metrics) != current[0]:
-            current = self._switch(tuple(metrics))
-        try:
-            values = current[2](*metrics.values())
-        except Exception:  # a value struct refused (or the mapping changed meanwhile): find it, say what to do
-            current, values = self._checked(metrics)
+        if type(metrics) is dict and len(metrics) == current[6]:  # not a subclass: no __missing__
+            try:  # the current key set's values, in its order: a KeyError if a key is not there
+                values = current[2](*current[0](metrics))
+            except Exception:  # another key set as long, or a value struct refused
+                current, values = self._other(metrics)
+        else:
+            current, values = self._other(metrics)
         row = (current[1], step, ts, values)
         rows = self._rows
         rows.append(row)
@@ -185,13 +192,26 @@ class Run:
             if not keys:
                 raise UsageError("log_metrics() needs at least one metric, e.g. {'loss': 0.5}")
             block = self._batcher.intern_keys([self._prefix + check_key(k) for k in keys])
-            found = (keys, self._batcher.key_set(self._slot, block), row_packer(len(block)),
-                     max(1, self._max_points // len(block)), block)
+            get = operator.itemgetter(*keys) if len(keys) > 1 else lambda m, k=keys[0]: (m[k],)
+            found = (get, self._batcher.key_set(self._slot, block), row_packer(len(block)),
+                     max(1, self._max_points // len(block)), block, keys, len(keys))
             if len(self._sets) >= _MAX_KEY_SETS:
                 self._sets.clear()
             self._sets[keys] = found
         self._current = found  # one store: a racing call reads the old set or this one, whole
         return found
+
+    def _other(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, bytes]:
+        """A call the fast path did not take: another key set, a mapping that is not a ``dict``
+        (its keys are read in its order), or a value ``struct`` refused (``_checked`` says which)."""
+        try:
+            keys = tuple(metrics)
+            current = self._current
+            if keys != current[5]:
+                current = self._switch(keys)
+            return current, current[2](*metrics.values())
+        except Exception:
+            return self._checked(metrics)
 
     def _checked(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, bytes]:
         items = list(metrics.items())  # one snapshot: keys and values agree
