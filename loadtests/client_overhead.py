@@ -122,8 +122,16 @@ def _background_ns(before: dict[int, tuple[str, int]], after: dict[int, tuple[st
 
 
 def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: int,
-                       trials: int, reps: int = 0) -> dict[str, Any]:
+                       trials: int, reps: int = 0, fresh: bool = False) -> dict[str, Any]:
     """The loop's slowdown from logging, three ways.
+
+    What is logged: one dict for the whole loop, one of its 20 values updated a step
+    (``row["metric_00"] = step``, with or without logging) and the other 19 the same float
+    object throughout, so the call reads keys and values gone cold in the step. ``fresh``
+    (``--fresh``): each step computes its 20 metrics (new float objects, as a loss or an
+    accuracy is), with or without logging, and a logging step builds a dict of them and
+    logs it (``run.log_metrics(dict(zip(KEYS, values)), step=step)``): the dict's
+    building is counted in the call.
 
     ``step_loop_slowdown_pct``: what logging costs per step — the CPU the training
     thread spends inside the logging calls plus all CPU the client's background threads
@@ -155,6 +163,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
     """
     work = _workload(step_ms, reps)
     row = dict.fromkeys(KEYS, 0.0)
+    source = np.random.default_rng(2).random(len(KEYS))
     assert client.flush(timeout=600)  # no backlog of earlier phases
     ratios, base, calls, empty, walls, background, idle = [], [], [], [], [], [], []
     per_thread: dict[str, list[float]] = {}
@@ -167,10 +176,15 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
             t0 = clock()
             for step in range(steps):
                 work()
+                values = (source * step).tolist()  # the step's metrics (used by --fresh)
                 t1, c1 = clock(), cpu()
-                row["metric_00"] = step
-                if logging:
-                    run.log_metrics(row, step=step)
+                if fresh:
+                    if logging:
+                        run.log_metrics(dict(zip(KEYS, values, strict=True)), step=step)
+                else:
+                    row["metric_00"] = step
+                    if logging:
+                        run.log_metrics(row, step=step)
                 spent_cpu += cpu() - c1
                 spent += clock() - t1
             times[logging] = clock() - t0
@@ -195,6 +209,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
             "step_loop_slowdown_raw_pct": (in_calls + everything / trials) / plain * 100,
             "calls_wall_slowdown_pct": (statistics.median(walls) + everything / trials) / plain * 100,
             "wall_ab_slowdown_pct": statistics.median(ratios) * 100, "step_ms": plain / steps * 1e3,
+            "metrics": "fresh" if fresh else "reused",
             "calls_us_per_step": (in_calls - instrument) / steps * 1e6,
             "instrument_us_per_step": instrument / steps * 1e6,
             "background_us_per_step": bg / steps * 1e6,
@@ -212,7 +227,8 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, Any]:
     client = th.connect(address, settings=th.Settings.from_env(url=address, spool_dir=args.spool_dir))
     run = client.start_run(experiment="bench-client-overhead")
     if args.step_loop_only:
-        return _finish(client, run, step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps))
+        return _finish(client, run, step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps,
+                                                        args.fresh))
     result: dict[str, Any] = {}
     result["ns_per_value_log"] = statistics.median(ns_per_value_log(run, args.calls) for _ in range(3))
     assert client.flush(timeout=600)
@@ -234,7 +250,7 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, Any]:
     )  # the sender not woken during the calls: the buffer's own rate
     assert quiet.flush(timeout=600)
     quiet.close()
-    result.update(step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps))
+    result.update(step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps, args.fresh))
     return _finish(client, run, result)
 
 
@@ -285,6 +301,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--step-reps", type=int, default=0,
                         help="matrix products per step instead of calibrating the step to 1 ms (A/B runs)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="the step loop logs a new dict of new values each step (built in the call)")
     parser.add_argument("--spool-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trackhouse-bench-spool"))
     parser.add_argument("--step-loop-only", action="store_true",
                         help="with a server: only the 1 ms step loop (and its per-thread CPU breakdown)")
@@ -311,7 +329,8 @@ def main() -> None:
               f"{result['values_per_s_array'] / 1e6:,.0f} M values/s with the sender busy; buffer alone "
               f"{1e3 / result['ns_per_value_array_buffer_only']:,.0f} M values/s (target >= 50 M); end to end "
               f"(acknowledged) {result['array_end_to_end_values_per_s'] / 1e6:.1f} M values/s")
-    print(f"1 ms step loop ({result['step_ms']:.2f} ms measured), 20 metrics a step: logging costs "
+    print(f"1 ms step loop ({result['step_ms']:.2f} ms measured), 20 metrics a step ({result['metrics']}): "
+          f"logging costs "
           f"{result['step_loop_slowdown_pct']:.2f} % of the loop in CPU (target <= 1 %; background "
           f"{result['background_all_us_per_step']:.1f} us per logged step, every ns of the trials), "
           f"{result['calls_wall_slowdown_pct']:.2f} % counting wall time in the calls; "

@@ -63,10 +63,11 @@ class Settings:
 
     Batching and delivery
     ``TRACKHOUSE_CLIENT_FLUSH_INTERVAL``
-        Seconds a logged point may wait in the buffer before it is sent. Default 2.0.
+        Seconds a logged point may wait in the buffer before it is sent. Default 5.0
+        (OpenTelemetry's batch processor waits 5 s too). Lower it for fresher charts.
     ``TRACKHOUSE_CLIENT_MAX_BATCH_POINTS``
         Points per metric batch; reaching it in the buffer wakes the sender at once.
-        Default 50000. Each batch costs the training process ~2 ms or more of background
+        Default 200000. Each batch costs the training process ~2 ms or more of background
         CPU on top of its points (measured: docs/benchmarks.md, issue 5), so fewer, larger
         batches cost less; the interval bounds how late a point is sent.
     ``TRACKHOUSE_CLIENT_FLUSH_TIMEOUT``
@@ -130,8 +131,8 @@ class Settings:
     mode: str = "online"
     rpc_timeout: float = 30.0
     user: str = ""
-    flush_interval: float = 2.0
-    max_batch_points: int = 50_000
+    flush_interval: float = 5.0
+    max_batch_points: int = 200_000
     flush_timeout: float = 10.0
     close_timeout: float = 30.0
     ack_timeout: float = 60.0
