@@ -186,7 +186,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
             t0 = clock()
             for step in range(steps):
                 work()
-                values = (source * step).tolist()  # the step's metrics (used by --fresh)
+                values = (source * step).tolist() if fresh else ()  # the step's metrics
                 t1, c1 = clock(), cpu()
                 if fresh:
                     if logging:

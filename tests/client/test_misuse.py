@@ -46,6 +46,8 @@ def run(client: th.Client) -> th.Run:
         (lambda r: r.log(step=0), r"needs metrics as keywords"),
         (lambda r: r.log_metrics({}), r"needs at least one metric"),  # a run's first call too
         (lambda r: r.log_metrics({None: 1.0}), "non-empty strings"),  # type: ignore[dict-item]
+        (lambda r: r.log_metrics({"": "x"}), "non-empty strings"),  # the key is what is said wrong
+        (lambda r: r.log_metrics([("loss", 0.5)]), "non-empty strings"),  # type: ignore[arg-type]
         (lambda r: r.log_params({"": 1}), "param keys must be non-empty"),
         (lambda r: r.finish("DONE"), "status must be one of FINISHED, FAILED, KILLED"),
     ],

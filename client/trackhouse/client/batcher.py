@@ -4,7 +4,7 @@
 — (key set id, step, timestamp, values as native doubles packed by ``row_packer``),
 the key set being a run and its key block, interned once by ``key_set`` — to the
 shared list ``rows`` with one ``list.append`` and no lock: ``Run.log_metrics``
-does it inline (one Python frame for the whole call, see ``run.py``),
+does it inline (one Python frame for the call, see ``run.py``),
 ``append_row`` is the same for other producers. Under the GIL a ``list.append`` is
 atomic, only this module's consumer side removes rows, and it removes a prefix it
 has copied (``rows[:n]``, then ``del rows[:n]``) while holding the lock, so a row
@@ -80,7 +80,8 @@ def row_packer(width: int) -> Callable[..., bytes]:
 @dataclass(frozen=True)
 class Rows:
     """Rows taken from the buffer, as they travel: row i is of key set ``sets[row_sets[i]]``
-    (``sets[0]`` when ``row_sets`` is None), a value per key of the set in ``values[i]``."""
+    (``sets[0]`` when ``row_sets`` is None); ``values`` holds every row's values, a value per
+    key of its set, row after row."""
 
     sets: tuple[_KeySet, ...]
     row_sets: npt.NDArray[np.uint32] | None
@@ -258,10 +259,11 @@ class Batcher:
         """The id rows of this run and these keys carry (the same for the life of the batcher)."""
         with self._lock:
             found = self._set_ids.get((run, block.tobytes()))
-            if found is None:
-                found = self._set_ids[(run, block.tobytes())] = len(self._sets)
-                self._sets.append((run, block))
+            if found is None:  # the width first: a fork in between leaves the child a 0 (read the rows)
                 self._width = len(block) if self._width in (None, len(block)) else 0
+                found = len(self._sets)
+                self._sets.append((run, block))
+                self._set_ids[(run, block.tobytes())] = found
             return found
 
     def append_row(self, run: int, step: int, timestamp: int, block: array[int], values: Iterable[object]) -> bool:
@@ -270,7 +272,7 @@ class Batcher:
         Raises ``TypeError``/``ValueError`` (nothing appended) when a value is not a
         number: the caller then validates value by value to say which. Wake-ups happen
         when the row is the first of an empty buffer (to arm the interval) and when the
-        buffer fills. Lock-free (see the module docstring); ``block`` is never mutated.
+        buffer fills. No lock but interning's (see the module docstring); ``block`` is never mutated.
         """
         if not self.accepting:
             raise UsageError(_CLOSED)

@@ -1,6 +1,7 @@
 """``Run``: the handle a training loop logs through.
 
-The hot path (``log``, ``log_metrics``) is one Python frame: exact type checks,
+The hot path (``log``, ``log_metrics``) is one Python frame (two for a key set of one
+key, whose getter is a lambda returning a 1-tuple): exact type checks,
 the values of the last key set logged read from a ``dict`` of as many keys by one
 ``operator.itemgetter`` (in the set's order, whatever the dict's; a missing key
 means another key set; a dict subclass, whose ``__missing__`` could invent a
@@ -204,11 +205,11 @@ class Run:
     def _other(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, bytes]:
         """A call the fast path did not take: another key set, a mapping that is not a ``dict``
         (its keys are read in its order), or a value ``struct`` refused (``_checked`` says which)."""
+        keys = tuple(metrics)
+        current = self._current
+        if keys != current[5]:
+            current = self._switch(keys)  # a bad key raises its UsageError here
         try:
-            keys = tuple(metrics)
-            current = self._current
-            if keys != current[5]:
-                current = self._switch(keys)
             return current, current[2](*metrics.values())
         except Exception:
             return self._checked(metrics)
