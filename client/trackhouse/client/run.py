@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _I64 = 2**63
+_I64_MIN, _I64_MAX = -_I64, _I64 - 1  # precomputed: ``-_I64`` in the call made a big int each time (~0.3 µs cold)
 _TERMINAL = ("FINISHED", "FAILED", "KILLED")
 _MAX_KEY_SETS = 256  # cached key blocks per run; a loop logs a handful of distinct key sets
 _ACTIVE, _FINISHED, _DISABLED, _CLOSED = 0, 1, 2, 3
@@ -162,7 +163,7 @@ class Run:
         """Log a mapping of metrics at ``step``; ``timestamp`` in ms since epoch, default now."""
         if self._state:
             return self._inactive()
-        if type(step) is not int or not -_I64 <= step < _I64:
+        if type(step) is not int or not _I64_MIN <= step <= _I64_MAX:
             step = check_int("step", step)
         ts = _time_ns() // 1_000_000 if timestamp is None else check_int("timestamp", timestamp)
         current = self._current
