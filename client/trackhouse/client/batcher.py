@@ -21,10 +21,10 @@ up again.
 ``take`` removes the rows and chunks under the lock and gathers them off the hot
 path, a C-level pass over the rows per field (they are cold by then, and each read
 of one costs cache misses, so nothing else reads them: not even to count points
-while every key set has one width): the rows stay rows (``Rows``: each row's step, timestamp and values,
-its key set named once; they travel in the row form of ingest.proto, a third of the
-bytes of a point per key), the chunks become ``Columns`` (numpy); ``wire.encode``
-serializes both.
+while every key set has one width): the rows stay rows (``Rows``: each row's step,
+timestamp and values, its key set named once; they travel in the row form of
+ingest.proto, a third of the bytes of a point per key), the chunks become
+``Columns`` (numpy); ``wire.encode`` serializes both.
 
 ``is_due`` / ``due_at`` decide when to send from the buffer state and a clock
 value only (no clock is read there), so they are tested with plain numbers.
@@ -374,7 +374,7 @@ class Batcher:
 
 def _gather(rows: list[_Row], sets: list[_KeySet]) -> Rows:
     """The rows as columns, a C-level pass per field (``zip(*rows)`` makes an iterator per row:
-    4x slower on rows gone cold). ``sets`` is read after the rows were removed: a key set is
+    3x slower on rows gone cold, docs/benchmarks.md). ``sets`` is read after the rows were removed: a key set is
     interned before its first row, so one key set in the process means one here."""
     n = len(rows)
     steps, stamps = (np.fromiter(map(field, rows), np.int64, n) for field in (_STEP, _STAMP))
