@@ -73,9 +73,13 @@ def ns_per_value_array(run: th.Run, values: int, chunk: int) -> float:
 
 
 def _workload(step_ms: float, reps: int = 0) -> Callable[[], None]:
-    """A numpy step (matrix products) calibrated, on the whole step, to about ``step_ms`` ms;
-    ``reps`` > 0: that many 128x128 products, not calibrated (the same work for A/B runs
-    on a machine whose load changes)."""
+    """A numpy step (matrix products) calibrated to about ``step_ms`` ms; ``reps`` > 0: that
+    many 128x128 products, not calibrated (the same work for A/B runs of one build).
+
+    Calibration times rounds of 300 steps, one by one, and scales the products by the median
+    step (a preempted step does not move it) until a round leaves the count unchanged: the
+    machine's speed drifts under other load, so it runs when the loop is about to (after the
+    flush and the idle measurement), not at the start of the process."""
     a = np.random.default_rng(1).random((128, 128))
 
     def step() -> None:
@@ -84,13 +88,17 @@ def _workload(step_ms: float, reps: int = 0) -> Callable[[], None]:
 
     if reps > 0:
         return step
-    reps = 1
-    for _ in range(3):  # refine: the machine's speed drifts under other load
-        t0 = time.perf_counter()
-        for _ in range(100):
+    reps, clock = 1, time.perf_counter
+    for _ in range(8):
+        took = []
+        for _ in range(300):
+            t0 = clock()
             step()
-        took_ms = (time.perf_counter() - t0) / 100 * 1e3
-        reps = max(1, round(reps * step_ms / took_ms))
+            took.append(clock() - t0)
+        now = max(1, round(reps * step_ms / (statistics.median(took) * 1e3)))
+        reps, done = now, now == reps
+        if done:
+            break
     return step
 
 
@@ -139,7 +147,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
     used (sender, stream loop, gRPC's own threads), counted as if it were all taken from
     the training thread — over the loop's time without logging. The background counted is
     every CPU ns of those threads over all trials, with and without logging, per logged
-    step (``background_all_us_per_step``): a batch is sent every 2,500 steps by default,
+    step (``background_all_us_per_step``): a batch is sent every 5 s (~5,000 steps) by default,
     more rarely than a trial ends, so a median over trials would miss most of them (and the
     sends that fall in trials without logging); it also counts the polling of the trials
     without logging, so it is an upper bound. ``step_loop_slowdown_median_bg_pct`` is the
@@ -168,13 +176,13 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
     has no client at all, while ``everything`` counts the idle client of those trials
     too (the headline keeps it: an upper bound).
     """
-    work = _workload(step_ms, reps)
     row = dict.fromkeys(KEYS, 0.0)
     source = np.random.default_rng(2).random(len(KEYS))
     assert client.flush(timeout=600)  # no backlog of earlier phases
     before = _thread_cpu()
     time.sleep(QUIET_S)  # the measurement: what an idle client costs a second
     polling_per_s = sum(_background_ns(before, _thread_cpu()).values()) / 1e9 / QUIET_S
+    work = _workload(step_ms, reps)  # calibrated now: the sender has nothing left to send
     ratios, base, calls, empty, walls, background, idle = [], [], [], [], [], [], []
     per_thread: dict[str, list[float]] = {}
     clock, cpu = time.perf_counter, time.thread_time
