@@ -72,34 +72,69 @@ def ns_per_value_array(run: th.Run, values: int, chunk: int) -> float:
     return (time.perf_counter() - t0) / (calls * chunk) * 1e9
 
 
-def _workload(step_ms: float, reps: int = 0) -> Callable[[], None]:
-    """A numpy step (matrix products) calibrated to about ``step_ms`` ms; ``reps`` > 0: that
-    many 128x128 products, not calibrated (the same work for A/B runs of one build).
-
-    Calibration times rounds of 300 steps, one by one, and scales the products by the median
-    step (a preempted step does not move it) until a round leaves the count unchanged: the
-    machine's speed drifts under other load, so it runs when the loop is about to (after the
-    flush and the idle measurement), not at the start of the process."""
+def _numpy_step(size: int) -> Callable[[], None]:
+    """``size`` products of 128x128 matrices on one BLAS thread: CPU-bound work that releases
+    the GIL (as CUDA launches and waits do) and leaves the caches full of BLAS data, the
+    harshest case for the Python call that follows."""
     a = np.random.default_rng(1).random((128, 128))
 
     def step() -> None:
-        for _ in range(reps):
+        for _ in range(size):
             a @ a
 
-    if reps > 0:
-        return step
-    reps, clock = 1, time.perf_counter
-    for _ in range(8):
-        took = []
+    return step
+
+
+def _torch_step(size: int) -> Callable[[], None]:
+    """One training step of a small MLP on the CPU, one torch thread: forward, cross-entropy,
+    backward and an SGD step with momentum on a batch of ``size`` (the Python of
+    ``nn.Module`` and ``optim`` runs in the step, as it does in a GPU loop)."""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("--workload torch needs PyTorch: pip install torch (a CPU build is enough)") from None
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+                                torch.nn.ReLU(), torch.nn.Linear(128, 10))  # ~0.7 ms of dispatch at any batch
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(size, 64), torch.randint(0, 10, (size,))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+WORKLOADS = {"numpy": (_numpy_step, 1), "torch": (_torch_step, 64)}  # and the size calibration starts from
+
+
+def _workload(kind: str, step_ms: float, size: int = 0) -> tuple[Callable[[], None], int]:
+    """The step of workload ``kind`` and its size: ``size`` when > 0 (the same work for A/B runs
+    of one build), else calibrated to about ``step_ms`` ms.
+
+    Calibration times rounds of 300 steps, one by one, and scales the size by the median step
+    (a preempted step does not move it) until the median is within 3 % of ``step_ms`` or a round
+    leaves the size unchanged: the machine's speed drifts under other load, so it runs when the
+    loop is about to (after the flush and the idle measurement), not at the start of the process."""
+    make, start = WORKLOADS[kind]
+    if size > 0:
+        return make(size), size
+    size, clock = start, time.perf_counter
+    for _ in range(12):
+        step, took = make(size), []
         for _ in range(300):
             t0 = clock()
             step()
             took.append(clock() - t0)
-        now = max(1, round(reps * step_ms / (statistics.median(took) * 1e3)))
-        reps, done = now, now == reps
-        if done:
+        median_ms = statistics.median(took) * 1e3
+        now = max(1, round(size * step_ms / median_ms))
+        if abs(median_ms - step_ms) <= 0.03 * step_ms or now == size:
             break
-    return step
+        size = now
+    return step, size
 
 
 def _thread_cpu() -> dict[int, tuple[str, int]]:
@@ -130,9 +165,9 @@ def _background_ns(before: dict[int, tuple[str, int]], after: dict[int, tuple[st
     return used
 
 
-def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: int,
-                       trials: int, reps: int = 0, fresh: bool = False) -> dict[str, Any]:
-    """The loop's slowdown from logging, three ways.
+def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: int, trials: int, reps: int = 0,
+                       fresh: bool = False, workload: str = "numpy") -> dict[str, Any]:
+    """The loop's slowdown from logging, three ways; the step is ``workload``'s (``WORKLOADS``).
 
     What is logged: one dict for the whole loop, one of its 20 values updated a step
     (``row["metric_00"] = step``, with or without logging) and the other 19 the same float
@@ -182,7 +217,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
     before = _thread_cpu()
     time.sleep(QUIET_S)  # the measurement: what an idle client costs a second
     polling_per_s = sum(_background_ns(before, _thread_cpu()).values()) / 1e9 / QUIET_S
-    work = _workload(step_ms, reps)  # calibrated now: the sender has nothing left to send
+    work, size = _workload(workload, step_ms, reps)  # calibrated now: the sender has nothing left to send
     ratios, base, calls, empty, walls, background, idle = [], [], [], [], [], [], []
     per_thread: dict[str, list[float]] = {}
     clock, cpu = time.perf_counter, time.thread_time
@@ -231,7 +266,7 @@ def step_loop_slowdown(client: th.Client, run: th.Run, step_ms: float, steps: in
             "step_loop_slowdown_raw_pct": (in_calls + everything / trials) / plain * 100,
             "calls_wall_slowdown_pct": (statistics.median(walls) + everything / trials) / plain * 100,
             "wall_ab_slowdown_pct": statistics.median(ratios) * 100, "step_ms": plain / steps * 1e3,
-            "metrics": "fresh" if fresh else "reused",
+            "metrics": "fresh" if fresh else "reused", "workload": workload, "workload_size": size,
             "calls_us_per_step": (in_calls - instrument) / steps * 1e6,
             "instrument_us_per_step": instrument / steps * 1e6,
             "background_us_per_step": bg / steps * 1e6,
@@ -250,7 +285,7 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, Any]:
     run = client.start_run(experiment="bench-client-overhead")
     if args.step_loop_only:
         return _finish(client, run, step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps,
-                                                        args.fresh))
+                                                        args.fresh, args.workload))
     result: dict[str, Any] = {}
     result["ns_per_value_log"] = statistics.median(ns_per_value_log(run, args.calls) for _ in range(3))
     assert client.flush(timeout=600)
@@ -272,7 +307,8 @@ def bench(address: str, args: argparse.Namespace) -> dict[str, Any]:
     )  # the sender not woken during the calls: the buffer's own rate
     assert quiet.flush(timeout=600)
     quiet.close()
-    result.update(step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps, args.fresh))
+    result.update(step_loop_slowdown(client, run, 1.0, args.steps, args.trials, args.step_reps, args.fresh,
+                                     args.workload))
     return _finish(client, run, result)
 
 
@@ -321,8 +357,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100_000, help="values per log_array call")
     parser.add_argument("--steps", type=int, default=2000, help="steps per slowdown trial")
     parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="numpy",
+                        help="the step: numpy matrix products (default), or a torch MLP training step")
     parser.add_argument("--step-reps", type=int, default=0,
-                        help="matrix products per step instead of calibrating the step to 1 ms (A/B runs)")
+                        help="the step's size instead of calibrating it to 1 ms: matrix products (numpy) "
+                             "or batch size (torch)")
     parser.add_argument("--fresh", action="store_true",
                         help="the step loop logs a new dict of new values each step (built in the call)")
     parser.add_argument("--spool-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trackhouse-bench-spool"))
@@ -351,7 +390,8 @@ def main() -> None:
               f"{result['values_per_s_array'] / 1e6:,.0f} M values/s with the sender busy; buffer alone "
               f"{1e3 / result['ns_per_value_array_buffer_only']:,.0f} M values/s (target >= 50 M); end to end "
               f"(acknowledged) {result['array_end_to_end_values_per_s'] / 1e6:.1f} M values/s")
-    print(f"1 ms step loop ({result['step_ms']:.2f} ms measured), 20 metrics a step ({result['metrics']}): "
+    print(f"1 ms step loop ({result['workload']} of size {result['workload_size']}: {result['step_ms']:.2f} ms "
+          f"measured), 20 metrics a step ({result['metrics']}): "
           f"logging costs "
           f"{result['step_loop_slowdown_pct']:.2f} % of the loop in CPU (target <= 1 %; background "
           f"{result['background_all_us_per_step']:.1f} us per logged step, every ns of the trials), "
