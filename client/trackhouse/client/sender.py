@@ -176,7 +176,8 @@ class Sender:
                 (self._reconnect_at if self._stream is None else self._last_progress + s.ack_timeout)
                 if box else None,
                 away + s.spool_grace if box.memory_bytes and away is not None else None,
-                self._ops_retry.retry_at if self._ops_retry.ops else None,
+                # while away, operations wait for the stream to come back (``_retry_ops``; ``_on_ack`` wakes)
+                self._ops_retry.retry_at if self._ops_retry.ops and away is None else None,
             ]
         due = min((t for t in times if t is not None), default=None)
         return None if due is None else max(0.0, due - self._clock())
@@ -349,7 +350,8 @@ class Sender:
             item = self._outbox.acked(ack.seq)
             if item is None:  # an ack of a batch already answered (resend race): nothing to do
                 return
-            if self._away_since is not None:
+            restored = self._away_since is not None
+            if restored:
                 logger.info("metric stream to %s restored", getattr(self._transport, "url", "server"))
             self._attempt, self._away_since, self._last_progress, self._spill_warned = 0, None, self._clock(), False
             if item.loc is not None:
@@ -361,7 +363,7 @@ class Sender:
             self._counts["points_lost"] += short
             self._counts["batches_duplicate"] += ack.status == ingest_pb2.DUPLICATE
             self._cond.notify_all()
-        if item.loc is not None:
+        if item.loc is not None or (restored and self._ops_retry.ops):  # replay room; operations to retry
             self._wake.set()
         if rejected:
             logger.warning("trackhouse rejected metric batch seq=%d (%d points), code %d: %s",

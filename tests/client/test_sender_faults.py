@@ -1,0 +1,71 @@
+"""The sender's worker when the server is away or hung: it waits instead of spinning, and
+it spools before it tries the network again at close. Driven through the Sender's own
+decisions with a transport that is down, so nothing here waits on a clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import trackhouse.client as th
+from trackhouse.client.batcher import Batcher
+from trackhouse.client.errors import ServerUnavailable
+from trackhouse.client.outbox import Entry
+from trackhouse.client.sender import Sender
+from trackhouse.proto.v1 import common_pb2, ingest_pb2
+
+
+class Down:
+    """A server that answers nothing: every call is UNAVAILABLE."""
+
+    url = "down:1"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def stream_metrics(self, requests: Iterator[bytes]) -> Any:
+        self.calls.append("stream")
+        raise ServerUnavailable("down")
+
+    def create_run(self, request: Any) -> common_pb2.RunInfo:
+        return common_pb2.RunInfo(run_id="r1", experiment_id="0")
+
+    def _down(self, request: Any) -> None:
+        self.calls.append(type(request).__name__)
+        raise ServerUnavailable("down")
+
+    update_run = log_params = set_tags = _down
+
+    def reopen(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _sender(tmp_path: Path, transport: Any, **kw: Any) -> Sender:
+    settings = th.Settings(spool_dir=str(tmp_path), replay_orphans=False, **kw)
+    return Sender(transport, Batcher(settings.max_batch_points), settings, clock=lambda: 100.0)
+
+
+def test_an_operation_waiting_while_the_stream_is_away_does_not_make_the_worker_spin(tmp_path: Path) -> None:
+    sender = _sender(tmp_path, Down(), spool_grace=1000.0)
+    sender._outbox.add(Entry(1, 1, 10, 0, b"x"))  # a batch awaiting its ack
+    sender._away_since = 90.0  # the stream failed at 90; reconnect due at 130
+    sender._reconnect_at = 130.0
+    sender._ops_retry.ops.append(ingest_pb2.SetTagsRequest(run_id="r1"))
+    sender._ops_retry.retry_at = 0.0  # due long ago, but operations wait for the stream
+    timeout = sender._wait_timeout()
+    assert timeout == 30.0  # the reconnect, not 0 (which made the worker loop ~45,000 times a second)
+
+
+def test_the_first_ack_after_an_outage_wakes_the_worker_to_retry_waiting_operations(tmp_path: Path) -> None:
+    sender = _sender(tmp_path, Down())
+    sender._outbox.add(Entry(1, 1, 10, 0, b"x"))
+    sender._outbox.send_next = 2
+    sender._away_since = 90.0
+    sender._ops_retry.ops.append(ingest_pb2.SetTagsRequest(run_id="r1"))
+    sender._wake.clear()
+    sender._on_ack(ingest_pb2.BatchAck(seq=1, status=ingest_pb2.STORED, points=1))
+    assert not sender.away
+    assert sender._wake.is_set()
+    assert sender._wait_timeout() == 0.0  # and then they are due at once
