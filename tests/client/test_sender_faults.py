@@ -4,6 +4,7 @@ decisions with a transport that is down, so nothing here waits on a clock."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,3 +70,48 @@ def test_the_first_ack_after_an_outage_wakes_the_worker_to_retry_waiting_operati
     assert not sender.away
     assert sender._wake.is_set()
     assert sender._wait_timeout() == 0.0  # and then they are due at once
+
+
+class Hung(Down):
+    """A server that takes operations and never answers: ``set_tags`` blocks until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def set_tags(self, request: Any) -> None:
+        self.entered.set()
+        self.release.wait()
+        raise ServerUnavailable("deadline exceeded")
+
+
+def test_at_close_batches_are_spooled_before_operations_are_tried_on_a_hung_server(tmp_path: Path) -> None:
+    transport = Hung()
+    sender = _sender(tmp_path, transport)
+    sender._outbox.add(Entry(1, 5, 10, 0, b"batch"))  # unacknowledged
+    sender._ops_retry.ops.append(ingest_pb2.SetTagsRequest(run_id="r1"))
+    finishing = threading.Thread(target=sender._finish, daemon=True)
+    finishing.start()
+    try:
+        assert transport.entered.wait(10)  # the last try of the operation is blocked in the network...
+        assert sender.spool.records == 1  # ...and the batch is already on disk
+        assert sender.stats()["points_spooled"] == 5
+    finally:
+        transport.release.set()
+        finishing.join(10)
+    assert not finishing.is_alive()
+    assert list(sender.spool.path.glob("seg-*.spool"))  # kept: the batch and the operation wait for a sync
+
+
+def test_an_offline_run_that_logged_no_metrics_keeps_its_spool_and_syncs(tmp_path: Path) -> None:
+    client = th.Client(Down(), th.Settings(mode="offline", spool_dir=str(tmp_path), replay_orphans=False))
+    run = client.start_run(experiment="offline", params={"lr": "0.1"})
+    run.set_tags({"stage": "warmup"})
+    run.finish()
+    assert client.close()
+    server = th.MemoryTransport()
+    reports = th.sync(tmp_path, transport=server)
+    assert [r.complete for r in reports] == [True]
+    (info,) = server.runs.values()
+    assert server.params[info.run_id] == {"lr": "0.1"}
+    assert info.status == common_pb2.FINISHED

@@ -314,11 +314,13 @@ class Sender:
                                     maximum=self._settings.backoff_max, retry_after=retry_after, rand=random.uniform)
 
     def _finish(self) -> None:
-        """At close: spool every unacknowledged batch and pending operation, close the spool."""
+        """At close: spool every unacknowledged batch and pending operation, close the spool.
+
+        Everything is on disk (synced) before the last network call: a retry of operations can
+        block up to ``rpc_timeout`` against a hung server, past ``close``'s bound, and the process
+        may exit meanwhile (operations were spooled when handed over)."""
         try:
             self._housekeep(self._clock())
-            self._ops_retry.retry_at = 0.0  # one last try for operations that met an absent server
-            self._retry_ops(self._clock())
             self._spill(policy.Spill.ALL)
             with self._cond:
                 stream, self._stream, self._generation = self._stream, None, self._generation + 1
@@ -327,7 +329,11 @@ class Sender:
                 self._queue = None
             if stream is not None:
                 stream.cancel()
-            self.spool.close(ops_done=not self._ops_retry.ops)  # ops were recorded when handed over
+            self._ops_retry.retry_at = 0.0  # one last try for operations that met an absent server
+            self._retry_ops(self._clock())
+            # Offline, operations live only in the spool (none are retried): it is kept for them.
+            ops_done = not self._settings.offline and not self._ops_retry.ops
+            self.spool.close(ops_done=ops_done)
         except Exception:
             logger.exception("trackhouse: could not spool undelivered batches to %s", self.spool.path)
         with self._cond:
