@@ -176,8 +176,7 @@ class Sender:
                 (self._reconnect_at if self._stream is None else self._last_progress + s.ack_timeout)
                 if box else None,
                 away + s.spool_grace if box.memory_bytes and away is not None else None,
-                # while away, operations wait for the stream to come back (``_retry_ops``; ``_on_ack`` wakes)
-                self._ops_retry.retry_at if self._ops_retry.ops and away is None else None,
+                self._ops_retry.retry_at if self._ops_retry.ops and away is None else None,  # away: _on_ack wakes
             ]
         due = min((t for t in times if t is not None), default=None)
         return None if due is None else max(0.0, due - self._clock())
@@ -314,11 +313,8 @@ class Sender:
                                     maximum=self._settings.backoff_max, retry_after=retry_after, rand=random.uniform)
 
     def _finish(self) -> None:
-        """At close: spool every unacknowledged batch and pending operation, close the spool.
-
-        Everything is on disk (synced) before the last network call: a retry of operations can
-        block up to ``rpc_timeout`` against a hung server, past ``close``'s bound, and the process
-        may exit meanwhile (operations were spooled when handed over)."""
+        """At close: spool every unacknowledged batch (synced), then a last try of pending operations
+        (spooled when handed over; it may block ``rpc_timeout`` on a hung server, past ``close``'s bound)."""
         try:
             self._housekeep(self._clock())
             self._spill(policy.Spill.ALL)
@@ -331,9 +327,7 @@ class Sender:
                 stream.cancel()
             self._ops_retry.retry_at = 0.0  # one last try for operations that met an absent server
             self._retry_ops(self._clock())
-            # Offline, operations live only in the spool (none are retried): it is kept for them.
-            ops_done = not self._settings.offline and not self._ops_retry.ops
-            self.spool.close(ops_done=ops_done)
+            self.spool.close(ops_done=not self._settings.offline and not self._ops_retry.ops)  # offline: kept
         except Exception:
             logger.exception("trackhouse: could not spool undelivered batches to %s", self.spool.path)
         with self._cond:
@@ -356,8 +350,7 @@ class Sender:
             item = self._outbox.acked(ack.seq)
             if item is None:  # an ack of a batch already answered (resend race): nothing to do
                 return
-            restored = self._away_since is not None
-            if restored:
+            if restored := self._away_since is not None:
                 logger.info("metric stream to %s restored", getattr(self._transport, "url", "server"))
             self._attempt, self._away_since, self._last_progress, self._spill_warned = 0, None, self._clock(), False
             if item.loc is not None:
