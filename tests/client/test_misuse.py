@@ -49,6 +49,16 @@ def run(client: th.Client) -> th.Run:
         (lambda r: r.log_metrics({"": "x"}), "non-empty strings"),  # the key is what is said wrong
         (lambda r: r.log_metrics([("loss", 0.5)]), "non-empty strings"),  # type: ignore[arg-type]
         (lambda r: r.log_params({"": 1}), "param keys must be non-empty"),
+        # names and timestamps the service refuses (with a whole batch of other runs' points)
+        (lambda r: r.log_metrics({"acc (top-1)": 0.9}), r"metric key 'acc \(top-1\)': invalid name"),
+        (lambda r: r.log(step=0, **{"k" * 251: 1.0}), "251 characters, limit 250"),
+        (lambda r: r.log_array("bad key!", [0], [1.0]), "invalid name"),
+        (lambda r: r.log_params({"lr?": 1}), r"param key 'lr\?': invalid name"),
+        (lambda r: r.set_tags({"a\nb": "x"}), "tag key .*invalid name"),
+        (lambda r: r.log_metrics({"a": 1.0}, timestamp=1_700_000_000_000_000), r"timestamp=1700000000000000 is out"
+                                                                                 r" of range \[0, 32503680000000\]"),
+        (lambda r: r.log_metrics({"a": 1.0}, timestamp=-5), "out of range"),
+        (lambda r: r.log_array("a", [0, 1], [1.0, 2.0], timestamps=[0, -1]), "log_array timestamps are out of range"),
         (lambda r: r.finish("DONE"), "status must be one of FINISHED, FAILED, KILLED"),
     ],
 )
@@ -186,3 +196,44 @@ def test_two_threads_logging_other_key_sets_into_one_run_never_mix_keys_and_valu
             points = transport.points(run.run_id, f"{name}{k}")
             assert sorted((step, value) for step, _, value in points) == [(s, sign * s + offset) for s in range(n)]
     client.close(timeout=5.0)
+
+
+def test_a_name_the_service_refuses_is_refused_at_the_call_and_spoils_no_batch() -> None:
+    """The service refuses a whole batch holding one bad name, with every run's points in it
+    (``MemoryTransport`` as the service does): the call raises, the batches stay whole."""
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(flush_interval=600.0, replay_orphans=False))
+    try:
+        good, bad = client.start_run(experiment="e"), client.start_run(experiment="e")
+        good.log(step=0, loss=0.5)
+        with pytest.raises(th.UsageError, match="invalid name"):
+            bad.log_metrics({"acc (top-1)": 0.9}, step=0)
+        bad.log_metrics({"acc_top1": 0.9}, step=0)
+        assert client.flush(timeout=10.0)
+        assert [v for _, _, v in transport.points(good.run_id, "loss")] == [0.5]
+        assert [v for _, _, v in transport.points(bad.run_id, "acc_top1")] == [0.9]
+        assert client.stats()["points_rejected"] == 0
+    finally:
+        client.close(timeout=5.0)
+
+
+@pytest.mark.parametrize(("keys", "timestamps", "message"), [
+    (["ok", "not ok!"], [0], "keys[1]: invalid name 'not ok!'"),
+    (["ok"], [-1], "timestamps: out of range [0, 32503680000000]"),
+])
+def test_memory_transport_refuses_a_batch_the_service_refuses(keys: list[str], timestamps: list[int],
+                                                              message: str) -> None:
+    from trackhouse.proto.v1 import ingest_pb2
+
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(replay_orphans=False))
+    run_id = client.start_run(experiment="e").run_id
+    client.close(timeout=5.0)
+    batch = ingest_pb2.MetricBatch(
+        writer_id="w", seq=1, run_ids=[run_id], keys=keys, key_index=np.array([0], "<u4").tobytes(),
+        steps=np.array([0], "<i8").tobytes(), timestamps=np.array(timestamps, "<i8").tobytes(),
+        values=np.array([1.0], "<f8").tobytes())
+    ack = transport._store(batch)
+    assert (ack.status, ack.code) == (ingest_pb2.REJECTED, 3)
+    assert message in ack.message
+    assert transport.point_count() == 0

@@ -11,8 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trackhouse.ingest.convert import (
-    MAX_KEY_LENGTH,
-    MAX_TIMESTAMP_MS,
     MAX_WRITER_ID_LENGTH,
     check_key,
     decode_batch,
@@ -20,6 +18,7 @@ from trackhouse.ingest.convert import (
 )
 from trackhouse.ingest.errors import InvalidArgument
 from trackhouse.ingest.settings import IngestSettings
+from trackhouse.proto.rules import MAX_KEY_LENGTH, MAX_TIMESTAMP_MS
 from trackhouse.proto.v1 import ingest_pb2
 
 SETTINGS = IngestSettings(max_batch_points=100, max_batch_keys=3, buffer_bytes=1 << 20)

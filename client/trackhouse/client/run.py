@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from trackhouse.client.batcher import Batcher, row_packer
 from trackhouse.client.errors import UsageError
+from trackhouse.proto.rules import key_problem, timestamps_problem
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
 if TYPE_CHECKING:
@@ -90,10 +91,24 @@ def check_metric(key: object, value: object) -> float:
         raise UsageError(f"metric {key!r} must be a single number, got {value!r}: {exc}") from None
 
 
-def check_key(key: object) -> str:
+def check_key(key: object, prefix: str = "") -> str:
+    """The metric name ``prefix + key``, when it is one the service takes (``trackhouse.proto.rules``:
+    it refuses a whole batch holding a bad name, other runs' points with it)."""
     if type(key) is not str or not key:
         raise UsageError(f"metric keys must be non-empty strings, got {key!r}")
-    return key
+    problem = key_problem(prefix + key)
+    if problem is not None:
+        raise UsageError(f"metric key {key!r}: {problem}")
+    return prefix + key
+
+
+def check_timestamp(value: object) -> int:
+    """A timestamp the caller passed: an int of ms since the epoch, in the service's range."""
+    ts = check_int("timestamp", value)
+    problem = timestamps_problem(ts, ts)
+    if problem is not None:
+        raise UsageError(f"timestamp={ts} is {problem}")
+    return ts
 
 
 def _string_pairs(kind: str, items: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -101,6 +116,9 @@ def _string_pairs(kind: str, items: Mapping[str, Any]) -> list[tuple[str, str]]:
     for key, value in items.items():
         if type(key) is not str or not key:
             raise UsageError(f"{kind} keys must be non-empty strings, got {key!r}")
+        problem = key_problem(key)
+        if problem is not None:
+            raise UsageError(f"{kind} key {key!r}: {problem}")
         pairs.append((key, value if isinstance(value, str) else str(value)))
     return pairs
 
@@ -165,7 +183,7 @@ class Run:
             return self._inactive()
         if type(step) is not int or not _I64_MIN <= step <= _I64_MAX:
             step = check_int("step", step)
-        ts = _time_ns() // 1_000_000 if timestamp is None else check_int("timestamp", timestamp)
+        ts = _time_ns() // 1_000_000 if timestamp is None else check_timestamp(timestamp)
         current = self._current
         if type(metrics) is dict and len(metrics) == current[6]:  # not a subclass: no __missing__
             try:  # the current key set's values, in its order: a KeyError if a key is not there
@@ -193,7 +211,7 @@ class Run:
         if found is None:
             if not keys:
                 raise UsageError("log_metrics() needs at least one metric, e.g. {'loss': 0.5}")
-            block = self._batcher.intern_keys([self._prefix + check_key(k) for k in keys])
+            block = self._batcher.intern_keys([check_key(k, self._prefix) for k in keys])
             get = operator.itemgetter(*keys) if len(keys) > 1 else lambda m, k=keys[0]: (m[k],)
             found = (get, self._batcher.key_set(self._slot, block), row_packer(len(block)),
                      max(1, self._max_points // len(block)), block, keys, len(keys))
@@ -250,6 +268,9 @@ class Run:
             ts = _int_column("timestamps", timestamps).astype(np.int64)  # rare: a plain copy
             if len(ts) != len(steps_a):
                 raise UsageError(f"log_array timestamps must be as long as steps ({len(steps_a)})")
+            problem = timestamps_problem(int(ts.min()), int(ts.max())) if len(ts) else None
+            if problem is not None:
+                raise UsageError(f"log_array timestamps are {problem}")
         if len(steps_a) and self._batcher.append_arrays(self._slot, block[0], steps_a, ts, values_a):
             self._wake()
 

@@ -1,7 +1,8 @@
 """Validate a MetricBatch and decode it into numpy arrays — no per-point Python.
 
 The service's rules of a batch: key names, writer id, seq, timestamp range and size
-limits, checked here; the wire-level rules of its two forms (column widths and
+limits, checked here (names and timestamps by ``trackhouse.proto.rules``, which the
+client also checks at the call); the wire-level rules of its two forms (column widths and
 lengths, index bounds, key sets of rows) are `trackhouse.proto.points`', shared with
 the client's MemoryTransport. Each violation raises InvalidArgument naming the field
 and the limit. The column form decodes zero-copy (`np.frombuffer` over the message's
@@ -14,7 +15,6 @@ concatenations however many batches it merges.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +25,9 @@ import numpy.typing as npt
 from trackhouse.ingest.errors import InvalidArgument
 from trackhouse.ingest.settings import BYTES_PER_POINT, IngestSettings
 from trackhouse.proto.points import batch_columns, batch_points
+from trackhouse.proto.rules import key_problem, timestamps_problem
 
-# MLflow's rule for metric, param and tag names (used with fullmatch: `$` alone accepts a trailing newline).
-KEY_PATTERN = re.compile(r"[/\w.\- :]+")
-MAX_KEY_LENGTH = 250
 MAX_WRITER_ID_LENGTH = 128
-# Timestamps are ms since the epoch: from 1970 to the year 3000.
-MAX_TIMESTAMP_MS = 32_503_680_000_000
 
 @dataclass(frozen=True)
 class DecodedBatch:
@@ -55,16 +51,10 @@ class DecodedBatch:
 
 
 def check_key(key: str, field: str) -> None:
-    """Raise InvalidArgument unless `key` is a legal metric/param/tag name."""
-    if not key:
-        raise InvalidArgument(f"{field}: empty name")
-    if len(key) > MAX_KEY_LENGTH:
-        raise InvalidArgument(f"{field}: name {key[:40]!r}… is {len(key)} characters, limit {MAX_KEY_LENGTH}")
-    if not KEY_PATTERN.fullmatch(key):
-        raise InvalidArgument(
-            f"{field}: invalid name {key!r}; names may contain only alphanumerics, "
-            "underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
-        )
+    """Raise InvalidArgument unless `key` is a legal metric/param/tag name (``trackhouse.proto.rules``)."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise InvalidArgument(f"{field}: {problem}")
 
 
 def _check_header(batch: Any, settings: IngestSettings) -> None:
@@ -92,10 +82,9 @@ def decode_batch(batch: Any, settings: IngestSettings) -> DecodedBatch:
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
     timestamps = cols.timestamps
-    if len(cols) and (int(timestamps.min()) < 0 or int(timestamps.max()) > MAX_TIMESTAMP_MS):
-        raise InvalidArgument(
-            f"timestamps: out of range [0, {MAX_TIMESTAMP_MS}] (milliseconds since the epoch, up to year 3000)"
-        )
+    problem = timestamps_problem(int(timestamps.min()), int(timestamps.max())) if len(cols) else None
+    if problem is not None:
+        raise InvalidArgument(f"timestamps: {problem}")
     return DecodedBatch(
         writer_id=batch.writer_id, seq=batch.seq, run_ids=tuple(batch.run_ids), keys=tuple(batch.keys),
         run_index=cols.run_index, key_index=cols.key_index, steps=cols.steps, timestamps=timestamps,

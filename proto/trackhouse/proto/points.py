@@ -5,8 +5,8 @@ rows (one call's keys of one run at one step and timestamp: the step and timesta
 once, the keys as a key set). ``batch_columns`` checks both against the message's
 rules and returns them as one set of columns, the column points then the rows'
 points: numpy only, no Python per point, and the column form zero-copy over the
-message's bytes. It is shared by the ingest service (``ingest/convert.py`` adds the
-limits and the name rules) and by the client's ``MemoryTransport``.
+message's bytes. It is shared by the ingest service and by the client's
+``MemoryTransport``; both add the limits and the rules of ``rules.py`` (names, timestamps).
 
 Every violation raises ``ValueError`` naming the field and what is wrong; the
 service answers it with INVALID_ARGUMENT. ``batch_points`` counts a batch's points
