@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
@@ -93,6 +94,90 @@ def test_from_env_defaults_and_overrides() -> None:
 def test_impossible_values_are_rejected_at_start(env: dict[str, str], match: str) -> None:
     with pytest.raises(UsageError, match=match):
         Settings.from_env({"TRACKHOUSE_CLIENT_USER": "u", **env})
+
+
+# Every numeric setting, by kind: counts and sizes are ints, the rest are seconds.
+INT_FIELDS = ("max_batch_points", "memory_budget", "spool_segment_bytes", "rank", "world_size")
+SECONDS_FIELDS = (
+    "rpc_timeout",
+    "flush_interval",
+    "flush_timeout",
+    "close_timeout",
+    "ack_timeout",
+    "backoff_initial",
+    "backoff_max",
+    "spool_grace",
+    "rendezvous_timeout",
+    "system_metrics_interval",
+)
+NOT_FINITE = [float("inf"), float("-inf"), float("nan")]
+
+
+def test_numeric_field_lists_cover_every_numeric_setting() -> None:
+    fields = dataclasses.fields(Settings)
+    assert {f.name for f in fields if f.type in ("int", int)} == set(INT_FIELDS)
+    assert {f.name for f in fields if f.type in ("float", float)} == set(SECONDS_FIELDS)
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+@pytest.mark.parametrize("wrong", [float, bool, str], ids=["float", "bool", "str"])
+def test_int_settings_refuse_other_types(name: str, wrong: type) -> None:
+    value = wrong(getattr(Settings(), name))  # the default's value, the wrong type: 200000.0, True, "200000"
+    with pytest.raises(UsageError, match=rf"Settings\.{name} must be an int, got {wrong.__name__} {value!r}"):
+        Settings(**{name: value})
+
+
+def test_float_literal_batch_size_is_refused() -> None:
+    # The review's case: sent on, 1e3 killed the sender thread at range(0, n, 1e3).
+    with pytest.raises(UsageError, match=r"Settings\.max_batch_points must be an int, got float 1000\.0"):
+        Settings(max_batch_points=1e3)
+    with pytest.raises(UsageError, match=r"Settings\.max_batch_points must be an int, got float 1000\.0"):
+        Settings.from_env({"TRACKHOUSE_CLIENT_USER": "u"}, max_batch_points=1e3)
+
+
+@pytest.mark.parametrize("name", SECONDS_FIELDS)
+@pytest.mark.parametrize(
+    "value",
+    [*NOT_FINITE, threading.TIMEOUT_MAX * 2, 10**400],
+    ids=["inf", "-inf", "nan", "over_timeout_max", "huge_int"],
+)
+def test_seconds_settings_must_be_finite_and_waitable(name: str, value: float) -> None:
+    # inf made flush() / close() raise OverflowError: threading waits cap at threading.TIMEOUT_MAX
+    with pytest.raises(UsageError, match=rf"Settings\.{name} must be finite and <= \d+ seconds"):
+        Settings(**{name: value})
+
+
+@pytest.mark.parametrize("name", SECONDS_FIELDS)
+@pytest.mark.parametrize("value", [True, "10", None], ids=["bool", "str", "none"])
+def test_seconds_settings_refuse_non_numbers(name: str, value: object) -> None:
+    with pytest.raises(UsageError, match=rf"Settings\.{name} must be a number of seconds"):
+        Settings(**{name: value})
+
+
+def test_seconds_settings_accept_ints_and_the_largest_wait() -> None:
+    s = Settings(flush_timeout=10, close_timeout=threading.TIMEOUT_MAX, backoff_max=threading.TIMEOUT_MAX)
+    assert (s.flush_timeout, s.close_timeout) == (10, threading.TIMEOUT_MAX)
+
+
+@pytest.mark.parametrize("name", SECONDS_FIELDS)
+@pytest.mark.parametrize("raw", ["inf", "-Infinity", "nan", "1e400"])
+def test_non_finite_seconds_from_env_are_refused(name: str, raw: str) -> None:
+    with pytest.raises(UsageError, match=rf"Settings\.{name} must be finite"):
+        Settings.from_env({"TRACKHOUSE_CLIENT_USER": "u", f"TRACKHOUSE_CLIENT_{name.upper()}": raw})
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+@pytest.mark.parametrize("raw", ["1e5", "2.0", "true"])
+def test_non_int_counts_from_env_are_refused(name: str, raw: str) -> None:
+    variable = f"TRACKHOUSE_CLIENT_{name.upper()}"
+    with pytest.raises(UsageError, match=rf"{variable}='{raw}' is not a valid int"):
+        Settings.from_env({"TRACKHOUSE_CLIENT_USER": "u", variable: raw})
+
+
+@pytest.mark.parametrize("variable", ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"])
+def test_non_int_launcher_ranks_are_refused(variable: str) -> None:
+    with pytest.raises(UsageError, match=r"is not a valid int"):
+        Settings.from_env({"TRACKHOUSE_CLIENT_USER": "u", variable: "1.0"})
 
 
 def test_settings_are_frozen_values() -> None:

@@ -4,14 +4,18 @@
 ``TRACKHOUSE_CLIENT_*`` variables documented on the class (and, for the rank of a
 distributed job, the variables torchrun and SLURM set). ``__post_init__`` rejects
 impossible values at start-up, so a bad configuration fails when the client is
-created rather than inside the background sender.
+created rather than inside the background sender: counts and sizes must be ints
+(``1e5`` is a float, ``True`` a bool: both refused), seconds must be numbers,
+finite and no longer than a thread can wait (``threading.TIMEOUT_MAX``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import getpass
+import math
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +28,8 @@ _SCHEMES = ("grpc", "grpcs")
 _MODES = ("online", "offline")
 _UNSET = ("", "none")  # torchrun sets TORCHELASTIC_RUN_ID=none when no --rdzv-id is given
 _RANKS = ("zero", "all")
+# Longest setting in seconds: flush(), close() and the sender wait on threading primitives with it.
+_MAX_SECONDS = threading.TIMEOUT_MAX
 # Launcher variables, in order of preference, when TRACKHOUSE_CLIENT_<NAME> is unset.
 _LAUNCHER_VARS = {
     "rank": ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
@@ -164,6 +170,7 @@ class Settings:
             raise UsageError(f"Settings.tls_ca: {self.tls_ca!r} is not a readable file")
         if any(c.isspace() for c in self.token):
             raise UsageError("Settings.token must not contain whitespace: pass the token as printed")
+        self._check_numbers()
         positive = ("flush_interval", "flush_timeout", "close_timeout", "rpc_timeout", "backoff_initial",
                     "rendezvous_timeout", "ack_timeout")
         for name in positive:
@@ -183,6 +190,26 @@ class Settings:
             raise UsageError("Settings.memory_budget must be >= 1 and spool_segment_bytes >= 4096")
         if not self.spool_dir:
             raise UsageError("Settings.spool_dir must be a directory path")
+
+    def _check_numbers(self) -> None:
+        # Before the range checks: NaN passes none of them, inf passes ``> 0`` and then makes
+        # every threading wait raise OverflowError, and a float count kills the sender at
+        # ``range(0, n, max_batch_points)``.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in ("int", int) and type(value) is not int:
+                raise UsageError(f"Settings.{field.name} must be an int, got {type(value).__name__} {value!r}")
+            if field.type not in ("float", float):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UsageError(
+                    f"Settings.{field.name} must be a number of seconds, got {type(value).__name__} {value!r}"
+                )
+            if (isinstance(value, float) and not math.isfinite(value)) or value > _MAX_SECONDS:
+                raise UsageError(
+                    f"Settings.{field.name} must be finite and <= {_MAX_SECONDS:.0f} seconds "
+                    f"(threading.TIMEOUT_MAX), got {value!r}"
+                )
 
     def _check_choices(self) -> None:
         if self.mode not in _MODES:
