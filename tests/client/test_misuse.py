@@ -40,6 +40,7 @@ def run(client: th.Client) -> th.Run:
         (lambda r: r.log(step="3", loss=1.0), "step must be an int"),
         (lambda r: r.log(step=True, loss=1.0), "step must be an int"),
         (lambda r: r.log(step=2**63, loss=1.0), "does not fit in int64"),
+        (lambda r: r.log(step=0, loss=10**400), "must be a single number, got 1000"),  # past a double
         (lambda r: r.log_metrics({"": 1.0}), "non-empty strings"),
         (lambda r: r.log_metrics({3: 1.0}), "non-empty strings"),
         (lambda r: r.log_metrics({"a": 1.0}, timestamp=1.5), "timestamp must be an int"),
@@ -237,3 +238,35 @@ def test_memory_transport_refuses_a_batch_the_service_refuses(keys: list[str], t
     assert (ack.status, ack.code) == (ingest_pb2.REJECTED, 3)
     assert message in ack.message
     assert transport.point_count() == 0
+
+
+def test_run_operations_after_the_client_closed_raise_at_once(client: th.Client, run: th.Run) -> None:
+    """A closed client's sender is stopped: ``finish`` used to wait out ``close_timeout`` and drop
+    the status, ``set_tags`` and ``log_params`` to vanish."""
+    finished = client.start_run(experiment_id="0")
+    assert finished.finish()
+    client.close(timeout=5.0)
+    for call in (run.finish, lambda: run.set_tags({"a": "b"}), lambda: run.log_params({"lr": 1})):
+        with pytest.raises(th.UsageError, match="the client is closed"):
+            call()
+    assert finished.finish()  # already recorded: nothing to do
+
+
+def test_a_full_buffer_wakes_the_sender_whatever_key_sets_filled_it() -> None:
+    """The row count that fills the buffer depends on the key set's width; rows of other key sets
+    can pass one key set's count without landing on it."""
+    client = th.Client(th.MemoryTransport(), th.Settings(max_batch_points=42, flush_interval=600.0,
+                                                         replay_orphans=False))
+    try:
+        run = client.start_run(experiment="e")
+        wakes: list[int] = []
+        run._wake = lambda: wakes.append(len(client._batcher.rows))  # type: ignore[method-assign]
+        wide, narrow = dict.fromkeys("abcdef", 1.0), dict.fromkeys("xyz", 1.0)  # full at 7 / 14 rows
+        run.log(step=0, loss=1.0)
+        for step in range(1, 10):  # counts 2..10: the wide set at even counts never lands on 7
+            run.log_metrics(wide if step % 2 else narrow, step=step)
+        assert wakes[0] == 1  # the first row arms the interval
+        assert any(count >= 7 for count in wakes[1:])  # and a full buffer wakes the sender
+    finally:
+        client._batcher.discard()
+        client.close(timeout=1.0)

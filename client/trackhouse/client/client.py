@@ -193,6 +193,7 @@ class Client:
 
     def _submit(self, op: Op) -> None:
         """A run operation: sent now; spooled (and retried) when offline or the server is away."""
+        self._check_open()
         if self.settings.offline or self._sender.away:
             self._sender.submit_op(op)
             return

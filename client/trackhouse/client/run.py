@@ -87,7 +87,7 @@ def check_metric(key: object, value: object) -> float:
         raise UsageError(f"metric {key!r} must be a single number, got an array of shape {value.shape}")
     try:
         return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int past a double's range
         raise UsageError(f"metric {key!r} must be a single number, got {value!r}: {exc}") from None
 
 
@@ -196,8 +196,8 @@ class Run:
         rows = self._rows
         rows.append(row)
         count = len(rows)
-        if count < 3 or count == current[3]:
-            self._arm(row, count == current[3])
+        if count < 3 or count >= current[3]:  # not ==: rows of other key sets may pass it by
+            self._arm(row, count >= current[3])
 
     def _arm(self, row: object, full: bool) -> None:
         """After an append that may have made the buffer non-empty (``len(rows)`` 1, or 2 when
@@ -315,11 +315,10 @@ class Run:
         """
         if status not in _TERMINAL:
             raise UsageError(f"status must be one of {', '.join(_TERMINAL)}, got {status!r}")
-        if self._state == _DISABLED:
+        if self._state == _DISABLED or self._status_sent:
             return True
+        self._client._check_open()  # a closed client's sender is stopped: nothing would be sent
         self._state = _FINISHED
-        if self._status_sent:
-            return True
         flushed = self._client.flush(self._client.settings.close_timeout if timeout is None else timeout)
         if not flushed:
             logger.warning("run %s finished before all its metrics were acknowledged", self.run_id)
