@@ -67,7 +67,7 @@ def test_the_first_ack_after_an_outage_wakes_the_worker_to_retry_waiting_operati
     sender._ops_retry.ops.append(ingest_pb2.SetTagsRequest(run_id="r1"))
     sender._wake.clear()
     sender._on_ack(ingest_pb2.BatchAck(seq=1, status=ingest_pb2.STORED, points=1))
-    assert not sender.away
+    assert sender._away_since is None
     assert sender._wake.is_set()
     assert sender._wait_timeout() == 0.0  # and then they are due at once
 
@@ -115,3 +115,19 @@ def test_an_offline_run_that_logged_no_metrics_keeps_its_spool_and_syncs(tmp_pat
     (info,) = server.runs.values()
     assert server.params[info.run_id] == {"lr": "0.1"}
     assert info.status == common_pb2.FINISHED
+
+
+def test_operations_apply_in_the_order_they_were_made_across_an_outage(tmp_path: Path) -> None:
+    """An operation that met an absent server waits in the worker; a later one made when the server
+    is back must not overtake it (the older tag value used to win)."""
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(spool_dir=str(tmp_path), replay_orphans=False))
+    run = client.start_run(experiment="e")
+    transport.available = False
+    run.set_tags({"stage": "warmup"})  # not delivered: spooled, retried by the worker
+    transport.available = True
+    run.set_tags({"stage": "train"})
+    run.log_params({"lr": "0.1"})
+    client.close(timeout=10.0)
+    assert transport.tags[run.run_id]["stage"] == "train"
+    assert transport.params[run.run_id] == {"lr": "0.1"}

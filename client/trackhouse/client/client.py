@@ -192,9 +192,10 @@ class Client:
             raise UsageError("the client is closed; create a new one with trackhouse.client.connect()")
 
     def _submit(self, op: Op) -> None:
-        """A run operation: sent now; spooled (and retried) when offline or the server is away."""
+        """A run operation: sent now; spooled (and retried) when offline, when the server is away, and
+        once one was (in order, behind it)."""
         self._check_open()
-        if self.settings.offline or self._sender.away:
+        if self.settings.offline or self._sender.queues_ops:
             self._sender.submit_op(op)
             return
         try:

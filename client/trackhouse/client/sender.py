@@ -71,10 +71,9 @@ class Sender:
         self._released: list[Location] = []
         self._ops_in: list[Op] = []  # from user threads: to spool (offline / away) and retry
         self._ops_retry = PendingOps()
-        self._counts = dict.fromkeys(
-            ("points_acked", "points_rejected", "points_offline", "points_lost", "batches_sent", "batches_acked",
-             "batches_duplicate", "batches_rejected", "batches_spilled", "reconnects", "spools_replayed"), 0,
-        )  # fmt: skip
+        self._counts = dict.fromkeys(("points_acked", "points_rejected", "points_offline", "points_lost",
+                                      "batches_sent", "batches_acked", "batches_duplicate", "batches_rejected",
+                                      "batches_spilled", "reconnects", "spools_replayed"), 0)
 
     def start(self) -> None:
         """Start the worker thread (idempotent; again after a fork)."""
@@ -95,9 +94,10 @@ class Sender:
         self.wake()
 
     @property
-    def away(self) -> bool:
-        """True while the metric stream is failing (unary calls then go to the spool at once)."""
-        return self._away_since is not None
+    def queues_ops(self) -> bool:
+        """Whether run operations go through the worker: the stream is failing, or an earlier one went there
+        (later ones follow it, in order: the spool's record of them is replayed in that order by a sync)."""
+        return self._away_since is not None or bool(self._ops_in or self._ops_retry.ops or self.spool.ops)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every point appended before the call is acknowledged (offline: spooled)."""
@@ -205,14 +205,13 @@ class Sender:
 
     def _housekeep(self, now: float) -> None:
         """Spool ops handed over, release acked records, spill what policy says."""
-        with self._cond:
+        with self._cond:  # an operation is held all along (``holds_ops``): retried after it is spooled
             (released, self._released), (ops, self._ops_in) = (self._released, []), (self._ops_in, [])
+            self._ops_retry.ops += [] if self._settings.offline else ops
         for loc in released:
             self.spool.release(loc)
         for op in ops:
             self.spool.append_op(OP_KINDS[type(op)], op.SerializeToString())
-            if not self._settings.offline:
-                self._ops_retry.ops.append(op)
         with self._cond:
             s = self._settings
             decision = policy.spill_decision(memory_bytes=self._outbox.memory_bytes, budget=s.memory_budget,
