@@ -46,6 +46,7 @@ def run(client: th.Client) -> th.Run:
         (lambda r: r.log_metrics({"a": 1.0}, timestamp=1.5), "timestamp must be an int"),
         (lambda r: r.log(step=0), r"needs metrics as keywords"),
         (lambda r: r.log_metrics({}), r"needs at least one metric"),  # a run's first call too
+        (lambda r: r.log_metrics({f"k{i}": 1.0 for i in range(10_001)}), "at most 10000 metrics a call"),
         (lambda r: r.log_metrics({None: 1.0}), "non-empty strings"),  # type: ignore[dict-item]
         (lambda r: r.log_metrics({"": "x"}), "non-empty strings"),  # the key is what is said wrong
         (lambda r: r.log_metrics([("loss", 0.5)]), "non-empty strings"),  # type: ignore[arg-type]
@@ -270,3 +271,23 @@ def test_a_full_buffer_wakes_the_sender_whatever_key_sets_filled_it() -> None:
     finally:
         client._batcher.discard()
         client.close(timeout=1.0)
+
+
+def test_more_distinct_keys_than_a_batch_may_name_are_sent_in_several_batches() -> None:
+    """The service refuses a batch naming more than 10,000 keys; many single-key calls fit in
+    one batch by points, so the sender cuts it by keys too (``MemoryTransport`` refuses as the
+    service does)."""
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(flush_interval=600.0, replay_orphans=False))
+    try:
+        run = client.start_run(experiment="e")
+        for i in range(10_050):
+            run.log_metrics({f"layer{i}/grad_norm": float(i)}, step=0)
+        run.log_array("loss", np.arange(3), np.ones(3))
+        assert client.flush(timeout=30.0)
+        stats = client.stats()
+        assert (stats["points_acked"], stats["points_rejected"]) == (10_053, 0)
+        assert stats["batches_acked"] >= 2
+        assert transport.points(run.run_id, "layer10049/grad_norm")[0][2] == 10049.0
+    finally:
+        client.close(timeout=5.0)

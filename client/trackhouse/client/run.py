@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from trackhouse.client.batcher import Batcher, row_packer
 from trackhouse.client.errors import UsageError
-from trackhouse.proto.rules import key_problem, timestamps_problem
+from trackhouse.proto.rules import MAX_BATCH_KEYS, key_problem, timestamps_problem
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
 if TYPE_CHECKING:
@@ -211,6 +211,9 @@ class Run:
         if found is None:
             if not keys:
                 raise UsageError("log_metrics() needs at least one metric, e.g. {'loss': 0.5}")
+            if len(keys) > MAX_BATCH_KEYS:
+                raise UsageError(f"log_metrics() takes at most {MAX_BATCH_KEYS} metrics a call (the service's limit "
+                                 f"of keys in a batch), got {len(keys)}")
             block = self._batcher.intern_keys([check_key(k, self._prefix) for k in keys])
             get = operator.itemgetter(*keys) if len(keys) > 1 else lambda m, k=keys[0]: (m[k],)
             found = (get, self._batcher.key_set(self._slot, block), row_packer(len(block)),

@@ -36,7 +36,7 @@ from trackhouse.client.outbox import Entry, Outbox
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import Location, WriterSpool
 from trackhouse.client.transport import AckStream, Transport, queued_requests
-from trackhouse.client.wire import encode
+from trackhouse.client.wire import encode, fit_keys
 from trackhouse.proto.v1 import ingest_pb2
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Sender:
         if cols is None:
             return
         offline = self._settings.offline
-        for part in cols.split(min(self._settings.max_batch_points, policy.MAX_MESSAGE_POINTS)):
+        for part in fit_keys(cols.split(min(self._settings.max_batch_points, policy.MAX_MESSAGE_POINTS))):
             self._seq += 1  # only this thread numbers batches
             batch = encode(part, self._batcher.run_ids, self._batcher.keys, writer_id=self.writer_id, seq=self._seq)
             loc = self.spool.append_batch(batch) if offline else None

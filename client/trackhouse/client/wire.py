@@ -18,6 +18,30 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.client.batcher import Taken
+from trackhouse.proto.rules import MAX_BATCH_KEYS
+
+
+def key_count(taken: Taken) -> int:
+    """How many distinct keys a batch of ``taken`` would name."""
+    blocks = [np.frombuffer(block, np.uint32) for _, block in taken.rows.sets] if taken.rows is not None else []
+    if taken.columns is not None:
+        blocks.append(taken.columns.key_index)
+    return len(np.unique(np.concatenate(blocks))) if blocks else 0
+
+
+def fit_keys(parts: list[Taken], limit: int = MAX_BATCH_KEYS) -> list[Taken]:
+    """``parts`` halved (by points) until none names more than ``limit`` keys, the service's limit of
+    a batch: many single-key calls fit in one batch by points, and the service refuses it whole.
+    A row of a key set wider than ``limit`` is refused at the call, so halving ends."""
+    out: list[Taken] = []
+    todo = list(reversed(parts))
+    while todo:
+        part = todo.pop()
+        if len(part) > 1 and key_count(part) > limit:
+            todo.extend(reversed(part.split(max(1, len(part) // 2))))
+        else:
+            out.append(part)
+    return out
 
 
 def _compact(index: npt.NDArray[np.uint32], size: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
