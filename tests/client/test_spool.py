@@ -1,13 +1,19 @@
-"""The spool format (checksummed records, corruption resync), the writer's segments, the pure policy."""
+"""The spool format (checksummed records, corruption resync), the writer's segments and disk faults, the pure policy."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from trackhouse.client import policy
+from trackhouse.client import spool as spool_module
+from trackhouse.client.errors import SpoolError
 from trackhouse.client.spool import (
     MAGIC,
     Corruption,
@@ -98,6 +104,90 @@ def test_writer_spool_removes_its_directory_when_everything_was_acknowledged(tmp
     spool = WriterSpool(tmp_path, "w3", segment_bytes=4096, meta={})
     spool.release(spool.append_batch(b"x"))
     assert spool.close(ops_done=True) is True and not spool.path.exists()
+
+
+def test_a_fully_acknowledged_directory_is_removed_while_its_lock_is_still_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adopter that looks while ``close`` removes the directory finds it locked, never replayable."""
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=4096, meta={})
+    spool.append_op(Kind.UPDATE_RUN, b"op")
+    spool.release(spool.append_batch(b"x"))
+    adopter_locked: list[bool] = []
+
+    def remove(path: Path, ignore_errors: bool = False) -> None:
+        fd = try_lock(Path(path))  # what an adopting process does first
+        adopter_locked.append(fd is not None)
+        if fd is not None:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(spool_module, "shutil", types.SimpleNamespace(rmtree=remove))
+    assert spool.close(ops_done=True) is True
+    assert adopter_locked == [False] and not spool.path.exists()
+
+
+class _Os(types.SimpleNamespace):
+    """``os`` as the spool module sees it, with some calls replaced (a flaky disk)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "os", _Os(write=lambda fd, data: os.write(fd, bytes(data[:7]))))
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=1 << 20, meta={})
+    payloads = [bytes([i]) * (50 + i) for i in range(5)]
+    locs = [spool.append_batch(p) for p in payloads]
+    assert [spool.read(loc) for loc in locs] == payloads
+    (segment,) = segments(spool.path)
+    assert list(scan(segment)) == [Record(Kind.BATCH, p, loc.offset) for p, loc in zip(payloads, locs, strict=True)]
+
+
+def test_a_write_failing_part_way_leaves_no_partial_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=1 << 20, meta={})
+    first = spool.append_batch(b"a" * 50)
+    calls: list[int] = []
+
+    def write(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, bytes(data[:7]))
+
+    monkeypatch.setattr(spool_module, "os", _Os(write=write))
+    with pytest.raises(SpoolError, match="No space left"):
+        spool.append_batch(b"b" * 50)
+    monkeypatch.undo()
+    last = spool.append_batch(b"c" * 50)
+    assert spool.read(first) == b"a" * 50 and spool.read(last) == b"c" * 50
+    (segment,) = segments(spool.path)
+    assert list(scan(segment)) == [Record(Kind.BATCH, b"a" * 50, first.offset),
+                                   Record(Kind.BATCH, b"c" * 50, last.offset)]  # nothing to skip
+
+
+def _fail(*args: object) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("call", ["open", "pread", "fsync"])
+def test_disk_errors_are_spool_errors_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=100, meta={})
+    loc = spool.append_batch(b"x" * 80)  # the next batch needs a new segment
+    monkeypatch.setattr(spool_module, "os", _Os(**{call: _fail}))
+    with pytest.raises(SpoolError, match="Input/output error") as raised:
+        if call == "open":
+            spool.append_batch(b"y" * 80)
+        elif call == "pread":
+            spool.read(loc)
+        else:
+            spool.sync()
+    name = "seg-00000002.spool" if call == "open" else "seg-00000001.spool"
+    assert str(spool.path / name) in str(raised.value)
+    monkeypatch.undo()  # the disk is back: the spool carries on where it was
+    assert spool.read(spool.append_batch(b"z" * 80)) == b"z" * 80 and spool.read(loc) == b"x" * 80
 
 
 def test_backoff_is_jittered_exponential_capped_and_the_server_delay_wins() -> None:

@@ -14,8 +14,14 @@ is never raced), then:
    effect — at most ``policy.REPLAY_WINDOW`` bytes in flight, reconnecting with
    backoff from the first unacknowledged batch when a stream fails;
 3. sends the final run statuses; then deletes the directory. Damaged records
-   are reported (``Corruption``) and skipped; the files that held them are kept
-   for inspection in ``<writer_id>.corrupt/``, which later syncs ignore.
+   are reported (``Corruption``, once each however many streams read them) and
+   skipped; the files that held them are kept for inspection in
+   ``<writer_id>.corrupt/``, which later syncs ignore.
+
+``replay_dir`` never raises for server or disk errors: a server that stays away, a
+segment that cannot be read or decoded, a directory whose files fail (an ``OSError``,
+reported as a ``SpoolError`` naming it) end the replay with ``report.error`` and the
+directory kept; so one bad directory never stops ``sync`` or ``adopt_orphans``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trackhouse.client import policy
-from trackhouse.client.errors import AlreadyExists, NotFound, ServerUnavailable, TrackhouseError
+from trackhouse.client.errors import AlreadyExists, NotFound, ServerUnavailable, SpoolError, TrackhouseError
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import (
     EXPERIMENT_TAG,
@@ -57,6 +63,7 @@ from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+_LOCKED = "locked by a live process (its writer is still running)"
 
 
 @dataclass
@@ -79,12 +86,24 @@ class ReplayReport:
 
 def replay_dir(directory: Path, transport: Transport, *, progress: Progress | None = None,
                max_attempts: int = 8, backoff: tuple[float, float] = (0.5, 10.0)) -> ReplayReport:
-    """Replay one writer directory (see the module docstring); never raises for server errors."""
+    """Replay one writer directory (see the module docstring); never raises for server or disk errors."""
     report = ReplayReport(str(directory), writer_id=str(read_meta(directory).get("writer_id", "")))
+    try:
+        try:
+            _replay_locked(directory, transport, report, progress, max_attempts, backoff)
+        except OSError as exc:  # lock, stat, runs.json, removal: the client's error, naming the directory
+            raise SpoolError(f"cannot replay spool directory {directory}: {exc}") from exc
+    except TrackhouseError as exc:
+        report.error = str(exc)
+    return report
+
+
+def _replay_locked(directory: Path, transport: Transport, report: ReplayReport, progress: Progress | None,
+                   max_attempts: int, backoff: tuple[float, float]) -> None:
     lock = try_lock(directory)
     if lock is None:
-        report.error = "locked by a live process (its writer is still running)"
-        return report
+        report.error = _LOCKED
+        return
     try:
         runs = _load_runs(directory)
         ops = _records(directory / OPS, report) if (directory / OPS).exists() else []
@@ -93,13 +112,10 @@ def replay_dir(directory: Path, transport: Transport, *, progress: Progress | No
         _send_ops(transport, ops, runs, report, final=False)
         _send_batches(directory, transport, runs, report, progress, max_attempts, backoff)
         _send_ops(transport, ops, runs, report, final=True)
-        report.complete = True
         _remove(directory, report)
-    except TrackhouseError as exc:
-        report.error = str(exc)
+        report.complete = True
     finally:
         os.close(lock)
-    return report
 
 
 def _records(path: Path, report: ReplayReport) -> list[Record]:
@@ -229,13 +245,27 @@ class _Stream:
         self._in_flight: dict[int, tuple[int, int]] = {}  # seq -> (bytes, points)
         self._window = 0
         self._done_bytes = 0
-        self._count_corruption = acked_through == 0  # report each damaged record once
+        # Each damaged record is reported once, whichever attempt's feeder reaches it first
+        # (the previous attempt's feeder has ended: ``run`` joins it).
+        self._reported = {(c.path, c.offset) for c in report.corruptions}
+        self._path: Path | None = None  # the file the feeder is reading
+        self._error: Exception | None = None  # what stopped the feeder; ``run`` raises it
 
     def _requests(self, out: queue.SimpleQueue[bytes | None]) -> None:
+        try:
+            self._feed(out)
+        except Exception as exc:  # an unreadable file, a record that is no MetricBatch
+            self._error = exc
+        finally:
+            out.put(None)  # always end the request stream: else the call and ``run`` wait forever
+
+    def _feed(self, out: queue.SimpleQueue[bytes | None]) -> None:
         for path in self._files:
+            self._path = path
             for item in scan(path):
                 if isinstance(item, Corruption):
-                    if self._count_corruption:
+                    if (item.path, item.offset) not in self._reported:
+                        self._reported.add((item.path, item.offset))
                         self._report.corruptions.append(item)
                         logger.error("trackhouse spool: corrupt record skipped: %s", item)
                     continue
@@ -257,11 +287,11 @@ class _Stream:
                     self._in_flight[batch.seq] = (size, batch_points(batch))
                     self._window += size
                 out.put(payload)
-        out.put(None)
 
     _stopped = False
 
     def run(self, transport: Transport) -> None:
+        """Stream until every batch is answered; ``SpoolError`` when the spool could not be read."""
         out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         feeder = threading.Thread(target=self._requests, args=(out,), daemon=True, name="trackhouse-sync-feed")
         feeder.start()
@@ -270,8 +300,9 @@ class _Stream:
             while (item := out.get()) is not None:
                 yield item
 
-        stream = transport.stream_metrics(requests())
+        stream = None
         try:
+            stream = transport.stream_metrics(requests())
             for ack in stream:
                 self._on_ack(ack)
         finally:
@@ -279,7 +310,14 @@ class _Stream:
                 self._stopped = True
                 self._cond.notify_all()
             out.put(None)
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
+            feeder.join()  # stopped: it ends at its next batch; no two attempts' feeders overlap
+        if isinstance(self._error, SpoolError):
+            raise self._error
+        if self._error is not None:
+            raise SpoolError(f"cannot replay {self._path}: {type(self._error).__name__}: {self._error}"
+                             ) from self._error
 
     def _on_ack(self, ack: ingest_pb2.BatchAck) -> None:
         with self._cond:
@@ -314,6 +352,7 @@ def _remove(directory: Path, report: ReplayReport) -> None:
     directory.rename(kept)
     report.directory = str(kept)
 
+
 def adopt_orphans(transport: Transport, settings: Settings, own_writer: str) -> list[ReplayReport]:
     """Replay spools that dead online clients of the same server left in ``settings.spool_dir``."""
     reports = []
@@ -323,9 +362,12 @@ def adopt_orphans(transport: Transport, settings: Settings, own_writer: str) -> 
             continue
         if not any(directory.glob("*.spool")):
             continue
-        report = replay_dir(directory, transport)
+        report = replay_dir(directory, transport)  # never raises: a bad directory does not stop the others
         if report.complete:
             logger.info("trackhouse: replayed %d points left in %s by an earlier process", report.points, directory)
+        elif report.error != _LOCKED:
+            logger.warning("trackhouse: could not replay %s, left by an earlier process (kept for a later try): %s",
+                           directory, report.error)
         reports.append(report)
     return reports
 

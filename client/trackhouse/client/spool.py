@@ -17,7 +17,9 @@ reported as a ``Corruption`` (file, offset, bytes skipped) and reading resumes a
 the next magic that starts a valid record, so one bad sector costs one batch.
 
 ``WriterSpool`` is used by one thread (the sender's worker); it creates its
-directory on the first write, never in the constructor.
+directory on the first write, never in the constructor, raises every failure of
+the disk as a ``SpoolError`` naming the file, and removes a directory with
+nothing left in it before letting go of its lock (so no adopter replays it).
 """
 
 from __future__ import annotations
@@ -210,12 +212,16 @@ class WriterSpool:
 
     def _segment_fd(self, size: int) -> int:
         if self._current == 0 or (self._size + size > self._segment_bytes and self._size > 0):
+            path = self._segment_path(self._current + 1)
+            try:  # opened before any state changes: a failure leaves the current segment in use
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise SpoolError(f"cannot create spool segment {path}: {exc}") from exc
             if self._current and self._live.get(self._current, 0) == 0:
                 self._drop_segment(self._current)
             self._current += 1
             self._size = 0
-            path = self.path / f"seg-{self._current:08d}.spool"
-            self._fds[self._current] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            self._fds[self._current] = fd
         return self._fds[self._current]
 
     def append_batch(self, payload: bytes) -> Location:
@@ -224,16 +230,35 @@ class WriterSpool:
             self._open()
         record = encode_record(Kind.BATCH, payload)
         fd = self._segment_fd(len(record))
-        try:
-            os.write(fd, record)
-        except OSError as exc:
-            raise SpoolError(f"cannot write spool segment in {self.path}: {exc}") from exc
+        self._write_all(fd, record)
         loc = Location(self._current, self._size, len(record))
         self._size += len(record)
         self._live[self._current] = self._live.get(self._current, 0) + 1
         self.records += 1
         self.bytes += len(record)
         return loc
+
+    def _write_all(self, fd: int, record: bytes) -> None:
+        """Append all of ``record`` to the current segment (``os.write`` may write part of it)."""
+        view, done = memoryview(record), 0
+        try:
+            while done < len(record):
+                written = os.write(fd, view[done:])
+                if written == 0:
+                    raise OSError(f"wrote 0 of {len(record) - done} bytes")
+                done += written
+        except OSError as exc:
+            # ``_size`` must stay the file's size, or every later record's location is wrong: the
+            # partial record is cut off, or (if even that fails) left for ``scan`` to skip.
+            try:
+                if done:
+                    os.ftruncate(fd, self._size)
+            except OSError:
+                self._size += done
+            raise SpoolError(f"cannot write spool segment {self._segment_path(self._current)}: {exc}") from exc
+
+    def _segment_path(self, segment: int) -> Path:
+        return self.path / f"seg-{segment:08d}.spool"
 
     def append_op(self, kind: Kind, payload: bytes) -> None:
         if not self.opened:
@@ -252,7 +277,10 @@ class WriterSpool:
         fd = self._fds.get(loc.segment)
         if fd is None:
             raise SpoolError(f"spool segment {loc.segment} of {self.path} is gone")
-        data = os.pread(fd, loc.length, loc.offset)
+        try:
+            data = os.pread(fd, loc.length, loc.offset)
+        except OSError as exc:
+            raise SpoolError(f"cannot read spool segment {self._segment_path(loc.segment)}: {exc}") from exc
         record, reason = _record_at(data, 0)
         if record is None:
             raise SpoolError(f"spool record at {loc} of {self.path} is damaged ({reason})")
@@ -273,22 +301,30 @@ class WriterSpool:
             os.close(fd)
         self._live.pop(segment, None)
         with contextlib.suppress(FileNotFoundError):
-            (self.path / f"seg-{segment:08d}.spool").unlink()
+            self._segment_path(segment).unlink()
 
     def sync(self) -> None:
         """Make every appended record durable (fsync)."""
-        for fd in (*self._fds.values(), *([self._ops_fd] if self._ops_fd is not None else [])):
-            os.fsync(fd)
+        files = [(self._segment_path(n), fd) for n, fd in self._fds.items()]
+        if self._ops_fd is not None:
+            files.append((self.path / OPS, self._ops_fd))
+        for path, fd in files:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise SpoolError(f"cannot sync spool file {path}: {exc}") from exc
 
     def close(self, *, ops_done: bool) -> bool:
         """Sync and close; remove the directory when nothing is left in it. True when removed."""
         if not self.opened:
             return True
-        self.sync()
-        empty = self.records == 0 and (ops_done or self.ops == 0)
-        self._close_fds()
-        if empty:
-            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            self.sync()
+            empty = self.records == 0 and (ops_done or self.ops == 0)
+            if empty:  # while the lock is held: no adopter can lock (and re-send) a spool being removed
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self._close_fds()
         return empty
 
     def _close_fds(self) -> None:

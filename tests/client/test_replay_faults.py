@@ -1,0 +1,181 @@
+"""Replay under faults: a stream that fails after some acks, a spool that cannot be read.
+
+The transport is the library's ``MemoryTransport`` (server-side dedupe included); a
+subclass only makes the server go away once, after one batch was stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from trackhouse.client import policy
+from trackhouse.client.errors import ServerUnavailable
+from trackhouse.client.memory import MemoryTransport
+from trackhouse.client.replay import adopt_orphans, replay_dir, sync
+from trackhouse.client.settings import Settings
+from trackhouse.client.spool import Kind, WriterSpool, encode_record, segments
+from trackhouse.proto.v1 import ingest_pb2
+
+T = TypeVar("T")
+_HANG_GUARD = 10.0  # seconds; only a guard against a hang, never reached by a passing test
+
+
+def _batch(writer: str, seq: int, run_id: str) -> bytes:
+    payload: bytes = ingest_pb2.MetricBatch(
+        writer_id=writer, seq=seq, run_ids=[run_id], keys=["loss"], key_index=struct.pack("<I", 0),
+        steps=struct.pack("<q", seq), timestamps=struct.pack("<q", 1000), values=struct.pack("<d", 0.5),
+    ).SerializeToString()  # fmt: skip
+    return payload
+
+
+def _spool(root: Path, writer: str, run_id: str, batches: int) -> Path:
+    """A closed writer directory holding ``batches`` one-point batches, one segment each."""
+    spool = WriterSpool(root, writer, segment_bytes=1, meta={"mode": "online", "url": Settings().url})
+    for seq in range(1, batches + 1):
+        spool.append_batch(_batch(writer, seq, run_id))
+    assert spool.close(ops_done=True) is False
+    assert len(segments(spool.path)) == batches
+    return spool.path
+
+
+def _damage(segment: Path) -> None:
+    data = bytearray(segment.read_bytes())
+    data[-3] ^= 0xFF  # in the payload: the checksum no longer matches
+    segment.write_bytes(bytes(data))
+
+
+class _GoesAwayOnce(MemoryTransport):
+    """Stores one batch, then goes away once (as a restarting server would): that stream fails."""
+
+    went_away = False
+
+    def _store(self, batch: ingest_pb2.MetricBatch) -> ingest_pb2.BatchAck:
+        if not self.went_away and self.batches_stored == 1:
+            self.went_away = True
+            raise ServerUnavailable("server restarted")
+        return super()._store(batch)
+
+
+def _in_thread(call: Callable[[], T]) -> T:
+    """``call()`` on a thread; fails (instead of hanging the suite) if it never returns."""
+    out: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            out.append(call())
+        except BaseException as exc:  # re-raised below, on the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(_HANG_GUARD)
+    assert not thread.is_alive(), "the replay hung"
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+def test_a_damaged_record_first_read_by_a_retried_stream_is_reported_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first stream fails after one ack, before its feeder reached the damaged record."""
+    # One batch in flight at a time: the first stream's feeder cannot pass seq 3 (seq 2 is never
+    # acked by it), so only the retry reads the damaged seq 4.
+    monkeypatch.setattr(policy, "REPLAY_WINDOW", 1)
+    transport = _GoesAwayOnce()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    directory = _spool(tmp_path, "w1", run_id, batches=5)
+    damaged = segments(directory)[3]
+    _damage(damaged)
+
+    report = replay_dir(directory, transport, backoff=(0.0, 0.0))
+
+    assert transport.went_away and report.complete, report.error
+    assert [c.path for c in report.corruptions] == [str(damaged)]
+    assert [step for step, _, _ in transport.points(run_id, "loss")] == [1, 2, 3, 5]
+    kept = tmp_path / "w1.corrupt"
+    assert report.directory == str(kept) and (kept / damaged.name).exists() and not directory.exists()
+
+
+def test_a_damaged_record_is_reported_once_however_many_streams_read_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(policy, "REPLAY_WINDOW", 1)
+    transport = _GoesAwayOnce()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    directory = _spool(tmp_path, "w1", run_id, batches=3)
+    _damage(segments(directory)[0])  # read by both streams
+
+    report = replay_dir(directory, transport, backoff=(0.0, 0.0))
+
+    assert transport.went_away and report.complete, report.error
+    assert len(report.corruptions) == 1
+    assert [step for step, _, _ in transport.points(run_id, "loss")] == [2, 3]
+
+
+def _unreadable_segment(segment: Path) -> None:
+    segment.unlink()
+    segment.mkdir()  # reading it fails as a bad sector or a permission would (EISDIR; tests run as root)
+
+
+def _undecodable_record(segment: Path) -> None:
+    segment.write_bytes(encode_record(Kind.BATCH, b"\xff\xff\xff"))  # checks out, is no MetricBatch
+
+
+@pytest.mark.parametrize("fault", [_unreadable_segment, _undecodable_record])
+def test_a_segment_the_replay_cannot_use_ends_it_with_an_error_instead_of_hanging(
+    tmp_path: Path, fault: Callable[[Path], None]
+) -> None:
+    transport = MemoryTransport()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    directory = _spool(tmp_path, "w1", run_id, batches=3)
+    bad = segments(directory)[1]
+    fault(bad)
+
+    report = _in_thread(lambda: replay_dir(directory, transport, backoff=(0.0, 0.0)))
+
+    assert not report.complete and str(bad) in report.error
+    assert [step for step, _, _ in transport.points(run_id, "loss")] == [1]  # what came before was sent
+    assert len(segments(directory)) == 3  # kept for the next sync
+    assert replay_dir(directory, transport).error == report.error  # the lock was released
+
+
+def test_sync_replays_the_other_directories_when_one_cannot_be_opened(tmp_path: Path) -> None:
+    transport = MemoryTransport()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    bad = _spool(tmp_path, "w1", run_id, batches=1)
+    good = _spool(tmp_path, "w2", run_id, batches=1)
+    (bad / "LOCK").unlink()
+    (bad / "LOCK").mkdir()  # the lock file cannot be opened (EISDIR)
+
+    first, second = _in_thread(lambda: sync(tmp_path, transport=transport))
+
+    assert not first.complete and str(bad) in first.error
+    assert second.complete and not good.exists()
+    assert len(transport.points(run_id, "loss")) == 1
+
+
+def test_adoption_logs_a_directory_it_cannot_replay_and_replays_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport = MemoryTransport()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    bad = _spool(tmp_path, "w1", run_id, batches=1)
+    good = _spool(tmp_path, "w2", run_id, batches=1)
+    (bad / "LOCK").unlink()
+    (bad / "LOCK").mkdir()
+
+    with caplog.at_level(logging.WARNING, logger="trackhouse.client"):
+        reports = _in_thread(lambda: adopt_orphans(transport, Settings(spool_dir=str(tmp_path)), "w0"))
+
+    assert [r.complete for r in reports] == [False, True] and not good.exists()
+    assert len(transport.points(run_id, "loss")) == 1
+    assert [r.levelno for r in caplog.records if str(bad) in r.getMessage()] == [logging.WARNING]
