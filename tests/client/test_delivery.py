@@ -95,7 +95,9 @@ def test_a_server_that_stores_fewer_points_than_sent_is_reported_not_silent(
     said = threading.Event()
     handler = logging.Handler(logging.ERROR)
     handler.emit = lambda record: said.set()  # type: ignore[method-assign]
-    logging.getLogger("trackhouse.client").addHandler(handler)
+    # On the root logger, after caplog's handler: set once the record is captured (on the
+    # client's logger it ran before the record reached caplog, and the test could read too early).
+    logging.getLogger().addHandler(handler)
     try:
         run = client.start_run()
         with caplog.at_level(logging.ERROR, logger="trackhouse.client"):
@@ -103,7 +105,7 @@ def test_a_server_that_stores_fewer_points_than_sent_is_reported_not_silent(
             assert client.flush(timeout=10.0)
             assert said.wait(10.0)  # the ack reader logs after the counts a flush waits on
     finally:
-        logging.getLogger("trackhouse.client").removeHandler(handler)
+        logging.getLogger().removeHandler(handler)
     stats = client.stats()
     assert (stats["points_acked"], stats["points_lost"], stats["points_pending"]) == (0, 2, 0)
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
