@@ -11,7 +11,7 @@ from typing import Any
 
 import trackhouse.client as th
 from trackhouse.client.batcher import Batcher
-from trackhouse.client.errors import ServerUnavailable
+from trackhouse.client.errors import ServerUnavailable, SpoolError
 from trackhouse.client.outbox import Entry
 from trackhouse.client.sender import Sender
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
@@ -131,3 +131,59 @@ def test_operations_apply_in_the_order_they_were_made_across_an_outage(tmp_path:
     client.close(timeout=10.0)
     assert transport.tags[run.run_id]["stage"] == "train"
     assert transport.params[run.run_id] == {"lr": "0.1"}
+
+
+class FailingDisk:
+    """Stands in for a spool whose writes fail (disk full) until ``healed``."""
+
+    def __init__(self, spool: Any) -> None:
+        self.spool, self.write, self.healed, self.tries = spool, spool.append_batch, False, 0
+
+    def append_batch(self, payload: bytes) -> Any:
+        self.tries += 1
+        if not self.healed:
+            raise SpoolError(f"cannot write spool segment in {self.spool.path}: [Errno 28] No space left on device")
+        return self.write(payload)
+
+
+def _fail_disk(sender: Sender) -> FailingDisk:
+    disk = FailingDisk(sender.spool)
+    sender.spool.append_batch = disk.append_batch  # type: ignore[method-assign]
+    return disk
+
+
+def test_a_disk_that_fails_while_spilling_loses_nothing_and_pauses_spooling(tmp_path: Path) -> None:
+    sender = _sender(tmp_path, Down(), spool_grace=1.0)
+    disk = _fail_disk(sender)
+    sender._outbox.add(Entry(1, 5, 10, 0, b"batch"))
+    sender._away_since = 50.0  # away past the grace period at 100: spill everything
+    sender._reconnect_at = 200.0
+    sender._housekeep(100.0)  # used to raise out of the worker, which then never ran again
+    assert disk.tries == 1
+    assert sender._outbox.in_memory()  # still there, still to be sent
+    assert sender._wait_timeout() == 5.0  # the retry of the disk, not 0: no spinning on it
+    sender._housekeep(103.0)
+    assert disk.tries == 1  # paused
+    disk.healed = True
+    sender._housekeep(106.0)
+    assert sender.spool.records == 1 and sender.stats()["points_spooled"] == 5
+
+
+def test_offline_batches_that_meet_a_failing_disk_wait_in_memory_until_it_works(tmp_path: Path) -> None:
+    sender = _sender(tmp_path, Down(), mode="offline")
+    disk = _fail_disk(sender)
+    block = sender._batcher.intern_keys(["loss"])
+    run = sender._batcher.intern_run("r1")
+    for step in range(3):
+        sender._batcher.append_row(run, step, 1_700_000_000_000, block, [0.5])
+    sender._drain()  # used to raise: the taken points were lost and the worker stopped
+    stats = sender.stats()
+    assert (stats["points_offline"], stats["points_pending"], stats["batches_pending"]) == (0, 3, 1)
+    assert sender._wait_timeout() == 5.0
+    sender._maintain_stream(100.0)
+    assert "stream" not in sender._transport.calls  # offline: never a connection
+    disk.healed = True
+    sender._housekeep(106.0)
+    stats = sender.stats()
+    assert (stats["points_offline"], stats["points_pending"], stats["batches_pending"]) == (3, 0, 0)
+    assert sender.spool.records == 1

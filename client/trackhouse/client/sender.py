@@ -6,7 +6,7 @@ that free replay room, the end of a stream, or its own deadline (batch age, reco
 stall). It cuts the buffered points into batches of at most ``max_batch_points`` numbered by ``seq`` and keeps
 each in the ``Outbox`` until acknowledged: in memory or, once spilled, in this writer's spool — when the
 server has been away past ``spool_grace`` or memory passes ``memory_budget`` (``policy.py`` decides). Offline,
-batches go straight to the spool.
+batches go straight to the spool. The disk side, and what a failing disk does, is ``spilling.py``'s.
 
 One long-lived StreamMetrics call carries the outbox in seq order; entries on disk are read back within a
 bounded window. One thread per open stream reads its acks and does nothing else. When a stream ends, the
@@ -31,9 +31,10 @@ from collections.abc import Callable
 from trackhouse.client import policy
 from trackhouse.client.batcher import Batcher, due_at, is_due
 from trackhouse.client.errors import ServerUnavailable, SpoolError, TrackhouseError
-from trackhouse.client.ops import OP_KINDS, Op, PendingOps
+from trackhouse.client.ops import Op, PendingOps
 from trackhouse.client.outbox import Entry, Outbox
 from trackhouse.client.settings import Settings
+from trackhouse.client.spilling import Spilling
 from trackhouse.client.spool import Location, WriterSpool
 from trackhouse.client.transport import AckStream, Transport, queued_requests
 from trackhouse.client.wire import encode, fit_keys
@@ -42,7 +43,7 @@ from trackhouse.proto.v1 import ingest_pb2
 logger = logging.getLogger(__name__)
 
 
-class Sender:
+class Sender(Spilling):
     """Delivers the batcher's points; see the module docstring."""
 
     def __init__(self, transport: Transport, batcher: Batcher, settings: Settings, *,
@@ -62,6 +63,7 @@ class Sender:
         self._outbox = Outbox()
         self._seq = self._taken = 0
         self._forced = self._stopping = self._spill_warned = self._cancelled = False
+        self._spool_paused_until = 0.0  # after a failed spool write (``spilling.py``)
         self._worker: threading.Thread | None = None
         self._queue: queue.SimpleQueue[bytes | None] | None = None
         self._stream: AckStream | None = None
@@ -174,8 +176,9 @@ class Sender:
             times = [
                 due_at(self._batcher.state(), interval=s.flush_interval),
                 (self._reconnect_at if self._stream is None else self._last_progress + s.ack_timeout)
-                if box else None,
-                away + s.spool_grace if box.memory_bytes and away is not None else None,
+                if box and not s.offline else None,
+                max(away + s.spool_grace, self._spool_paused_until) if box.memory_bytes and away is not None else None,
+                self._spool_paused_until if box.memory_bytes and s.offline else None,  # batches that met a bad disk
                 self._ops_retry.retry_at if self._ops_retry.ops and away is None else None,  # away: _on_ack wakes
             ]
         due = min((t for t in times if t is not None), default=None)
@@ -189,7 +192,7 @@ class Sender:
         for part in fit_keys(cols.split(min(self._settings.max_batch_points, policy.MAX_MESSAGE_POINTS))):
             self._seq += 1  # only this thread numbers batches
             batch = encode(part, self._batcher.run_ids, self._batcher.keys, writer_id=self.writer_id, seq=self._seq)
-            loc = self.spool.append_batch(batch) if offline else None
+            loc = self._spool_batch(batch) if offline else None  # None: in memory (online, or a failing disk)
             with self._cond:
                 if loc is None:
                     self._outbox.add(Entry(self._seq, len(part), len(batch), self._taken, batch))
@@ -199,54 +202,15 @@ class Sender:
                 self._counts["batches_sent"] += 1
         self._batcher.recycle()  # encoded: the arena of vectorized calls may be reused
         if offline:
-            self.spool.sync()
+            self._sync_spool()
             with self._cond:
                 self._cond.notify_all()
-
-    def _housekeep(self, now: float) -> None:
-        """Spool ops handed over, release acked records, spill what policy says."""
-        with self._cond:  # an operation is held all along (``holds_ops``): retried after it is spooled
-            (released, self._released), (ops, self._ops_in) = (self._released, []), (self._ops_in, [])
-            self._ops_retry.ops += [] if self._settings.offline else ops
-        for loc in released:
-            self.spool.release(loc)
-        for op in ops:
-            self.spool.append_op(OP_KINDS[type(op)], op.SerializeToString())
-        with self._cond:
-            s = self._settings
-            decision = policy.spill_decision(memory_bytes=self._outbox.memory_bytes, budget=s.memory_budget,
-                                             away_since=self._away_since, now=now, grace=s.spool_grace)
-        if decision is not policy.Spill.NONE:
-            self._spill(decision)
-
-    def _spill(self, decision: policy.Spill) -> None:
-        with self._cond:
-            candidates = self._outbox.in_memory()
-        keep = 0 if decision is policy.Spill.ALL else self._settings.memory_budget // 2
-        spilled = 0
-        for entry in candidates:
-            batch = entry.batch
-            if self._outbox.memory_bytes <= keep or batch is None:
-                break
-            loc = self.spool.append_batch(batch)
-            with self._cond:
-                if not self._outbox.spilled(entry, loc):  # acked while it was written
-                    self._released.append(loc)
-                    continue
-                self._counts["batches_spilled"] += 1
-                self._cond.notify_all()
-            spilled += 1
-        self.spool.sync()
-        if spilled and not self._spill_warned:
-            self._spill_warned = True
-            why = "the server is unreachable" if decision is policy.Spill.ALL else "memory budget exceeded"
-            logger.warning("trackhouse: %s; spooling unacknowledged batches to %s", why, self.spool.path)
 
     def _maintain_stream(self, now: float) -> None:
         """Open the stream when batches wait and none is open (after the backoff); drop a stalled one."""
         with self._cond:
             stream, box = self._stream, self._outbox
-            if stream is None and (not box or now < self._reconnect_at):
+            if stream is None and (not box or now < self._reconnect_at or self._settings.offline):
                 return
             if stream is not None and not policy.stalled(in_flight=box.in_flight(), last_progress=self._last_progress,
                                                          now=now, timeout=self._settings.ack_timeout):
