@@ -20,8 +20,8 @@ from trackhouse.client.errors import ServerUnavailable
 from trackhouse.client.memory import MemoryTransport
 from trackhouse.client.replay import adopt_orphans, replay_dir, sync
 from trackhouse.client.settings import Settings
-from trackhouse.client.spool import Kind, WriterSpool, encode_record, segments
-from trackhouse.proto.v1 import ingest_pb2
+from trackhouse.client.spool import OPS, Kind, WriterSpool, encode_record, segments
+from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
 T = TypeVar("T")
 _HANG_GUARD = 10.0  # seconds; only a guard against a hang, never reached by a passing test
@@ -179,3 +179,21 @@ def test_adoption_logs_a_directory_it_cannot_replay_and_replays_the_others(
     assert [r.complete for r in reports] == [False, True] and not good.exists()
     assert len(transport.points(run_id, "loss")) == 1
     assert [r.levelno for r in caplog.records if str(bad) in r.getMessage()] == [logging.WARNING]
+
+
+def test_an_operation_record_that_is_no_operation_is_reported_and_the_rest_replayed(tmp_path: Path) -> None:
+    """A whole record (checksum right) whose payload is not its kind's request used to raise a
+    protobuf DecodeError out of the sync."""
+    transport = MemoryTransport()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    directory = _spool(tmp_path, "w1", run_id, batches=2)
+    tags = ingest_pb2.SetTagsRequest(run_id=run_id, tags=[common_pb2.Tag(key="stage", value="train")])
+    (directory / OPS).write_bytes(encode_record(Kind.SET_TAGS, b"\xff\xff\xff")
+                                  + encode_record(Kind.SET_TAGS, tags.SerializeToString()))
+
+    report = _in_thread(lambda: replay_dir(directory, transport))
+
+    assert report.complete, report.error
+    assert [c.reason for c in report.corruptions] == ["record of kind SET_TAGS is not a run operation"]
+    assert transport.tags[run_id] == {"stage": "train"}
+    assert [step for step, _, _ in transport.points(run_id, "loss")] == [1, 2]

@@ -27,6 +27,7 @@ directory kept; so one bad directory never stops ``sync`` or ``adopt_orphans``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -51,6 +52,7 @@ from trackhouse.client.spool import (
     Record,
     read_meta,
     scan,
+    scan_ops,
     segments,
     try_lock,
     write_json_atomic,
@@ -120,7 +122,7 @@ def _replay_locked(directory: Path, transport: Transport, report: ReplayReport, 
 
 def _records(path: Path, report: ReplayReport) -> list[Record]:
     out = []
-    for item in scan(path):
+    for item in scan_ops(path):
         if isinstance(item, Corruption):
             report.corruptions.append(item)
             logger.error("trackhouse spool: corrupt record skipped: %s", item)
@@ -130,8 +132,6 @@ def _records(path: Path, report: ReplayReport) -> list[Record]:
 
 
 def _load_runs(directory: Path) -> dict[str, str]:
-    import json
-
     try:
         loaded = json.loads((directory / RUNS).read_text())
     except (OSError, ValueError):

@@ -129,6 +129,24 @@ def scan(path: Path) -> Iterator[Record | Corruption]:
         pos = end
 
 
+def scan_ops(path: Path) -> Iterator[Record | Corruption]:
+    """``scan`` of an operations file, where a record that is not its kind's request message (a
+    whole record, checksum right, wrong content) is reported damaged too, not left to fail a sync."""
+    from trackhouse.proto.v1 import ingest_pb2
+
+    pb = ingest_pb2
+    types: dict[Kind, Any] = {Kind.CREATE_RUN: pb.CreateRunRequest, Kind.SET_TAGS: pb.SetTagsRequest,
+                              Kind.LOG_PARAMS: pb.LogParamsRequest, Kind.UPDATE_RUN: pb.UpdateRunRequest}
+    for item in scan(path):
+        if isinstance(item, Record):
+            try:
+                types[item.kind].FromString(item.payload)
+            except Exception:  # KeyError: a batch among the operations; protobuf's DecodeError
+                item = Corruption(str(path), item.offset, _HEADER.size + len(item.payload),
+                                  f"record of kind {item.kind.name} is not a run operation")
+        yield item
+
+
 def segment_number(path: Path) -> int:
     return int(path.name[4:-6])
 
