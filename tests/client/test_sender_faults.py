@@ -4,6 +4,7 @@ decisions with a transport that is down, so nothing here waits on a clock."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from trackhouse.client.batcher import Batcher
 from trackhouse.client.errors import ServerUnavailable, SpoolError
 from trackhouse.client.outbox import Entry
 from trackhouse.client.sender import Sender
+from trackhouse.client.spool import Record, scan, segments
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
 
@@ -187,3 +189,70 @@ def test_offline_batches_that_meet_a_failing_disk_wait_in_memory_until_it_works(
     stats = sender.stats()
     assert (stats["points_offline"], stats["points_pending"], stats["batches_pending"]) == (3, 0, 0)
     assert sender.spool.records == 1
+
+
+def _log_rows(sender: Sender, steps: range) -> None:
+    block, run = sender._batcher.intern_keys(["loss"]), sender._batcher.intern_run("r1")
+    for step in steps:
+        sender._batcher.append_row(run, step, 1_700_000_000_000, block, [0.5])
+
+
+def test_offline_batches_reach_the_spool_in_seq_order_after_a_disk_failure(tmp_path: Path) -> None:
+    """A sync replays in file order and the server keeps a high-water mark per writer: a batch
+    written after a later one would be answered DUPLICATE and its points dropped."""
+    sender = _sender(tmp_path, Down(), mode="offline")
+    disk = _fail_disk(sender)
+    _log_rows(sender, range(3))
+    sender._drain()  # seq 1 meets the failing disk: in memory
+    disk.healed = True
+    _log_rows(sender, range(3, 6))
+    sender._spool_paused_until = 0.0  # the pause is over when the next batch is due
+    sender._drain()  # seq 2 must not go to disk before seq 1
+    sender._housekeep(106.0)
+    (segment,) = segments(sender.spool.path)
+    seqs = [ingest_pb2.MetricBatch.FromString(r.payload).seq for r in scan(segment) if isinstance(r, Record)]
+    assert seqs == [1, 2]
+    assert sender.stats()["points_offline"] == 6
+
+
+def test_offline_operations_that_met_a_failing_disk_get_a_last_try_at_close(tmp_path: Path) -> None:
+    sender = _sender(tmp_path, Down(), mode="offline")
+    write, failures = sender.spool.append_op, [1]
+
+    def append_op(kind: Any, payload: bytes) -> None:
+        if failures:
+            failures.pop()
+            raise SpoolError("cannot write ops.spool: [Errno 5] Input/output error")
+        write(kind, payload)
+
+    sender.spool.append_op = append_op  # type: ignore[method-assign]
+    sender._ops_in.append(ingest_pb2.UpdateRunRequest(run_id="r1", status=common_pb2.FINISHED))
+    sender._housekeep(100.0)  # fails: kept in the queue, spooling paused for 5 s
+    assert sender.spool.ops == 0 and len(sender._ops_in) == 1
+    sender._finish()  # closing within the pause: the status used to be dropped without a word
+    assert sender.spool.ops == 1 and not sender._ops_in
+
+
+def test_operations_go_direct_again_once_those_queued_are_delivered(tmp_path: Path) -> None:
+    transport = th.MemoryTransport()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    sender = _sender(tmp_path, transport)
+    op = ingest_pb2.SetTagsRequest(run_id=run_id, tags=[common_pb2.Tag(key="stage", value="warmup")])
+    sender._ops_in.append(op)
+    sender._housekeep(100.0)
+    assert sender.queues_ops  # spooled, waiting: later ones must follow it
+    sender._retry_ops(100.0)
+    assert transport.tags[run_id] == {"stage": "warmup"}
+    assert not sender.queues_ops  # delivered, nothing on disk to replay it for: raises at the call again
+    assert sender.spool.ops == 0
+
+
+def test_the_closing_report_offline_names_points_the_disk_could_not_take(caplog: Any) -> None:
+    from trackhouse.client.client import _report
+
+    stats = {"points_offline": 100, "points_spooled": 0, "points_pending": 200, "points_logged": 300}
+    with caplog.at_level(logging.WARNING, logger="trackhouse.client"):
+        _report(stats, th.Settings(mode="offline"), "/spool/w1", delivered=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("100 points spooled" in m for m in messages)
+    assert any("200 of 300 logged points undelivered" in m and "200 could not be spooled" in m for m in messages)

@@ -221,3 +221,11 @@ def test_spill_decision() -> None:
 )
 def test_server_retry_delay_from_trailing_metadata(metadata: list[tuple[str, str]], expected: float | None) -> None:
     assert retry_delay(metadata) == expected
+
+
+def test_an_operations_file_that_cannot_be_opened_is_a_spool_error(tmp_path: Path) -> None:
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=1 << 20, meta={})
+    spool.append_batch(b"batch")
+    (spool.path / "ops.spool").mkdir()  # opening it fails (EISDIR), as a read-only remount would (EROFS)
+    with pytest.raises(SpoolError, match=r"ops\.spool"):
+        spool.append_op(Kind.SET_TAGS, b"op")

@@ -329,7 +329,7 @@ def _report(stats: dict[str, int], settings: Settings, spool_path: str, delivere
     where = f"{spool_path} (upload with: trackhouse sync {os.path.dirname(spool_path)})"
     if settings.offline and stats["points_offline"]:
         logger.warning("trackhouse offline: %d points spooled in %s", stats["points_offline"], where)
-    elif not delivered:
+    if not delivered:
         logger.warning(
             "trackhouse client closed with %d of %d logged points undelivered: %d spooled in %s%s",
             stats["points_pending"], stats["points_logged"], spooled, where,

@@ -21,7 +21,8 @@ the batcher's bookkeeping and ``array("d", ...)`` (which parses a format string
 per value) cost more than the values themselves.
 
 Params, tags and the final status go through the client (``Client._submit``),
-which spools them when the server is away or the client is offline.
+which spools them when the server is away or the client is offline, and then
+sends later ones the same way, behind them, until they are delivered.
 """
 
 from __future__ import annotations
@@ -290,7 +291,8 @@ class Run:
             self._state = _CLOSED
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params (write-once: another value for a logged key raises InvalidArgument)."""
+        """Log params (write-once: another value for a logged key raises InvalidArgument; logged instead while
+        operations wait in the sender after an outage, or offline at sync)."""
         messages = param_messages(params)
         if messages and self._state != _DISABLED:
             self._client._submit(ingest_pb2.LogParamsRequest(run_id=self.run_id, params=messages))

@@ -38,6 +38,7 @@ from trackhouse.client.spilling import Spilling
 from trackhouse.client.spool import Location, WriterSpool
 from trackhouse.client.transport import AckStream, Transport, queued_requests
 from trackhouse.client.wire import encode, fit_keys
+from trackhouse.proto.rules import MAX_BATCH_KEYS
 from trackhouse.proto.v1 import ingest_pb2
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class Sender(Spilling):
     def wake(self) -> None:
         if self._worker is None:
             self.start()
-        self._wake.set()
+        if not self._wake.is_set():  # a log call may ask often (a full buffer of mixed key sets)
+            self._wake.set()
 
     def submit_op(self, op: Op) -> None:
         """Hand a run operation to the worker: spooled, and retried while online."""
@@ -99,7 +101,8 @@ class Sender(Spilling):
     def queues_ops(self) -> bool:
         """Whether run operations go through the worker: the stream is failing, or an earlier one went there
         (later ones follow it, in order: the spool's record of them is replayed in that order by a sync)."""
-        return self._away_since is not None or bool(self._ops_in or self._ops_retry.ops or self.spool.ops)
+        with self._cond:
+            return self._away_since is not None or bool(self._ops_in or self._ops_retry.ops or self.spool.ops)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every point appended before the call is acknowledged (offline: spooled)."""
@@ -109,10 +112,12 @@ class Sender(Spilling):
         with self._cond:
             self._forced = True
             self._wake.set()
-            return self._cond.wait_for(lambda: self._outbox.answered_through(self._taken, target), timeout)
+            return self._cond.wait_for(lambda: self._outbox.answered_through(self._taken, target),
+                                       min(timeout, threading.TIMEOUT_MAX))
 
     def close(self, timeout: float) -> bool:
         """Flush against the deadline, spool what is left, stop; True when all was delivered."""
+        timeout = min(timeout, threading.TIMEOUT_MAX)
         deadline = self._clock() + timeout
         reserve = min(1.0, timeout / 4)  # left for spilling what the flush could not deliver
         flushed = self.flush(max(0.0, timeout - reserve)) if self._worker is not None else True
@@ -189,10 +194,12 @@ class Sender(Spilling):
         if cols is None:
             return
         offline = self._settings.offline
-        for part in fit_keys(cols.split(min(self._settings.max_batch_points, policy.MAX_MESSAGE_POINTS))):
+        parts = cols.split(min(self._settings.max_batch_points, policy.MAX_MESSAGE_POINTS))
+        for part in fit_keys(parts) if len(self._batcher.keys) > MAX_BATCH_KEYS else parts:
             self._seq += 1  # only this thread numbers batches
             batch = encode(part, self._batcher.run_ids, self._batcher.keys, writer_id=self.writer_id, seq=self._seq)
-            loc = self._spool_batch(batch) if offline else None  # None: in memory (online, or a failing disk)
+            # None: in memory (online; offline behind batches that met a failing disk, to stay in seq order)
+            loc = self._spool_batch(batch) if offline and not self._outbox.entries else None
             with self._cond:
                 if loc is None:
                     self._outbox.add(Entry(self._seq, len(part), len(batch), self._taken, batch))
@@ -270,6 +277,10 @@ class Sender(Spilling):
     def _retry_ops(self, now: float) -> None:
         if self._ops_retry.ops and self._away_since is None:
             self._ops_retry.retry(self._transport, now, self._backoff)
+            with self._cond:  # all delivered, none to replay batches for: later ones may go direct again
+                done = not self._ops_retry.ops and not self._ops_in and not self.spool.records
+            if done and not self._settings.offline:
+                self.spool.clear_ops()
 
     def _backoff(self, retry_after: float | None) -> float:
         return policy.backoff_delay(self._attempt, initial=self._settings.backoff_initial,
@@ -279,7 +290,11 @@ class Sender(Spilling):
         """At close: spool every unacknowledged batch (synced), then a last try of pending operations
         (spooled when handed over; it may block ``rpc_timeout`` on a hung server, past ``close``'s bound)."""
         try:
+            self._spool_paused_until = 0.0  # a last try of the disk too
             self._housekeep(self._clock())
+            if self._ops_in:  # offline, the disk failed them again
+                logger.error("trackhouse: %d run operations could not be spooled to %s and are lost",
+                             len(self._ops_in), self.spool.path)
             self._spill(policy.Spill.ALL)
             with self._cond:
                 stream, self._stream, self._generation = self._stream, None, self._generation + 1

@@ -281,14 +281,25 @@ class WriterSpool:
     def append_op(self, kind: Kind, payload: bytes) -> None:
         if not self.opened:
             self._open()
-        if self._ops_fd is None:
-            self._ops_fd = os.open(self.path / OPS, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
+            if self._ops_fd is None:
+                self._ops_fd = os.open(self.path / OPS, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             os.write(self._ops_fd, encode_record(kind, payload))
             os.fsync(self._ops_fd)
         except OSError as exc:
             raise SpoolError(f"cannot write {self.path / OPS}: {exc}") from exc
         self.ops += 1
+
+    def clear_ops(self) -> None:
+        """Forget the run operations recorded so far, all delivered (online, with no batch on disk left
+        to replay them for); kept when the file cannot be truncated."""
+        if self._ops_fd is not None:
+            try:
+                os.ftruncate(self._ops_fd, 0)
+                os.fsync(self._ops_fd)
+            except OSError:
+                return
+        self.ops = 0
 
     def read(self, loc: Location) -> bytes:
         """The payload at ``loc``; SpoolError when it no longer checks out."""
@@ -314,11 +325,14 @@ class WriterSpool:
             self._drop_segment(loc.segment)
 
     def _drop_segment(self, segment: int) -> None:
+        """Close and delete a segment nothing is left in. A failure (EIO at close, a read-only remount)
+        is ignored: a file left behind holds acknowledged batches, which a sync resends as duplicates."""
         fd = self._fds.pop(segment, None)
-        if fd is not None:
-            os.close(fd)
         self._live.pop(segment, None)
-        with contextlib.suppress(FileNotFoundError):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
             self._segment_path(segment).unlink()
 
     def sync(self) -> None:
