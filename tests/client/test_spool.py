@@ -229,3 +229,24 @@ def test_an_operations_file_that_cannot_be_opened_is_a_spool_error(tmp_path: Pat
     (spool.path / "ops.spool").mkdir()  # opening it fails (EISDIR), as a read-only remount would (EROFS)
     with pytest.raises(SpoolError, match=r"ops\.spool"):
         spool.append_op(Kind.SET_TAGS, b"op")
+
+
+def test_a_spool_whose_meta_could_not_be_written_is_opened_again_with_it(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory without meta.json is invisible to a sync and to adoption: the first write that
+    meets a failing disk must not leave the spool opened without it."""
+    write, failures = spool_module.write_json_atomic, [1]
+
+    def failing(path: Path, data: Any) -> None:
+        if failures:
+            failures.pop()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(spool_module, "write_json_atomic", failing)
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=1 << 20, meta={"mode": "offline"})
+    with pytest.raises(SpoolError, match="No space left"):
+        spool.append_batch(b"batch")
+    spool.append_batch(b"batch")  # the disk works again
+    assert spool.close(ops_done=True) is False
+    assert [d.name for d in writer_dirs(tmp_path)] == ["w1"]

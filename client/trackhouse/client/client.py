@@ -324,12 +324,12 @@ class Client:
 
 def _report(stats: dict[str, int], settings: Settings, spool_path: str, delivered: bool) -> None:
     """The one message at close: what is spooled, where, and how to upload it."""
-    spooled = stats["points_spooled"] + (stats["points_offline"] if settings.offline else 0)
+    spooled = stats["points_spooled"]  # of the undelivered ones (offline, the rest are in the spool too)
     lost = stats["points_pending"] - stats["points_spooled"]
     where = f"{spool_path} (upload with: trackhouse sync {os.path.dirname(spool_path)})"
     if settings.offline and stats["points_offline"]:
         logger.warning("trackhouse offline: %d points spooled in %s", stats["points_offline"], where)
-    if not delivered:
+    if not delivered and stats["points_pending"] > 0:
         logger.warning(
             "trackhouse client closed with %d of %d logged points undelivered: %d spooled in %s%s",
             stats["points_pending"], stats["points_logged"], spooled, where,

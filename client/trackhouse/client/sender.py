@@ -120,14 +120,15 @@ class Sender(Spilling):
         timeout = min(timeout, threading.TIMEOUT_MAX)
         deadline = self._clock() + timeout
         reserve = min(1.0, timeout / 4)  # left for spilling what the flush could not deliver
-        flushed = self.flush(max(0.0, timeout - reserve)) if self._worker is not None else True
+        if self._worker is not None:
+            self.flush(max(0.0, timeout - reserve))
         with self._cond:
             self._stopping = True
             worker = self._worker
         self._wake.set()
         if worker is not None:
             worker.join(max(0.0, deadline - self._clock()))
-        return flushed and self.stats()["points_pending"] == 0
+        return self.stats()["points_pending"] == 0  # offline, what a timed-out flush left may be spooled by now
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -183,7 +184,7 @@ class Sender(Spilling):
                 (self._reconnect_at if self._stream is None else self._last_progress + s.ack_timeout)
                 if box and not s.offline else None,
                 max(away + s.spool_grace, self._spool_paused_until) if box.memory_bytes and away is not None else None,
-                self._spool_paused_until if box.memory_bytes and s.offline else None,  # batches that met a bad disk
+                self._spool_paused_until if (box.memory_bytes or self._ops_in) and s.offline else None,  # a bad disk
                 self._ops_retry.retry_at if self._ops_retry.ops and away is None else None,  # away: _on_ack wakes
             ]
         due = min((t for t in times if t is not None), default=None)

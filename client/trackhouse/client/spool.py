@@ -222,9 +222,12 @@ class WriterSpool:
             fd = try_lock(self.path)
             if fd is None:
                 raise SpoolError(f"spool directory {self.path} is locked by another process")
+            try:  # opened only with its meta.json: without it a sync or an adoption never finds the directory
+                write_json_atomic(self.path / META, {**self._meta, "pid": os.getpid(), "host": socket.gethostname()})
+            except OSError:
+                os.close(fd)
+                raise
             self._lock_fd = fd
-            meta = {**self._meta, "pid": os.getpid(), "host": socket.gethostname()}
-            write_json_atomic(self.path / META, meta)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory {self.path}: {exc}") from exc
 
