@@ -21,6 +21,8 @@ from trackhouse.client.spool import (
     Record,
     WriterSpool,
     encode_record,
+    hold_lock,
+    release_lock,
     scan,
     segments,
     try_lock,
@@ -250,3 +252,32 @@ def test_a_spool_whose_meta_could_not_be_written_is_opened_again_with_it(tmp_pat
     spool.append_batch(b"batch")  # the disk works again
     assert spool.close(ops_done=True) is False
     assert [d.name for d in writer_dirs(tmp_path)] == ["w1"]
+
+
+def test_a_forked_child_does_not_keep_a_replay_lock(tmp_path: Path) -> None:
+    """A flock belongs to the open file, which a forked child shares: a DataLoader worker forked
+    while a replay held a directory used to keep it locked for as long as it lived."""
+    directory = tmp_path / "w1"
+    directory.mkdir()
+    fd = hold_lock(directory)
+    assert fd is not None
+    read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child (its at-fork handlers have run) lives until the parent has looked
+        os.close(write_end)
+        os.write(ready_write, b"r")
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    os.close(ready_write)
+    try:
+        assert os.read(ready_read, 1) == b"r"
+        release_lock(fd)
+        again = try_lock(directory)
+        assert again is not None  # free although the child is alive
+        os.close(again)
+    finally:
+        os.close(write_end)
+        os.close(ready_read)
+        os.waitpid(pid, 0)

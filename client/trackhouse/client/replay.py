@@ -1,8 +1,8 @@
 """Replay a writer's spool directory to the server: ``trackhouse sync`` and orphan adoption.
 
 A spool directory holds one writer's batches and run operations (``spool.py``).
-``replay_dir`` takes the directory's lock (so a live writer or another replayer
-is never raced), then:
+``replay_dir`` takes the directory's lock (a live writer or another replayer is
+never raced; a forked child does not keep it: ``spool.hold_lock``), then:
 
 1. creates the runs an offline writer recorded, once: the local -> server run id
    map is saved in ``runs.json`` before any batch that needs it is sent, and a
@@ -13,10 +13,9 @@ is never raced), then:
    — the server's dedupe makes a replay, or a second replay, exactly-once in
    effect — at most ``policy.REPLAY_WINDOW`` bytes in flight, reconnecting with
    backoff from the first unacknowledged batch when a stream fails;
-3. sends the final run statuses; then deletes the directory. Damaged records
-   are reported (``Corruption``, once each however many streams read them) and
-   skipped; the files that held them are kept for inspection in
-   ``<writer_id>.corrupt/``, which later syncs ignore.
+3. sends the final run statuses; then deletes the directory. Damaged records are
+   reported (``Corruption``, once each however many streams read them) and skipped;
+   the files that held them are kept in ``<writer_id>.corrupt/``, which syncs ignore.
 
 ``replay_dir`` never raises for server or disk errors: a server that stays away, a
 segment that cannot be read or decoded, a directory whose files fail (an ``OSError``,
@@ -50,11 +49,12 @@ from trackhouse.client.spool import (
     Corruption,
     Kind,
     Record,
+    hold_lock,
     read_meta,
+    release_lock,
     scan,
     scan_ops,
     segments,
-    try_lock,
     write_json_atomic,
     writer_dirs,
 )  # fmt: skip
@@ -102,7 +102,7 @@ def replay_dir(directory: Path, transport: Transport, *, progress: Progress | No
 
 def _replay_locked(directory: Path, transport: Transport, report: ReplayReport, progress: Progress | None,
                    max_attempts: int, backoff: tuple[float, float]) -> None:
-    lock = try_lock(directory)
+    lock = hold_lock(directory)
     if lock is None:
         report.error = _LOCKED
         return
@@ -117,7 +117,7 @@ def _replay_locked(directory: Path, transport: Transport, report: ReplayReport, 
         _remove(directory, report)
         report.complete = True
     finally:
-        os.close(lock)
+        release_lock(lock)
 
 
 def _records(path: Path, report: ReplayReport) -> list[Record]:

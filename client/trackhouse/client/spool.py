@@ -166,6 +166,33 @@ def try_lock(directory: Path) -> int | None:
     return fd
 
 
+_HELD: set[int] = set()  # replay locks of this process (``hold_lock``)
+
+
+def hold_lock(directory: Path) -> int | None:
+    """``try_lock`` for a replay, whose lock a forked child must not keep: a flock belongs to the open
+    file, which the child shares, so a DataLoader worker would hold the directory while it lives."""
+    fd = try_lock(directory)
+    if fd is not None:
+        _HELD.add(fd)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    _HELD.discard(fd)
+    os.close(fd)
+
+
+def _drop_held_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_in_child)
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     try:
         meta = json.loads((directory / META).read_text())
