@@ -291,3 +291,27 @@ def test_more_distinct_keys_than_a_batch_may_name_are_sent_in_several_batches() 
         assert transport.points(run.run_id, "layer10049/grad_norm")[0][2] == 10049.0
     finally:
         client.close(timeout=5.0)
+
+
+def test_str_subclass_keys_are_the_strings_they_equal() -> None:
+    """A ``StrEnum`` or ``numpy.str_`` key was refused on a run's first call and accepted once an
+    equal key set was current; it is the plain string it equals, first call or not."""
+    import enum
+
+    class Metric(enum.StrEnum):
+        LOSS = "loss"
+
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(flush_interval=600.0, replay_orphans=False))
+    try:
+        run = client.start_run(experiment="e")
+        run.log_metrics({Metric.LOSS: 0.5}, step=0)
+        run.log_metrics({"loss": 0.25}, step=1)
+        run.log_metrics({np.str_("loss"): 0.125}, step=2)
+        run.log_array(Metric.LOSS, [3], [0.0625])
+        run.log_params({Metric.LOSS: "x"})
+        assert client.flush(timeout=10.0)
+        assert [v for _, _, v in sorted(transport.points(run.run_id, "loss"))] == [0.5, 0.25, 0.125, 0.0625]
+        assert transport.params[run.run_id] == {"loss": "x"}
+    finally:
+        client.close(timeout=5.0)

@@ -95,12 +95,13 @@ def check_metric(key: object, value: object) -> float:
 def check_key(key: object, prefix: str = "") -> str:
     """The metric name ``prefix + key``, when it is one the service takes (``trackhouse.proto.rules``:
     it refuses a whole batch holding a bad name, other runs' points with it)."""
-    if type(key) is not str or not key:
+    if not isinstance(key, str) or not key:
         raise UsageError(f"metric keys must be non-empty strings, got {key!r}")
-    problem = key_problem(prefix + key)
+    name = prefix + str.__str__(key)  # a str subclass (StrEnum, numpy.str_) as the plain string it equals
+    problem = key_problem(name)
     if problem is not None:
         raise UsageError(f"metric key {key!r}: {problem}")
-    return prefix + key
+    return name
 
 
 def check_timestamp(value: object) -> int:
@@ -115,9 +116,9 @@ def check_timestamp(value: object) -> int:
 def _string_pairs(kind: str, items: Mapping[str, Any]) -> list[tuple[str, str]]:
     pairs = []
     for key, value in items.items():
-        if type(key) is not str or not key:
+        if not isinstance(key, str) or not key:
             raise UsageError(f"{kind} keys must be non-empty strings, got {key!r}")
-        problem = key_problem(key)
+        problem = key_problem(key := str.__str__(key))
         if problem is not None:
             raise UsageError(f"{kind} key {key!r}: {problem}")
         pairs.append((key, value if isinstance(value, str) else str(value)))
