@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy proto/trackhouse/proto/points.py store/trackhouse ingest/trackhouse query/trackhouse client/trackhouse cli/trackhouse
+	$(BIN)/mypy proto/trackhouse/proto/points.py proto/trackhouse/proto/rules.py store/trackhouse ingest/trackhouse query/trackhouse client/trackhouse cli/trackhouse
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
