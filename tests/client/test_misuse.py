@@ -70,19 +70,28 @@ def test_bad_calls_raise_at_once(client: th.Client, run: th.Run, call: Any, matc
     assert client.stats()["points_logged"] == 0
 
 
-def test_an_empty_call_after_other_runs_logged_spoils_none_of_their_points() -> None:
+@pytest.mark.parametrize(("bad", "match"), [
+    ({}, "needs at least one metric"),
+    # a name the service refuses: it would refuse a whole batch, every run's points in it
+    # (``MemoryTransport`` as the service does)
+    ({"acc (top-1)": 0.9}, "invalid name"),
+])
+def test_a_refused_call_after_other_runs_logged_spoils_none_of_their_points(bad: dict[str, float],
+                                                                              match: str) -> None:
     transport = th.MemoryTransport()
     client = th.Client(transport, th.Settings(flush_interval=600.0, replay_orphans=False))
     try:
         first, fresh = client.start_run(experiment="e"), client.start_run(experiment="e")
         first.log(step=0, loss=0.5)
-        with pytest.raises(th.UsageError, match="needs at least one metric"):
-            fresh.log_metrics({}, step=0)
+        with pytest.raises(th.UsageError, match=match):
+            fresh.log_metrics(bad, step=0)  # a run's first call
         first.log_metrics({"loss": 0.25}, step=1)
-        with pytest.raises(th.UsageError, match="needs at least one metric"):
-            first.log_metrics({}, step=2)
+        with pytest.raises(th.UsageError, match=match):
+            first.log_metrics(bad, step=2)
+        fresh.log_metrics({"acc_top1": 0.9}, step=0)
         assert client.flush(timeout=10.0)
         assert [v for _, _, v in transport.points(first.run_id, "loss")] == [0.5, 0.25]
+        assert [v for _, _, v in transport.points(fresh.run_id, "acc_top1")] == [0.9]
         assert client.stats()["points_rejected"] == 0
     finally:
         client.close(timeout=5.0)
@@ -198,25 +207,6 @@ def test_two_threads_logging_other_key_sets_into_one_run_never_mix_keys_and_valu
             points = transport.points(run.run_id, f"{name}{k}")
             assert sorted((step, value) for step, _, value in points) == [(s, sign * s + offset) for s in range(n)]
     client.close(timeout=5.0)
-
-
-def test_a_name_the_service_refuses_is_refused_at_the_call_and_spoils_no_batch() -> None:
-    """The service refuses a whole batch holding one bad name, with every run's points in it
-    (``MemoryTransport`` as the service does): the call raises, the batches stay whole."""
-    transport = th.MemoryTransport()
-    client = th.Client(transport, th.Settings(flush_interval=600.0, replay_orphans=False))
-    try:
-        good, bad = client.start_run(experiment="e"), client.start_run(experiment="e")
-        good.log(step=0, loss=0.5)
-        with pytest.raises(th.UsageError, match="invalid name"):
-            bad.log_metrics({"acc (top-1)": 0.9}, step=0)
-        bad.log_metrics({"acc_top1": 0.9}, step=0)
-        assert client.flush(timeout=10.0)
-        assert [v for _, _, v in transport.points(good.run_id, "loss")] == [0.5]
-        assert [v for _, _, v in transport.points(bad.run_id, "acc_top1")] == [0.9]
-        assert client.stats()["points_rejected"] == 0
-    finally:
-        client.close(timeout=5.0)
 
 
 @pytest.mark.parametrize(("keys", "timestamps", "message"), [

@@ -83,42 +83,30 @@ def _in_thread(call: Callable[[], T]) -> T:
     return out[0]
 
 
-def test_a_damaged_record_first_read_by_a_retried_stream_is_reported_and_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("batches", "damaged", "stored"), [
+    (5, 3, [1, 2, 3, 5]),  # seq 4: only the retry reaches it
+    (3, 0, [2, 3]),  # seq 1: both streams read it, it is reported once
+])
+def test_a_damaged_record_is_reported_once_and_kept_whichever_stream_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches: int, damaged: int, stored: list[int]
 ) -> None:
-    """The first stream fails after one ack, before its feeder reached the damaged record."""
-    # One batch in flight at a time: the first stream's feeder cannot pass seq 3 (seq 2 is never
-    # acked by it), so only the retry reads the damaged seq 4.
+    """The first stream fails after one ack. One batch in flight at a time: its feeder cannot pass
+    seq 3 (seq 2 is never acked by it), so a damaged seq 4 is first read by the retry, which used
+    to neither report nor keep it."""
     monkeypatch.setattr(policy, "REPLAY_WINDOW", 1)
     transport = _GoesAwayOnce()
     run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
-    directory = _spool(tmp_path, "w1", run_id, batches=5)
-    damaged = segments(directory)[3]
-    _damage(damaged)
+    directory = _spool(tmp_path, "w1", run_id, batches=batches)
+    segment = segments(directory)[damaged]
+    _damage(segment)
 
     report = replay_dir(directory, transport, backoff=(0.0, 0.0))
 
     assert transport.went_away and report.complete, report.error
-    assert [c.path for c in report.corruptions] == [str(damaged)]
-    assert [step for step, _, _ in transport.points(run_id, "loss")] == [1, 2, 3, 5]
+    assert [c.path for c in report.corruptions] == [str(segment)]
+    assert [step for step, _, _ in transport.points(run_id, "loss")] == stored
     kept = tmp_path / "w1.corrupt"
-    assert report.directory == str(kept) and (kept / damaged.name).exists() and not directory.exists()
-
-
-def test_a_damaged_record_is_reported_once_however_many_streams_read_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(policy, "REPLAY_WINDOW", 1)
-    transport = _GoesAwayOnce()
-    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
-    directory = _spool(tmp_path, "w1", run_id, batches=3)
-    _damage(segments(directory)[0])  # read by both streams
-
-    report = replay_dir(directory, transport, backoff=(0.0, 0.0))
-
-    assert transport.went_away and report.complete, report.error
-    assert len(report.corruptions) == 1
-    assert [step for step, _, _ in transport.points(run_id, "loss")] == [2, 3]
+    assert report.directory == str(kept) and (kept / segment.name).exists() and not directory.exists()
 
 
 def _unreadable_segment(segment: Path) -> None:
