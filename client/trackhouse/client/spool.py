@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from trackhouse.client.errors import SpoolError
+from trackhouse.proto.v1 import ingest_pb2
 
 MAGIC = b"THR1"
 _HEADER = struct.Struct("<4sBII")
@@ -132,8 +133,6 @@ def scan(path: Path) -> Iterator[Record | Corruption]:
 def scan_ops(path: Path) -> Iterator[Record | Corruption]:
     """``scan`` of an operations file, where a record that is not its kind's request message (a
     whole record, checksum right, wrong content) is reported damaged too, not left to fail a sync."""
-    from trackhouse.proto.v1 import ingest_pb2
-
     pb = ingest_pb2
     types: dict[Kind, Any] = {Kind.CREATE_RUN: pb.CreateRunRequest, Kind.SET_TAGS: pb.SetTagsRequest,
                               Kind.LOG_PARAMS: pb.LogParamsRequest, Kind.UPDATE_RUN: pb.UpdateRunRequest}
@@ -184,10 +183,9 @@ def release_lock(fd: int) -> None:
 
 
 def _drop_held_in_child() -> None:
-    for fd in _HELD:
+    while _HELD:
         with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD.clear()
+            os.close(_HELD.pop())
 
 
 os.register_at_fork(after_in_child=_drop_held_in_child)
