@@ -28,12 +28,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from trackhouse.client.errors import AlreadyExists, InvalidArgument, NotFound, ServerUnavailable, UsageError
-from trackhouse.proto.points import Columns, batch_columns, batch_points
-from trackhouse.proto.rules import MAX_BATCH_KEYS, key_problem, timestamps_problem
+from trackhouse.proto.points import batch_points
+from trackhouse.proto.rules import checked_columns
 from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 
 _Point = tuple[int, int, float]
-MAX_BATCH_POINTS = 1_000_000  # the service's default limit (IngestSettings.max_batch_points)
 
 
 class _MemoryAckStream:
@@ -50,24 +49,6 @@ class _MemoryAckStream:
 
     def cancel(self) -> None:
         self._cancelled = True
-
-
-def _checked_columns(batch: ingest_pb2.MetricBatch, points: int) -> Columns:
-    """The batch's points, by the service's rules with its default limits (``ingest/convert.py``):
-    a batch that breaks one is refused whole, as the service refuses it."""
-    if len(batch.keys) > MAX_BATCH_KEYS:
-        raise ValueError(f"keys: {len(batch.keys)} keys in one batch, limit {MAX_BATCH_KEYS}")
-    for i, key in enumerate(batch.keys):
-        problem = key_problem(key)
-        if problem is not None:
-            raise ValueError(f"keys[{i}]: {problem}")
-    if points > MAX_BATCH_POINTS:
-        raise ValueError(f"steps and row_values: {points} points in one batch, limit {MAX_BATCH_POINTS}")
-    cols = batch_columns(batch)
-    problem = timestamps_problem(int(cols.timestamps.min()), int(cols.timestamps.max())) if len(cols) else None
-    if problem is not None:
-        raise ValueError(f"timestamps: {problem}")
-    return cols
 
 
 class MemoryTransport:
@@ -187,7 +168,7 @@ class MemoryTransport:
                 return ingest_pb2.BatchAck(seq=batch.seq, status=ingest_pb2.REJECTED, points=n, code=5,
                                            message=f"run_ids: {missing[0]!r} not found")
             try:
-                cols = _checked_columns(batch, n)
+                cols = checked_columns(batch)  # the service's rules, its default limits
             except ValueError as exc:
                 return ingest_pb2.BatchAck(seq=batch.seq, status=ingest_pb2.REJECTED, points=n, code=3,
                                            message=str(exc))

@@ -24,8 +24,7 @@ import numpy.typing as npt
 
 from trackhouse.ingest.errors import InvalidArgument
 from trackhouse.ingest.settings import BYTES_PER_POINT, IngestSettings
-from trackhouse.proto.points import batch_columns, batch_points
-from trackhouse.proto.rules import key_problem, timestamps_problem
+from trackhouse.proto.rules import checked_columns, key_problem
 
 MAX_WRITER_ID_LENGTH = 128
 
@@ -57,37 +56,26 @@ def check_key(key: str, field: str) -> None:
         raise InvalidArgument(f"{field}: {problem}")
 
 
-def _check_header(batch: Any, settings: IngestSettings) -> None:
+def _check_header(batch: Any) -> None:
     if not batch.writer_id or len(batch.writer_id) > MAX_WRITER_ID_LENGTH:
         raise InvalidArgument(f"writer_id: required, 1 to {MAX_WRITER_ID_LENGTH} characters")
     if batch.seq < 1:
         raise InvalidArgument("seq: must be >= 1 (sequence numbers start at 1 for each writer)")
     if not batch.run_ids:
         raise InvalidArgument("run_ids: at least one run id is required")
-    if len(batch.keys) > settings.max_batch_keys:
-        raise InvalidArgument(f"keys: {len(batch.keys)} keys in one batch, limit {settings.max_batch_keys}")
-    for i, key in enumerate(batch.keys):
-        check_key(key, f"keys[{i}]")
 
 
 def decode_batch(batch: Any, settings: IngestSettings) -> DecodedBatch:
     """Validate a MetricBatch message and return its points as columns (the column form as
     numpy views, the row form expanded: ``trackhouse.proto.points``)."""
-    _check_header(batch, settings)
-    n = batch_points(batch)
-    if n > settings.max_batch_points:  # before the rows are expanded
-        raise InvalidArgument(f"steps and row_values: {n} points in one batch, limit {settings.max_batch_points}")
-    try:
-        cols = batch_columns(batch)
+    _check_header(batch)
+    try:  # keys, size and timestamps by the rules shared with the client's MemoryTransport
+        cols = checked_columns(batch, max_keys=settings.max_batch_keys, max_points=settings.max_batch_points)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
-    timestamps = cols.timestamps
-    problem = timestamps_problem(int(timestamps.min()), int(timestamps.max())) if len(cols) else None
-    if problem is not None:
-        raise InvalidArgument(f"timestamps: {problem}")
     return DecodedBatch(
         writer_id=batch.writer_id, seq=batch.seq, run_ids=tuple(batch.run_ids), keys=tuple(batch.keys),
-        run_index=cols.run_index, key_index=cols.key_index, steps=cols.steps, timestamps=timestamps,
+        run_index=cols.run_index, key_index=cols.key_index, steps=cols.steps, timestamps=cols.timestamps,
         values=cols.values,
     )
 

@@ -8,6 +8,9 @@ checks them at the call (``Run``), and ``MemoryTransport`` applies them as the s
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from trackhouse.proto.points import Columns, batch_columns, batch_points
 
 # MLflow's rule for metric, param and tag names (used with fullmatch: `$` alone accepts a trailing newline).
 KEY_PATTERN = re.compile(r"[/\w.\- :]+")
@@ -15,8 +18,9 @@ MAX_KEY_LENGTH = 250
 # Timestamps are ms since the epoch: from 1970 to the year 3000.
 MAX_TIMESTAMP_MS = 32_503_680_000_000
 TIMESTAMP_RANGE = f"[0, {MAX_TIMESTAMP_MS}] (milliseconds since the epoch, up to year 3000)"
-# The service's default limit of distinct keys in one metric batch (IngestSettings.max_batch_keys).
+# The service's default limits of a metric batch (IngestSettings.max_batch_keys / max_batch_points).
 MAX_BATCH_KEYS = 10_000
+MAX_BATCH_POINTS = 1_000_000
 
 
 def key_problem(key: str) -> str | None:
@@ -36,3 +40,22 @@ def timestamps_problem(low: int, high: int) -> str | None:
     if low < 0 or high > MAX_TIMESTAMP_MS:
         return f"out of range {TIMESTAMP_RANGE}"
     return None
+
+
+def checked_columns(batch: Any, *, max_keys: int = MAX_BATCH_KEYS, max_points: int = MAX_BATCH_POINTS) -> Columns:
+    """A MetricBatch's points (``points.batch_columns``) once its keys, size and timestamps keep these
+    rules; ``ValueError`` naming the field otherwise (the service answers INVALID_ARGUMENT)."""
+    if len(batch.keys) > max_keys:
+        raise ValueError(f"keys: {len(batch.keys)} keys in one batch, limit {max_keys}")
+    for i, key in enumerate(batch.keys):
+        problem = key_problem(key)
+        if problem is not None:
+            raise ValueError(f"keys[{i}]: {problem}")
+    n = batch_points(batch)
+    if n > max_points:  # before the rows are expanded
+        raise ValueError(f"steps and row_values: {n} points in one batch, limit {max_points}")
+    cols = batch_columns(batch)
+    problem = timestamps_problem(int(cols.timestamps.min()), int(cols.timestamps.max())) if len(cols) else None
+    if problem is not None:
+        raise ValueError(f"timestamps: {problem}")
+    return cols
