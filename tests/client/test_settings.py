@@ -60,6 +60,10 @@ def test_from_env_reads_every_documented_variable() -> None:
         ({"RANK": "1", "WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "abc"}, (1, 8, "abc")),
         ({"RANK": "1", "WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "77"}, (1, 8, "77")),
         ({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_JOB_ID": "77"}, (5, 6, "77")),
+        # mpirun inside an sbatch script: every rank inherits the script's SLURM_PROCID and SLURM_NTASKS
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "77", "OMPI_COMM_WORLD_RANK": "3",
+          "OMPI_COMM_WORLD_SIZE": "4"}, (3, 4, "77")),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "PMI_RANK": "1", "PMI_SIZE": "8"}, (1, 8, "")),
         ({"RANK": "1", "WORLD_SIZE": "2", "TRACKHOUSE_CLIENT_RANK": "0"}, (0, 2, "")),
         ({}, (0, 1, "")),
     ],

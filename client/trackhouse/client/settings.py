@@ -30,10 +30,12 @@ _UNSET = ("", "none")  # torchrun sets TORCHELASTIC_RUN_ID=none when no --rdzv-i
 _RANKS = ("zero", "all")
 # Longest setting in seconds: flush(), close() and the sender wait on threading primitives with it.
 _MAX_SECONDS = threading.TIMEOUT_MAX
-# Launcher variables, in order of preference, when TRACKHOUSE_CLIENT_<NAME> is unset.
+# Launcher variables, in order of preference, when TRACKHOUSE_CLIENT_<NAME> is unset: the launcher
+# that started this process first. SLURM's come last: ``mpirun`` inside an ``sbatch`` script
+# leaves the script's SLURM_PROCID (0) and SLURM_NTASKS in every rank it starts.
 _LAUNCHER_VARS = {
-    "rank": ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
-    "world_size": ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
+    "rank": ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"),
+    "world_size": ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"),
     "job_id": ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"),
 }
 
@@ -113,8 +115,8 @@ class Settings:
         every rank logs into the one run, each key prefixed ``rank{N}/``.
     ``TRACKHOUSE_CLIENT_RANK`` / ``TRACKHOUSE_CLIENT_WORLD_SIZE``
         This process's rank and the number of ranks. Unset: ``RANK``/``WORLD_SIZE``
-        (torchrun), ``SLURM_PROCID``/``SLURM_NTASKS``, ``OMPI_COMM_WORLD_*``, ``PMI_*``;
-        else 0 and 1.
+        (torchrun), ``OMPI_COMM_WORLD_*`` (Open MPI's mpirun), ``PMI_*`` (MPICH),
+        ``SLURM_PROCID``/``SLURM_NTASKS`` (srun), in that order; else 0 and 1.
     ``TRACKHOUSE_CLIENT_JOB_ID``
         Identifies one distributed job for the run rendezvous. Unset:
         ``TORCHELASTIC_RUN_ID`` (unless ``none``), else ``SLURM_JOB_ID``.
