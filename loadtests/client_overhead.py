@@ -4,6 +4,7 @@ of a simulated training loop (1 ms steps, 20 metrics a step) with logging agains
     python loadtests/client_overhead.py                        # starts an embedded server (a separate process)
     python loadtests/client_overhead.py --url 127.0.0.1:50051  # against a running server
     python loadtests/client_overhead.py --buffer-only          # the calls alone: no server, sender idle
+    python loadtests/client_overhead.py --step-loop-only --workload torch  # only the step loop; a torch step
 
 The client streams to a real server in another process while the figures are taken,
 so the background sender's CPU (encoding, gRPC) is part of what the loop pays. The
