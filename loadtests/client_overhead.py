@@ -9,7 +9,8 @@ of a simulated training loop (1 ms steps, 20 metrics a step) with logging agains
 The client streams to a real server in another process while the figures are taken,
 so the background sender's CPU (encoding, gRPC) is part of what the loop pays. The
 step's work is numpy on one BLAS thread (it releases the GIL, as CUDA launches and
-waits do). See ``step_loop_slowdown`` for how the slowdown is measured. At the end
+waits do). See ``step_loop_slowdown`` for how the slowdown is measured, and
+``step_loop_processes`` for why it runs in several processes (``--processes``). At the end
 every point is flushed and the acknowledged count checked. Prints a summary and, as
 its last line, one JSON object.
 """
