@@ -203,3 +203,86 @@ def test_a_stream_closed_while_waiting_for_room_leaves_the_batch_retryable(
         assert (await outcome(retry)).verdict is Verdict.STORED
 
     run_with_rig(store, test)
+
+
+def test_a_batch_that_waited_for_room_is_refused_when_an_earlier_one_failed_meanwhile(
+        store: Store, make_batch: Any) -> None:
+    """Seqs 1 and 2 fill the buffer and their INSERT fails while seq 3 waits for room. Admitted
+    before the failure, 3 must still be refused when the room comes: stored alone it would move
+    the mark past 1, and 1's resend would be taken for a duplicate and lost."""
+
+    async def test(rig: Rig) -> None:
+        def batch(seq: int) -> Any:
+            return make_batch(seq=seq, run_ids=[rig.run_id], points=100)  # two fill the budget
+
+        failed = [asyncio.ensure_future(await rig.intake.accept(batch(seq))) for seq in (1, 2)]
+        rig.inserts.failures = 1
+        rig.inserts.gate.clear()
+        flushing = asyncio.ensure_future(rig.flusher.flush_once())
+        await asyncio.wait_for(rig.inserts.started.wait(), 5)
+        third = asyncio.ensure_future(rig.intake.accept(batch(3)))
+        await asyncio.wait_for(rig.buffer.changed.wait(), 5)  # set by seq 3 asking for room
+        assert rig.buffer.room_wanted and not third.done()
+        rig.inserts.gate.set()
+        await asyncio.wait_for(flushing, 5)
+        for pending in failed:
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(pending, 5)
+        await asyncio.wait({third}, timeout=5)
+        assert third.done(), "seq 3 still waits for room after the failed flush released it"
+        assert isinstance(third.exception(), Unavailable), "seq 3 was buffered past the failed seq 1"
+        assert "resend from seq 1" in str(third.exception())
+        assert len(rig.buffer) == 0 and rig.buffer.nbytes == 0
+        assert await rig.progress.committed("w") == 0
+        for seqs in ((1, 2), (3,)):  # the client resends in order, as the room allows
+            resent = [await asyncio.wait_for(rig.intake.accept(batch(seq)), 5) for seq in seqs]
+            await rig.flusher.flush_once()
+            assert [(await outcome(r)).verdict for r in resent] == [Verdict.STORED] * len(seqs)
+        assert [t.column("seq").to_pylist()[::100] for t in rig.inserts.tables] == [[1, 2], [3]]
+        assert await rig.progress.committed("w") == 3
+
+    run_with_rig(store, test)
+
+
+def test_a_stream_cancelled_while_its_batch_is_in_flight_leaves_the_outcome_to_the_resend(
+        store: Store, make_batch: Any) -> None:
+    """The stream waiting for seq 1's flush goes away (the client reconnects): its cancellation
+    must not cancel the future that the resend on the new stream, a copy in flight, waits on."""
+
+    async def test(rig: Rig) -> None:
+        batch = make_batch(seq=1, run_ids=[rig.run_id])
+        abandoned = asyncio.ensure_future(await rig.intake.accept(batch))  # a task, as StreamMetrics makes
+        rig.inserts.gate.clear()
+        flushing = asyncio.ensure_future(rig.flusher.flush_once())
+        await asyncio.wait_for(rig.inserts.started.wait(), 5)  # the task, created first, now awaits the flush
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        resent = asyncio.ensure_future(await rig.intake.accept(batch))
+        rig.inserts.gate.set()
+        await asyncio.wait_for(flushing, 5)
+        await asyncio.wait({resent}, timeout=5)
+        assert resent.done(), "the resend is still waiting after the flush"
+        assert not resent.cancelled(), "the resend died with the cancelled stream"
+        assert resent.result().verdict is Verdict.DUPLICATE
+        assert [t.num_rows for t in rig.inserts.tables] == [4]
+
+    run_with_rig(store, test)
+
+
+def test_a_copy_of_a_cancelled_original_is_told_to_resend(store: Store, make_batch: Any) -> None:
+    """Should the future of a batch in flight be cancelled all the same, its outcome is unknown:
+    a copy waiting on it fails as retryable instead of dying with the cancellation."""
+
+    async def test(rig: Rig) -> None:
+        original: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        rig.progress.track("w", 1, original)
+        original.cancel()
+        copy = asyncio.ensure_future(await rig.intake.accept(make_batch(seq=1, run_ids=[rig.run_id])))
+        await asyncio.wait({copy}, timeout=5)
+        assert copy.done(), "the copy is still waiting on a cancelled original"
+        assert not copy.cancelled(), "the copy died with the cancelled original"
+        with pytest.raises(Unavailable, match="resend"):
+            copy.result()
+
+    run_with_rig(store, test)

@@ -120,6 +120,26 @@ def test_a_failed_batch_blocks_later_seqs_of_its_writer_until_it_is_resent() -> 
     asyncio.run(body())
 
 
+def test_a_batch_stored_past_a_failed_one_does_not_move_the_mark_past_it() -> None:
+    """Were seq 3 stored while its writer is blocked at 1, a mark of 3 would make 1's resend a
+    duplicate and lose it: the mark stays below 1 until 1 itself is stored."""
+
+    async def body() -> None:
+        p = progress_with({})
+        loop = asyncio.get_running_loop()
+        for seq in (1, 3):
+            p.track("w", seq, loop.create_future())
+        p.failed("w", 1)
+        p.stored("w", 3)
+        assert await p.committed("w") == 0, "the mark moved past the failed seq 1"
+        assert (await p.admit("w", 1))[0] is Admission.NEW
+        p.track("w", 1, loop.create_future())
+        p.stored("w", 1)
+        assert await p.committed("w") == 1
+
+    asyncio.run(body())
+
+
 def test_a_cached_mark_is_reloaded_when_a_writer_may_have_written_elsewhere() -> None:
     """Replica A cached mark 5; the client went to replica B, which stored 6..8, then came back to A.
     The first batch on the new stream reloads the mark, so 7 and 8 are duplicates, not new rows."""

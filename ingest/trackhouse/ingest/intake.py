@@ -41,14 +41,28 @@ async def _ready(outcome: Outcome) -> Outcome:
     return outcome
 
 
+async def _settled(done: asyncio.Future[None]) -> None:
+    """Wait for the flush of a batch; raises when the INSERT holding it failed.
+
+    `done` is shared with copies of the batch (a resend on a new stream waits on it),
+    so it is shielded: a waiter cancelled with its stream must not cancel it for them.
+    """
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        if not done.cancelled():
+            raise  # this waiter was cancelled
+        raise Unavailable("the batch in flight was abandoned before its outcome was known; resend it") from None
+
+
 async def _after(done: asyncio.Future[None], seq: int, points: int) -> Outcome:
-    await done  # raises when the INSERT holding the batch failed
+    await _settled(done)
     return Outcome(seq, Verdict.STORED, points)
 
 
 async def _after_original(done: asyncio.Future[None], seq: int, points: int) -> Outcome:
     # A copy of a batch still in flight: its fate is the original's.
-    await asyncio.shield(done)
+    await _settled(done)
     return Outcome(seq, Verdict.DUPLICATE, points)
 
 
@@ -92,11 +106,21 @@ class Intake:
         self._progress.track(batch.writer_id, seq, done)
         try:
             await self._buffer.wait_for_room(batch.nbytes)
+            # A flush that failed while this batch waited may have blocked its writer: stored now,
+            # it would move the mark past the failed batch, whose resend would be a "duplicate".
+            self._progress.check_unblocked(batch.writer_id, seq)
+        except Unavailable as exc:
+            self._abandon(batch.writer_id, seq, done, exc)
+            raise
         except BaseException:
-            self._progress.failed(batch.writer_id, seq)
-            done.set_exception(Unavailable("the stream closed before the batch was buffered"))
-            done.exception()  # retrieved: only copies waiting on it care
+            self._abandon(batch.writer_id, seq, done, Unavailable("the stream closed before the batch was buffered"))
             raise
         self._buffer.add(batch, done, time.monotonic(), urgent)
         self.points_received += batch.points
         return _after(done, seq, batch.points)
+
+    def _abandon(self, writer_id: str, seq: int, done: asyncio.Future[None], error: Unavailable) -> None:
+        """Settle a tracked batch that will not be buffered: copies waiting on it fail with `error`."""
+        self._progress.failed(writer_id, seq)
+        done.set_exception(error)
+        done.exception()  # retrieved: only copies waiting on it care

@@ -22,7 +22,8 @@ instead of being stored twice.
 The prefix must stay a prefix, or a restart (which knows only the mark) would
 take a resent batch below the mark for a duplicate and lose it. So when a batch
 fails to store, its writer is blocked at that seq: later batches of the writer
-are refused (Unavailable, "resend from seq N") and the flusher drops those
+are refused (Unavailable, "resend from seq N"), at admission and again when one
+admitted earlier leaves its wait for buffer room, and the flusher drops those
 already buffered, until the failed batch itself is resent (the buffer keeps
 arrival order and flushes take its oldest batches first, so it lands first). Clients resend
 unacknowledged batches in order, so the failed one comes first.
@@ -81,10 +82,7 @@ class WriterProgress:
             # The failed batch is resent: buffered in order again, later seqs may follow it.
             del self._blocked[writer_id]
         elif blocked_at is not None:
-            raise Unavailable(
-                f"writer {writer_id}: batch {self._blocked[writer_id]} failed to store; "
-                f"resend from seq {self._blocked[writer_id]} in order"
-            )
+            raise _refusal(writer_id, blocked_at)
         original = self._in_flight.get((writer_id, seq))
         if original is not None:
             return Admission.IN_FLIGHT, original
@@ -97,12 +95,31 @@ class WriterProgress:
         """True when an earlier batch of this writer failed and was not stored since."""
         return seq > self._blocked.get(writer_id, seq)
 
+    def check_unblocked(self, writer_id: str, seq: int) -> None:
+        """Raise Unavailable when the writer is blocked at or before `seq`.
+
+        For a batch admitted earlier that is about to be buffered: a batch at or before it
+        may have failed since admit().
+        """
+        blocked_at = self._blocked.get(writer_id)
+        if blocked_at is not None and seq >= blocked_at:
+            raise _refusal(writer_id, blocked_at)
+
     def stored(self, writer_id: str, seq: int) -> None:
         self._in_flight.pop((writer_id, seq), None)
-        if self._blocked.get(writer_id) == seq:
+        blocked_at = self._blocked.get(writer_id)
+        if blocked_at == seq:
             del self._blocked[writer_id]
+        elif blocked_at is not None and seq > blocked_at:
+            # Stored past the failed batch (it should have been refused): a mark past the failed
+            # batch would take its resend for a duplicate and lose it.
+            seq = blocked_at - 1
         self._committed[writer_id] = max(self._committed.get(writer_id, 0), seq)
 
     def failed(self, writer_id: str, seq: int) -> None:
         self._in_flight.pop((writer_id, seq), None)
         self._blocked[writer_id] = min(self._blocked.get(writer_id, seq), seq)
+
+
+def _refusal(writer_id: str, blocked_at: int) -> Unavailable:
+    return Unavailable(f"writer {writer_id}: batch {blocked_at} failed to store; resend from seq {blocked_at} in order")
