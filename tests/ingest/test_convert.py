@@ -17,8 +17,8 @@ from trackhouse.ingest.convert import (
     to_arrow,
 )
 from trackhouse.ingest.errors import InvalidArgument
-from trackhouse.ingest.settings import IngestSettings
-from trackhouse.proto.rules import MAX_KEY_LENGTH, MAX_TIMESTAMP_MS
+from trackhouse.ingest.settings import BYTES_PER_POINT, IngestSettings
+from trackhouse.proto.rules import MAX_BATCH_RUNS, MAX_KEY_LENGTH, MAX_TIMESTAMP_MS
 from trackhouse.proto.v1 import ingest_pb2
 
 SETTINGS = IngestSettings(max_batch_points=100, max_batch_keys=3, buffer_bytes=1 << 20)
@@ -148,9 +148,31 @@ def test_single_run_batch_without_run_index_points_at_run_zero(make_batch: Any) 
     assert d.run_index.tolist() == [0, 0, 0]
 
 
-def test_empty_batch_decodes(make_batch: Any) -> None:
-    d = decode_batch(make_batch(points=0), SETTINGS)
-    assert d.points == 0
+def test_a_batch_without_points_is_rejected(make_batch: Any) -> None:
+    """Only a flush answers a buffered batch, and such a batch has nothing to flush: it is refused."""
+    rejects(make_batch(points=0), "steps and row_values", "no points")
+    rejects(ingest_pb2.MetricBatch(writer_id="w", seq=1, run_ids=["r1"]), "no points")  # no keys, columns, rows
+    rejects(make_batch(points=0, run_ids=["r1"] * 200), "no points")
+
+
+def test_too_many_run_ids_are_rejected_naming_the_limit(make_batch: Any) -> None:
+    names = [f"r{i}" for i in range(MAX_BATCH_RUNS + 1)]
+    rejects(make_batch(run_ids=names, run_index=[0, 1, 2, 3]), "run_ids", f"{MAX_BATCH_RUNS + 1} run ids",
+            f"limit {MAX_BATCH_RUNS}")
+    rejects(make_batch(run_ids=["r1"] * (MAX_BATCH_RUNS + 1), run_index=[0] * 4), f"limit {MAX_BATCH_RUNS}")
+    at_the_limit = IngestSettings(max_batch_points=MAX_BATCH_RUNS, buffer_bytes=1 << 20)
+    d = decode_batch(make_batch(run_ids=names[:-1], run_index=range(MAX_BATCH_RUNS), points=MAX_BATCH_RUNS),
+                     at_the_limit)
+    assert len(d.run_ids) == MAX_BATCH_RUNS
+
+
+def test_a_run_id_no_point_belongs_to_is_rejected(make_batch: Any) -> None:
+    rejects(make_batch(run_ids=("r1", "r2", "r3"), run_index=[0, 2, 0, 2]), "run_ids[1]", "'r2'", "no point",
+            "1 of its 3")
+    rejects(make_batch(run_ids=["r1"] * 200, points=1, run_index=[0]), "run_ids[1]", "199 of its 200")
+    rejects(_rows(set_runs=_u4(1, 1)), "run_ids[0]", "'r0'")  # the row form: every key set is run 1's
+    d = decode_batch(make_batch(run_ids=("r1", "r1"), run_index=[0, 1, 1, 0]), SETTINGS)  # a name twice, both used
+    assert d.run_ids == ("r1", "r1") and d.nbytes == 4 * BYTES_PER_POINT + 64 * 3
 
 
 # -- to_arrow ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 
 from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.ingest.settings import IngestSettings
+from trackhouse.proto.rules import MAX_BATCH_RUNS
 from trackhouse.proto.v1 import ingest_pb2, ingest_pb2_grpc
 from trackhouse.store import Store
 
@@ -52,6 +53,22 @@ def test_too_many_points_in_one_batch_is_rejected_naming_the_limit(
         assert acks[0].status == ingest_pb2.REJECTED
         assert acks[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "6000 points" in acks[0].message and "limit 5000" in acks[0].message
+
+
+def test_too_many_run_ids_in_one_batch_are_rejected_naming_the_limit(
+        server: Any, ingest: Any, run_id: str, make_batch: Any) -> None:
+    """Names are charged against the buffer's budget: a batch may name MAX_BATCH_RUNS run ids, each
+    used by one of its points (repeats count), and the stream goes on after a refusal."""
+    too_many = make_batch(seq=1, run_ids=[run_id] * (MAX_BATCH_RUNS + 1), run_index=[0] * 4)
+    unused = make_batch(seq=2, run_ids=[run_id] * 3, run_index=[0, 2, 0, 2])
+    ok = make_batch(seq=3, run_ids=[run_id] * 2, run_index=[0, 1, 1, 0])
+    acks = list(ingest.StreamMetrics(iter([too_many, unused, ok]), timeout=30))
+    assert [(a.seq, a.status, a.code) for a in acks] == [
+        (1, ingest_pb2.REJECTED, grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        (2, ingest_pb2.REJECTED, grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        (3, ingest_pb2.STORED, 0)]
+    assert f"{MAX_BATCH_RUNS + 1} run ids" in acks[0].message and f"limit {MAX_BATCH_RUNS}" in acks[0].message
+    assert "run_ids[1]" in acks[1].message and "no point" in acks[1].message
 
 
 def test_streams_per_connection_are_limited_naming_the_setting(store: Store, make_batch: Any) -> None:

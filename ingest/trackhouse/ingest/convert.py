@@ -1,12 +1,17 @@
 """Validate a MetricBatch and decode it into numpy arrays — no per-point Python.
 
 The service's rules of a batch: key names, writer id, seq, timestamp range and size
-limits, checked here (names and timestamps by ``trackhouse.proto.rules``, which the
-client also checks at the call); the wire-level rules of its two forms (column widths and
-lengths, index bounds, key sets of rows) are `trackhouse.proto.points`', shared with
-the client's MemoryTransport. Each violation raises InvalidArgument naming the field
-and the limit. The column form decodes zero-copy (`np.frombuffer` over the message's
-bytes), the row form by `np.repeat`; checks are vectorised.
+limits, checked here (names, timestamps and sizes by ``trackhouse.proto.rules``: the client
+checks names and timestamps at the call, MemoryTransport applies them all); the wire-level rules of its
+two forms (column widths and lengths, index bounds, key sets of rows) are
+`trackhouse.proto.points`', shared with the client's MemoryTransport. Each violation raises
+InvalidArgument naming the field and the limit. The column form decodes zero-copy
+(`np.frombuffer` over the message's bytes), the row form by `np.repeat`; checks are vectorised.
+
+A batch holds 1 to max_batch_points points and names at most max_batch_keys keys and
+MAX_BATCH_RUNS run ids, each run id used by one of its points. A batch without points is
+refused, never buffered: only a flush answers a buffered batch, and there is nothing to
+flush, so its caller (and the acks behind it on a stream) would wait for ever.
 
 `to_arrow` builds ONE Arrow table from many decoded batches (the flush), with
 run ids, keys and writer ids dictionary-encoded, so a flush costs a few numpy
@@ -46,6 +51,8 @@ class DecodedBatch:
 
     @property
     def nbytes(self) -> int:
+        # The names are charged too; the rules keep them in proportion: every run id has a point,
+        # keys are capped (max_batch_keys), and a batch has at least one point.
         return self.points * BYTES_PER_POINT + 64 * (len(self.keys) + len(self.run_ids))
 
 
@@ -69,7 +76,7 @@ def decode_batch(batch: Any, settings: IngestSettings) -> DecodedBatch:
     """Validate a MetricBatch message and return its points as columns (the column form as
     numpy views, the row form expanded: ``trackhouse.proto.points``)."""
     _check_header(batch)
-    try:  # keys, size and timestamps by the rules shared with the client's MemoryTransport
+    try:  # keys, runs, size and timestamps by the rules shared with the client's MemoryTransport
         cols = checked_columns(batch, max_keys=settings.max_batch_keys, max_points=settings.max_batch_points)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None

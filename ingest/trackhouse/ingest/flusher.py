@@ -31,20 +31,24 @@ def flush_due(rows: int, oldest: float | None, nbytes: int, now: float, settings
               room_wanted: bool = False) -> bool:
     """True when the buffer should be flushed now.
 
+    `oldest` is None exactly when no batch is pending. A pending batch is flushed by its age
+    even when it holds no rows (``convert`` refuses such batches; were one buffered, its caller
+    would otherwise wait for ever), so whenever this is False, `seconds_until_due` is None or
+    more than 0: the flusher waits instead of spinning.
     `room_wanted`: a stream waits for room, or a unary caller waits for its batch.
     """
-    if rows == 0 or oldest is None:
+    if oldest is None:
         return False
     return (
         room_wanted
         or rows >= settings.flush_rows
-        or now - oldest >= settings.flush_interval
+        or now >= oldest + settings.flush_interval  # the expression seconds_until_due() uses
         or nbytes >= settings.buffer_bytes // 2
     )
 
 
 def seconds_until_due(oldest: float | None, now: float, settings: IngestSettings) -> float | None:
-    """How long the flusher may sleep before the age limit makes a flush due."""
+    """How long the flusher may sleep before the age limit makes a flush due (0 only when it is due)."""
     if oldest is None:
         return None
     return max(0.0, oldest + settings.flush_interval - now)
@@ -101,6 +105,10 @@ class Flusher:
             return
         nbytes = sum(p.batch.nbytes for p in taken)
         rows = sum(p.batch.points for p in taken)
+        if rows == 0:  # nothing to insert (batches without points are refused before the buffer)
+            self._settle(taken, None)
+            await self._buffer.release(nbytes)
+            return
         started = time.perf_counter()
         try:
             await self._insert(to_arrow([p.batch for p in taken]))

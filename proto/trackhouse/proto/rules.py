@@ -1,14 +1,25 @@
-"""The service's rules for names and timestamps, in one place for both sides.
+"""The service's rules for names, timestamps and the size of a metric batch, in one place for both sides.
 
 The ingest service enforces them (``ingest/convert.py``, ``ingest/catalog.py``) and refuses
 a whole metric batch that breaks one, with every other run's points in it; so the client
 checks them at the call (``Run``), and ``MemoryTransport`` applies them as the service does.
+
+A batch holds 1 to ``max_points`` points, names at most ``max_keys`` keys and
+``MAX_BATCH_RUNS`` run ids, and names no run that none of its points belongs to. The
+service charges a buffered batch for its points and names, and only flushing frees the
+charge, so a batch without points (nothing to flush: its ack would wait for ever) or with
+names no point uses (a charge its points do not justify) is refused, not buffered. The
+client never sends either: it sends a batch only when it has points, naming only their
+runs and keys.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from trackhouse.proto.points import Columns, batch_columns, batch_points
 
@@ -21,6 +32,8 @@ TIMESTAMP_RANGE = f"[0, {MAX_TIMESTAMP_MS}] (milliseconds since the epoch, up to
 # The service's default limits of a metric batch (IngestSettings.max_batch_keys / max_batch_points).
 MAX_BATCH_KEYS = 10_000
 MAX_BATCH_POINTS = 1_000_000
+# Run ids one metric batch may name (fixed; each one must be used by a point of the batch).
+MAX_BATCH_RUNS = 10_000
 
 
 def key_problem(key: str) -> str | None:
@@ -43,10 +56,12 @@ def timestamps_problem(low: int, high: int) -> str | None:
 
 
 def checked_columns(batch: Any, *, max_keys: int = MAX_BATCH_KEYS, max_points: int = MAX_BATCH_POINTS) -> Columns:
-    """A MetricBatch's points (``points.batch_columns``) once its keys, size and timestamps keep these
-    rules; ``ValueError`` naming the field otherwise (the service answers INVALID_ARGUMENT)."""
+    """A MetricBatch's points (``points.batch_columns``) once its keys, runs, size and timestamps keep
+    these rules; ``ValueError`` naming the field otherwise (the service answers INVALID_ARGUMENT)."""
     if len(batch.keys) > max_keys:
         raise ValueError(f"keys: {len(batch.keys)} keys in one batch, limit {max_keys}")
+    if len(batch.run_ids) > MAX_BATCH_RUNS:
+        raise ValueError(f"run_ids: {len(batch.run_ids)} run ids in one batch, limit {MAX_BATCH_RUNS}")
     for i, key in enumerate(batch.keys):
         problem = key_problem(key)
         if problem is not None:
@@ -55,7 +70,23 @@ def checked_columns(batch: Any, *, max_keys: int = MAX_BATCH_KEYS, max_points: i
     if n > max_points:  # before the rows are expanded
         raise ValueError(f"steps and row_values: {n} points in one batch, limit {max_points}")
     cols = batch_columns(batch)
-    problem = timestamps_problem(int(cols.timestamps.min()), int(cols.timestamps.max())) if len(cols) else None
+    if not len(cols):
+        raise ValueError("steps and row_values: the batch has no points; a batch holds at least one "
+                         "(send a batch only when there are points to store)")
+    _check_runs_used(cols, batch.run_ids)
+    problem = timestamps_problem(int(cols.timestamps.min()), int(cols.timestamps.max()))
     if problem is not None:
         raise ValueError(f"timestamps: {problem}")
     return cols
+
+
+def _check_runs_used(cols: Columns, run_ids: Sequence[str]) -> None:
+    """``ValueError`` naming the first run id that no point belongs to (the one run of a batch with
+    points is used: no pass over the points then)."""
+    if len(run_ids) < 2:
+        return
+    unused = np.flatnonzero(np.bincount(cols.run_index, minlength=len(run_ids)) == 0)
+    if len(unused):
+        i = int(unused[0])
+        raise ValueError(f"run_ids[{i}]: {run_ids[i]!r} has no point in the batch "
+                         f"({len(unused)} of its {len(run_ids)} run ids have none); name only the runs of its points")
