@@ -352,6 +352,25 @@ def test_more_distinct_keys_than_a_batch_may_name_are_sent_in_several_batches() 
         client.close(timeout=5.0)
 
 
+def test_more_runs_than_a_batch_may_name_are_sent_in_several_batches() -> None:
+    """The service refuses a batch naming more than 10,000 runs (``MemoryTransport`` too): a sweep
+    logging into that many runs of one process between two sends is cut by runs."""
+    transport = th.MemoryTransport()
+    client = th.Client(transport, th.Settings(flush_interval=600.0, replay_orphans=False))
+    try:
+        runs = [client.start_run(experiment="sweep") for _ in range(10_010)]
+        for i, run in enumerate(runs):
+            run.log_metrics({"loss": float(i)}, step=0)
+        runs[-1].log_array("reward", np.arange(3), np.ones(3))
+        assert client.flush(timeout=60.0)
+        stats = client.stats()
+        assert (stats["points_acked"], stats["points_rejected"]) == (10_013, 0)
+        assert stats["batches_acked"] >= 2
+        assert transport.points(runs[-1].run_id, "loss")[0][2] == 10_009.0
+    finally:
+        client.close(timeout=5.0)
+
+
 def test_str_subclass_keys_are_the_strings_they_equal() -> None:
     """A ``StrEnum`` or ``numpy.str_`` key was refused on a run's first call and accepted once an
     equal key set was current; it is the plain string it equals, first call or not."""

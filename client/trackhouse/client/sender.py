@@ -37,8 +37,8 @@ from trackhouse.client.settings import Settings
 from trackhouse.client.spilling import Spilling
 from trackhouse.client.spool import Location, WriterSpool
 from trackhouse.client.transport import AckStream, Transport, queued_requests
-from trackhouse.client.wire import encode, fit_keys
-from trackhouse.proto.rules import MAX_BATCH_KEYS
+from trackhouse.client.wire import encode, fit_names
+from trackhouse.proto.rules import MAX_BATCH_KEYS, MAX_BATCH_RUNS
 from trackhouse.proto.v1 import ingest_pb2
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,8 @@ class Sender(Spilling):
             return
         offline = self._settings.offline
         parts = cols.split(min(self._settings.max_batch_points, policy.MAX_MESSAGE_POINTS))
-        for part in fit_keys(parts) if len(self._batcher.keys) > MAX_BATCH_KEYS else parts:
+        many = len(self._batcher.keys) > MAX_BATCH_KEYS or len(self._batcher.run_ids) > MAX_BATCH_RUNS
+        for part in fit_names(parts) if many else parts:
             self._seq += 1  # only this thread numbers batches
             batch = encode(part, self._batcher.run_ids, self._batcher.keys, writer_id=self.writer_id, seq=self._seq)
             # None: in memory (online; offline behind batches that met a failing disk, to stay in seq order)

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.client.taken import Taken
-from trackhouse.proto.rules import MAX_BATCH_KEYS
+from trackhouse.proto.rules import MAX_BATCH_KEYS, MAX_BATCH_RUNS
 
 
 def key_count(taken: Taken) -> int:
@@ -29,15 +29,24 @@ def key_count(taken: Taken) -> int:
     return len(np.unique(np.concatenate(blocks))) if blocks else 0
 
 
-def fit_keys(parts: list[Taken], limit: int = MAX_BATCH_KEYS) -> list[Taken]:
-    """``parts`` halved (by points) until none names more than ``limit`` keys, the service's limit of
-    a batch: many single-key calls fit in one batch by points, and the service refuses it whole.
-    A row of a key set wider than ``limit`` is refused at the call, so halving ends."""
+def run_count(taken: Taken) -> int:
+    """How many distinct runs a batch of ``taken`` would name."""
+    runs = [np.array([run for run, _ in taken.rows.sets], np.uint32)] if taken.rows is not None else []
+    if taken.columns is not None:
+        runs.append(taken.columns.run_index)
+    return len(np.unique(np.concatenate(runs))) if runs else 0
+
+
+def fit_names(parts: list[Taken], max_keys: int = MAX_BATCH_KEYS, max_runs: int = MAX_BATCH_RUNS) -> list[Taken]:
+    """``parts`` halved (by points) until none names more than ``max_keys`` keys or ``max_runs`` runs,
+    the service's limits of a batch: many single-key calls, or calls of many runs, fit in one
+    batch by points, and the service refuses it whole. A row has one run and at most ``max_keys``
+    keys (a wider key set is refused at the call), so halving ends."""
     out: list[Taken] = []
     todo = list(reversed(parts))
     while todo:
         part = todo.pop()
-        if len(part) > 1 and key_count(part) > limit:
+        if len(part) > 1 and (key_count(part) > max_keys or run_count(part) > max_runs):
             todo.extend(reversed(part.split(max(1, len(part) // 2))))
         else:
             out.append(part)
