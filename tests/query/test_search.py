@@ -395,7 +395,7 @@ FILTERS: list[tuple[str, Callable[[Model], bool]]] = [
      lambda m: (_lr(m) or 0) > 0.005 and m.params.get("optimizer") == "sgd"),
     ("params.optimizer = 'adam' OR params.optimizer = 'sgd'",
      lambda m: m.params.get("optimizer") in ("adam", "sgd")),
-    ("metrics.loss < 0.5 AND (tags.x = 'a''b' OR tags.x = 'back\\\\slash')",
+    ("metrics.loss < 0.5 AND (tags.x = 'a''b' OR tags.x = 'back\\slash')",
      lambda m: m.metrics.get("loss", math.nan) < 0.5 and m.tags.get("x") in ("a'b", "back\\slash")),
     ("metrics.loss >= 0.5 OR metrics.acc = 0.75",
      lambda m: m.metrics.get("loss", math.nan) >= 0.5 or m.metrics.get("acc") == 0.75),

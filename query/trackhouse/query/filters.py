@@ -1,4 +1,4 @@
-"""Run-search filters: MLflow's filter grammar parsed to an AST and compiled to bound SQL.
+r"""Run-search filters: MLflow's filter grammar parsed to an AST and compiled to bound SQL.
 
 Owns the filter language of run search: a hand-written tokenizer, a
 recursive-descent parser producing frozen AST nodes, and the compiler from
@@ -28,7 +28,7 @@ Grammar (EBNF; keywords are case-insensitive, entity types are not):
     operator   = "=" | "!=" | "<" | "<=" | ">" | ">=" | "LIKE" | "ILIKE" | "IN" | "NOT" "IN" ;
     value      = string | number | "(" string { "," string } ")" ;
     quoted     = '"' chars '"' | "`" chars "`" ;
-    string     = "'" chars "'" | '"' chars '"' ;     (* \\x escapes x; a doubled quote is one quote *)
+    string     = "'" chars "'" | '"' chars '"' ;     (* kept as written, as MLflow does; see below *)
     number     = [ "+" | "-" ] ( digits [ "." [ digits ] ] | "." digits ) [ exponent ] ;
     exponent   = ( "e" | "E" ) [ "+" | "-" ] digits ;
     name       = ( letter | "_" ) { letter | digit | "_" } ;   (* Unicode letters and digits *)
@@ -39,6 +39,15 @@ compare numbers; params, tags and the other attributes compare strings with
 compare numerically with < <= > >= (and = != given a number literal) where
 their value parses as a number (extension). On params, tags and metrics, `!=`
 and NOT IN match only runs that have the key. AND binds tighter than OR.
+
+Quoted text is MLflow's (which tokenizes with sqlparse): a backslash is an ordinary
+character, kept in the value, so `params.path = 'C:\new'` compares with C:\new and
+`tags.x LIKE 'a\_b'` reaches LIKE as a\_b. Inside '...' and "...", a backslash before
+the quote does not close the string (sqlparse's rule; the pair is kept). A doubled
+quote is one quote (extension: MLflow keeps both). LIKE and ILIKE patterns take
+SQL's escapes as ClickHouse reads them, as MLflow's MySQL and PostgreSQL stores do:
+\% \_ \\ match % _ \; a backslash before any other character matches itself
+(ClickHouse's rule); a pattern ending in a lone backslash is refused.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias
 
+from trackhouse.store.errors import QueryFailed
 from trackhouse.store.schema import check_identifier, latest_value
 
 METRICS = "metrics"
@@ -82,6 +92,22 @@ class FilterError(ValueError):
     def __init__(self, message: str, position: int) -> None:
         super().__init__(message)
         self.position = position
+
+
+# ClickHouse error codes that can only mean the engine refused a value of the request (a LIKE
+# pattern), never an outage: CANNOT_PARSE_ESCAPE_SEQUENCE. Parsing refuses such values first;
+# this keeps one that gets past it a client error (INVALID_ARGUMENT / 400), not a retryable 503.
+REFUSED_VALUE_CODES = frozenset({25})
+_ENGINE_SENTENCE = re.compile(r"DB::Exception: (.*?)(?:: while executing |\. \(| \(version |$)", re.S)
+
+
+def refused_value(exc: BaseException) -> str | None:
+    """The client's message when `exc` is the engine refusing a value of the request, else None."""
+    if not isinstance(exc, QueryFailed) or exc.code not in REFUSED_VALUE_CODES:
+        return None
+    found = _ENGINE_SENTENCE.search(str(exc))
+    sentence = (found.group(1) if found else str(exc)).strip()
+    return f"the store refused a value of the request: {sentence[:500]}"
 
 
 # -- AST --------------------------------------------------------------------------
@@ -120,6 +146,13 @@ _NUMBERISH = re.compile(r"[-+]?\.?[0-9](?:[0-9A-Za-z_.]|(?<=[eE])[-+])*")
 _NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 _OP = re.compile(r"[=!<>]+")
 _QUOTES = "'\"`"
+# sqlparse's patterns for quoted text, which MLflow's filters go through: a doubled
+# quote, or (in '...' and "...") a backslash before the quote, does not close it.
+_QUOTED = {
+    "'": re.compile(r"'(?:''|\\'|[^'])*'"),
+    '"': re.compile(r'"(?:""|\\"|[^"])*"'),
+    "`": re.compile(r"`(?:``|[^`])*`"),
+}
 
 
 @dataclass(frozen=True)
@@ -127,7 +160,7 @@ class Token:
     """kind: word, number, string, op, punct, bad or end; `quote` is set for strings."""
 
     kind: str
-    text: str  # strings: the unescaped content; others: the source text
+    text: str  # strings: the content, a doubled quote made one; others: the source text
     pos: int
     end: int
     quote: str = ""
@@ -168,21 +201,12 @@ def tokenize(text: str) -> list[Token]:
 
 
 def _read_string(text: str, start: int) -> Token:
-    quote, chars, i = text[start], [], start + 1
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            chars.append(text[i + 1])
-            i += 2
-        elif ch == quote and text[i + 1 : i + 2] == quote:
-            chars.append(quote)
-            i += 2
-        elif ch == quote:
-            return Token("string", "".join(chars), start, i + 1, quote)
-        else:
-            chars.append(ch)
-            i += 1
-    raise FilterError(f"at position {start}: unterminated string: expected a closing {quote}", start)
+    """The quoted text at `start`, as MLflow reads it: backslashes are kept as written."""
+    quote = text[start]
+    match = _QUOTED[quote].match(text, start)
+    if match is None:
+        raise FilterError(f"at position {start}: unterminated string: expected a closing {quote}", start)
+    return Token("string", match.group()[1:-1].replace(quote * 2, quote), start, match.end(), quote)
 
 
 # -- parser ---------------------------------------------------------------------------
@@ -374,7 +398,19 @@ class _FilterParser(Parser):
             return self.param_number(value, token)
         if not numeric and isinstance(value, int | float) and not (entity == PARAMS and op in ("=", "!=")):
             self.fail(token, f"a quoted string for {op} on {_describe_field(entity, key)}")
+        if op in ("LIKE", "ILIKE") and isinstance(value, str):
+            self.check_pattern(op, value, token)
         return value
+
+    def check_pattern(self, op: str, pattern: str, token: Token) -> None:
+        """Refuse what the engine cannot run: a LIKE pattern ending in a backslash that escapes nothing."""
+        if (len(pattern) - len(pattern.rstrip("\\"))) % 2:
+            # The value ends with the text's last character before the closing quote. The
+            # source is shown as written: repr() would double every backslash in it.
+            source = self.text[token.pos : token.end]
+            source = source if len(source) <= 30 else "..." + source[-27:]
+            self.error(token.end - 2, f"invalid {op} pattern {source}: it ends in a lone backslash, "
+                       f"which escapes nothing; write \\\\ to match a backslash (\\% and \\_ match % and _)")
 
     def param_number(self, value: str | float, token: Token) -> float:
         """Order comparisons on params are numeric; a quoted number is accepted too."""

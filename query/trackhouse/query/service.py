@@ -15,7 +15,7 @@ import pyarrow as pa
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query.downsample import BucketRequest, Buckets, ExportRequest, MetricCharts
 from trackhouse.query.errors import InvalidArgument, NotFound, QueryError, ResourceExhausted
-from trackhouse.query.filters import FilterError
+from trackhouse.query.filters import FilterError, refused_value
 from trackhouse.query.history import HistoryRequest, MetricHistory
 from trackhouse.query.scope import allowed_experiments, check_visible
 from trackhouse.query.search import RunSearch, SearchRequest
@@ -37,6 +37,8 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
                 f"query time limit (TRACKHOUSE_QUERY_MAX_QUERY_SECONDS) exceeded: {exc}")
     if isinstance(exc, ResourceExhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if (refused := refused_value(exc)) is not None:  # the request's own value: retrying cannot help
+        return grpc.StatusCode.INVALID_ARGUMENT, refused
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, f"store error: {exc}"
     return grpc.StatusCode.INTERNAL, "internal error"
