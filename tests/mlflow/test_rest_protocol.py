@@ -36,6 +36,8 @@ def test_ajax_prefix_serves_the_same_api(base_url: str) -> None:
     ("experiments/create", {"name": "Default"}, False, 400, "RESOURCE_ALREADY_EXISTS"),
     ("runs/search", {"filter": "params.x = "}, False, 400, "INVALID_PARAMETER_VALUE"),
     ("runs/search", {"max_results": 50_001}, False, 400, "INVALID_PARAMETER_VALUE"),
+    ("runs/search", {"run_view_type": "\u00b2"}, False, 400, "INVALID_PARAMETER_VALUE"),  # "²".isdigit()
+    ("experiments/search", {"view_type": "\u00b2"}, False, 400, "INVALID_PARAMETER_VALUE"),
     ("runs/no-such-endpoint", {}, False, 404, "ENDPOINT_NOT_FOUND"),
 ])
 def test_errors_have_mlflow_codes_and_statuses(base_url: str, path: str, body: dict[str, Any], get: bool,
@@ -110,3 +112,41 @@ def test_history_pages_and_bulk_interval(base_url: str) -> None:
 def test_log_inputs_is_accepted(base_url: str) -> None:
     status, body = call(base_url, "runs/log-inputs", {"run_id": new_run(base_url), "datasets": []})
     assert (status, body) == (200, {})
+
+
+@pytest.mark.parametrize(("path", "fields", "name"), [
+    ("runs/log-metric", {"key": "m", "value": 1.0, "timestamp": 1, "step": 2**70}, "step"),
+    ("runs/log-metric", {"key": "m", "value": 1.0, "timestamp": -(2**64), "step": 0}, "timestamp"),
+    ("runs/log-metric", {"key": "m", "value": 1.0, "timestamp": 1, "step": 2**63}, "step"),
+    ("runs/log-metric", {"key": "m", "value": 1.0, "timestamp": 1, "step": 1e30}, "step"),
+    ("runs/log-metric", {"key": "m", "value": 1.0, "timestamp": 1, "step": str(2**70)}, "step"),
+    ("runs/log-batch", {"metrics": [{"key": "m", "value": 1.0, "timestamp": 1, "step": 2**70}]}, "step"),
+    ("runs/log-batch", {"metrics": [{"key": "m", "value": 1.0, "timestamp": -(2**64), "step": 0}]}, "timestamp"),
+    ("runs/update", {"end_time": 2**70}, "end_time"),
+    ("runs/update", {"end_time": 2**64 - 1}, "end_time"),  # orjson reads up to 2**64 - 1 exactly
+])
+def test_integers_outside_int64_are_invalid_naming_the_field(base_url: str, path: str, fields: dict[str, Any],
+                                                             name: str) -> None:
+    status, body = call(base_url, path, {"run_id": new_run(base_url), **fields})
+    assert (status, body["error_code"]) == (400, "INVALID_PARAMETER_VALUE"), body
+    assert f"'{name}'" in body["message"] and "int64" in body["message"]
+
+
+def test_run_start_time_outside_int64_is_invalid(base_url: str) -> None:
+    status, body = call(base_url, "runs/create", {"experiment_id": "0", "start_time": 2**70})
+    assert (status, body["error_code"]) == (400, "INVALID_PARAMETER_VALUE"), body
+    assert "'start_time'" in body["message"]
+    ok, run = call(base_url, "runs/create", {"experiment_id": "0", "start_time": 2**63 - 1})
+    assert ok == 200 and run["run"]["info"]["start_time"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("step", [1.5, True, "1.5"], ids=["float", "bool", "string"])
+def test_a_step_that_is_not_an_integer_is_invalid_on_every_path(base_url: str, step: Any) -> None:
+    """One metric or a thousand: a fractional or boolean step is refused, never truncated to an integer."""
+    run_id = new_run(base_url)
+    for metrics in ([{"key": "m", "value": 1.0, "timestamp": 1, "step": step}],
+                    [{"key": "m", "value": 1.0, "timestamp": 1, "step": i} for i in range(999)]
+                    + [{"key": "m", "value": 1.0, "timestamp": 1, "step": step}]):
+        status, body = call(base_url, "runs/log-batch", {"run_id": run_id, "metrics": metrics})
+        assert (status, body["error_code"]) == (400, "INVALID_PARAMETER_VALUE"), body
+        assert "'step'" in body["message"]

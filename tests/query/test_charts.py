@@ -17,7 +17,9 @@ import pytest
 
 from trackhouse.cli.server import ServerConfig, ServerThread
 from trackhouse.proto.v1 import query_pb2, query_pb2_grpc
-from trackhouse.query.downsample import rollup_level
+from trackhouse.query.downsample import BucketRequest, MetricCharts, rollup_level
+from trackhouse.query.errors import InvalidArgument
+from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store, open_store
 
 SPIKY = "spiky"
@@ -89,7 +91,7 @@ def env(chdb_dsn: str) -> Iterator[Env]:
 def expected_buckets(p: Points, n: int, lo: int, hi: int) -> dict[int, tuple[Any, ...]]:
     keep = (p.steps >= lo) & (p.steps <= hi)
     steps, values = p.steps[keep], p.values[keep]
-    b = ((steps - lo) * n) // (hi - lo + 1)
+    b = ((steps.astype(object) - lo) * n) // (hi - lo + 1)  # Python ints: any int64 range, no overflow
     out: dict[int, tuple[Any, ...]] = {}
     for i in np.unique(b):
         s, v = steps[b == i], values[b == i]
@@ -144,20 +146,20 @@ def test_one_run_keeps_min_and_max_of_every_bucket(env: Env, buckets: int, lo: i
         assert np.count_nonzero(np.frombuffer(s.min_values, "<f8") == -1e6) >= 1
 
 
-@pytest.mark.parametrize(("lo", "hi", "n", "given", "level"), [
-    (0, 4_999, 100, (True, True), 10),  # buckets of 50 steps from 0: cells of 10
-    (-1_000, 3_999, 5, (True, True), 1_000),  # buckets of 1,000 steps: the coarse cells
-    (-100, 4_999, 51, (False, False), 10),  # bounds from the data need not fall on cells
-    (-100, 4_999, 51, (True, True), 10),
-    (-95, 4_999, 51, (True, False), 0),  # a given bound inside a cell: points beyond it count
-    (0, 999_999, 1_000, (False, False), 1_000),  # the benchmark's 1M-point series
-    (0, 9_999, 1_000, (False, False), 10),  # the benchmark's chart
-    (-100, 4_999, 1_000, (False, False), 0),  # buckets of 5.1 steps: points
-    (3, 3, 1, (False, False), 1_000),  # one bucket: any cell lies inside it
+@pytest.mark.parametrize(("lo", "hi", "n", "level"), [
+    (0, 4_999, 100, 10),  # buckets of 50 steps from 0: cells of 10
+    (-1_000, 3_999, 5, 1_000),  # buckets of 1,000 steps: the coarse cells
+    (-100, 4_999, 51, 10),
+    (-95, 4_999, 51, 0),  # a bound inside a cell: points beyond it would count
+    (0, 999_999, 1_000, 1_000),  # the benchmark's 1M-point series
+    (0, 9_999, 1_000, 10),  # the benchmark's chart
+    (-100, 4_999, 1_000, 0),  # buckets of 5.1 steps: points
+    (0, 999, 1, 1_000),  # one bucket of whole cells
+    (3, 3, 1, 0),  # one bucket inside a cell: that cell reaches past it
+    (5, 1_994, 2, 0),  # bucket 1 starts at 1,000, but the cells at either end reach past [lo, hi]
 ])
-def test_rollup_level_only_when_every_bucket_is_whole_cells(
-        lo: int, hi: int, n: int, given: tuple[bool, bool], level: int) -> None:
-    assert rollup_level(lo, hi, n, *given) == level
+def test_rollup_level_only_when_every_bucket_is_whole_cells(lo: int, hi: int, n: int, level: int) -> None:
+    assert rollup_level(lo, hi, n) == level
 
 
 def test_chart_of_a_hundred_runs_shares_one_step_range(env: Env) -> None:
@@ -177,6 +179,96 @@ def test_runs_without_points_are_absent(env: Env) -> None:
     assert got.buckets == 1000
     empty = env.stub.GetMetricBuckets(query_pb2.GetMetricBucketsRequest(run_ids=["nope"], key="loss"))
     assert list(empty.series) == []
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@pytest.mark.parametrize("buckets", [1000, 7, 100_000])
+@pytest.mark.parametrize(("lo", "hi"), [(INT64_MIN, INT64_MAX), (INT64_MIN, None), (None, INT64_MAX),
+                                        (INT64_MIN, -1), (-(2**62) - 1, 2**62)])
+def test_step_range_as_wide_as_int64(env: Env, buckets: int, lo: int | None, hi: int | None) -> None:
+    """A width hi - lo + 1 past Int64 (up to 2**64) is bucketed exactly, not divided by a wrapped zero."""
+    p = env.series[RUNS[0], SPIKY]
+    req = query_pb2.GetMetricBucketsRequest(run_ids=[RUNS[0]], key=SPIKY, buckets=buckets)
+    if lo is not None:
+        req.min_step = lo
+    if hi is not None:
+        req.max_step = hi
+    got = env.stub.GetMetricBuckets(req)
+    b_lo = int(p.steps.min()) if lo is None else lo
+    b_hi = int(p.steps.max()) if hi is None else hi
+    assert (got.min_step, got.max_step) == (b_lo, b_hi)
+    [s] = got.series
+    assert all(0 <= b < buckets for b in np.frombuffer(s.bucket, "<i8"))
+    _same(got_buckets(s), expected_buckets(p, buckets, b_lo, b_hi))
+
+
+@pytest.mark.parametrize("store_url", ["chdb", "http"], indirect=True)
+def test_steps_at_both_ends_of_int64(store: Store) -> None:
+    """Bounds found from the data span all of int64 (width 2**64), on each deployment."""
+    steps = np.array([INT64_MIN, INT64_MIN + 1, -1, 0, INT64_MAX - 1, INT64_MAX], dtype=np.int64)
+    pts = Points(steps, np.arange(6, dtype=np.int64), np.arange(6, dtype=np.float64))
+    _insert(store, ["wide"], "loss", [pts])
+    charts = MetricCharts(store, QuerySettings())
+    for n, lo, hi in ((1000, None, None), (3, None, None), (2, INT64_MIN, None), (7, None, INT64_MAX)):
+        got = charts.buckets(BucketRequest(("wide",), "loss", buckets=n, min_step=lo, max_step=hi))
+        assert (got.lo, got.hi) == (INT64_MIN, INT64_MAX)
+        [s] = got.series
+        _same({int(b): (int(a), float(v), int(c), float(w), int(k)) for b, a, v, c, w, k in zip(
+            s.bucket, s.min_step, s.min_value, s.max_step, s.max_value, s.count, strict=True)},
+            expected_buckets(pts, n, INT64_MIN, INT64_MAX))
+    with pytest.raises(InvalidArgument, match=r"min_step: .* outside the int64 range"):
+        charts.buckets(BucketRequest(("wide",), "loss", min_step=INT64_MIN - 1))
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(INT64_MIN, INT64_MIN), (INT64_MAX, INT64_MAX), (10**6, 10**6 + 5),
+                                        (-5_000, -1_000)])
+def test_a_given_step_range_without_points_has_no_series(env: Env, lo: int, hi: int) -> None:
+    got = env.stub.GetMetricBuckets(query_pb2.GetMetricBucketsRequest(
+        run_ids=[RUNS[0]], key=SPIKY, buckets=10, min_step=lo, max_step=hi))
+    assert (got.min_step, got.max_step, list(got.series)) == (lo, hi, [])
+
+
+def _steps(first: int, last: int) -> Points:
+    steps = np.arange(first, last + 1, dtype=np.int64)
+    return Points(steps, steps + 1_700_000_000_000, np.sin(steps.astype(np.float64)))
+
+
+@pytest.mark.parametrize(("first", "last", "buckets", "lo", "hi"), [
+    (0, 999, 10, None, None),  # buckets of whole cells (g=10): the rollup
+    (0, 999, 7, None, None),  # buckets of 142.9 steps: the points
+    (5, 1_994, 2, None, None),  # found bounds inside cells of 1,000: they must not reach past them
+    (0, 999, 10, 0, None),  # one bound given: the other found from the points
+    (0, 999, 10, None, 999),
+])
+def test_points_logged_between_the_two_reads_stay_out_of_the_chart(
+        store: Store, monkeypatch: pytest.MonkeyPatch, first: int, last: int, buckets: int,
+        lo: int | None, hi: int | None) -> None:
+    """The step range is found by a first read; points logged before the second read lie outside it."""
+    old = _steps(first, last)
+    _insert(store, ["live"], "loss", [old])
+    read_rows = store.query_rows
+    reads = []
+
+    def then_log_more(*args: Any, **kwargs: Any) -> Any:
+        rows = read_rows(*args, **kwargs)
+        if not reads:  # right after the read that found the step range: the run logs on
+            _insert(store, ["live", "live"], "loss", [_steps(last + 1, last + 600), _steps(first - 600, first - 1)])
+        reads.append(rows)
+        return rows
+
+    monkeypatch.setattr(store, "query_rows", then_log_more)
+    got = MetricCharts(store, QuerySettings()).buckets(
+        BucketRequest(("live",), "loss", buckets=buckets, min_step=lo, max_step=hi))
+    assert len(reads) == 1 and (got.lo, got.hi) == (first, last)
+    [s] = got.series
+    assert s.bucket.min() >= 0 and s.bucket.max() < buckets, s.bucket
+    assert int(s.count.sum()) == len(old.steps)
+    assert first <= min(s.min_step.min(), s.max_step.min()) and max(s.min_step.max(), s.max_step.max()) <= last
+    expected = expected_buckets(old, buckets, first, last)
+    _same({int(b): (int(a), float(v), int(c), float(w), int(n)) for b, a, v, c, w, n in zip(
+        s.bucket, s.min_step, s.min_value, s.max_step, s.max_value, s.count, strict=True)}, expected)
 
 
 @pytest.mark.parametrize(("kwargs", "fragment"), [

@@ -293,6 +293,9 @@ def test_http_formats(limited: ServerThread) -> None:
     ({"query": "SELECT * FROM system.tables"}, 400, "system tables are not allowed"),
     ({"query": "DROP TABLE runs"}, 400, "only SELECT queries are allowed"),
     ({"query": "SELECT 1", "format": "xml"}, 400, "format: 'xml' is not one of"),
+    ({"query": "SELECT 1", "format": []}, 400, "format: a string, one of"),
+    ({"query": "SELECT 1", "format": {}}, 400, "format: a string, one of"),
+    ({"query": "SELECT 1", "format": 1}, 400, "format: a string, one of"),
     ({"format": "json"}, 400, "query: required"),
     (["SELECT 1"], 400, "must be a JSON object"),
     ({"query": "SELEC 1"}, 400, "Syntax error"),
@@ -318,3 +321,38 @@ def test_grpc_limit_is_resource_exhausted(limited: ServerThread) -> None:
         assert client.sql("SELECT * FROM metrics LIMIT 100").num_rows == 100
     finally:
         client.close()
+
+
+WIDE = ("SELECT toInt128(-1) AS i128, toUInt128('170141183460469231731687303715884105727') AS u128, "
+        "toInt256('-57896044618658097711785492504343953926634992332820282019728792003956564819968') AS i256, "
+        "toUInt256(5) AS u256, [toInt128(5), toInt128(-5)] AS arr, CAST(NULL, 'Nullable(Int128)') AS nothing")
+
+
+def test_http_json_writes_128_and_256_bit_integers_as_decimal_strings(limited: ServerThread) -> None:
+    """Exact whatever their size: JSON numbers past 2**53 lose digits in most JSON readers."""
+    reply = post(limited.server.http_port, {"query": WIDE})
+    assert reply.status == 200, reply.content
+    assert reply.json()["rows"] == [["-1", str(2**127 - 1), str(-(2**255)), "5", ["5", "-5"], None]]
+
+
+NESTED = ("SELECT [0, 1, 2] AS arr, map('k', 1) AS m, tuple(1, 'x') AS t, "
+          "toUUID('61f0c404-5cb3-11e7-907b-a6006ad3dba0') AS u, toInt128(-1) AS i, "
+          "CAST('{\"a\": 1}', 'JSON') AS j, unhex('ff') AS raw, [unhex('ff')] AS raws, 'ok' AS s, 1.5 AS f")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_http_renders_columns_of_any_type(limited: ServerThread, fmt: str) -> None:
+    """Arrays, maps, tuples, UUID, JSON, Int128 and bytes that are not UTF-8, in CSV as in JSON."""
+    reply = post(limited.server.http_port, {"query": NESTED, "format": fmt})
+    assert reply.status == 200, reply.content
+    if fmt == "csv":
+        import csv
+
+        header, row = list(csv.reader(io.StringIO(reply.content.decode("utf-8"))))
+        assert header == ["arr", "m", "t", "u", "i", "j", "raw", "raws", "s", "f"]
+        assert row == ["[0,1,2]", '[["k",1]]', '{"1":1,"2":"x"}', "61f0c404-5cb3-11e7-907b-a6006ad3dba0", "-1",
+                       '{"a":1}', "\ufffd", '["\ufffd"]', "ok", "1.5"]
+    else:
+        assert reply.json()["rows"] == [[[0, 1, 2], [["k", 1]], {"1": 1, "2": "x"},
+                                         "61f0c404-5cb3-11e7-907b-a6006ad3dba0", "-1", '{"a":1}', "\ufffd", ["\ufffd"],
+                                         "ok", 1.5]]

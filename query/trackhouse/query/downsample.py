@@ -10,7 +10,10 @@ server never moves a million points through Python:
   inside a bucket is therefore always kept: it is that bucket's min or max.
   NaN points are counted but never a min or max; ±inf are numbers.
   Bucket i holds the steps s with floor((s - lo) * N / (hi - lo + 1)) == i.
-  Empty buckets are absent.
+  Empty buckets are absent. A bound not given is found by a first read; the
+  second read is bounded to [lo, hi] all the same, so points logged between
+  the two reads never fall outside buckets 0..N-1. Any int64 bounds work:
+  hi - lo + 1 reaches 2**64, so wide ranges are bucketed in Int128.
 - `export`: the raw points of many runs × keys as one Arrow table in long
   format (run_id, key, step, timestamp, value), ordered by run, key, step,
   timestamp, value; bounded by a row budget so one request cannot exhaust memory.
@@ -75,7 +78,13 @@ class ExportRequest:
     max_step: int | None = None
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _range_where(run_ids: tuple[str, ...], min_step: int | None, max_step: int | None) -> tuple[str, dict[str, Any]]:
+    for name, bound in (("min_step", min_step), ("max_step", max_step)):
+        if bound is not None and not INT64_MIN <= bound <= INT64_MAX:
+            raise InvalidArgument(f"{name}: {bound} is outside the int64 range")
     params: dict[str, Any] = {"runs": list(run_ids)}
     where = ["run_id IN {runs:Array(String)}"]
     if min_step is not None:
@@ -87,12 +96,13 @@ def _range_where(run_ids: tuple[str, ...], min_step: int | None, max_step: int |
     return " AND ".join(where), params
 
 
-def rollup_level(lo: int, hi: int, n: int, lo_given: bool, hi_given: bool) -> int:
+def rollup_level(lo: int, hi: int, n: int) -> int:
     """The widest rollup cell whose boundaries every bucket boundary falls on (0: none).
 
-    Bucket i starts at lo + ceil(i * width / n). Cells are [c*g, c*g + g). A bound the
-    caller gave must be a cell boundary too (points beyond it exist); a bound found
-    from the data need not be (no point lies beyond it).
+    Bucket i starts at lo + ceil(i * width / n). Cells are [c*g, c*g + g). lo and hi + 1
+    must be cell boundaries too, whether the caller gave them or a first read found them:
+    a cell reaching past [lo, hi] would bring in points beyond it (those the caller left
+    out, or those logged after the range was found).
     """
     width = hi - lo + 1
     if width * n >= 2**62 or lo < -(2**62):  # cells use Int64 arithmetic (cell * g, (step - lo) * n)
@@ -100,7 +110,7 @@ def rollup_level(lo: int, hi: int, n: int, lo_given: bool, hi_given: bool) -> in
     i = np.arange(1, n, dtype=np.int64)
     starts = lo - (-(i * width) // n)
     for g in reversed(ROLLUP_LEVELS):
-        if (lo_given and lo % g) or (hi_given and (hi + 1) % g):
+        if lo % g or (hi + 1) % g:
             continue
         if not np.any(starts % g):
             return g
@@ -111,8 +121,8 @@ def _bucket_of(step: str, int64: bool) -> str:
     """floor((step - lo) * N / width) with bound parameters; Int64 when it cannot overflow."""
     if int64:
         return f"intDiv(({step} - {{b_lo:Int64}}) * {{b_n:Int64}}, {{b_width:Int64}})"
-    # Int128 arithmetic: (step - lo) * N cannot overflow whatever the steps.
-    return f"toInt64(intDiv((toInt128({step}) - {{b_lo:Int64}}) * {{b_n:Int64}}, toInt128({{b_width:Int64}})))"
+    # Int128 arithmetic: (step - lo) * N < 2**81 and width <= 2**64, whatever the int64 bounds.
+    return f"toInt64(intDiv((toInt128({step}) - {{b_lo:Int64}}) * {{b_n:Int64}}, {{b_width:Int128}}))"
 
 
 def _bucket_select(bucket: str, kmin: str, kmax: str, numbers: str, count: str, source: str) -> str:
@@ -129,6 +139,12 @@ def _cells_where(where: str, g: int) -> str:
     """The step bounds of `where` as cell bounds (cells lie wholly inside, `rollup_level`)."""
     return (where.replace("step >= {lo:Int64}", f"cell >= {cell_of('{lo:Int64}', g)}")
             .replace("step <= {hi:Int64}", f"cell <= {cell_of('{hi:Int64}', g)}"))
+
+
+def _key_where(run_ids: tuple[str, ...], key: str, lo: int | None, hi: int | None) -> tuple[str, dict[str, Any]]:
+    where, params = _range_where(run_ids, lo, hi)
+    params["key"] = key
+    return where + " AND key = {key:String}", params
 
 
 def _check_runs(run_ids: tuple[str, ...], limit: int) -> tuple[str, ...]:
@@ -158,9 +174,7 @@ class MetricCharts:
             raise InvalidArgument("key: required")
         if not 0 < req.buckets <= MAX_BUCKETS:
             raise InvalidArgument(f"buckets: {req.buckets} is outside 1..{MAX_BUCKETS}")
-        where, params = _range_where(ids, req.min_step, req.max_step)
-        where += " AND key = {key:String}"
-        params["key"] = req.key
+        where, params = _key_where(ids, req.key, req.min_step, req.max_step)
         lo, hi = req.min_step, req.max_step
         if lo is None or hi is None:
             # Without bounds the coarsest cells know the step range; with one, only points do.
@@ -174,10 +188,12 @@ class MetricCharts:
                 return Buckets([], lo or 0, hi or 0)
             lo = int(found[0]) if lo is None else lo
             hi = int(found[1]) if hi is None else hi
+            # Points logged from now on may lie beyond [lo, hi]: the buckets of them would too.
+            where, params = _key_where(ids, req.key, lo, hi)
         if hi < lo:
             raise InvalidArgument(f"min_step {lo} is greater than max_step {hi}")
         params.update(b_lo=lo, b_width=hi - lo + 1, b_n=req.buckets)
-        g = rollup_level(lo, hi, req.buckets, req.min_step is not None, req.max_step is not None)
+        g = rollup_level(lo, hi, req.buckets)
         sql = self._cells_sql(where, g) if g else self._points_sql(where, lo, hi, req.buckets)
         return Buckets(_split((yield Arrow(sql, params)), ids), lo, hi)
 
@@ -225,6 +241,8 @@ class MetricCharts:
 def _split(table: Any, ids: tuple[str, ...]) -> list[BucketSeries]:
     """Cut the grouped rows (sorted by run_id) into one series per run, in the order asked."""
     runs = table.column("run_id").to_pylist()
+    if not runs:  # a given step range without points
+        return []
     cols = {name: table.column(name).to_numpy() for name in
             ("b", "min_step", "min_value", "max_step", "max_value", "numbers", "count")}
     nothing = cols["numbers"] == 0  # a bucket of NaNs only: no min, no max

@@ -21,6 +21,7 @@ from trackhouse.store import ExperimentRecord, RunDetails, RunRecord
 
 RUN_NAME_TAG = "mlflow.runName"
 Body = Mapping[str, Any]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 # -- request fields ----------------------------------------------------------------------
@@ -41,6 +42,7 @@ def text(body: Body, name: str, *, required: bool = False, default: str = "") ->
 
 
 def integer(body: Body, name: str, default: int | None = None) -> int | None:
+    """An int64 field (proto JSON allows a number or a string of digits); out of range is invalid."""
     value = body.get(name)
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
@@ -49,9 +51,13 @@ def integer(body: Body, name: str, default: int | None = None) -> int | None:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise invalid(f"Invalid value {value!r} for parameter '{name}' supplied: expected an integer")
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         raise invalid(f"Invalid value {value!r} for parameter '{name}' supplied: expected an integer") from None
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise invalid(f"Invalid value {value!r} for parameter '{name}' supplied: expected an int64 "
+                      f"({INT64_MIN}..{INT64_MAX})")
+    return number
 
 
 def number(value: Any, name: str) -> float:
@@ -102,8 +108,14 @@ def metric_batch(run_id: str, metrics: Sequence[Any], writer_id: str, seq: int, 
         if not all(type(k) is str and k for k in names) or any(type(v) is bool for v in raw_values):
             raise TypeError
         values = np.array(raw_values, dtype="<f8")
-        stamps = np.array([m.get("timestamp", now) for m in metrics], dtype="<i8")
-        steps = np.array([m.get("step", 0) for m in metrics], dtype="<i8")
+        raw_stamps = [m.get("timestamp", now) for m in metrics]
+        raw_steps = [m.get("step", 0) for m in metrics]
+        # Plain ints only: numpy would truncate 1.5 and take True as 1 (the checked path refuses
+        # them); an int outside int64 raises OverflowError.
+        if not all(type(x) is int for x in raw_stamps) or not all(type(x) is int for x in raw_steps):
+            raise TypeError
+        stamps = np.array(raw_stamps, dtype="<i8")
+        steps = np.array(raw_steps, dtype="<i8")
     except (KeyError, TypeError, ValueError, OverflowError):
         return _checked_batch(run_id, metrics, writer_id, seq, now)
     keys: dict[str, int] = {}

@@ -102,7 +102,8 @@ def _view(body: Body, name: str) -> str:
         value = value[0]
     if value is None or value == "":
         return "ACTIVE_ONLY"
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+    # isascii: str.isdigit() also holds for "²", which int() refuses.
+    if isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdigit()):
         if int(value) not in VIEW_NUMBERS:
             raise invalid(f"Invalid value {value!r} for parameter '{name}' supplied")
         return VIEW_NUMBERS[int(value)]

@@ -66,9 +66,11 @@ async def _request(request: Request, limit: int) -> tuple[str, str]:
     query, fmt = body.get("query"), body.get("format", "json")
     if not isinstance(query, str) or not query.strip():
         raise InvalidArgument("query: required, a string holding one SELECT")
+    if not isinstance(fmt, str):
+        raise InvalidArgument(f"format: a string, one of {sorted(FORMATS)}; got {orjson.dumps(fmt).decode()}")
     if fmt not in FORMATS:
         raise InvalidArgument(f"format: {fmt!r} is not one of {sorted(FORMATS)}")
-    return query, str(fmt)
+    return query, fmt
 
 
 def sql_routes(sql: SqlQueries, scope: Scope = lambda _: None) -> list[BaseRoute]:
