@@ -11,12 +11,12 @@ import pytest
 
 from trackhouse.ingest.buffer import MetricBuffer
 from trackhouse.ingest.catalog import Catalog
-from trackhouse.ingest.errors import InvalidArgument, NotFound, Unavailable
+from trackhouse.ingest.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from trackhouse.ingest.flusher import Flusher
 from trackhouse.ingest.intake import Intake, Outcome, Verdict
 from trackhouse.ingest.progress import WriterProgress
 from trackhouse.ingest.settings import IngestSettings
-from trackhouse.store import Store
+from trackhouse.store import DELETED, Store
 
 # A 100-point batch of one key and one run holds 4,128 bytes: two fit in the budget, three do not,
 # and two reach half the budget (a flush is due).
@@ -284,5 +284,52 @@ def test_a_copy_of_a_cancelled_original_is_told_to_resend(store: Store, make_bat
         assert not copy.cancelled(), "the copy died with the cancelled original"
         with pytest.raises(Unavailable, match="resend"):
             copy.result()
+
+    run_with_rig(store, test)
+
+
+def test_a_stored_batch_resent_after_its_run_was_deleted_is_a_duplicate(store: Store, make_batch: Any) -> None:
+    """Its points are in the store: the client must count them stored, not rejected. A copy of a
+    batch still in flight shares the original's fate; only a new batch is refused."""
+
+    async def test(rig: Rig) -> None:
+        def batch(seq: int) -> Any:
+            return make_batch(seq=seq, run_ids=[rig.run_id])
+
+        first = await rig.intake.accept(batch(1))
+        await rig.flusher.flush_once()
+        assert (await outcome(first)).verdict is Verdict.STORED
+        in_flight = asyncio.ensure_future(await rig.intake.accept(batch(2)))
+        await rig.catalog.set_run_stage(rig.run_id, DELETED)
+        again = await outcome(await rig.intake.accept(batch(1)))
+        assert (again.verdict, again.points, again.error) == (Verdict.DUPLICATE, 4, None)
+        copy = asyncio.ensure_future(await rig.intake.accept(batch(2)))
+        await rig.flusher.flush_once()
+        assert (await outcome(in_flight)).verdict is Verdict.STORED
+        assert (await outcome(copy)).verdict is Verdict.DUPLICATE
+        new = await outcome(await rig.intake.accept(batch(3)))
+        assert new.verdict is Verdict.REJECTED and isinstance(new.error, FailedPrecondition)
+        assert rig.intake.rejected == {"FailedPrecondition": 1}
+
+    run_with_rig(store, test)
+
+
+def test_a_failed_batch_rejected_on_its_resend_unblocks_its_writer(store: Store, make_batch: Any) -> None:
+    """Seq 1 fails to store, then its run is deleted: its resend is rejected, and the client drops
+    it. Later batches (to another run) must not be refused forever with "resend from seq 1"."""
+
+    async def test(rig: Rig) -> None:
+        other = (await rig.catalog.create_run("0", "other", "", 0, [], [])).run_id
+        failed = asyncio.ensure_future(await rig.intake.accept(make_batch(seq=1, run_ids=[rig.run_id])))
+        rig.inserts.failures = 1
+        await rig.flusher.flush_once()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(failed, 5)
+        await rig.catalog.set_run_stage(rig.run_id, DELETED)
+        resent = await outcome(await rig.intake.accept(make_batch(seq=1, run_ids=[rig.run_id])))
+        assert resent.verdict is Verdict.REJECTED and isinstance(resent.error, FailedPrecondition)
+        after = await rig.intake.accept(make_batch(seq=2, run_ids=[other]))
+        await rig.flusher.flush_once()
+        assert (await outcome(after)).verdict is Verdict.STORED
 
     run_with_rig(store, test)

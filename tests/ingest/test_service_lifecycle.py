@@ -49,6 +49,18 @@ def test_log_metrics_is_durable_on_reply_and_deduplicated(ingest: Any, run_id: s
     assert bad.status == ingest_pb2.REJECTED and bad.code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
+def test_a_stored_batch_resent_after_its_run_was_deleted_is_still_a_duplicate(
+        ingest: Any, run_id: str, make_batch: Any) -> None:
+    writer = uuid.uuid4().hex
+    stored = ingest.LogMetrics(make_batch(writer_id=writer, seq=1, run_ids=[run_id]))
+    assert stored.status == ingest_pb2.STORED
+    ingest.DeleteRun(ingest_pb2.RunRef(run_id=run_id))
+    again = ingest.LogMetrics(make_batch(writer_id=writer, seq=1, run_ids=[run_id]))
+    assert (again.status, again.points, again.code) == (ingest_pb2.DUPLICATE, 4, 0), again.message
+    new = ingest.LogMetrics(make_batch(writer_id=writer, seq=2, run_ids=[run_id]))
+    assert new.status == ingest_pb2.REJECTED and new.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
 def test_delete_tag(ingest: Any, run_id: str) -> None:
     ingest.SetTags(ingest_pb2.SetTagsRequest(run_id=run_id, tags=[common_pb2.Tag(key="a", value="b")]))
     ingest.DeleteTag(ingest_pb2.DeleteTagRequest(run_id=run_id, key="a"))

@@ -7,7 +7,8 @@ Owns the validation and semantics of the lifecycle RPCs:
   another value is InvalidArgument naming both values;
 - tags are last-write-wins; deleting a tag that is not there is NotFound;
 - deleted runs and experiments keep their data and can be restored; deleting an
-  experiment deletes its active runs, restoring it restores the runs deleted with it;
+  experiment deletes its active runs, restoring it restores the runs deleted with it
+  (in one INSERT; calling again completes a cascade that was cut short);
 - experiment tags live in their own table, `experiment_tags` (migration 6);
 - limits as MLflow's: key ≤ 250 characters, param value ≤ 6,000, tag value ≤ 5,000.
 
@@ -19,6 +20,7 @@ names) are serialized by one lock in this process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -34,6 +36,7 @@ from trackhouse.store import (
     RunRecord,
     Store,
     new_run_id,
+    new_version,
 )
 
 DEFAULT_EXPERIMENT_ID = "0"
@@ -44,6 +47,8 @@ MAX_TAG_VALUE = 5000
 MAX_RUN_NAME = 250
 MAX_ITEMS_PER_CALL = 1000
 MAX_EXPERIMENT_TAG_VALUE = 20_000
+# The runs table's columns, named as the record's fields (the store reads RunRecord(*row) in this order).
+_RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord))
 
 
 def now_ms() -> int:
@@ -123,32 +128,56 @@ class Catalog:
             return await self._replace_experiment(rec, name=new_name)
 
     async def set_experiment_stage(self, experiment_id: str, stage: str) -> ExperimentRecord:
-        """Delete (stage DELETED) or restore (ACTIVE) an experiment, and its runs with it."""
+        """Delete (stage DELETED) or restore (ACTIVE) an experiment, and its runs with it.
+
+        MLflow's cascade: deleting marks the active runs deleted; restoring brings back those
+        deleted no earlier than the experiment was (a run deleted before stays deleted). The runs
+        go in one INSERT. A call cut short (a client deadline, a store error) may leave part of
+        the cascade undone; calling again completes it, so each direction writes in the order
+        that lets a retry find what is left (see `_delete_experiment`, `_restore_experiment`).
+        Under the lock throughout: lifecycle and run updates read a run and write it whole, so
+        an update interleaved with the cascade could undo it.
+        """
+        if stage not in (ACTIVE, DELETED):
+            raise ValueError(f"stage: {stage!r}, expected {ACTIVE!r} or {DELETED!r}")
         async with self._lock:
             rec = await self.get_experiment(experiment_id=experiment_id)
-            if stage == ACTIVE and rec.lifecycle_stage != ACTIVE:
-                other = await self._store.call(self._store.get_experiment, name=rec.name)
-                if other is not None and other.lifecycle_stage == ACTIVE and other.experiment_id != experiment_id:
-                    raise AlreadyExists(f"cannot restore: another experiment is named {rec.name!r}")
-            if rec.lifecycle_stage == stage:
-                return rec
-            updated = await self._replace_experiment(rec, stage=stage)
-            # MLflow's cascade: deleting marks the active runs deleted; restoring brings back those
-            # deleted no earlier than the experiment was (a run deleted before stays deleted).
-            since = rec.last_update_time if stage == ACTIVE else 0
-            for run in await self._store.call(self._runs_of, experiment_id, ACTIVE if stage == DELETED else DELETED,
-                                              since):
-                await self._put_run(run, lifecycle_stage=stage)
-            return updated
+            if stage == DELETED:
+                return await self._delete_experiment(rec)
+            return await self._restore_experiment(rec)
+
+    async def _delete_experiment(self, rec: ExperimentRecord) -> ExperimentRecord:
+        # The experiment first: its deletion time is how a restore tells the runs deleted with it.
+        # Already deleted (a retry), its runs are still swept: any left active by an interrupted
+        # cascade (or restore) is deleted now, after that time, so a restore brings it back too.
+        updated = rec if rec.lifecycle_stage == DELETED else await self._replace_experiment(rec, stage=DELETED)
+        runs = await self._store.call(self._runs_of, rec.experiment_id, ACTIVE, 0)
+        await self._put_runs(runs, DELETED)
+        return updated
+
+    async def _restore_experiment(self, rec: ExperimentRecord) -> ExperimentRecord:
+        if rec.lifecycle_stage == ACTIVE:
+            return rec  # restored, runs included: they are written before the experiment
+        other = await self._store.call(self._store.get_experiment, name=rec.name)
+        if other is not None and other.lifecycle_stage == ACTIVE and other.experiment_id != rec.experiment_id:
+            raise AlreadyExists(f"cannot restore: another experiment is named {rec.name!r}")
+        # The runs first: the deleted record's time tells which runs were deleted with it, and it is
+        # lost once the experiment is active. Cut short here, the experiment is still deleted (with
+        # some runs active again), and a retry restores the rest by the same time.
+        runs = await self._store.call(self._runs_of, rec.experiment_id, DELETED, rec.last_update_time)
+        await self._put_runs(runs, ACTIVE)
+        return await self._replace_experiment(rec, stage=ACTIVE)
 
     def _runs_of(self, experiment_id: str, stage: str, since: int) -> list[RunRecord]:
-        # Blocking (store thread). Run records with their deletion time, through the store's bound SQL.
+        # Blocking (store thread). The experiment's runs at `stage` since `since` (ms; a run's
+        # version is the time it was last written, in ns), whole, through the store's bound SQL.
         rows = self._store.query_rows(
-            f"SELECT run_id FROM {self._store.t('runs')} FINAL WHERE experiment_id = {{e:String}} "
-            "AND lifecycle_stage = {s:String} AND intDiv(version, 1000000) >= {t:Int64}",
+            f"SELECT {', '.join(_RUN_FIELDS)} FROM {self._store.t('runs')} FINAL "
+            "WHERE experiment_id = {e:String} AND lifecycle_stage = {s:String} "
+            "AND intDiv(version, 1000000) >= {t:Int64}",
             {"e": experiment_id, "s": stage, "t": since},
         )
-        return list(self._store.get_runs([r[0] for r in rows]).values())
+        return [RunRecord(*row) for row in rows]
 
     async def _replace_experiment(self, rec: ExperimentRecord, *, name: str | None = None,
                                   stage: str | None = None) -> ExperimentRecord:
@@ -266,14 +295,36 @@ class Catalog:
                     raise FailedPrecondition(f"experiment {run.experiment_id} is deleted; restore it first")
             if run.lifecycle_stage == stage:
                 return run
-            return await self._put_run(run, lifecycle_stage=stage)
+            return (await self._put_runs([run], stage))[0]
 
-    async def _put_run(self, run: RunRecord, *, lifecycle_stage: str) -> RunRecord:
-        rec = RunRecord(run.run_id, run.experiment_id, run.run_name, run.user_id, run.status, run.start_time,
-                        run.end_time, lifecycle_stage, run.artifact_uri)
-        await self._store.call(self._store.put_run, rec)
-        self._runs[run.run_id] = rec
-        return rec
+    async def _put_runs(self, runs: Sequence[RunRecord], stage: str) -> list[RunRecord]:
+        """Write `runs` at `stage` in one INSERT, and the cache with them.
+
+        A caller cancelled meanwhile (a client's deadline) does not stop the INSERT in the store's
+        thread: it waits for it before it gives up, so the lock it holds also covers the cache
+        update, and metric batches are refused from the moment the deletion is stored.
+        """
+        recs = [dataclasses.replace(run, lifecycle_stage=stage) for run in runs]
+        if recs:
+            write = asyncio.ensure_future(self._write_runs(recs))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait({write})
+                raise
+        return recs
+
+    async def _write_runs(self, recs: Sequence[RunRecord]) -> None:
+        version = new_version()
+        rows = [(*dataclasses.astuple(rec), version) for rec in recs]
+        try:
+            await self._store.call(self._store.insert_rows, "runs", (*_RUN_FIELDS, "version"), rows)
+        except BaseException:
+            # Some rows may have landed (a large INSERT is split into blocks): let the next check read the store.
+            for rec in recs:
+                self._runs.pop(rec.run_id, None)
+            raise
+        self._runs.update((rec.run_id, rec) for rec in recs)
 
     async def delete_tag(self, run_id: str, key: str) -> None:
         await self.writable_run(run_id)
@@ -310,10 +361,24 @@ class Catalog:
 
         `allowed`: the caller's experiments (None: all); a run outside them is not found.
         """
+        self.check_runs_writable(run_ids, await self.find_metric_runs(run_ids, allowed))
+
+    async def find_metric_runs(self, run_ids: Sequence[str], allowed: frozenset[str] | None = None
+                               ) -> dict[str, RunRecord]:
+        """The runs a metric batch names; NotFound unless each exists (and is one of `allowed`'s)."""
         runs = await self.get_runs(run_ids)
         for i, run_id in enumerate(run_ids):
             run = runs.get(run_id)
             if run is None or (allowed is not None and run.experiment_id not in allowed):
                 raise NotFound(f"run_ids[{i}]: no run {run_id!r}")
-            if run.lifecycle_stage != ACTIVE:
+        return runs
+
+    def check_runs_writable(self, run_ids: Sequence[str], runs: dict[str, RunRecord]) -> None:
+        """FailedPrecondition unless every run accepts writes.
+
+        Synchronous, so that a caller can check and act with no await in between: the cached
+        record, else the one `find_metric_runs` gave (`runs`).
+        """
+        for i, run_id in enumerate(run_ids):
+            if self._runs.get(run_id, runs[run_id]).lifecycle_stage != ACTIVE:
                 raise FailedPrecondition(f"run_ids[{i}]: run {run_id} is deleted")

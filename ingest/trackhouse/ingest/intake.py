@@ -91,16 +91,21 @@ class Intake:
         seq = int(message.seq)
         try:
             batch = decode_batch(message, self._settings)
-            await self._catalog.check_metric_runs(batch.run_ids, allowed)
+            runs = await self._catalog.find_metric_runs(batch.run_ids, allowed)
         except IngestError as exc:
-            name = type(exc).__name__
-            self.rejected[name] = self.rejected.get(name, 0) + 1
-            return _ready(Outcome(seq, Verdict.REJECTED, 0, exc))
+            return self._reject(seq, exc)
         admission, original = await self._progress.admit(batch.writer_id, seq, refresh)
+        # Duplicates before the runs' state: a batch stored (or in flight) before its run was
+        # deleted has its points in the store, and the client must count them so.
         if admission is Admission.DUPLICATE:
             return _ready(Outcome(seq, Verdict.DUPLICATE, batch.points))
         if admission is Admission.IN_FLIGHT and original is not None:
             return _after_original(original, seq, batch.points)
+        try:
+            # Synchronous: an await between admit() and track() would let a copy in as new too.
+            self._catalog.check_runs_writable(batch.run_ids, runs)
+        except IngestError as exc:
+            return self._reject(seq, exc)
         # Tracked before waiting for room, so a copy arriving meanwhile waits for this one.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._progress.track(batch.writer_id, seq, done)
@@ -118,6 +123,11 @@ class Intake:
         self._buffer.add(batch, done, time.monotonic(), urgent)
         self.points_received += batch.points
         return _after(done, seq, batch.points)
+
+    def _reject(self, seq: int, error: IngestError) -> Awaitable[Outcome]:
+        name = type(error).__name__
+        self.rejected[name] = self.rejected.get(name, 0) + 1
+        return _ready(Outcome(seq, Verdict.REJECTED, 0, error))
 
     def _abandon(self, writer_id: str, seq: int, done: asyncio.Future[None], error: Unavailable) -> None:
         """Settle a tracked batch that will not be buffered: copies waiting on it fail with `error`."""
