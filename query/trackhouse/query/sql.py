@@ -1,8 +1,8 @@
 """Read-only analytical SQL over trackhouse's tables: validate, restrict, run with limits, stream Arrow.
 
-The entry point is `SqlQueries.stream(query, experiment_ids=...)`, an async
-iterator of pyarrow RecordBatches shared by the gRPC `Sql` RPC, the HTTP
-`POST /api/v1/sql` route and `trackhouse sql --store`.
+The entry point is `SqlQueries.run(query, experiment_ids=...)`, an async context
+manager whose answer iterates pyarrow RecordBatches, shared by the gRPC `Sql` RPC,
+the HTTP `POST /api/v1/sql` route and `trackhouse sql --store`.
 
 How a query runs (docs/sql.md):
 1. Its length is checked, then ClickHouse's parser parses it — the text bound as a
@@ -17,12 +17,17 @@ How a query runs (docs/sql.md):
    parameter (`{th_experiments:Array(String)}`), never pasted text.
 4. It runs on the store's sandbox connections (current database: an empty one)
    with readonly=2 and the limits of `QuerySettings` (TRACKHOUSE_QUERY_SQL_*).
+   A query first takes one of the sandbox's slots (one per connection), waiting
+   asynchronously, at most sql_max_execution_time, then ResourceExhausted ("busy");
+   its steps run on the sandbox's own threads, never on the store's pool, so SQL
+   queries cannot starve search, history or ingest (trackhouse.store.sandbox).
 Engine errors become `ResourceExhausted` (a limit, named) or `InvalidArgument`
 (ClickHouse's message); an unreachable store stays a StoreError.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +38,7 @@ from trackhouse.query.errors import InvalidArgument, ResourceExhausted
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.sqlcheck import TABLES, check
 from trackhouse.store import QueryFailed, Store, StoreError
+from trackhouse.store.sandbox import SqlSession
 from trackhouse.store.schema import latest_step, latest_timestamp, latest_value
 
 _EXPERIMENTS = "{th_experiments:Array(String)}"
@@ -125,11 +131,13 @@ class SqlQueries:
         with self._errors():
             return next(batches, None)
 
-    def _open(self, prepared: PreparedSql) -> tuple[Any, Any, Iterator[Any]]:
+    def _open(self, prepared: PreparedSql, session: SqlSession) -> tuple[Any, Iterator[Any]]:
         context = self._store.sandbox.stream(prepared.sql, prepared.parameters, self.engine_settings())
         with self._errors():
             schema, batches = context.__enter__()
-        return context, schema, batches
+        # Closed when the query ends, even if its caller stopped waiting for this step.
+        session.defer(context.__exit__, None, None, None)
+        return schema, batches
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -167,28 +175,40 @@ class SqlQueries:
         `experiment_ids`: None reads every experiment; a set restricts every table to the
         rows of those experiments (an empty set sees no rows). Raises on entry when the query
         is refused (SqlRefused / InvalidArgument); a limit hit raises ResourceExhausted, on
-        entry or while iterating.
+        entry or while iterating, and so does a query that found no free sandbox slot within
+        sql_max_execution_time ("busy"). Every way out (cancellation too) frees the slot.
         """
-        store = self._store
-        prepared = await store.call(self.prepare, query, experiment_ids)
-        context, schema, batches = await store.call(self._open, prepared)
+        session = await self._admit()
         try:
-            yield SqlAnswer(self, schema, batches)
+            prepared = await session.call(self.prepare, query, experiment_ids)
+            schema, batches = await session.call(self._open, prepared, session)
+            yield SqlAnswer(self, session, schema, batches)
         finally:
-            await store.call(context.__exit__, None, None, None)
+            await session.end()
+
+    async def _admit(self) -> SqlSession:
+        """A slot of the sandbox, waited for (asynchronously) as long as a query may run."""
+        sandbox, wait = self._store.sandbox, self.settings.sql_max_execution_time
+        try:
+            async with asyncio.timeout(wait):
+                return await sandbox.admit()
+        except TimeoutError:
+            raise ResourceExhausted(
+                f"busy: {sandbox.slots.size} SQL queries run at once (one per store reader) and none "
+                f"ended within {wait} s (TRACKHOUSE_QUERY_SQL_MAX_EXECUTION_TIME); retry later") from None
 
 
 class SqlAnswer:
     """The answer of one running query: its Arrow schema, then its record batches."""
 
-    def __init__(self, queries: SqlQueries, schema: Any, batches: Iterator[Any]) -> None:
+    def __init__(self, queries: SqlQueries, session: SqlSession, schema: Any, batches: Iterator[Any]) -> None:
         self._queries = queries
+        self._session = session
         self._batches = batches
         self.schema = schema
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        queries = self._queries
-        while (batch := await queries._store.call(queries._next, self._batches)) is not None:
+        while (batch := await self._session.call(self._queries._next, self._batches)) is not None:
             yield batch
 
 

@@ -7,7 +7,12 @@ inserts). All SQL names tables as `{db}.table` with a whitelisted database name
 and binds every value as a server-side parameter; no user text is pasted.
 
 Blocking methods are for threads; async callers use `call()`, which runs a
-method on the store's own bounded thread pool (chDB has no async client).
+method on the store's own threads (chDB has no async client): writes (the methods
+marked `@_writes`) on the writer's one thread, so an INSERT — and the ingest acks
+waiting on it — never queues behind reads that may each run max_query_seconds;
+everything else on the readers' bounded pool. User SQL runs on neither: the
+sandbox has its own threads and admits queries asynchronously (sandbox.py), so it
+can never take the threads that search, history and ingest need.
 Reads written as steps (trackhouse.store.reads) run either way: `run()` on the
 blocking readers, `arun()` on clickhouse-connect's async client when the store is
 a server and `open_async()` was awaited (the query service), else on the pool.
@@ -50,6 +55,14 @@ _RUN_COLUMNS = (
 _TOKEN_COLUMNS = ("token_id", "name", "secret_sha256", "scope", "experiment_ids", "created_at", "revoked")
 _EXPERIMENT_COLUMNS = "experiment_id, name, artifact_location, lifecycle_stage, creation_time, last_update_time"
 
+_WRITES: set[Callable[..., Any]] = set()
+
+
+def _writes(fn: Callable[P, T]) -> Callable[P, T]:
+    """Mark a Store method that writes through the writer client: `call` runs it on the writer's thread."""
+    _WRITES.add(fn)
+    return fn
+
 
 def new_version() -> int:
     """A version for ReplacingMergeTree rows: later writes win."""
@@ -73,10 +86,14 @@ class Store:
         self._maintenance: Any = None  # `maintain`'s own client, opened on first use
         self._maintenance_lock = threading.Lock()
         self._readers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Reads (and whatever else callers run) on this pool; the spare thread serves calls that
+        # need no reader client. Writes have a thread of their own: they never queue behind reads.
         self._executor = ThreadPoolExecutor(max_workers=readers + 1, thread_name_prefix="trackhouse-store")
+        self._write_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trackhouse-store-writer")
         self._async: Any = None  # clickhouse-connect's AsyncClient, server stores only
         self._closed = False
         self._sandbox: SqlSandbox | None = None
+        self._sandbox_lock = threading.Lock()  # one sandbox (and one count of its slots) per store
         # Applied to every read: ClickHouse stops a read past it (TIMEOUT_EXCEEDED → QueryTimeout).
         self._read_settings: dict[str, Any] = {}
 
@@ -147,6 +164,7 @@ class Store:
             return
         self._closed = True
         self._executor.shutdown(wait=True)
+        self._write_executor.shutdown(wait=True)
         if self._sandbox is not None:
             self._sandbox.close()
         clients = [self._writer]
@@ -164,16 +182,19 @@ class Store:
                     client.close()
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a blocking store method on the store's thread pool."""
+        """Run a blocking store method on the store's threads: a write (a method marked
+        `@_writes`, e.g. `store.insert_metrics`) on the writer's, anything else on the pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        executor = self._write_executor if getattr(fn, "__func__", None) in _WRITES else self._executor
+        return await loop.run_in_executor(executor, lambda: fn(*args, **kwargs))
 
     @property
     def sandbox(self) -> SqlSandbox:
         """The SQL endpoint's own connections (opened on first use; schema migration 4)."""
-        if self._sandbox is None:
-            self._sandbox = SqlSandbox(self.dsn, schema.sandbox_database(self.database), self._reader_count)
-        return self._sandbox
+        with self._sandbox_lock:
+            if self._sandbox is None:
+                self._sandbox = SqlSandbox(self.dsn, schema.sandbox_database(self.database), self._reader_count)
+            return self._sandbox
 
     def t(self, table: str) -> str:
         """The qualified name of one of our tables (never user text)."""
@@ -195,6 +216,7 @@ class Store:
 
     # -- raw access (SQL built by our own modules, values bound) ---------------
 
+    @_writes
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
         with self._write_lock:
             try:
@@ -242,6 +264,7 @@ class Store:
                         self._maintenance.close()
                     self._maintenance = None
 
+    @_writes
     def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
             return
@@ -251,6 +274,7 @@ class Store:
             except Exception as exc:
                 raise translate(exc) from None
 
+    @_writes
     def insert_arrow(self, table: str, data: Any) -> None:
         """Insert a pyarrow Table in one INSERT (one part)."""
         with self._write_lock:
@@ -303,6 +327,7 @@ class Store:
 
     # -- API tokens (latest version per token id) ----------------------------------
 
+    @_writes
     def put_token(self, rec: TokenRecord) -> None:
         self.insert_rows("api_tokens", (*_TOKEN_COLUMNS, "version"), [(
             rec.token_id, rec.name, rec.secret_sha256, rec.scope, list(rec.experiment_ids), rec.created_at,
@@ -326,6 +351,7 @@ class Store:
 
     # -- experiments ------------------------------------------------------------
 
+    @_writes
     def put_experiment(self, rec: ExperimentRecord) -> None:
         self.insert_rows(
             "experiments",
@@ -351,6 +377,7 @@ class Store:
 
     # -- runs ---------------------------------------------------------------------
 
+    @_writes
     def put_run(self, rec: RunRecord) -> None:
         self.insert_rows(
             "runs",
@@ -388,9 +415,11 @@ class Store:
         )
         return {str(k): str(v) for k, v in rows}
 
+    @_writes
     def put_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
         self.insert_rows("params", ("run_id", "key", "value"), [(run_id, k, v) for k, v in params])
 
+    @_writes
     def put_tags(self, run_id: str, tags: Sequence[tuple[str, str]], deleted: bool = False) -> None:
         version = new_version()
         self.insert_rows(
@@ -399,6 +428,7 @@ class Store:
             [(run_id, k, v, int(deleted), version) for k, v in tags],
         )
 
+    @_writes
     def put_experiment_tags(self, experiment_id: str, tags: Sequence[tuple[str, str]], deleted: bool = False) -> None:
         version = new_version()
         self.insert_rows(
@@ -426,6 +456,7 @@ class Store:
 
     # -- metrics --------------------------------------------------------------------
 
+    @_writes
     def insert_metrics(self, data: Any) -> None:
         """Insert one flush of metric rows (a pyarrow Table with writer_id and seq) in one INSERT.
 
