@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pyarrow as pa
 import pytest
 
-from trackhouse.query.errors import InvalidArgument, ResourceExhausted
+from trackhouse.query.errors import Busy, InvalidArgument, ResourceExhausted
+from trackhouse.query.http.sql import error_response
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.sql import SqlQueries
 from trackhouse.store import Store
@@ -93,7 +95,7 @@ def test_a_query_that_cannot_start_in_time_is_resource_exhausted(store: Store) -
         holders = Holders(sql)
         await holders.entered()
         try:
-            with pytest.raises(ResourceExhausted, match=r"busy: .*2 SQL queries.*1 s"):
+            with pytest.raises(Busy, match=r"busy: .*2 SQL queries.*1 s"):
                 await asyncio.wait_for(answer(sql), 5)
         finally:
             await holders.release()
@@ -128,3 +130,11 @@ def test_every_way_out_gives_the_slot_back(store: Store) -> None:
         assert (await asyncio.wait_for(answer(sql), 5)).column("x").to_pylist() == [1]
 
     asyncio.run(scenario())
+
+
+def test_over_http_busy_is_429_with_retry_after_and_a_limit_stays_413() -> None:
+    busy = error_response(Busy("busy: 2 SQL queries run at once"))
+    assert (busy.status_code, busy.headers.get("retry-after")) == (429, "1")
+    assert orjson.loads(busy.body) == {"error_code": "RESOURCE_EXHAUSTED", "message": "busy: 2 SQL queries run at once"}
+    limit = error_response(ResourceExhausted("memory limit: max_memory_usage = 1 bytes"))
+    assert (limit.status_code, limit.headers.get("retry-after")) == (413, None)

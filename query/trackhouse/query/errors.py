@@ -28,3 +28,7 @@ class NotFound(QueryError):
 
 class ResourceExhausted(QueryError):
     pass
+
+
+class Busy(ResourceExhausted):
+    """Every slot for this kind of work is taken and none freed in time: retry later (HTTP 429)."""

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from trackhouse.query.errors import InvalidArgument, ResourceExhausted
+from trackhouse.query.errors import Busy, InvalidArgument, ResourceExhausted
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.sqlcheck import TABLES, check
 from trackhouse.store import QueryFailed, Store, StoreError
@@ -193,7 +193,7 @@ class SqlQueries:
             async with asyncio.timeout(wait):
                 return await sandbox.admit()
         except TimeoutError:
-            raise ResourceExhausted(
+            raise Busy(
                 f"busy: {sandbox.slots.size} SQL queries run at once (one per store reader) and none "
                 f"ended within {wait} s (TRACKHOUSE_QUERY_SQL_MAX_EXECUTION_TIME); retry later") from None
 

@@ -7,7 +7,8 @@ The answer is built whole before it is sent — bounded by the SQL result limits
 so a limit hit is still a clean error; the gRPC `Sql` RPC streams instead.
 
 Errors: `{"error_code", "message"}` with 400 INVALID_ARGUMENT (refused, syntax,
-bad body), 413 RESOURCE_EXHAUSTED (a limit, named), 503 UNAVAILABLE (store).
+bad body), 413 RESOURCE_EXHAUSTED (a limit, named), 429 RESOURCE_EXHAUSTED with
+`Retry-After` (every SQL slot busy), 503 UNAVAILABLE (store).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from trackhouse.query.errors import InvalidArgument, QueryError, ResourceExhausted
+from trackhouse.query.errors import Busy, InvalidArgument, QueryError, ResourceExhausted
 from trackhouse.query.filters import FilterError
 from trackhouse.query.sql import SqlQueries
 from trackhouse.query.sqlformat import arrow_stream, csv_body, json_body
@@ -37,13 +38,15 @@ FORMATS = {"arrow": (arrow_stream, ARROW_STREAM), "json": (json_body, "applicati
 Scope = Callable[[Request], "frozenset[str] | None"]
 
 
-def _error(status: int, code: str, message: str) -> Response:
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps({"error_code": code, "message": message}), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers=headers)
 
 
 def error_response(exc: Exception) -> Response:
     """The one mapping of SQL errors to HTTP statuses."""
+    if isinstance(exc, Busy):
+        return _error(429, "RESOURCE_EXHAUSTED", str(exc), {"Retry-After": "1"})
     if isinstance(exc, ResourceExhausted):
         return _error(413, "RESOURCE_EXHAUSTED", str(exc))
     if isinstance(exc, (InvalidArgument, FilterError)):
