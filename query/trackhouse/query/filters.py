@@ -183,7 +183,7 @@ def tokenize(text: str) -> list[Token]:
             continue
         after_name = bool(tokens) and tokens[-1].kind in ("word", "string")
         if ch in _QUOTES:
-            tokens.append(_read_string(text, i))
+            tokens.append(read_string(text, i))
         elif ch == "." and after_name:  # `metrics.1a` is a key error, not the number `.1a`
             tokens.append(Token("punct", ch, i, i + 1))
         elif match := _NUMBERISH.match(text, i):
@@ -200,8 +200,11 @@ def tokenize(text: str) -> list[Token]:
     return tokens
 
 
-def _read_string(text: str, start: int) -> Token:
-    """The quoted text at `start`, as MLflow reads it: backslashes are kept as written."""
+def read_string(text: str, start: int) -> Token:
+    """The quoted text at `start`, as MLflow reads it: backslashes are kept as written.
+
+    Experiment search (`trackhouse.query.http.experiments`) reads its values with this too.
+    """
     quote = text[start]
     match = _QUOTED[quote].match(text, start)
     if match is None:
@@ -403,14 +406,8 @@ class _FilterParser(Parser):
         return value
 
     def check_pattern(self, op: str, pattern: str, token: Token) -> None:
-        """Refuse what the engine cannot run: a LIKE pattern ending in a backslash that escapes nothing."""
-        if (len(pattern) - len(pattern.rstrip("\\"))) % 2:
-            # The value ends with the text's last character before the closing quote. The
-            # source is shown as written: repr() would double every backslash in it.
-            source = self.text[token.pos : token.end]
-            source = source if len(source) <= 30 else "..." + source[-27:]
-            self.error(token.end - 2, f"invalid {op} pattern {source}: it ends in a lone backslash, "
-                       f"which escapes nothing; write \\\\ to match a backslash (\\% and \\_ match % and _)")
+        """The module's `check_pattern` on this parser's text."""
+        check_pattern(self.text, op, pattern, token, self.prefix)
 
     def param_number(self, value: str | float, token: Token) -> float:
         """Order comparisons on params are numeric; a quoted number is accepted too."""
@@ -419,6 +416,23 @@ class _FilterParser(Parser):
         if _NUMBER.fullmatch(value.strip()):
             return float(value)
         self.fail(token, "a number (params compare numerically with <, <=, >, >=)")
+
+
+def check_pattern(text: str, op: str, pattern: str, token: Token, prefix: str = "") -> None:
+    """Refuse what the engine cannot run: a LIKE pattern ending in a backslash that escapes nothing.
+
+    `pattern` is the value of the string `token` of `text`. Experiment search, which runs
+    LIKE in Python, refuses the same patterns with this.
+    """
+    if (len(pattern) - len(pattern.rstrip("\\"))) % 2:
+        # The value ends with the text's last character before the closing quote. The
+        # source is shown as written: repr() would double every backslash in it.
+        source = text[token.pos : token.end]
+        source = source if len(source) <= 30 else "..." + source[-27:]
+        pos = token.end - 2
+        raise FilterError(f"{prefix}at position {pos}: invalid {op} pattern {source}: it ends in a lone "
+                          f"backslash, which escapes nothing; write \\\\ to match a backslash "
+                          f"(\\% and \\_ match % and _)", pos)
 
 
 def _join(kind: type[And] | type[Or], items: list[Node]) -> Node:

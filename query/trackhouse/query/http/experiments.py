@@ -1,10 +1,15 @@
-"""Experiment reads: get by id or name with tags, and MLflow's experiment search.
+r"""Experiment reads: get by id or name with tags, and MLflow's experiment search.
 
 Experiments are few (thousands, not millions), so search reads the experiments of
 the asked view in one query and filters, orders and pages them here. The filter
 is MLflow's experiment grammar: comparisons joined by AND on `name`,
 `creation_time`, `last_update_time` (attributes, optionally `attributes.`-prefixed)
 and `tags.<key>`; strings compare with = != LIKE ILIKE, times with = != < <= > >=.
+Quoted values and LIKE patterns follow run search's rules (`trackhouse.query.filters`,
+whose string reader and pattern check this module uses): backslashes are kept as
+written, as MLflow keeps them; in LIKE and ILIKE, \% \_ \\ match % _ \ and a backslash
+before anything else is itself, as ClickHouse runs LIKE for run search; a pattern ending
+in a lone backslash is refused.
 Order keys are `name`, `experiment_id`, `creation_time`, `last_update_time`
 (default: creation_time DESC, experiment_id ASC, as MLflow). Page tokens carry an
 offset and a fingerprint of the question (a token from another question is refused).
@@ -19,10 +24,12 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
 
+from trackhouse.query.filters import Token, check_pattern, read_string
 from trackhouse.query.http.errors import invalid
 from trackhouse.store import ExperimentRecord, Store
 from trackhouse.store.reads import Rows, Steps
@@ -36,11 +43,13 @@ DEFAULT_ORDER = (("creation_time", False), ("experiment_id", True))
 MAX_RESULTS = 50_000
 DEFAULT_MAX_RESULTS = 1000
 
-_TOKEN = re.compile(
-    r"\s*(?:(?P<str>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")|(?P<num>-?\d+)|(?P<op>!=|<=|>=|=|<|>)"
+_TOKEN = re.compile(  # a quote only starts a string: filters.read_string reads it
+    r"\s*(?:(?P<quote>['\"])|(?P<num>-?\d+)|(?P<op>!=|<=|>=|=|<|>)"
     r"|(?P<ident>(?:\w+\.)?(?:`[^`]+`|\w[\w.]*)))",
     re.IGNORECASE,
 )
+# One element of a LIKE pattern: an escaped % _ or \ (a literal), a wildcard, or a character.
+_LIKE_ELEMENT = re.compile(r"\\([%_\\])|(%)|(_)|(.)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -50,39 +59,44 @@ class Condition:
     value: str | int
 
 
-def _unquote(token: str) -> str:
-    return re.sub(r"\\(.)", r"\1", token[1:-1])
+def _tokenize(text: str) -> list[Token]:
+    """Tokens of kinds string (read as run search reads them), num, op and ident."""
+    tokens: list[Token] = []
+    pos, end = 0, len(text.rstrip())
+    while pos < end:
+        m = _TOKEN.match(text, pos, end)
+        if m is None:
+            raise invalid(f"Invalid filter string {text!r}: unexpected text at position {pos}")
+        kind = m.lastgroup or ""
+        if kind == "quote":  # as run search reads it; unterminated: FilterError (400)
+            token = read_string(text, m.start(kind))
+        else:
+            token = Token(kind, m.group(kind), m.start(kind), m.end())
+        tokens.append(token)
+        pos = token.end
+    return tokens
 
 
 def parse_filter(text: str) -> list[Condition]:
-    """MLflow's experiment filter: `cond AND cond ...`; raises INVALID_PARAMETER_VALUE."""
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    text = text.strip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            raise invalid(f"Invalid filter string {text!r}: unexpected text at position {pos}")
-        kind = m.lastgroup or ""
-        tokens.append((kind, m.group(kind)))
-        pos = m.end()
+    """MLflow's experiment filter: `cond AND cond ...`; raises INVALID_PARAMETER_VALUE or FilterError."""
+    tokens = _tokenize(text)
     conditions = []
     i = 0
     while i < len(tokens):
-        if i and not (tokens[i][0] == "ident" and tokens[i][1].upper() == "AND"):
+        if i and not (tokens[i].kind == "ident" and tokens[i].text.upper() == "AND"):
             raise invalid(f"Invalid filter string {text!r}: expected AND between comparisons")
         if i:
             i += 1
         part = tokens[i:i + 3]
-        if len(part) < 3 or part[0][0] != "ident":
+        if len(part) < 3 or part[0].kind != "ident":
             raise invalid(f"Invalid filter string {text!r}: expected <field> <operator> <value>")
         conditions.append(_condition(part, text))
         i += 3
     return conditions
 
 
-def _condition(part: Sequence[tuple[str, str]], text: str) -> Condition:
-    (_, ident), (okind, op), (vkind, raw) = part
+def _condition(part: Sequence[Token], text: str) -> Condition:
+    ident, okind, op, vkind, raw = part[0].text, part[1].kind, part[1].text, part[2].kind, part[2].text
     entity, dot, key = ident.partition(".")
     if not dot or entity.startswith("`") or entity.lower() not in ("tag", "tags", "attribute", "attributes"):
         entity, key = "", ident
@@ -104,14 +118,48 @@ def _condition(part: Sequence[tuple[str, str]], text: str) -> Condition:
         if vkind != "num" or op in ("LIKE", "ILIKE"):
             raise invalid(f"Invalid filter string {text!r}: {field} compares numbers with = != < <= > >=")
         return Condition(field, op, int(raw))
-    if vkind != "str" or op not in ("=", "!=", "LIKE", "ILIKE"):
+    if vkind != "string" or op not in ("=", "!=", "LIKE", "ILIKE"):
         raise invalid(f"Invalid filter string {text!r}: {field} compares quoted strings with = != LIKE ILIKE")
-    return Condition(field, op, _unquote(raw))
+    if op in ("LIKE", "ILIKE"):
+        check_pattern(text, op, raw, part[2])  # the patterns run search refuses
+    return Condition(field, op, raw)
 
 
-def _like(pattern: str, flags: int = 0) -> re.Pattern[str]:
-    body = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
-    return re.compile(body, flags | re.DOTALL)
+@lru_cache(maxsize=256)
+def _like_pieces(pattern: str, ignore_case: bool) -> tuple[re.Pattern[str], ...]:
+    """One regex per part of `pattern` between its wildcard %s, the last anchored at the end.
+
+    A piece holds literals and `.` (for _), so it matches a fixed number of characters.
+    """
+    pieces: list[list[str]] = [[]]
+    for escaped, many, one, char in _LIKE_ELEMENT.findall(pattern):
+        if many:
+            pieces.append([])
+        else:
+            pieces[-1].append("." if one else re.escape(escaped or char))
+    if len(pieces) > 1:
+        pieces[-1].append(r"\Z")
+    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+    return tuple(re.compile("".join(piece), flags) for piece in pieces)
+
+
+def like(value: str, pattern: str, ignore_case: bool = False) -> bool:
+    r"""SQL LIKE (ILIKE when `ignore_case`) as ClickHouse runs it for run search.
+
+    % is any run of characters and _ any one (newlines too); \% \_ \\ are a literal % _ \;
+    a backslash before any other character is itself. The pieces between %s are found left
+    to right, each at its first place after the one before (the first must start the value,
+    the last end it): never the exponential backtracking of a regex with .* for each %.
+    """
+    first, *rest = _like_pieces(pattern, ignore_case)
+    if not rest:
+        return first.fullmatch(value) is not None
+    found = first.match(value)
+    for piece in rest:
+        if found is None:
+            return False
+        found = piece.search(value, found.end())
+    return found is not None
 
 
 def matches(cond: Condition, rec: ExperimentRecord, tags: dict[str, str]) -> bool:
@@ -122,10 +170,8 @@ def matches(cond: Condition, rec: ExperimentRecord, tags: dict[str, str]) -> boo
     else:
         actual = getattr(rec, cond.field)
     want = cond.value
-    if cond.op == "LIKE":
-        return _like(str(want)).fullmatch(actual) is not None
-    if cond.op == "ILIKE":
-        return _like(str(want), re.IGNORECASE).fullmatch(actual) is not None
+    if cond.op in ("LIKE", "ILIKE"):
+        return like(actual, str(want), ignore_case=cond.op == "ILIKE")
     if cond.op in ("=", "!="):
         return bool((actual == want) == (cond.op == "="))
     return bool({"<": actual < want, "<=": actual <= want, ">": actual > want, ">=": actual >= want}[cond.op])
