@@ -127,6 +127,11 @@ ESCAPES: list[tuple[str, str]] = [
     ("SELECT sleepEachRow(1) FROM runs", "function `sleepEachRow` is not allowed"),
     ("SELECT __getScalar('x')", "function `__getScalar` is not allowed"),
     ("SELECT count() FROM runs WHERE length(file('/etc/hostname')) > 0", "function `file`"),
+    # bytes that are not UTF-8 (ClickHouse's \xNN escapes) next to what is forbidden
+    (r"SELECT '\xff' FROM th_canary.secrets", "table `th_canary.secrets` is not allowed"),
+    (r"SELECT '\xff', `fil\x65`('/etc/passwd')", "function `file` is not allowed"),
+    (r"SELECT 1 UNION ALL SELECT * FROM `secrets\xff`", r"table `secrets\xff` is not allowed"),
+    (r"WITH `t\xff` AS (SELECT 1) SELECT * FROM `t\xfe`", r"table `t\xfe` is not allowed"),
     # very long queries
     ("SELECT 1" + " + 1" * 30_000, "the limit is"),
 ]

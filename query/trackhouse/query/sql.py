@@ -15,6 +15,9 @@ How a query runs (docs/sql.md):
    under CTEs that define each stable name over trackhouse's database; with
    `experiment_ids` every CTE keeps only those experiments' rows, through a bound
    parameter (`{th_experiments:Array(String)}`), never pasted text.
+   Bytes that are not UTF-8 (`'\\xff'` in a literal or a quoted name) reach the
+   checker one character per byte (surrogateescape), and the formatted text that
+   runs writes them as `\\xNN` escapes, kept only if it parses to the checked AST.
 4. It runs on the store's sandbox connections (current database: an empty one)
    with readonly=2 and the limits of `QuerySettings` (TRACKHOUSE_QUERY_SQL_*).
    A query first takes one of the sandbox's slots (one per connection), waiting
@@ -34,11 +37,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+
 from trackhouse.query.errors import Busy, InvalidArgument, ResourceExhausted
 from trackhouse.query.settings import QuerySettings
-from trackhouse.query.sqlcheck import TABLES, check
+from trackhouse.query.sqlcheck import TABLES, check, escape_bytes
 from trackhouse.store import QueryFailed, Store, StoreError
-from trackhouse.store.sandbox import SqlSession
+from trackhouse.store.sandbox import Parsed, SqlSession
 from trackhouse.store.schema import latest_step, latest_timestamp, latest_value
 
 _EXPERIMENTS = "{th_experiments:Array(String)}"
@@ -71,6 +76,9 @@ _TIMEOUT = frozenset({159, 160})  # TIMEOUT_EXCEEDED, TOO_SLOW
 _RESULT = frozenset({396})  # TOO_MANY_ROWS_OR_BYTES
 _MEMORY = frozenset({241})  # MEMORY_LIMIT_EXCEEDED
 _COMPLEXITY = frozenset({167, 168, 306})  # TOO_DEEP_AST, TOO_BIG_AST, TOO_DEEP_RECURSION
+# What clickhouse-connect returns for a String value that is not UTF-8: its bytes in hex.
+_HEX = re.compile(r"(?:[0-9a-f]{2})+")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 _CH_MESSAGE = re.compile(r"DB::Exception: (.*?)(?: \(version [^)]*\))?\.?$", re.S)
 
 
@@ -107,14 +115,32 @@ class SqlQueries:
         if len(query) > self.settings.sql_max_query_length:
             raise InvalidArgument(f"query of {len(query)} characters; the limit is "
                                   f"{self.settings.sql_max_query_length} (TRACKHOUSE_QUERY_SQL_MAX_QUERY_LENGTH)")
-        try:
-            parsed = self._store.sandbox.parse(query, self.engine_settings())
-        except QueryFailed as exc:
-            raise InvalidArgument(f"cannot parse the query: {_message(exc)}") from None
-        tables = check(parsed.ast_json)
+        if _SURROGATES.search(query):
+            raise InvalidArgument("query: not valid Unicode text (it holds lone surrogates); "
+                                  "write bytes that are not UTF-8 as escapes: '\\xff'")
+        parsed = self._parse(query)
+        tables = check(_engine_text(parsed.ast_json))
         if not parsed.round_trip:
             raise InvalidArgument("query is not allowed: ClickHouse formats it into a different query")
-        return PreparedSql(*self.wrap(parsed.formatted, experiment_ids), tables)
+        formatted = _engine_text(parsed.formatted)
+        if _SURROGATES.search(formatted):
+            formatted = self._escaped(formatted, parsed.ast_json)
+        return PreparedSql(*self.wrap(formatted, experiment_ids), tables)
+
+    def _parse(self, query: str) -> Parsed:
+        try:
+            return self._store.sandbox.parse(query, self.engine_settings())
+        except QueryFailed as exc:
+            raise InvalidArgument(f"cannot parse the query: {_message(exc)}") from None
+
+    def _escaped(self, formatted: str, ast_json: str) -> str:
+        """`formatted` with its bytes that are not UTF-8 written as `\\xNN` escapes, which
+        parses to the very AST that was checked (`ast_json`, as the engine returned it)."""
+        escaped = escape_bytes(formatted)
+        if self._parse(escaped).ast_json != ast_json:
+            raise InvalidArgument("query is not allowed: it holds bytes that are not UTF-8 where they cannot "
+                                  "be written as '\\xNN' escapes; build such values with unhex()")
+        return escaped
 
     def wrap(self, formatted: str, experiment_ids: frozenset[str] | None) -> tuple[str, dict[str, Any] | None]:
         """The validated query under the CTEs that define the stable names."""
@@ -199,17 +225,50 @@ class SqlQueries:
 
 
 class SqlAnswer:
-    """The answer of one running query: its Arrow schema, then its record batches."""
+    """The answer of one running query: its Arrow schema, then its record batches.
+
+    Column names are text: a name holding bytes that are not UTF-8 (`SELECT '\\xff'`
+    is named after its literal) gets U+FFFD for each, as values do in JSON and CSV;
+    pyarrow cannot even read such a name, and clients could not either.
+    """
 
     def __init__(self, queries: SqlQueries, session: SqlSession, schema: Any, batches: Iterator[Any]) -> None:
         self._queries = queries
         self._session = session
         self._batches = batches
-        self.schema = schema
+        self.schema = None if schema is None else _text_names(schema)
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         while (batch := await self._session.call(self._queries._next, self._batches)) is not None:
-            yield batch
+            schema = _text_names(batch.schema)
+            yield batch if schema is batch.schema else batch.rename_columns(schema.names)
+
+
+def _text_names(schema: pa.Schema) -> pa.Schema:
+    """`schema`, or a copy whose names that are not UTF-8 have U+FFFD for each bad byte."""
+    fields, renamed = [], False
+    for i in range(len(schema)):
+        field = schema.field(i)
+        try:
+            name = field.name
+        except UnicodeDecodeError as exc:  # pyarrow decodes names strictly; `object` holds the bytes
+            name = bytes(exc.object).decode("utf-8", "replace")
+            field, renamed = field.with_name(name), True
+        fields.append(field)
+    return pa.schema(fields, metadata=schema.metadata) if renamed else schema
+
+
+def _engine_text(value: str) -> str:
+    """A String the parser returned, as text: bytes that are not UTF-8 as lone surrogates.
+
+    clickhouse-connect hands such a value over as the hex of its bytes. The AST JSON
+    always starts with `{` and the formatted query with a keyword or `(`, never as
+    lowercase hex, so the two cannot be confused; surrogateescape keeps one character
+    per byte, so the checker compares names byte for byte.
+    """
+    if not _HEX.fullmatch(value):
+        return value
+    return bytes.fromhex(value).decode("utf-8", "surrogateescape")
 
 
 def _message(exc: StoreError) -> str:

@@ -12,11 +12,18 @@ qualified names (other databases, system.*, information_schema.*), FORMAT,
 INTO OUTFILE, SETTINGS anywhere, query parameters, other statements, and the
 functions in `_DENIED` / `_DENIED_PREFIXES` (those that reach files, the network,
 dictionaries, Join tables, server configuration, or sleep).
+
+Bytes that are not UTF-8 (ClickHouse's `'\\xff'` escapes in literals and quoted
+names) arrive as lone surrogates U+DC80..U+DCFF (Python's surrogateescape): one
+character per byte, so names are still compared byte for byte — two names that
+differ in such a byte stay different — and `escape_bytes` writes them back as
+`\\xNN` in messages. Text that is not JSON is refused, never guessed at.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +51,8 @@ _DENIED_PREFIXES = ("dict", "__", "s3", "hdfs", "azure", "iceberg", "deltalake",
 _IN_FUNCTIONS = frozenset({
     "in", "notin", "globalin", "globalnotin", "nullin", "notnullin", "globalnullin", "globalnotnullin",
 })
+# Lone surrogates: surrogateescape'd bytes (U+DC80..U+DCFF) and any other, never valid text.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 # Friendly names for statement types that are not SELECT.
 _STATEMENTS = {
     "InsertQuery": "INSERT", "AlterQuery": "ALTER", "DropQuery": "DROP / TRUNCATE", "CreateQuery": "CREATE / ATTACH",
@@ -59,9 +68,32 @@ class SqlRefused(InvalidArgument):
 def check(ast_json: str) -> frozenset[str]:
     """Refuse what is not allowed in the parsed query; return the trackhouse tables it reads."""
     try:
+        return _check(ast_json)
+    except SqlRefused as exc:
+        message = escape_bytes(str(exc))
+        if message == str(exc):
+            raise
+        raise SqlRefused(message) from None  # printable: HTTP and gRPC carry UTF-8 only
+
+
+def escape_bytes(text: str) -> str:
+    """`text` with each surrogateescape'd byte written as ClickHouse's escape `\\xNN`
+    (any other lone surrogate as `\\uNNNN`): valid UTF-8, and inside a quoted literal
+    or name the same bytes to ClickHouse's parser."""
+    return _SURROGATES.sub(lambda m: _escape(ord(m[0])), text)
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def _check(ast_json: str) -> frozenset[str]:
+    try:
         root = json.loads(ast_json)
     except RecursionError:
         raise SqlRefused("query is nested too deeply") from None
+    except ValueError:  # not what parseQueryToJSON writes: nothing to check, so nothing runs
+        raise SqlRefused("cannot analyse the query: ClickHouse's parse of it is not JSON") from None
     if not isinstance(root, dict):
         raise SqlRefused("query did not parse to a statement")
     kind = str(root.get("type", ""))
