@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trackhouse.client.batcher import Batcher, BufferState, due_at, is_due
-from trackhouse.client.taken import Rows, Taken
+from trackhouse.client.batcher import Batcher, BufferState, Rows, Taken, due_at, is_due
 from trackhouse.client.wire import encode
 from trackhouse.proto.points import Columns, batch_columns, batch_points
 from trackhouse.proto.v1 import ingest_pb2

@@ -1,8 +1,7 @@
 """Columnar metric buffers, the pure decision of when to send, and batch encoding.
 
 ``Batcher`` owns the process's not-yet-sent points. A log call appends one *row*
-— (key set id, step, timestamp, values: a tuple of the call's own ``float``, ``int`` and
-``bool`` objects, immutable, which ``take`` packs into native doubles),
+— (key set id, step, timestamp, values as native doubles packed by ``row_packer``),
 the key set being a run and its key block, interned once by ``key_set`` — to the
 shared list ``rows`` with one ``list.append`` and no lock: ``Run.log_metrics``
 does it inline (one Python frame for the call, see ``run.py``),
@@ -11,10 +10,9 @@ atomic, only this module's consumer side removes rows, and it removes a prefix i
 has copied (``rows[:n]``, then ``del rows[:n]``) while holding the lock, so a row
 appended meanwhile by any thread stays for the next take. The call runs with caches
 cold (after a training step), where cost follows the distinct code and data it
-touches more than its operation count: no lock, no counters, one tuple, and no
-``struct`` pack (its module's code is cold after a step: packing the values at the call
-cost it ~1.5–4 µs more than checking them with ``sum``, and packing the step and timestamp
-too ~2 µs more again: docs/benchmarks.md). Producers call ``first_row`` only when they made the list
+touches more than its operation count: no lock, no counters, one tuple (packing the
+step and timestamp too, as int64, costs the cold call ~2 µs more: measured,
+docs/benchmarks.md). Producers call ``first_row`` only when they made the list
 non-empty (to arm the interval). Vectorized calls copy numpy chunks into an arena
 under the lock. Runs and keys are interned once for the life of the process: a
 ``Run`` keeps the id and key block of the key sets it logs, so it never looks a key
@@ -24,8 +22,7 @@ up again.
 path, a C-level pass over the rows per field (they are cold by then, and each read
 of one costs cache misses, so nothing else reads them: not even to count points
 while every key set has one width): the rows stay rows (``Rows``: each row's step,
-timestamp and values, its key set named once; the values packed by one ``struct`` pack
-per row, in C; they travel in the row form of
+timestamp and values, its key set named once; they travel in the row form of
 ingest.proto, a third of the bytes of a point per key), the chunks become
 ``Columns`` (numpy); ``wire.encode`` serializes both.
 
@@ -43,6 +40,9 @@ counts exactly and also wakes on the interval.
 
 from __future__ import annotations
 
+import functools
+import operator
+import struct
 import threading
 import time
 from array import array
@@ -54,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.client.errors import UsageError
-from trackhouse.client.taken import Chunk, Row, RunKeys, Taken, columns, gather
+from trackhouse.proto.points import Columns
 
 _CLOSED = "the client is closed; create a new one with trackhouse.client.connect()"
 
@@ -67,6 +67,72 @@ class BufferState:
     oldest: float | None
 
 
+_KeySet = tuple[int, "array[int]"]  # run slot, key block
+
+
+@functools.lru_cache(maxsize=64)
+def row_packer(width: int) -> Callable[..., bytes]:
+    """``pack(*values)``: a row's ``width`` values as native doubles (``PyFloat_AsDouble``
+    per value: what ``float()`` takes, strings refused, with ``struct.error``)."""
+    return struct.Struct(f"{width}d").pack
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows taken from the buffer, as they travel: row i is of key set ``sets[row_sets[i]]``
+    (``sets[0]`` when ``row_sets`` is None); ``values`` holds every row's values, a value per
+    key of its set, row after row."""
+
+    sets: tuple[_KeySet, ...]
+    row_sets: npt.NDArray[np.uint32] | None
+    steps: npt.NDArray[np.int64]
+    timestamps: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]  # every row's values, row after row (native doubles)
+    points: int
+
+    def split(self, limit: int) -> list[Rows]:
+        """Consecutive runs of whole rows of at most ``limit`` points (a wider row goes alone)."""
+        if self.points <= limit:
+            return [self]
+        widths = np.array([len(block) for _, block in self.sets], np.int64)
+        ends = np.cumsum(widths[self.row_sets] if self.row_sets is not None else np.full(len(self.steps), widths[0]))
+        parts, start, done = [], 0, 0
+        while start < len(ends):
+            stop = max(start + 1, int(np.searchsorted(ends, done + limit, side="right")))
+            sets, row_sets = self._sets_of(start, stop)
+            parts.append(Rows(sets, row_sets, self.steps[start:stop], self.timestamps[start:stop],
+                              self.values[done : int(ends[stop - 1])], int(ends[stop - 1]) - done))
+            start, done = stop, int(ends[stop - 1])
+        return parts
+
+    def _sets_of(self, start: int, stop: int) -> tuple[tuple[_KeySet, ...], npt.NDArray[np.uint32] | None]:
+        """The key sets rows ``start:stop`` use, and their rows' indices into them: a part names only
+        its own runs and keys (the server checks every run a batch names)."""
+        if self.row_sets is None:
+            return self.sets, None
+        part = self.row_sets[start:stop]
+        used = np.unique(part)
+        sets = tuple(self.sets[i] for i in used)
+        return sets, None if len(used) == 1 else np.searchsorted(used, part).astype(np.uint32)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What one ``take`` removed: rows, vectorized chunks as columns, or both."""
+
+    rows: Rows | None
+    columns: Columns | None
+
+    def __len__(self) -> int:
+        return (self.rows.points if self.rows is not None else 0) + (len(self.columns) if self.columns else 0)
+
+    def split(self, limit: int) -> list[Taken]:
+        """Parts of at most ``limit`` points (a row wider than that alone), rows first."""
+        if len(self) <= limit:
+            return [self]
+        rows = self.rows.split(limit) if self.rows is not None else []
+        cols = self.columns.split(limit) if self.columns is not None else []
+        return [Taken(r, None) for r in rows] + [Taken(None, c) for c in cols]
 
 
 def is_due(state: BufferState, now: float, *, max_points: int, interval: float, forced: bool) -> bool:
@@ -85,6 +151,10 @@ def due_at(state: BufferState, *, interval: float) -> float | None:
     return state.oldest + interval
 
 
+_Chunk = tuple[int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64] | int", "npt.NDArray[np.float64]"]
+# run, key, steps, timestamp(s), values
+_Row = tuple[int, int, int, bytes]  # key set id, step, timestamp, values
+_SET, _STEP, _STAMP, _VALUES = (operator.itemgetter(i) for i in range(4))
 _array = array
 _ARENA_MIN = 1 << 20  # values; the arena of vectorized calls starts at 16 MiB (steps + values)
 _ARENA_KEEP = 1 << 23  # arenas up to this many values are recycled, larger ones freed
@@ -122,12 +192,12 @@ class Batcher:
         self._run_slots: dict[str, int] = {}
         self._key_slots: dict[str, int] = {}
         self._set_ids: dict[tuple[int, bytes], int] = {}
-        self._sets: list[RunKeys] = []  # by key set id
+        self._sets: list[_KeySet] = []  # by key set id
         # The width of every key set interned so far when they all have one width (then every row
         # has it: a key set is interned before its first row), 0 once a second width came.
         self._width: int | None = None
         self.accepting = True
-        self.rows: list[Row] = []  # shared with producers (``Run``): they only ever append
+        self.rows: list[_Row] = []  # shared with producers (``Run``): they only ever append
         self._done = 0  # points taken or discarded so far
         self._arena: _Arena | None = None
         self._spare: _Arena | None = None  # recycled by the sender once it has encoded a take
@@ -138,7 +208,7 @@ class Batcher:
         """Counters of an empty buffer (lock held; rows are removed by the caller)."""
         self._counted_rows = self._counted_points = 0
         self._fill = 0
-        self._chunks: list[Chunk] = []
+        self._chunks: list[_Chunk] = []
         self._chunk_points = 0
         self._oldest: float | None = None
 
@@ -148,7 +218,7 @@ class Batcher:
             if self._width:  # no row to touch
                 self._counted_points += (n - self._counted_rows) * self._width
             else:
-                self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]])
+                self._counted_points += sum([len(row[3]) for row in self.rows[self._counted_rows : n]]) >> 3
             self._counted_rows = n
         return self._counted_points
 
@@ -212,7 +282,7 @@ class Batcher:
             raise UsageError("a row needs at least one metric")
         if len(vals) != n:  # a mapping changed size under us: keep columns aligned
             raise ValueError("the metrics mapping changed while it was logged")
-        row = (self.key_set(run, block), step, timestamp, tuple(vals))
+        row = (self.key_set(run, block), step, timestamp, vals.tobytes())
         rows = self.rows
         rows.append(row)
         fill = self._fill + n  # an estimate (racing producers may lose an update, a racing take may
@@ -254,7 +324,7 @@ class Batcher:
                 return True
             return before < self._max_points <= before + n
 
-    def _remove(self) -> tuple[list[Row], list[Chunk], int]:
+    def _remove(self) -> tuple[list[_Row], list[_Chunk], int]:
         """Every buffered row and chunk and their points, out of the buffer (lock held)."""
         n = len(self.rows)
         points = self._row_points(n) + self._chunk_points
@@ -274,7 +344,7 @@ class Batcher:
             if self._arena is not None and self._arena.used:
                 self._lent, self._arena = self._arena, self._spare
                 self._spare = None
-        return Taken(gather(rows, self._sets) if rows else None, columns(chunks) if chunks else None)
+        return Taken(_gather(rows, self._sets) if rows else None, _columns(chunks) if chunks else None)
 
     def recycle(self) -> None:
         """The columns of the last ``take`` are no longer used (encoded): reuse their memory."""
@@ -302,3 +372,26 @@ class Batcher:
         self._done = 0
 
 
+def _gather(rows: list[_Row], sets: list[_KeySet]) -> Rows:
+    """The rows as columns, a C-level pass per field (``zip(*rows)`` makes an iterator per row:
+    3x slower on rows gone cold, docs/benchmarks.md). ``sets`` is read after the rows were removed: a key set is
+    interned before its first row, so one key set in the process means one here."""
+    n = len(rows)
+    steps, stamps = (np.fromiter(map(field, rows), np.int64, n) for field in (_STEP, _STAMP))
+    values = np.frombuffer(b"".join(map(_VALUES, rows)), np.float64)
+    if len(sets) == 1:
+        return Rows((sets[0],), None, steps, stamps, values, len(values))
+    ids = np.fromiter(map(_SET, rows), np.int64, n)
+    if ids.min() == ids.max():
+        return Rows((sets[int(ids[0])],), None, steps, stamps, values, len(values))
+    used, row_sets = np.unique(ids, return_inverse=True)
+    return Rows(tuple(sets[int(i)] for i in used), row_sets.astype(np.uint32), steps, stamps, values, len(values))
+
+
+def _columns(chunks: list[_Chunk]) -> Columns:
+    parts = []
+    for run_, key, steps_, ts, vals in chunks:
+        n = len(vals)
+        stamps = np.full(n, ts, np.int64) if isinstance(ts, int) else ts
+        parts.append(Columns(np.full(n, run_, np.uint32), np.full(n, key, np.uint32), steps_, stamps, vals))
+    return Columns.concat(parts)

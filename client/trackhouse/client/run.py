@@ -6,23 +6,19 @@ the values of the last key set logged read from a ``dict`` of as many keys by on
 ``operator.itemgetter`` (in the set's order, whatever the dict's; a missing key
 means another key set; a dict subclass, whose ``__missing__`` could invent a
 value, takes the general path, which compares ``tuple(metrics)`` with the set's
-keys), the values checked by one ``sum(values, 0.0)`` in C — a ``float`` result
-means every value is a Python ``float``, ``int`` or ``bool``, immutable, so the
-tuple of them is kept as it is and packed into doubles by the sender (anything
-else, a numpy scalar or a tensor, takes the slow path and is converted there, at
-the call) — and one ``list.append`` of the row
+keys), the values converted and checked by one precompiled
+``struct`` pack in C (``PyFloat_AsDouble`` per value: what ``float()`` takes,
+strings refused), and one ``list.append`` of the row
 ``(key set id, step, timestamp, values)`` to the batcher's shared row list —
 no lock (see ``batcher.py``), no call into the batcher except on the first row of
 an empty buffer and when the buffer fills (to wake the sender). Anything unusual
-(a new key set, a value ``sum`` refuses or that is not a plain number) takes the
-slow path, which validates value by value and says what is wrong; a bad call
-appends nothing.
+(a new key set, a value ``struct`` refuses) takes the slow path, which validates
+value by value and says what is wrong; a bad call appends nothing.
 
-Why one frame and ``sum`` (measured, ``loadtests/client_call_ab.py``,
-docs/benchmarks.md): right after a training step the call runs with caches cold,
-and there a second frame, the batcher's bookkeeping, ``array("d", ...)`` (which
-parses a format string per value) and a ``struct`` pack (code in another module,
-cold: 1.5–4 µs more than ``sum``) cost more than the values themselves.
+Why one frame and ``struct`` (measured, ``loadtests/client_call_ab.py``): right
+after a training step the call runs with caches cold, and there a second frame,
+the batcher's bookkeeping and ``array("d", ...)`` (which parses a format string
+per value) cost more than the values themselves.
 
 Params, tags and the final status go through the client (``Client._submit``),
 which spools them when the server is away or the client is offline, and then
@@ -42,7 +38,7 @@ from typing import TYPE_CHECKING, Any, SupportsFloat, SupportsIndex, cast
 import numpy as np
 import numpy.typing as npt
 
-from trackhouse.client.batcher import Batcher
+from trackhouse.client.batcher import Batcher, row_packer
 from trackhouse.client.errors import UsageError
 from trackhouse.proto.rules import MAX_BATCH_KEYS, key_problem, timestamps_problem
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
@@ -61,8 +57,10 @@ _time_ns = time.time_ns
 _NO_KEYS = (object(),)  # the key set of a Run that has logged nothing yet
 
 
-# get(mapping) -> its values in the key set's order, key set id, rows that fill a batch, key block, keys, width
-_KeySet = tuple[Callable[[Any], tuple[Any, ...]], int, int, "array[int]", tuple[object, ...], int]
+# get(mapping) -> its values in the key set's order, key set id, pack(*values), rows that fill a batch,
+# key block, keys, width
+_KeySet = tuple[Callable[[Any], tuple[Any, ...]], int, Callable[..., bytes], int, "array[int]",
+                tuple[object, ...], int]
 
 
 def now_ms() -> int:
@@ -162,7 +160,7 @@ class Run:
         # No mapping has -1 keys, and none's keys equal _NO_KEYS (it holds an object only this
         # module has), so the first call always switches, and its keys are checked (an empty
         # mapping is refused there).
-        self._current: _KeySet = (tuple, -1, 1, array("I"), _NO_KEYS, -1)
+        self._current: _KeySet = (tuple, -1, row_packer(0), 1, array("I"), _NO_KEYS, -1)
         self._status_sent = False
 
     def __repr__(self) -> str:
@@ -189,13 +187,10 @@ class Run:
             step = check_int("step", step)
         ts = _time_ns() // 1_000_000 if timestamp is None else check_timestamp(timestamp)
         current = self._current
-        if type(metrics) is dict and len(metrics) == current[5]:  # not a subclass: no __missing__
+        if type(metrics) is dict and len(metrics) == current[6]:  # not a subclass: no __missing__
             try:  # the current key set's values, in its order: a KeyError if a key is not there
-                values = current[0](metrics)
-                plain = type(sum(values, 0.0)) is float  # all floats, ints, bools (see the module docstring)
-            except Exception:  # another key set as long, or a value that is not a number
-                plain = False
-            if not plain:
+                values = current[2](*current[0](metrics))
+            except Exception:  # another key set as long, or a value struct refused
                 current, values = self._other(metrics)
         else:
             current, values = self._other(metrics)
@@ -203,8 +198,8 @@ class Run:
         rows = self._rows
         rows.append(row)
         count = len(rows)
-        if count < 3 or count >= current[2]:  # not ==: rows of other key sets may pass it by
-            self._arm(row, count >= current[2])
+        if count < 3 or count >= current[3]:  # not ==: rows of other key sets may pass it by
+            self._arm(row, count >= current[3])
 
     def _arm(self, row: object, full: bool) -> None:
         """After an append that may have made the buffer non-empty (``len(rows)`` 1, or 2 when
@@ -223,40 +218,37 @@ class Run:
                                  f"of keys in a batch), got {len(keys)}")
             block = self._batcher.intern_keys([check_key(k, self._prefix) for k in keys])
             get = operator.itemgetter(*keys) if len(keys) > 1 else lambda m, k=keys[0]: (m[k],)
-            found = (get, self._batcher.key_set(self._slot, block), max(1, self._max_points // len(block)), block,
-                     keys, len(keys))
+            found = (get, self._batcher.key_set(self._slot, block), row_packer(len(block)),
+                     max(1, self._max_points // len(block)), block, keys, len(keys))
             if len(self._sets) >= _MAX_KEY_SETS:
                 self._sets.clear()
             self._sets[keys] = found
         self._current = found  # one store: a racing call reads the old set or this one, whole
         return found
 
-    def _other(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, tuple[float, ...]]:
+    def _other(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, bytes]:
         """A call the fast path did not take: another key set, a mapping that is not a ``dict``
-        (its keys are read in its order), or values that are not all plain numbers (``_checked``
-        converts them, or says which is wrong)."""
+        (its keys are read in its order), or a value ``struct`` refused (``_checked`` says which)."""
         keys = tuple(metrics)
         current = self._current
-        if keys != current[4]:
+        if keys != current[5]:
             current = self._switch(keys)  # a bad key raises its UsageError here
-        values: tuple[Any, ...] = tuple(metrics.values())
         try:
-            if type(sum(values, 0.0)) is float and len(values) == current[5]:
-                return current, values
-        except Exception:  # not a number: _checked says which
-            pass
-        return self._checked(metrics)
+            return current, current[2](*metrics.values())
+        except Exception:
+            return self._checked(metrics)
 
-    def _checked(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, tuple[float, ...]]:
+    def _checked(self, metrics: Mapping[str, SupportsFloat]) -> tuple[_KeySet, bytes]:
         items = list(metrics.items())  # one snapshot: keys and values agree
-        values = tuple([check_metric(k, v) for k, v in items])
-        return self._switch(tuple(k for k, _ in items)), values
+        values = [check_metric(k, v) for k, v in items]
+        current = self._switch(tuple(k for k, _ in items))
+        return current, current[2](*values)
 
     def _block_of(self, key: str) -> array[int]:
         found = self._sets.get((key,)) if type(key) is str else None
         if found is None:
             found = self._switch((check_key(key),))
-        return found[3]
+        return found[4]
 
     def log_array(self, key: str, steps: npt.ArrayLike, values: npt.ArrayLike, *,
                   timestamps: npt.ArrayLike | None = None) -> None:

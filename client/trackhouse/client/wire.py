@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from trackhouse.client.taken import Taken
+from trackhouse.client.batcher import Taken
 from trackhouse.proto.rules import MAX_BATCH_KEYS, MAX_BATCH_RUNS
 
 
