@@ -146,20 +146,20 @@ def test_one_run_keeps_min_and_max_of_every_bucket(env: Env, buckets: int, lo: i
         assert np.count_nonzero(np.frombuffer(s.min_values, "<f8") == -1e6) >= 1
 
 
-@pytest.mark.parametrize(("lo", "hi", "n", "level"), [
-    (0, 4_999, 100, 10),  # buckets of 50 steps from 0: cells of 10
-    (-1_000, 3_999, 5, 1_000),  # buckets of 1,000 steps: the coarse cells
-    (-100, 4_999, 51, 10),
-    (-95, 4_999, 51, 0),  # a bound inside a cell: points beyond it would count
-    (0, 999_999, 1_000, 1_000),  # the benchmark's 1M-point series
-    (0, 9_999, 1_000, 10),  # the benchmark's chart
-    (-100, 4_999, 1_000, 0),  # buckets of 5.1 steps: points
-    (0, 999, 1, 1_000),  # one bucket of whole cells
-    (3, 3, 1, 0),  # one bucket inside a cell: that cell reaches past it
-    (5, 1_994, 2, 0),  # bucket 1 starts at 1,000, but the cells at either end reach past [lo, hi]
+@pytest.mark.parametrize(("lo", "hi", "n", "given", "level"), [
+    (0, 4_999, 100, (True, True), 10),  # buckets of 50 steps from 0: cells of 10
+    (-1_000, 3_999, 5, (True, True), 1_000),  # buckets of 1,000 steps: the coarse cells
+    (-100, 4_999, 51, (False, False), 10),  # bounds from the data need not fall on cells
+    (-100, 4_999, 51, (True, True), 10),
+    (-95, 4_999, 51, (True, False), 0),  # a given bound inside a cell: points beyond it count
+    (0, 999_999, 1_000, (False, False), 1_000),  # the benchmark's 1M-point series
+    (0, 9_999, 1_000, (False, False), 10),  # the benchmark's chart
+    (-100, 4_999, 1_000, (False, False), 0),  # buckets of 5.1 steps: points
+    (3, 3, 1, (False, False), 1_000),  # one bucket: any cell lies inside it
 ])
-def test_rollup_level_only_when_every_bucket_is_whole_cells(lo: int, hi: int, n: int, level: int) -> None:
-    assert rollup_level(lo, hi, n) == level
+def test_rollup_level_only_when_every_bucket_is_whole_cells(
+        lo: int, hi: int, n: int, given: tuple[bool, bool], level: int) -> None:
+    assert rollup_level(lo, hi, n, *given) == level
 
 
 def test_chart_of_a_hundred_runs_shares_one_step_range(env: Env) -> None:
@@ -238,14 +238,14 @@ def _steps(first: int, last: int) -> Points:
 @pytest.mark.parametrize(("first", "last", "buckets", "lo", "hi"), [
     (0, 999, 10, None, None),  # buckets of whole cells (g=10): the rollup
     (0, 999, 7, None, None),  # buckets of 142.9 steps: the points
-    (5, 1_994, 2, None, None),  # found bounds inside cells of 1,000: they must not reach past them
     (0, 999, 10, 0, None),  # one bound given: the other found from the points
     (0, 999, 10, None, 999),
 ])
 def test_points_logged_between_the_two_reads_stay_out_of_the_chart(
         store: Store, monkeypatch: pytest.MonkeyPatch, first: int, last: int, buckets: int,
         lo: int | None, hi: int | None) -> None:
-    """The step range is found by a first read; points logged before the second read lie outside it."""
+    """The step range is found by a first read; points logged before the second read lie outside it
+    and are left out (found bounds on cell boundaries here: see the next test otherwise)."""
     old = _steps(first, last)
     _insert(store, ["live"], "loss", [old])
     read_rows = store.query_rows
@@ -269,6 +269,28 @@ def test_points_logged_between_the_two_reads_stay_out_of_the_chart(
     expected = expected_buckets(old, buckets, first, last)
     _same({int(b): (int(a), float(v), int(c), float(w), int(n)) for b, a, v, c, w, n in zip(
         s.bucket, s.min_step, s.min_value, s.max_step, s.max_value, s.count, strict=True)}, expected)
+
+
+def test_points_logged_between_the_reads_stay_in_the_buckets_when_an_edge_cell_reaches_past_the_range(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found bounds inside cells of 1,000 (steps 5..1,994, 2 buckets): the rollup is kept, so the edge
+    cells may count points logged since the range was read, in the edge buckets, never outside 0..N-1."""
+    old = _steps(5, 1_994)
+    _insert(store, ["live"], "loss", [old])
+    read_rows = store.query_rows
+
+    def then_log_more(*args: Any, **kwargs: Any) -> Any:
+        rows = read_rows(*args, **kwargs)
+        monkeypatch.setattr(store, "query_rows", read_rows)
+        _insert(store, ["live", "live"], "loss", [_steps(1_995, 2_594), _steps(-595, 4)])
+        return rows
+
+    monkeypatch.setattr(store, "query_rows", then_log_more)
+    got = MetricCharts(store, QuerySettings()).buckets(BucketRequest(("live",), "loss", buckets=2))
+    assert (got.lo, got.hi) == (5, 1_994)
+    [s] = got.series
+    assert sorted(s.bucket.tolist()) == [0, 1]
+    assert int(s.count.sum()) == len(old.steps) + 5 + 5  # steps 0..4 and 1,995..1,999 share the edge cells
 
 
 @pytest.mark.parametrize(("kwargs", "fragment"), [

@@ -96,13 +96,15 @@ def _range_where(run_ids: tuple[str, ...], min_step: int | None, max_step: int |
     return " AND ".join(where), params
 
 
-def rollup_level(lo: int, hi: int, n: int) -> int:
+def rollup_level(lo: int, hi: int, n: int, lo_given: bool, hi_given: bool) -> int:
     """The widest rollup cell whose boundaries every bucket boundary falls on (0: none).
 
-    Bucket i starts at lo + ceil(i * width / n). Cells are [c*g, c*g + g). lo and hi + 1
-    must be cell boundaries too, whether the caller gave them or a first read found them:
-    a cell reaching past [lo, hi] would bring in points beyond it (those the caller left
-    out, or those logged after the range was found).
+    Bucket i starts at lo + ceil(i * width / n). Cells are [c*g, c*g + g). A bound the
+    caller gave must be a cell boundary too (points beyond it exist and must not count);
+    a bound found from the data need not be: only points logged since that read lie
+    beyond it, and the cell at that end may count them (in the bucket at that end, never
+    outside 0..N-1). Requiring it too would read every raw point for most live charts,
+    whose last step is rarely a multiple of a cell.
     """
     width = hi - lo + 1
     if width * n >= 2**62 or lo < -(2**62):  # cells use Int64 arithmetic (cell * g, (step - lo) * n)
@@ -110,7 +112,7 @@ def rollup_level(lo: int, hi: int, n: int) -> int:
     i = np.arange(1, n, dtype=np.int64)
     starts = lo - (-(i * width) // n)
     for g in reversed(ROLLUP_LEVELS):
-        if lo % g or (hi + 1) % g:
+        if (lo_given and lo % g) or (hi_given and (hi + 1) % g):
             continue
         if not np.any(starts % g):
             return g
@@ -193,7 +195,7 @@ class MetricCharts:
         if hi < lo:
             raise InvalidArgument(f"min_step {lo} is greater than max_step {hi}")
         params.update(b_lo=lo, b_width=hi - lo + 1, b_n=req.buckets)
-        g = rollup_level(lo, hi, req.buckets)
+        g = rollup_level(lo, hi, req.buckets, req.min_step is not None, req.max_step is not None)
         sql = self._cells_sql(where, g) if g else self._points_sql(where, lo, hi, req.buckets)
         return Buckets(_split((yield Arrow(sql, params)), ids), lo, hi)
 
