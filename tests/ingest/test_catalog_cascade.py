@@ -81,11 +81,12 @@ class Rig:
     async def assert_writable(self, writable: bool) -> None:
         """What a metric batch is told, from the catalog's cache, for each run."""
         for run_id in self.run_ids:
+            runs = await self.catalog.find_metric_runs([run_id])
             if writable:
-                await self.catalog.check_metric_runs([run_id])
+                self.catalog.check_runs_writable([run_id], runs)
             else:
                 with pytest.raises(FailedPrecondition):
-                    await self.catalog.check_metric_runs([run_id])
+                    self.catalog.check_runs_writable([run_id], runs)
 
 
 def run_with_rig(store: Store, monkeypatch: pytest.MonkeyPatch,

@@ -356,13 +356,6 @@ class Catalog:
         await self.writable_run(run_id)
         await self._store.call(self._store.put_tags, run_id, list(tags))
 
-    async def check_metric_runs(self, run_ids: Sequence[str], allowed: frozenset[str] | None = None) -> None:
-        """Raise unless every run exists and accepts writes (for a metric batch).
-
-        `allowed`: the caller's experiments (None: all); a run outside them is not found.
-        """
-        self.check_runs_writable(run_ids, await self.find_metric_runs(run_ids, allowed))
-
     async def find_metric_runs(self, run_ids: Sequence[str], allowed: frozenset[str] | None = None
                                ) -> dict[str, RunRecord]:
         """The runs a metric batch names; NotFound unless each exists (and is one of `allowed`'s)."""

@@ -29,6 +29,7 @@ MAX_KEY_LENGTH = 250
 # Timestamps are ms since the epoch: from 1970 to the year 3000.
 MAX_TIMESTAMP_MS = 32_503_680_000_000
 TIMESTAMP_RANGE = f"[0, {MAX_TIMESTAMP_MS}] (milliseconds since the epoch, up to year 3000)"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # steps, timestamps and every other integer on the wire
 # The service's default limits of a metric batch (IngestSettings.max_batch_keys / max_batch_points).
 MAX_BATCH_KEYS = 10_000
 MAX_BATCH_POINTS = 1_000_000

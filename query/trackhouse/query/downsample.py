@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from trackhouse.proto.rules import INT64_MAX, INT64_MIN
 from trackhouse.query.errors import InvalidArgument
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store
@@ -76,9 +77,6 @@ class ExportRequest:
     keys: tuple[str, ...] = ()  # empty: every key
     min_step: int | None = None
     max_step: int | None = None
-
-
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _range_where(run_ids: tuple[str, ...], min_step: int | None, max_step: int | None) -> tuple[str, dict[str, Any]]:

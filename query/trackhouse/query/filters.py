@@ -56,6 +56,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias
 
+from trackhouse.proto.rules import INT64_MAX, INT64_MIN
 from trackhouse.store.errors import QueryFailed
 from trackhouse.store.schema import check_identifier, latest_value
 
@@ -83,7 +84,6 @@ ALL_OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "ILIKE", "IN", "NOT IN")
 DEFAULT_MAX_LENGTH = 10_000
 MAX_DEPTH = 50  # nesting of parentheses; keeps recursion far from Python's limit
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class FilterError(ValueError):
@@ -372,7 +372,7 @@ class _FilterParser(Parser):
             # raises (Python's int max_str_digits) and float(int) overflows: go through float.
             digits = token.text.lstrip("+-").lstrip("0")
             number = int(token.text) if len(digits) <= 19 else float(token.text)
-            return number if isinstance(number, float) or _INT64_MIN <= number <= _INT64_MAX else float(number)
+            return number if isinstance(number, float) or INT64_MIN <= number <= INT64_MAX else float(number)
         self.fail(token, "a value: a quoted string or a number")
 
     def value_list(self) -> tuple[str, ...]:
@@ -524,7 +524,7 @@ def condition(column: str, c: Comparison, binder: Binder, number_type: str = "")
             return f"{c.op.lower()}({column}, {placeholder})"
         return f"{column} {c.op} {placeholder}"
     if not number_type:
-        in_int64 = isinstance(c.value, int) and _INT64_MIN <= c.value <= _INT64_MAX
+        in_int64 = isinstance(c.value, int) and INT64_MIN <= c.value <= INT64_MAX
         number_type = "Int64" if in_int64 else "Float64"
     value = float(c.value) if number_type == "Float64" else c.value
     return f"{column} {c.op} {binder.bind(value, number_type)}"

@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from trackhouse.query.errors import Busy, InvalidArgument, ResourceExhausted
 from trackhouse.query.settings import QuerySettings
-from trackhouse.query.sqlcheck import TABLES, check, escape_bytes
+from trackhouse.query.sqlcheck import SURROGATES, TABLES, check, escape_bytes
 from trackhouse.store import QueryFailed, Store, StoreError
 from trackhouse.store.sandbox import Parsed, SqlSession
 from trackhouse.store.schema import latest_step, latest_timestamp, latest_value
@@ -78,7 +78,6 @@ _MEMORY = frozenset({241})  # MEMORY_LIMIT_EXCEEDED
 _COMPLEXITY = frozenset({167, 168, 306})  # TOO_DEEP_AST, TOO_BIG_AST, TOO_DEEP_RECURSION
 # What clickhouse-connect returns for a String value that is not UTF-8: its bytes in hex.
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
-_SURROGATES = re.compile("[\ud800-\udfff]")
 _CH_MESSAGE = re.compile(r"DB::Exception: (.*?)(?: \(version [^)]*\))?\.?$", re.S)
 
 
@@ -115,7 +114,7 @@ class SqlQueries:
         if len(query) > self.settings.sql_max_query_length:
             raise InvalidArgument(f"query of {len(query)} characters; the limit is "
                                   f"{self.settings.sql_max_query_length} (TRACKHOUSE_QUERY_SQL_MAX_QUERY_LENGTH)")
-        if _SURROGATES.search(query):
+        if SURROGATES.search(query):
             raise InvalidArgument("query: not valid Unicode text (it holds lone surrogates); "
                                   "write bytes that are not UTF-8 as escapes: '\\xff'")
         parsed = self._parse(query)
@@ -123,7 +122,7 @@ class SqlQueries:
         if not parsed.round_trip:
             raise InvalidArgument("query is not allowed: ClickHouse formats it into a different query")
         formatted = _engine_text(parsed.formatted)
-        if _SURROGATES.search(formatted):
+        if SURROGATES.search(formatted):
             formatted = self._escaped(formatted, parsed.ast_json)
         return PreparedSql(*self.wrap(formatted, experiment_ids), tables)
 

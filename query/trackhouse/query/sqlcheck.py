@@ -52,7 +52,7 @@ _IN_FUNCTIONS = frozenset({
     "in", "notin", "globalin", "globalnotin", "nullin", "notnullin", "globalnullin", "globalnotnullin",
 })
 # Lone surrogates: surrogateescape'd bytes (U+DC80..U+DCFF) and any other, never valid text.
-_SURROGATES = re.compile("[\ud800-\udfff]")
+SURROGATES = re.compile("[\ud800-\udfff]")
 # Friendly names for statement types that are not SELECT.
 _STATEMENTS = {
     "InsertQuery": "INSERT", "AlterQuery": "ALTER", "DropQuery": "DROP / TRUNCATE", "CreateQuery": "CREATE / ATTACH",
@@ -80,7 +80,7 @@ def escape_bytes(text: str) -> str:
     """`text` with each surrogateescape'd byte written as ClickHouse's escape `\\xNN`
     (any other lone surrogate as `\\uNNNN`): valid UTF-8, and inside a quoted literal
     or name the same bytes to ClickHouse's parser."""
-    return _SURROGATES.sub(lambda m: _escape(ord(m[0])), text)
+    return SURROGATES.sub(lambda m: _escape(ord(m[0])), text)
 
 
 def _escape(code: int) -> str:

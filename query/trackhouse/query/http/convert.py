@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from trackhouse.proto.rules import INT64_MAX, INT64_MIN
 from trackhouse.proto.v1 import ingest_pb2
 from trackhouse.query.http.errors import invalid
 from trackhouse.store import ExperimentRecord, RunDetails, RunRecord
 
 RUN_NAME_TAG = "mlflow.runName"
 Body = Mapping[str, Any]
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 # -- request fields ----------------------------------------------------------------------
