@@ -36,7 +36,11 @@ def test_metrics_count_points_flushes_and_rejections(http_server: ServerThread) 
             key_index=np.zeros(n, "<u4").tobytes(), steps=np.arange(n, dtype="<i8").tobytes(),
             timestamps=np.full(n, 1, "<i8").tobytes(), values=np.ones(n, "<f8").tobytes(),
         )
-        bad = ingest_pb2.MetricBatch(writer_id="w", seq=2, run_ids=["nope"], keys=["loss"])
+        bad = ingest_pb2.MetricBatch(  # one point of a run that does not exist
+            writer_id="w", seq=2, run_ids=["nope"], keys=["loss"], key_index=np.zeros(1, "<u4").tobytes(),
+            steps=np.zeros(1, "<i8").tobytes(), timestamps=np.ones(1, "<i8").tobytes(),
+            values=np.ones(1, "<f8").tobytes(),
+        )
         acks = list(stub.StreamMetrics(iter([good, bad])))
     assert [a.status for a in acks] == [ingest_pb2.STORED, ingest_pb2.REJECTED]
     content_type, text = _get(http_server, "/metrics")
