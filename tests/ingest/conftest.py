@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -64,3 +65,29 @@ def run_id(ingest: Any) -> str:
     run = ingest.CreateRun(ingest_pb2.CreateRunRequest(
         run_name="r", params=[common_pb2.Param(key="lr", value="0.1")]))
     return str(run.run_id)
+
+
+class Stream:
+    """One StreamMetrics call whose requests a test sends one at a time (``timeout``: the call's
+    deadline, so a missing answer fails the test instead of hanging it)."""
+
+    def __init__(self, stub: Any, timeout: float = 30.0) -> None:
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._call = stub.StreamMetrics(iter(self._requests.get, None), timeout=timeout)
+
+    def send(self, batch: Any) -> None:
+        self._requests.put(batch)
+
+    def ack(self) -> Any:
+        return next(self._call)
+
+    def close(self) -> list[Any]:
+        """Half-close; return the acks still to come."""
+        self._requests.put(None)
+        return list(self._call)
+
+
+@pytest.fixture
+def open_stream() -> type[Stream]:
+    """``Stream``, for a test to open one or more: ``open_stream(stub)``."""
+    return Stream

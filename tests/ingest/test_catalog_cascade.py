@@ -78,6 +78,14 @@ class Rig:
         assert rec is not None
         return rec.lifecycle_stage
 
+    async def set_stage_cut_short_then_again(self, stage: str) -> Any:
+        """``set_experiment_stage`` failed by the store after two writes, then retried."""
+        self.writes.allow = 2
+        with pytest.raises(StoreUnavailable, match="injected"):
+            await self.catalog.set_experiment_stage(self.experiment_id, stage)
+        self.writes.allow = None
+        return await self.catalog.set_experiment_stage(self.experiment_id, stage)
+
     async def assert_writable(self, writable: bool) -> None:
         """What a metric batch is told, from the catalog's cache, for each run."""
         for run_id in self.run_ids:
@@ -127,11 +135,7 @@ def test_a_delete_interrupted_midway_completes_on_retry(store: Store, monkeypatc
     other runs (not return early because the experiment is already deleted)."""
 
     async def test(rig: Rig) -> None:
-        rig.writes.allow = 2
-        with pytest.raises(StoreUnavailable, match="injected"):
-            await rig.catalog.set_experiment_stage(rig.experiment_id, DELETED)
-        rig.writes.allow = None
-        retried = await rig.catalog.set_experiment_stage(rig.experiment_id, DELETED)
+        retried = await rig.set_stage_cut_short_then_again(DELETED)
         assert retried.lifecycle_stage == DELETED and rig.experiment_stage() == DELETED
         assert rig.stages() == [DELETED] * RUNS, "runs left active in a deleted experiment"
         await rig.assert_writable(False)
@@ -149,11 +153,7 @@ def test_a_restore_interrupted_midway_completes_on_retry(store: Store, monkeypat
         await rig.catalog.set_run_stage(early, DELETED)
         next_millisecond()
         await rig.catalog.set_experiment_stage(rig.experiment_id, DELETED)
-        rig.writes.allow = 2
-        with pytest.raises(StoreUnavailable, match="injected"):
-            await rig.catalog.set_experiment_stage(rig.experiment_id, ACTIVE)
-        rig.writes.allow = None
-        restored = await rig.catalog.set_experiment_stage(rig.experiment_id, ACTIVE)
+        restored = await rig.set_stage_cut_short_then_again(ACTIVE)
         assert restored.lifecycle_stage == ACTIVE and rig.experiment_stage() == ACTIVE
         assert rig.stages() == [DELETED] + [ACTIVE] * (RUNS - 1), "runs left deleted in a restored experiment"
 

@@ -11,7 +11,6 @@ without rows ever be buffered, answers it without an INSERT instead of spinning.
 from __future__ import annotations
 
 import asyncio
-import queue
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -39,24 +38,6 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 # Long enough for a loaded machine, far shorter than the age limit of the servers below: an answer within
 # it did not wait for a flush by age. A hang fails the test with DEADLINE_EXCEEDED instead of hanging it.
 DEADLINE = 3.0
-
-
-class Stream:
-    """One StreamMetrics call whose requests the test sends one at a time."""
-
-    def __init__(self, stub: Any) -> None:
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self._call = stub.StreamMetrics(iter(self._requests.get, None), timeout=DEADLINE)
-
-    def send(self, batch: Any) -> None:
-        self._requests.put(batch)
-
-    def ack(self) -> Any:
-        return next(self._call)
-
-    def close(self) -> list[Any]:
-        self._requests.put(None)
-        return list(self._call)
 
 
 def refused_for_no_points(ack: Any, seq: int) -> bool:
@@ -91,10 +72,10 @@ def test_log_metrics_answers_a_batch_without_points_at_once(slow_ager: ServerThr
 
 
 def test_a_stream_answers_a_batch_without_points_at_once_and_goes_on(slow_ager: ServerThread,
-                                                                       make_batch: Any) -> None:
+                                                                       make_batch: Any, open_stream: Any) -> None:
     channel, stub, run_id = _stub_and_run(slow_ager)
     with channel:
-        stream = Stream(stub)
+        stream = open_stream(stub, DEADLINE)
         stream.send(make_batch(writer_id="s", seq=1, run_ids=[run_id], points=0))
         assert refused_for_no_points(stream.ack(), 1)  # alone: no later batch fills the buffer for it
         stream.send(make_batch(writer_id="s", seq=2, run_ids=[run_id], points=0, keys=()))  # not even keys

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import queue
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,25 +19,6 @@ from trackhouse.store import Store, StoreUnavailable
 STORED, DUPLICATE, REJECTED = ingest_pb2.STORED, ingest_pb2.DUPLICATE, ingest_pb2.REJECTED
 
 
-class Stream:
-    """One StreamMetrics call whose requests the test sends one at a time."""
-
-    def __init__(self, stub: Any) -> None:
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self._call = stub.StreamMetrics(iter(self._requests.get, None), timeout=30)
-
-    def send(self, batch: Any) -> None:
-        self._requests.put(batch)
-
-    def ack(self) -> Any:
-        return next(self._call)
-
-    def close(self) -> list[Any]:
-        """Half-close; return the acks still to come."""
-        self._requests.put(None)
-        return list(self._call)
-
-
 def stream_all(stub: Any, batches: list[Any]) -> list[Any]:
     return list(stub.StreamMetrics(iter(batches), timeout=30))
 
@@ -53,8 +33,8 @@ def statuses(acks: list[Any]) -> list[tuple[int, int]]:
 
 
 def test_stored_ack_means_the_points_are_queryable(server: Any, ingest: Any, run_id: str,
-                                                    make_batch: Any) -> None:
-    stream = Stream(ingest)
+                                                    make_batch: Any, open_stream: Any) -> None:
+    stream = open_stream(ingest)
     try:
         for seq in (1, 2, 3):
             stream.send(make_batch(seq=seq, run_ids=[run_id], points=100, steps=range(seq * 100, seq * 100 + 100)))
