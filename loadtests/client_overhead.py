@@ -140,10 +140,17 @@ def _workload(kind: str, step_ms: float, size: int = 0) -> tuple[Callable[[], No
     return step, size
 
 
+_OTHERS = -1  # a snapshot's key for the CPU of all threads but the calling one, ended ones included
+ENDED = "(threads that ended)"
+
+
 def _thread_cpu() -> dict[int, tuple[str, int]]:
     """CPU nanoseconds used so far by each thread of this process except the calling one, with
     its name (Python's for Python threads, the kernel's for gRPC's own), from
-    /proc/self/task/*/schedstat: nanoseconds, where /proc's stat counts 10 ms ticks."""
+    /proc/self/task/*/schedstat: nanoseconds, where /proc's stat counts 10 ms ticks. Key
+    ``_OTHERS``: the process's CPU less the calling thread's, which counts threads that
+    ended too (a stream's threads live only while it is open)."""
+    others = time.process_time_ns() - time.thread_time_ns()
     me = threading.get_native_id()
     names = {t.native_id: t.name for t in threading.enumerate()}
     found = {}
@@ -157,14 +164,20 @@ def _thread_cpu() -> dict[int, tuple[str, int]]:
         except OSError:  # the thread ended meanwhile
             continue
         found[tid] = (name, ns)
+    found[_OTHERS] = (ENDED, others)
     return found
 
 
 def _background_ns(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> dict[str, int]:
-    """CPU ns each thread name used between two ``_thread_cpu`` snapshots."""
+    """CPU ns each thread name used between two ``_thread_cpu`` snapshots; ``ENDED``: what threads
+    that ended before the second used (all the others' CPU less what the live ones account for)."""
     used: dict[str, int] = {}
     for tid, (name, ns) in after.items():
-        used[name] = used.get(name, 0) + ns - before.get(tid, (name, 0))[1]
+        if tid != _OTHERS:
+            used[name] = used.get(name, 0) + ns - before.get(tid, (name, 0))[1]
+    ended = after[_OTHERS][1] - before[_OTHERS][1] - sum(used.values())
+    if ended > 0:  # below 0: only the skew of the reads (the process clock is read first)
+        used[ENDED] = ended
     return used
 
 
