@@ -23,18 +23,19 @@ from trackhouse.proto.rules import MAX_BATCH_KEYS, MAX_BATCH_RUNS
 
 def key_count(taken: Taken) -> int:
     """How many distinct keys a batch of ``taken`` would name."""
-    blocks = [np.frombuffer(block, np.uint32) for _, block in taken.rows.sets] if taken.rows is not None else []
-    if taken.columns is not None:
-        blocks.append(taken.columns.key_index)
-    return len(np.unique(np.concatenate(blocks))) if blocks else 0
+    rows = [np.frombuffer(block, np.uint32) for _, block in taken.rows.sets] if taken.rows is not None else []
+    return _distinct(rows, None if taken.columns is None else taken.columns.key_index)
 
 
 def run_count(taken: Taken) -> int:
     """How many distinct runs a batch of ``taken`` would name."""
-    runs = [np.array([run for run, _ in taken.rows.sets], np.uint32)] if taken.rows is not None else []
-    if taken.columns is not None:
-        runs.append(taken.columns.run_index)
-    return len(np.unique(np.concatenate(runs))) if runs else 0
+    rows = [np.array([run for run, _ in taken.rows.sets], np.uint32)] if taken.rows is not None else []
+    return _distinct(rows, None if taken.columns is None else taken.columns.run_index)
+
+
+def _distinct(rows: list[npt.NDArray[np.uint32]], columns: npt.NDArray[np.uint32] | None) -> int:
+    found = rows if columns is None else [*rows, columns]
+    return len(np.unique(np.concatenate(found))) if found else 0
 
 
 def fit_names(parts: list[Taken], max_keys: int = MAX_BATCH_KEYS, max_runs: int = MAX_BATCH_RUNS) -> list[Taken]:
