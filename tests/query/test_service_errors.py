@@ -1,9 +1,9 @@
 """The two mappings of errors to codes: gRPC (`service.status_for`) and MLflow REST (`to_mlflow_error`).
 
-An engine error that can only mean the request's own value was refused (a ClickHouse code
-on the whitelist, `filters.REFUSED_VALUE_CODES`) is the client's error: INVALID_ARGUMENT /
-400 INVALID_PARAMETER_VALUE, which clients do not retry. Every other store error stays
-UNAVAILABLE / 503, so an outage is never reported as a bad request.
+An engine error that can only mean the request's own value was refused (a ClickHouse code on
+the whitelist, `store.errors.REFUSED_VALUE_CODES`, raised as `ValueRefused`) is the client's
+error: INVALID_ARGUMENT / 400 INVALID_PARAMETER_VALUE, which clients do not retry. Every other
+store error stays UNAVAILABLE / 503, so an outage is never reported as a bad request.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from trackhouse.query import filters
 from trackhouse.query.http.errors import to_mlflow_error
 from trackhouse.query.service import status_for
-from trackhouse.store import QueryFailed, QueryTimeout, Store, StoreError, StoreUnavailable
+from trackhouse.store import QueryFailed, QueryTimeout, Store, StoreError, StoreUnavailable, ValueRefused
+from trackhouse.store.errors import REFUSED_VALUE_CODES
 
 
 def _both(exc: Exception) -> tuple[grpc.StatusCode, str, int, str, str]:
@@ -26,7 +26,7 @@ def _both(exc: Exception) -> tuple[grpc.StatusCode, str, int, str, str]:
 @pytest.mark.parametrize("store_url", ["chdb", "http"], indirect=True)
 def test_an_engine_refusal_of_a_request_value_is_invalid_argument(store: Store) -> None:
     """A real engine error (a LIKE pattern ending in a lone backslash), in both deployments."""
-    with pytest.raises(QueryFailed) as info:
+    with pytest.raises(ValueRefused) as info:
         store.query_rows("SELECT like('a', {p:String})", {"p": "%\\"})
     assert info.value.code == 25  # CANNOT_PARSE_ESCAPE_SEQUENCE
     code, message, status, error_code, rest_message = _both(info.value)
@@ -65,4 +65,4 @@ def test_timeouts_keep_their_own_code() -> None:
 def test_the_whitelist_holds_only_codes_about_a_value() -> None:
     # CANNOT_PARSE_ESCAPE_SEQUENCE. Adding a code here needs a test that only a request's
     # value raises it (never a timeout, memory, connection or server-side condition).
-    assert sorted(filters.REFUSED_VALUE_CODES) == [25]
+    assert sorted(REFUSED_VALUE_CODES) == [25]

@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias
 
 from trackhouse.proto.rules import INT64_MAX, INT64_MIN
-from trackhouse.store.errors import QueryFailed
 from trackhouse.store.schema import check_identifier, latest_value
 
 METRICS = "metrics"
@@ -92,22 +91,6 @@ class FilterError(ValueError):
     def __init__(self, message: str, position: int) -> None:
         super().__init__(message)
         self.position = position
-
-
-# ClickHouse error codes that can only mean the engine refused a value of the request (a LIKE
-# pattern), never an outage: CANNOT_PARSE_ESCAPE_SEQUENCE. Parsing refuses such values first;
-# this keeps one that gets past it a client error (INVALID_ARGUMENT / 400), not a retryable 503.
-REFUSED_VALUE_CODES = frozenset({25})
-_ENGINE_SENTENCE = re.compile(r"DB::Exception: (.*?)(?:: while executing |\. \(| \(version |$)", re.S)
-
-
-def refused_value(exc: BaseException) -> str | None:
-    """The client's message when `exc` is the engine refusing a value of the request, else None."""
-    if not isinstance(exc, QueryFailed) or exc.code not in REFUSED_VALUE_CODES:
-        return None
-    found = _ENGINE_SENTENCE.search(str(exc))
-    sentence = (found.group(1) if found else str(exc)).strip()
-    return f"the store refused a value of the request: {sentence[:500]}"
 
 
 # -- AST --------------------------------------------------------------------------

@@ -15,13 +15,13 @@ import pyarrow as pa
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query.downsample import BucketRequest, Buckets, ExportRequest, MetricCharts
 from trackhouse.query.errors import InvalidArgument, NotFound, QueryError, ResourceExhausted
-from trackhouse.query.filters import FilterError, refused_value
+from trackhouse.query.filters import FilterError
 from trackhouse.query.history import HistoryRequest, MetricHistory
 from trackhouse.query.scope import allowed_experiments, check_visible
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.query.sql import SqlQueries
 from trackhouse.query.sqlformat import IpcChunks, pieces
-from trackhouse.store import QueryTimeout, Store, StoreError
+from trackhouse.store import QueryTimeout, Store, StoreError, ValueRefused
 from trackhouse.store.wire import run_to_pb
 
 T = TypeVar("T")
@@ -37,8 +37,8 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
                 f"query time limit (TRACKHOUSE_QUERY_MAX_QUERY_SECONDS) exceeded: {exc}")
     if isinstance(exc, ResourceExhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if (refused := refused_value(exc)) is not None:  # the request's own value: retrying cannot help
-        return grpc.StatusCode.INVALID_ARGUMENT, refused
+    if isinstance(exc, ValueRefused):  # the request's own value: retrying cannot help
+        return grpc.StatusCode.INVALID_ARGUMENT, f"the store refused a value of the request: {exc.reason}"
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, f"store error: {exc}"
     return grpc.StatusCode.INTERNAL, "internal error"

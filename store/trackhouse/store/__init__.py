@@ -4,7 +4,7 @@ Imported by the ingest and query services; never by the client.
 """
 
 from trackhouse.store.dsn import DEFAULT_DSN, DSN, parse_dsn
-from trackhouse.store.errors import InvalidDSN, QueryFailed, QueryTimeout, StoreError, StoreUnavailable
+from trackhouse.store.errors import InvalidDSN, QueryFailed, QueryTimeout, StoreError, StoreUnavailable, ValueRefused
 from trackhouse.store.records import (
     ACTIVE,
     DELETED,
@@ -38,6 +38,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TokenRecord",
+    "ValueRefused",
     "new_run_id",
     "new_version",
     "open_store",

@@ -4,7 +4,8 @@
     ├── StoreUnavailable       the store cannot be reached (connection refused, timeout) or its disk is full
     ├── InvalidDSN             the DSN is not one the store understands
     └── QueryFailed            the engine refused or failed a statement
-        └── QueryTimeout       a read ran past its time limit (ClickHouse max_execution_time)
+        ├── QueryTimeout       a read ran past its time limit (ClickHouse max_execution_time)
+        └── ValueRefused       the engine refused a value of the request (a LIKE pattern): the caller's error
 
 No `clickhouse_connect` exception leaves this package: `translate()` is the seam.
 """
@@ -38,8 +39,24 @@ class QueryTimeout(QueryFailed):
     """A read ran longer than the limit it was given (ClickHouse TIMEOUT_EXCEEDED)."""
 
 
+class ValueRefused(QueryFailed):
+    """The engine refused a value the request carried (a LIKE pattern it cannot parse), never an
+    outage: retrying cannot help. `reason` is the engine's sentence without its trace."""
+
+    @property
+    def reason(self) -> str:
+        found = _ENGINE_SENTENCE.search(str(self))
+        return (found.group(1) if found else str(self)).strip()[:500]
+
+
 # ClickHouse's error codes for a statement stopped by max_execution_time.
 _TIMEOUT_CODES = ("Code: 159.", "TIMEOUT_EXCEEDED")
+# ClickHouse error codes that can only mean the engine refused a value of the request, never an
+# outage: CANNOT_PARSE_ESCAPE_SEQUENCE (a LIKE pattern). Parsing refuses such values first; this
+# keeps one that gets past it a client error (INVALID_ARGUMENT / 400), not a retryable 503.
+# Adding a code needs a test that only a request's value raises it.
+REFUSED_VALUE_CODES = frozenset({25})
+_ENGINE_SENTENCE = re.compile(r"DB::Exception: (.*?)(?:: while executing |\. \(| \(version |$)", re.S)
 
 
 def translate(exc: BaseException) -> StoreError:
@@ -61,4 +78,4 @@ def translate(exc: BaseException) -> StoreError:
         return StoreUnavailable(f"the store is out of disk space: {exc}")
     if any(marker in str(exc) for marker in _TIMEOUT_CODES):
         return QueryTimeout(str(exc), code)
-    return QueryFailed(str(exc), code)
+    return (ValueRefused if code in REFUSED_VALUE_CODES else QueryFailed)(str(exc), code)

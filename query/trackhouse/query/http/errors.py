@@ -12,8 +12,8 @@ into MLflow's codes: handlers raise whatever their layer raises and the routes t
 from __future__ import annotations
 
 from trackhouse.query.errors import InvalidArgument, NotFound
-from trackhouse.query.filters import FilterError, refused_value
-from trackhouse.store import QueryTimeout, StoreError
+from trackhouse.query.filters import FilterError
+from trackhouse.store import QueryTimeout, StoreError, ValueRefused
 
 INVALID_PARAMETER_VALUE = "INVALID_PARAMETER_VALUE"
 RESOURCE_DOES_NOT_EXIST = "RESOURCE_DOES_NOT_EXIST"
@@ -99,8 +99,8 @@ def to_mlflow_error(exc: Exception) -> MlflowError:
     if isinstance(exc, QueryTimeout):
         return MlflowError(REQUEST_LIMIT_EXCEEDED,
                            f"query time limit (TRACKHOUSE_QUERY_MAX_QUERY_SECONDS) exceeded: {exc}")
-    if (refused := refused_value(exc)) is not None:  # the request's own value: retrying cannot help
-        return invalid(refused)
+    if isinstance(exc, ValueRefused):  # the request's own value: retrying cannot help
+        return invalid(f"the store refused a value of the request: {exc.reason}")
     if isinstance(exc, StoreError):
         return MlflowError(TEMPORARILY_UNAVAILABLE, f"store error: {exc}")
     return MlflowError(INTERNAL_ERROR, "internal error")
