@@ -159,3 +159,25 @@ def test_grpc_answers_and_refuses_queries_with_bytes(http_server: ServerThread) 
             client.sql(r"SELECT * FROM `runs\xff`")
     finally:
         client.close()
+
+
+UNKNOWN_NAME = r"SELECT `x\xff` FROM runs"  # the engine's own error quotes the name's raw byte
+
+
+def test_an_engine_error_quoting_bytes_is_the_query_s_error(sql_store: Store) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        run(SqlQueries(sql_store), UNKNOWN_NAME)
+    assert r"query failed: Unknown expression identifier `x\xff`" in str(info.value)
+
+
+def test_http_and_grpc_answer_an_engine_error_quoting_bytes_with_400(http_server: ServerThread) -> None:
+    status, content = post(http_server.server.http_port, {"query": UNKNOWN_NAME})
+    body = json.loads(content)
+    assert (status, body["error_code"]) == (400, "INVALID_ARGUMENT"), body
+    assert r"Unknown expression identifier `x\xff`" in body["message"]
+    client = th.connect(http_server.address)
+    try:
+        with pytest.raises(th.InvalidArgument, match=r"Unknown expression identifier `x\\xff`"):
+            client.sql(UNKNOWN_NAME)
+    finally:
+        client.close()

@@ -104,7 +104,10 @@ class ChError(Exception):
 
     @classmethod
     def from_engine(cls, exc: BaseException) -> ChError:
-        message = str(exc)
+        # chDB cannot decode a message quoting bytes that are not UTF-8 (a name spelled with
+        # `\xNN`); the server sends such bytes as they are: kept here as surrogates.
+        raw = exc.object if isinstance(exc, UnicodeDecodeError) else None
+        message = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(exc)
         match = _CODE.search(message)
         if match is None:
             return cls(1001, f"Code: 1001. DB::Exception: {message}. (STD_EXCEPTION)")
@@ -329,8 +332,8 @@ class Engine:
             summary = {"read_rows": str(result.rows_read()), "read_bytes": str(result.bytes_read()),
                        "elapsed_ns": str(int(result.elapsed() * 1e9))}
             return Outcome(result.bytes(), _summary(summary))
-        except RuntimeError as exc:  # chdb.ChdbError, and the streaming inserter's RuntimeError
-            raise ChError.from_engine(exc) from None
+        except (RuntimeError, UnicodeDecodeError) as exc:  # chdb.ChdbError, the streaming inserter's
+            raise ChError.from_engine(exc) from None    # RuntimeError, a message chDB could not decode
         finally:
             if restore and not streaming:
                 _restore(conn, applied, bool(stmt.database))
@@ -464,7 +467,8 @@ class App:
         except ChError as exc:
             text = exc.text if "(version " in exc.text else f"{exc.text} (version {self.engine.version})"
             headers["X-ClickHouse-Exception-Code"] = str(exc.code)
-            return PlainTextResponse(text + "\n", status_code=HTTP_STATUS.get(exc.code, 500), headers=headers)
+            return Response((text + "\n").encode("utf-8", "surrogateescape"), media_type="text/plain; charset=UTF-8",
+                            status_code=HTTP_STATUS.get(exc.code, 500), headers=headers)
         headers["X-ClickHouse-Summary"] = json.dumps(outcome.summary)
         media_type = "text/plain; charset=UTF-8"
         if stmt.has_result:

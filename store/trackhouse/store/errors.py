@@ -65,17 +65,33 @@ def translate(exc: BaseException) -> StoreError:
 
     if isinstance(exc, StoreError):
         return exc
+    text = _undecoded(exc) or str(exc)
     code = getattr(exc, "code", None)
     if not isinstance(code, int):  # e.g. an error in the middle of a streamed answer
-        found = re.search(r"\bcode:? (\d+)", str(exc), re.IGNORECASE)
+        found = re.search(r"\bcode:? (\d+)", text, re.IGNORECASE)
         code = int(found.group(1)) if found else None
     # An error the server answered with (it has a ClickHouse code) is about the statement,
     # even when it arrives mid-stream as a transport-level error.
     if isinstance(exc, ch.OperationalError) and code is None:
-        return StoreUnavailable(str(exc))
-    if "NOT_ENOUGH_SPACE" in str(exc) or "No space left on device" in str(exc):
+        return StoreUnavailable(text)
+    if "NOT_ENOUGH_SPACE" in text or "No space left on device" in text:
         # Disk full (ClickHouse error 243, or ENOSPC from the filesystem): retryable once space returns.
-        return StoreUnavailable(f"the store is out of disk space: {exc}")
-    if any(marker in str(exc) for marker in _TIMEOUT_CODES):
-        return QueryTimeout(str(exc), code)
-    return (ValueRefused if code in REFUSED_VALUE_CODES else QueryFailed)(str(exc), code)
+        return StoreUnavailable(f"the store is out of disk space: {text}")
+    if any(marker in text for marker in _TIMEOUT_CODES):
+        return QueryTimeout(text, code)
+    return (ValueRefused if code in REFUSED_VALUE_CODES else QueryFailed)(text, code)
+
+
+def _undecoded(exc: BaseException) -> str | None:
+    """The engine's message when the driver failed to decode it (it quotes bytes that are not
+    UTF-8, e.g. a name the request spelled with ``\\xNN`` escapes): its bytes, with those written
+    as escapes. chDB raises the UnicodeDecodeError, which holds them, as the error's context."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain; never loop on a cycle
+        if seen is None:
+            return None
+        raw = seen.object if isinstance(seen, UnicodeDecodeError) else None
+        if isinstance(raw, bytes) and raw.startswith(b"Code: "):
+            return raw.decode("utf-8", "backslashreplace")
+        seen = seen.__cause__ or seen.__context__
+    return None
