@@ -27,6 +27,11 @@ Body = Mapping[str, Any]
 # -- request fields ----------------------------------------------------------------------
 
 
+def body_run_id(body: Body) -> str:
+    """The request's run: `run_id`, or MLflow's older `run_uuid`."""
+    return text(body, "run_id") or text(body, "run_uuid", required=True)
+
+
 def text(body: Body, name: str, *, required: bool = False, default: str = "") -> str:
     value = body.get(name)
     if value is None or value == "":

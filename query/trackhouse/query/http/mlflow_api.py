@@ -25,14 +25,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
-from trackhouse.query.history import HistoryRequest, MetricHistory
+from trackhouse.query.history import MetricHistory
 from trackhouse.query.http import convert
-from trackhouse.query.http.convert import RUN_NAME_TAG, Body, integer, pairs, strings, text
+from trackhouse.query.http.convert import RUN_NAME_TAG, Body, body_run_id, integer, pairs, strings, text
 from trackhouse.query.http.errors import IngestCallError, invalid, missing
 from trackhouse.query.http.experiments import ExperimentReader
+from trackhouse.query.http.mlflow_history import MlflowHistories
 from trackhouse.query.scope import allowed_experiments
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.store import ACTIVE, DELETED, RUN_STATUSES, RunDetails, RunRecord, Store
@@ -43,10 +42,6 @@ Handler = Callable[[Body], Awaitable[JSON]]
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_ENTITIES_PER_BATCH = 1000
-MAX_RUNS_BULK_HISTORY = 100
-MAX_RESULTS_PER_RUN = 2500
-# Points read per run before sampling (QuerySettings.max_history_page's default).
-BULK_HISTORY_POINTS = 1_000_000
 VIEW_NUMBERS = {1: "ACTIVE_ONLY", 2: "DELETED_ONLY", 3: "ALL"}
 # gRPC status numbers a REJECTED ack may carry (ingest.proto's BatchAck.code).
 GRPC_CODE_NAMES = {3: "INVALID_ARGUMENT", 5: "NOT_FOUND", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
@@ -92,10 +87,6 @@ def _now() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _run_id(body: Body) -> str:
-    return text(body, "run_id") or text(body, "run_uuid", required=True)
-
-
 def _view(body: Body, name: str) -> str:
     value = body.get(name)
     if isinstance(value, list) and len(value) == 1:
@@ -131,6 +122,7 @@ class MlflowApi:
         self._ingest = ingest
         self._experiments = ExperimentReader(store)
         self._writers = WriterPool()
+        self._histories = MlflowHistories(history)
 
     def endpoints(self) -> dict[str, Handler]:
         """Path under /api/2.0/mlflow/ → handler."""
@@ -156,8 +148,8 @@ class MlflowApi:
             "runs/delete-tag": self.delete_tag,
             "runs/log-batch": self.log_batch,
             "runs/log-inputs": self.log_inputs,
-            "metrics/get-history": self.get_metric_history,
-            "metrics/get-history-bulk-interval": self.get_metric_history_bulk_interval,
+            "metrics/get-history": self._histories.get_metric_history,
+            "metrics/get-history-bulk-interval": self._histories.get_metric_history_bulk_interval,
         }
 
     # -- experiments ---------------------------------------------------------------------
@@ -242,7 +234,7 @@ class MlflowApi:
         return {"run": convert.run(RunDetails(_record(info), {}, tags, []))}
 
     async def get_run(self, body: Body) -> JSON:
-        run_id = _run_id(body)
+        run_id = body_run_id(body)
         runs = await self._store.arun(self._store.run_details_steps([run_id]))
         allowed = allowed_experiments()
         if not runs or (allowed is not None and runs[0].info.experiment_id not in allowed):
@@ -250,7 +242,7 @@ class MlflowApi:
         return {"run": convert.run(runs[0])}
 
     async def update_run(self, body: Body) -> JSON:
-        run_id = _run_id(body)
+        run_id = body_run_id(body)
         status = text(body, "status")
         if status and status not in RUN_STATUSES:
             raise invalid(f"Invalid value {status!r} for parameter 'status' supplied")
@@ -264,11 +256,11 @@ class MlflowApi:
         return {"run_info": convert.run_info(_record(info))}
 
     async def delete_run(self, body: Body) -> JSON:
-        await self._ingest.call("DeleteRun", ingest_pb2.RunRef(run_id=_run_id(body)))
+        await self._ingest.call("DeleteRun", ingest_pb2.RunRef(run_id=body_run_id(body)))
         return {}
 
     async def restore_run(self, body: Body) -> JSON:
-        await self._ingest.call("RestoreRun", ingest_pb2.RunRef(run_id=_run_id(body)))
+        await self._ingest.call("RestoreRun", ingest_pb2.RunRef(run_id=body_run_id(body)))
         return {}
 
     async def search_runs(self, body: Body) -> JSON:
@@ -290,16 +282,16 @@ class MlflowApi:
         metric = {k: body.get(k) for k in ("key", "value", "timestamp", "step") if body.get(k) is not None}
         if "value" not in metric:
             raise invalid("Missing value for required parameter 'value'.")
-        await self._log_metrics(_run_id(body), [metric])
+        await self._log_metrics(body_run_id(body), [metric])
         return {}
 
     async def log_param(self, body: Body) -> JSON:
         param = common_pb2.Param(key=text(body, "key", required=True), value=text(body, "value"))
-        await self._ingest.call("LogParams", ingest_pb2.LogParamsRequest(run_id=_run_id(body), params=[param]))
+        await self._ingest.call("LogParams", ingest_pb2.LogParamsRequest(run_id=body_run_id(body), params=[param]))
         return {}
 
     async def set_tag(self, body: Body) -> JSON:
-        run_id = _run_id(body)
+        run_id = body_run_id(body)
         await self._set_tags(run_id, [(text(body, "key", required=True), text(body, "value"))])
         return {}
 
@@ -311,11 +303,11 @@ class MlflowApi:
 
     async def delete_tag(self, body: Body) -> JSON:
         await self._ingest.call("DeleteTag", ingest_pb2.DeleteTagRequest(
-            run_id=_run_id(body), key=text(body, "key", required=True)))
+            run_id=body_run_id(body), key=text(body, "key", required=True)))
         return {}
 
     async def log_batch(self, body: Body) -> JSON:
-        run_id = _run_id(body)
+        run_id = body_run_id(body)
         metrics = body.get("metrics") or []
         if not isinstance(metrics, list):
             raise invalid("Invalid value for parameter 'metrics' supplied: expected a list")
@@ -341,7 +333,7 @@ class MlflowApi:
 
     async def log_inputs(self, body: Body) -> JSON:
         # Datasets are accepted and not stored (see docs/mlflow.md); the run must exist.
-        run_id = _run_id(body)
+        run_id = body_run_id(body)
         run = (await self._store.arun(self._store.runs_steps([run_id]))).get(run_id)
         allowed = allowed_experiments()
         if run is None or (allowed is not None and run.experiment_id not in allowed):
@@ -365,46 +357,3 @@ class MlflowApi:
             self._writers.release(writer)
         if ack.status == ingest_pb2.REJECTED:
             raise IngestCallError(GRPC_CODE_NAMES.get(ack.code, "INVALID_ARGUMENT"), ack.message)
-
-    # -- metric history --------------------------------------------------------------------------
-
-    async def get_metric_history(self, body: Body) -> JSON:
-        key = text(body, "metric_key", required=True)
-        page = await self._history.apage(HistoryRequest(
-            run_id=_run_id(body), key=key, max_results=integer(body, "max_results", 0) or 0,
-            page_token=text(body, "page_token"), allowed_experiments=allowed_experiments()))
-        out: JSON = {"metrics": convert.points(key, page.steps, page.timestamps, page.values)}
-        if page.next_page_token:
-            out["next_page_token"] = page.next_page_token
-        return out
-
-    async def get_metric_history_bulk_interval(self, body: Body) -> JSON:
-        run_ids = strings(body, "run_ids")
-        key = text(body, "metric_key", required=True)
-        if not run_ids:
-            raise invalid("Missing value for required parameter 'run_ids'.")
-        if len(run_ids) > MAX_RUNS_BULK_HISTORY:
-            raise invalid(f"GetMetricHistoryBulkInterval request must specify at most {MAX_RUNS_BULK_HISTORY} "
-                          f"run_ids. Received {len(run_ids)} run_ids.")
-        limit = integer(body, "max_results", MAX_RESULTS_PER_RUN) or 0
-        if not 1 <= limit <= MAX_RESULTS_PER_RUN:
-            raise invalid(f"max_results must be between 1 and {MAX_RESULTS_PER_RUN}.")
-        start, end = integer(body, "start_step"), integer(body, "end_step")
-        if (start is None) != (end is None):
-            raise invalid("If either start step or end step are specified, both must be specified.")
-        if start is not None and end is not None and start > end:
-            raise invalid(f"end_step must be greater than start_step. Found start_step={start} and end_step={end}.")
-        allowed = allowed_experiments()
-        pages = [await self._history.apage(HistoryRequest(
-            run_id=r, key=key, min_step=start, max_step=end, max_results=BULK_HISTORY_POINTS,
-            allowed_experiments=allowed)) for r in run_ids]
-        # MLflow's sampling: up to max_results steps of the union, evenly spaced, first and last included.
-        steps = np.unique(np.concatenate([p.steps for p in pages])) if pages else np.empty(0, np.int64)
-        if len(steps) > limit:
-            steps = steps[np.unique(np.linspace(0, len(steps) - 1, limit).round().astype(np.int64))]
-        out = []
-        for run_id, p in zip(run_ids, pages, strict=True):
-            keep = np.isin(p.steps, steps)
-            out += convert.points(key, p.steps[keep], p.timestamps[keep], p.values[keep], run_id)
-        return {"metrics": out}
-
