@@ -179,3 +179,144 @@ def test_refresh_never_lowers_a_mark() -> None:
         assert await p.refresh("w") == 4
 
     asyncio.run(body())
+
+
+# -- the cap on cached marks -------------------------------------------------------------------
+
+
+class StoreMarks:
+    """The store's marks, as `stored` would leave them (an ack means the INSERT returned), and the
+    loads the progress made."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, int] = {}
+        self.loads: list[str] = []
+
+    async def load(self, writer_id: str) -> int:
+        self.loads.append(writer_id)
+        return self.marks.get(writer_id, 0)
+
+    def store(self, p: WriterProgress, writer_id: str, seq: int) -> None:
+        """Admitted seq `seq` is buffered, flushed and stored."""
+        p.track(writer_id, seq, asyncio.get_running_loop().create_future())
+        self.marks[writer_id] = max(self.marks.get(writer_id, 0), seq)
+        p.stored(writer_id, seq)
+
+
+async def admit_writers(p: WriterProgress, store: StoreMarks, names: list[str]) -> None:
+    for name in names:
+        assert (await p.admit(name, 1))[0] is Admission.NEW
+        store.store(p, name, 1)
+
+
+def test_marks_past_the_cap_are_let_go_and_loaded_again_on_next_use() -> None:
+    """Ten writers, room for three marks: the seven least recent are let go; a resend from one of
+    them is still a duplicate, its mark read again from the store."""
+
+    async def body() -> None:
+        store = StoreMarks()
+        p = WriterProgress(store.load, max_writers=3)
+        await admit_writers(p, store, [f"w{i}" for i in range(10)])
+        store.loads.clear()
+        for name in ("w9", "w8", "w7"):
+            assert (await p.admit(name, 1))[0] is Admission.DUPLICATE
+        assert store.loads == [], "a mark within the cap was loaded again"
+        assert (await p.admit("w0", 1))[0] is Admission.DUPLICATE
+        assert (await p.admit("w0", 2))[0] is Admission.NEW
+        assert store.loads == ["w0"]
+
+    asyncio.run(body())
+
+
+def test_a_writer_with_a_batch_in_flight_keeps_its_mark() -> None:
+    async def body() -> None:
+        store = StoreMarks()
+        p = WriterProgress(store.load, max_writers=2)
+        assert (await p.admit("busy", 1))[0] is Admission.NEW
+        p.track("busy", 1, asyncio.get_running_loop().create_future())
+        await admit_writers(p, store, [f"w{i}" for i in range(5)])
+        store.loads.clear()
+        assert (await p.admit("busy", 1))[0] is Admission.IN_FLIGHT
+        assert store.loads == [], "the mark of a writer with a batch in flight was let go"
+        store.store(p, "busy", 1)  # settled: now it may go like any other
+        await admit_writers(p, store, [f"v{i}" for i in range(2)])
+        store.loads.clear()
+        assert (await p.admit("busy", 1))[0] is Admission.DUPLICATE
+        assert store.loads == ["busy"]
+
+    asyncio.run(body())
+
+
+def test_a_blocked_writer_keeps_its_mark_and_its_block() -> None:
+    async def body() -> None:
+        store = StoreMarks()
+        p = WriterProgress(store.load, max_writers=2)
+        await admit_writers(p, store, ["w"])
+        p.track("w", 2, asyncio.get_running_loop().create_future())
+        p.failed("w", 2)
+        await admit_writers(p, store, [f"w{i}" for i in range(5)])
+        store.loads.clear()
+        with pytest.raises(Unavailable, match="resend from seq 2"):
+            await p.admit("w", 3)
+        assert (await p.admit("w", 1))[0] is Admission.DUPLICATE
+        assert store.loads == [], "the mark of a blocked writer was let go"
+
+    asyncio.run(body())
+
+
+def test_a_mark_held_below_a_batch_stored_past_a_failed_one_is_not_reloaded() -> None:
+    """Seq 1 failed and seq 3 was stored past it: the store's mark says 3, the cached one stays below
+    1 so that 1 and 2 are taken when resent. Were that mark let go, the reload (3) would take the
+    resent 2 for a duplicate and lose it."""
+
+    async def body() -> None:
+        store = StoreMarks()
+        p = WriterProgress(store.load, max_writers=2)
+        loop = asyncio.get_running_loop()
+        for seq in (1, 3):
+            p.track("w", seq, loop.create_future())
+        p.failed("w", 1)
+        store.marks["w"] = 3
+        p.stored("w", 3)
+        assert (await p.admit("w", 1))[0] is Admission.NEW  # the resend unblocks the writer
+        store.store(p, "w", 1)
+        await admit_writers(p, store, [f"w{i}" for i in range(5)])
+        assert (await p.admit("w", 2))[0] is Admission.NEW, "seq 2, never stored, taken for a duplicate"
+        store.store(p, "w", 2)
+        assert (await p.admit("w", 3))[0] is Admission.NEW  # as without a cap: the mark is 2 here
+        store.store(p, "w", 3)
+        await admit_writers(p, store, [f"v{i}" for i in range(2)])  # caught up: it may go now
+        store.loads.clear()
+        assert (await p.admit("w", 3))[0] is Admission.DUPLICATE
+        assert store.loads == ["w"]
+
+    asyncio.run(body())
+
+
+def test_a_mark_stored_while_it_is_being_loaded_is_not_let_go() -> None:
+    """The load began before seq 9 was stored and returns the store's older mark (2): were the
+    writer's mark let go before it returned, the older mark would be cached, and 3..9 resent
+    would be stored twice."""
+
+    async def body() -> None:
+        entered, gate = asyncio.Event(), asyncio.Event()
+
+        async def load(writer_id: str) -> int:
+            if writer_id == "w":
+                entered.set()
+                await gate.wait()
+                return 2
+            return 0
+
+        p = WriterProgress(load, max_writers=1)
+        loading = asyncio.ensure_future(p.admit("w", 5, refresh=True))
+        await asyncio.wait_for(entered.wait(), 5)
+        p.track("w", 9, asyncio.get_running_loop().create_future())
+        p.stored("w", 9)
+        for i in range(3):
+            await p.admit(f"other{i}", 1)
+        gate.set()
+        assert (await asyncio.wait_for(loading, 5))[0] is Admission.DUPLICATE
+        assert await p.committed("w") == 9
+
+    asyncio.run(body())

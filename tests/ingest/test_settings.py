@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from trackhouse.ingest.catalog import MAX_CACHED_RUNS
 from trackhouse.ingest.convert import decode_batch
+from trackhouse.ingest.progress import MAX_CACHED_WRITERS
 from trackhouse.ingest.settings import BYTES_PER_POINT, IngestSettings
 
 
@@ -24,6 +26,11 @@ def test_defaults_are_valid_and_frozen() -> None:
 def test_non_positive_values_are_rejected(name: str, value: int) -> None:
     with pytest.raises(ValueError, match=name):
         IngestSettings(**{name: value})
+
+
+def test_the_cache_caps_default_to_the_modules_constants() -> None:
+    s = IngestSettings()
+    assert (s.max_cached_writers, s.max_cached_runs) == (MAX_CACHED_WRITERS, MAX_CACHED_RUNS)
 
 
 def test_buffer_must_hold_one_largest_batch() -> None:
@@ -49,11 +56,14 @@ def test_from_env_reads_every_variable() -> None:
         "TRACKHOUSE_INGEST_MAX_BATCH_POINTS": "100",
         "TRACKHOUSE_INGEST_MAX_BATCH_KEYS": "7",
         "TRACKHOUSE_INGEST_MAX_MESSAGE_BYTES": "4096",
+        "TRACKHOUSE_INGEST_MAX_CACHED_WRITERS": "50",
+        "TRACKHOUSE_INGEST_MAX_CACHED_RUNS": "60",
         "UNRELATED": "x",
     }
     s = IngestSettings.from_env(env)
     assert s == IngestSettings(flush_rows=10, flush_interval=0.25, buffer_bytes=1 << 20,
-                               max_batch_points=100, max_batch_keys=7, max_message_bytes=4096)
+                               max_batch_points=100, max_batch_keys=7, max_message_bytes=4096,
+                               max_cached_writers=50, max_cached_runs=60)
     assert isinstance(s.flush_interval, float) and isinstance(s.flush_rows, int)
 
 

@@ -45,10 +45,10 @@ class IngestApp:
         async def load_committed(writer_id: str) -> int:
             return await store.call(store.writer_max_seq, writer_id)
 
-        self.catalog = Catalog(store)
+        self.catalog = Catalog(store, max_runs=self.settings.max_cached_runs)
         await self.catalog.ensure_default_experiment()
         self.buffer = MetricBuffer(self.settings.buffer_bytes)
-        self.progress = WriterProgress(load_committed)
+        self.progress = WriterProgress(load_committed, self.settings.max_cached_writers)
         histograms = FlushHistograms(self.registry)
         self.flusher = Flusher(self.buffer, self.progress, insert, self.settings, on_flush=histograms.observe)
         self.intake = Intake(self.catalog, self.buffer, self.progress, self.settings)

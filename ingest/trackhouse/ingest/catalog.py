@@ -15,6 +15,15 @@ Owns the validation and semantics of the lifecycle RPCs:
 Keeps a cache of run states so metric batches are checked without a store
 round trip per batch. Writes that must not race (param write-once, experiment
 names) are serialized by one lock in this process.
+
+The cache is an LRU of at most `max_runs` records (MAX_CACHED_RUNS unless the settings
+say otherwise). It is write-through: a record is cached only once the store has it (a
+failed write drops the record), so a record let go is read again from the store on its
+next use and comes back the same. One read could bring back an older record: a store read
+under way while this catalog writes the run returns what it read before the write; were
+the written record let go before the read ends, the read would cache the older one, and
+a deleted run would take writes again. So a read does not cache a run written while it
+was under way (`_read_runs`).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from collections.abc import Iterable, Sequence
 
 from trackhouse.ingest.convert import check_key
 from trackhouse.ingest.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from trackhouse.ingest.lru import LRU
 from trackhouse.store import (
     ACTIVE,
     DELETED,
@@ -47,6 +57,8 @@ MAX_TAG_VALUE = 5000
 MAX_RUN_NAME = 250
 MAX_ITEMS_PER_CALL = 1000
 MAX_EXPERIMENT_TAG_VALUE = 20_000
+# Runs whose records are cached (IngestSettings.max_cached_runs, the same default).
+MAX_CACHED_RUNS = 200_000
 # The runs table's columns, named as the record's fields (the store reads RunRecord(*row) in this order).
 _RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord))
 
@@ -67,10 +79,14 @@ def _check_items(items: Sequence[tuple[str, str]], field: str, max_value: int) -
 
 
 class Catalog:
-    def __init__(self, store: Store, artifact_root: str = "./mlartifacts") -> None:
+    def __init__(self, store: Store, artifact_root: str = "./mlartifacts",
+                 max_runs: int = MAX_CACHED_RUNS) -> None:
         self._store = store
         self._artifact_root = artifact_root.rstrip("/")
-        self._runs: dict[str, RunRecord] = {}
+        self._runs: LRU[str, RunRecord] = LRU(max_runs)
+        self._reads: dict[str, int] = {}  # run -> store reads of it under way
+        self._written: dict[str, int] = {}  # run being read -> number of its latest write here
+        self._writes = 0  # run records written (or dropped after a failed write) here
         self._lock = asyncio.Lock()
 
     # -- experiments ---------------------------------------------------------------
@@ -244,16 +260,54 @@ class Catalog:
             await self._store.call(self._store.put_params, run_id, list(params))
         if tags:
             await self._store.call(self._store.put_tags, run_id, list(tags))
-        self._runs[run_id] = rec
+        self._cache(rec)
         return rec
 
     async def get_runs(self, run_ids: Iterable[str]) -> dict[str, RunRecord]:
         """Run records by id (cached); unknown ids are absent from the result."""
         wanted = set(run_ids)
-        missing = [r for r in wanted if r not in self._runs]
-        if missing:
-            self._runs.update(await self._store.call(self._store.get_runs, missing))
-        return {r: self._runs[r] for r in wanted if r in self._runs}
+        # Taken before the read: a record let go meanwhile must not make a known run unknown.
+        found = {r: rec for r in wanted if (rec := self._runs.get(r)) is not None}
+        missing = [r for r in wanted if r not in found]
+        if not missing:
+            return found
+        found.update(await self._read_runs(missing))
+        # The cache's record where it has one: one written here while the store was read is newer.
+        return {r: self._runs.get(r, rec) for r, rec in found.items()}
+
+    async def _read_runs(self, run_ids: list[str]) -> dict[str, RunRecord]:
+        """Read runs from the store and cache them, except those written here meanwhile."""
+        start = self._writes
+        for r in run_ids:
+            self._reads[r] = self._reads.get(r, 0) + 1
+        try:
+            loaded = await self._store.call(self._store.get_runs, run_ids)
+            for run_id, rec in loaded.items():
+                if self._written.get(run_id, start) <= start:  # not written since this read began
+                    self._runs[run_id] = rec
+            return loaded
+        finally:
+            for r in run_ids:
+                left = self._reads.pop(r) - 1
+                if left:
+                    self._reads[r] = left
+                else:
+                    self._written.pop(r, None)
+
+    def _cache(self, rec: RunRecord) -> None:
+        """Cache a record the store now has (or, `_uncache`, drop one it may have)."""
+        self._note_write(rec.run_id)
+        self._runs[rec.run_id] = rec
+
+    def _uncache(self, run_id: str) -> None:
+        self._note_write(run_id)
+        self._runs.pop(run_id)
+
+    def _note_write(self, run_id: str) -> None:
+        # Reads of the run under way read it before this write: they must not cache what they read.
+        self._writes += 1
+        if run_id in self._reads:
+            self._written[run_id] = self._writes
 
     async def writable_run(self, run_id: str) -> RunRecord:
         run = (await self.get_runs([run_id])).get(run_id)
@@ -280,7 +334,7 @@ class Catalog:
                 run.start_time, end_time or run.end_time, run.lifecycle_stage, run.artifact_uri,
             )
             await self._store.call(self._store.put_run, rec)
-            self._runs[run_id] = rec
+            self._cache(rec)
             return rec
 
     async def set_run_stage(self, run_id: str, stage: str) -> RunRecord:
@@ -322,9 +376,10 @@ class Catalog:
         except BaseException:
             # Some rows may have landed (a large INSERT is split into blocks): let the next check read the store.
             for rec in recs:
-                self._runs.pop(rec.run_id, None)
+                self._uncache(rec.run_id)
             raise
-        self._runs.update((rec.run_id, rec) for rec in recs)
+        for rec in recs:
+            self._cache(rec)
 
     async def delete_tag(self, run_id: str, key: str) -> None:
         await self.writable_run(run_id)
@@ -370,7 +425,9 @@ class Catalog:
         """FailedPrecondition unless every run accepts writes.
 
         Synchronous, so that a caller can check and act with no await in between: the cached
-        record, else the one `find_metric_runs` gave (`runs`).
+        record, else the one `find_metric_runs` gave (`runs`). That one is as of the batch's
+        arrival: when the run's record was let go from the cache meanwhile, a lifecycle change
+        made since then is not seen, as it would not have been by a batch checked at arrival.
         """
         for i, run_id in enumerate(run_ids):
             if self._runs.get(run_id, runs[run_id]).lifecycle_stage != ACTIVE:

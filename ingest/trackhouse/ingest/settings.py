@@ -13,6 +13,12 @@ Every variable (all optional):
     TRACKHOUSE_INGEST_MAX_STREAMS_PER_CONNECTION  metric streams open at once on one client
                                         connection; one more is refused with RESOURCE_EXHAUSTED
                                         (default 64)
+    TRACKHOUSE_INGEST_MAX_CACHED_WRITERS  client writers whose committed marks are kept in
+                                        memory; the least recently used beyond it are reloaded
+                                        from the store on their next batch (default 100000)
+    TRACKHOUSE_INGEST_MAX_CACHED_RUNS   run records kept in memory to check metric batches;
+                                        the least recently used beyond it are read from the
+                                        store again on next use (default 200000)
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class IngestSettings:
     max_batch_keys: int = 10_000
     max_message_bytes: int = 64 * 1024 * 1024
     max_streams_per_connection: int = 64
+    max_cached_writers: int = 100_000  # progress.MAX_CACHED_WRITERS
+    max_cached_runs: int = 200_000  # catalog.MAX_CACHED_RUNS
 
     def __post_init__(self) -> None:
         for f in fields(self):
