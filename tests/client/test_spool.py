@@ -14,6 +14,7 @@ import pytest
 from trackhouse.client import policy
 from trackhouse.client import spool as spool_module
 from trackhouse.client.errors import SpoolError
+from trackhouse.client.policy import retry_delay
 from trackhouse.client.spool import (
     MAGIC,
     Corruption,
@@ -28,7 +29,6 @@ from trackhouse.client.spool import (
     try_lock,
     writer_dirs,
 )  # fmt: skip
-from trackhouse.client.transport import retry_delay
 
 
 def _write(path: Path, payloads: list[bytes]) -> list[int]:

@@ -50,6 +50,9 @@ class _MemoryAckStream:
     def cancel(self) -> None:
         self._cancelled = True
 
+    def ended(self, timeout: float) -> bool:
+        return True
+
 
 class MemoryTransport:
     """Everything a trackhouse server does for the client, in memory (see the module docstring)."""

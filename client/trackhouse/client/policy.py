@@ -1,4 +1,5 @@
-"""Pure delivery decisions: reconnect delay, when to spill to disk, when a stream is stalled.
+"""Pure delivery decisions: reconnect delay, the server's retry delay, when to spill to disk, when a
+stream is stalled.
 
 No clock, no I/O, no randomness of their own (``rand`` is passed in), so the
 sender's choices are tested with plain numbers.
@@ -6,7 +7,7 @@ sender's choices are tested with plain numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 # Bytes of spooled batches read back and in flight at once during a replay.
@@ -47,3 +48,38 @@ def stalled(*, in_flight: bool, last_progress: float, now: float, timeout: float
     """Whether an open stream should be abandoned for lack of acks (``Settings.ack_timeout``):
     a half-open connection, or a server gone without closing it, never errors by itself."""
     return in_flight and now - last_progress >= timeout
+
+
+def retry_delay(metadata: Iterable[tuple[str, str | bytes]]) -> float | None:
+    """The server's retry delay in seconds, from trailing metadata, or None.
+
+    Understood: ``retry-delay`` (seconds, ``"1.5"`` or ``"1.5s"``), gRPC's
+    ``grpc-retry-pushback-ms``, and ``google.rpc.RetryInfo`` in
+    ``grpc-status-details-bin`` when googleapis-common-protos is installed.
+    """
+    for key, value in metadata:
+        try:
+            if key == "retry-delay" and isinstance(value, str):
+                return max(0.0, float(value.strip().removesuffix("s")))
+            if key == "grpc-retry-pushback-ms" and isinstance(value, str):
+                return max(0.0, int(value) / 1000)
+            if key == "grpc-status-details-bin" and isinstance(value, bytes):
+                found = _retry_info(value)
+                if found is not None:
+                    return found
+        except ValueError:
+            continue
+    return None
+
+
+def _retry_info(blob: bytes) -> float | None:
+    try:  # optional: only present when the user installed googleapis-common-protos
+        from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    except ImportError:
+        return None
+    status = status_pb2.Status.FromString(blob)
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None

@@ -8,11 +8,12 @@ each in the ``Outbox`` until acknowledged: in memory or, once spilled, in this w
 server has been away past ``spool_grace`` or memory passes ``memory_budget`` (``policy.py`` decides). Offline,
 batches go straight to the spool. The disk side, and what a failing disk does, is ``spilling.py``'s.
 
-One long-lived StreamMetrics call carries the outbox in seq order; entries on disk are read back within a
-bounded window. One thread per open stream reads its acks and does nothing else. When a stream ends, the
-worker reconnects after a jittered backoff (or the server's retry delay) and resends every unacknowledged
-entry from the oldest: the server dedupes by (writer_id, seq) with a per-writer high-water mark, which is why
-entries are always sent in seq order.
+A StreamMetrics call carries the outbox in seq order while it holds unacknowledged entries; once all are
+answered it is ended, so that a fork (a DataLoader's) rarely meets a call in flight, the only case gRPC
+supports. Entries on disk are read back within a bounded window. One thread per open stream reads its acks
+and does nothing else. When a stream ends, the worker reconnects after a jittered backoff (or the server's
+retry delay) and resends every unacknowledged entry from the oldest: the server dedupes by (writer_id, seq)
+with a per-writer high-water mark, which is why entries are always sent in seq order.
 
 Invariants: ``seq`` is strictly increasing from 1; an entry leaves the outbox only on its ack; only the worker
 touches the spool; ``_cond`` guards shared fields and is never held across I/O.
@@ -68,6 +69,7 @@ class Sender(Spilling):
         self._worker: threading.Thread | None = None
         self._queue: queue.SimpleQueue[bytes | None] | None = None
         self._stream: AckStream | None = None
+        self._last: tuple[AckStream, threading.Thread] | None = None  # the latest stream and its reader
         self._generation = self._attempt = 0
         self._reconnect_at = self._last_progress = 0.0
         self._away_since: float | None = None
@@ -246,7 +248,10 @@ class Sender(Spilling):
             return
         with self._cond:
             self._stream = stream
-        threading.Thread(target=self._read_acks, args=(stream, generation), name="trackhouse-acks", daemon=True).start()
+        reader = threading.Thread(target=self._read_acks, args=(stream, generation), name="trackhouse-acks",
+                                  daemon=True)
+        reader.start()
+        self._last = (stream, reader)
 
     def _pump(self) -> None:
         """Queue outbox entries in seq order; entries on disk within the replay window."""
@@ -305,6 +310,7 @@ class Sender(Spilling):
                 self._queue = None
             if stream is not None:
                 stream.cancel()
+            self._settle_last()
             self._ops_retry.retry_at = 0.0  # one last try for operations that met an absent server
             self._retry_ops(self._clock())
             self.spool.close(ops_done=not self._settings.offline and not self._ops_retry.ops)  # offline: kept
@@ -312,6 +318,16 @@ class Sender(Spilling):
             logger.exception("trackhouse: could not spool undelivered batches to %s", self.spool.path)
         with self._cond:
             self._cond.notify_all()
+
+    def _settle_last(self) -> None:
+        """Let gRPC's threads be done with the last call before the interpreter may exit: one stopped at exit
+        in the call's lock leaves gRPC's finalizer of the call waiting for ever (a forked child hung so)."""
+        if self._last is not None:
+            stream, reader = self._last
+            if not stream.ended(0.5):
+                stream.cancel()
+                stream.ended(0.5)
+            reader.join(0.5)
 
     def _read_acks(self, stream: AckStream, generation: int) -> None:
         error: TrackhouseError | None = None
@@ -341,6 +357,10 @@ class Sender(Spilling):
             self._counts["points_rejected" if rejected else "points_acked"] += item.points - short
             self._counts["points_lost"] += short
             self._counts["batches_duplicate"] += ack.status == ingest_pb2.DUPLICATE
+            if not self._outbox and self._queue is not None:  # all answered: end the call until the next
+                self._queue.put(None)  # batch, so that a fork meets no call in flight (gRPC supports a
+                self._queue = self._stream = None  # fork only then); its reader's end is of an old
+                self._generation += 1              # generation
             self._cond.notify_all()
         if item.loc is not None or (restored and self._ops_retry.ops):  # replay room; operations to retry
             self._wake.set()

@@ -24,12 +24,13 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
 from trackhouse.client.errors import ServerUnavailable, TrackhouseError, error_for_code
+from trackhouse.client.policy import retry_delay
 from trackhouse.client.settings import parse_urls
 from trackhouse.proto.v1 import (
     common_pb2,
@@ -94,6 +95,9 @@ class AckStream(Protocol):
 
     def cancel(self) -> None: ...
 
+    def ended(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the call's end to be handled; True once it was."""
+
 
 class Transport(Protocol):
     """Everything the client sends and receives. Methods raise ``TrackhouseError`` only."""
@@ -121,41 +125,6 @@ def _translate(exc: grpc.RpcError) -> TrackhouseError:
     details = exc.details() if isinstance(exc, grpc.Call) else None
     trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
     return error_for_code(name, str(details or exc), retry_delay(trailing or ()))
-
-
-def retry_delay(metadata: Iterable[tuple[str, str | bytes]]) -> float | None:
-    """The server's retry delay in seconds, from trailing metadata, or None.
-
-    Understood: ``retry-delay`` (seconds, ``"1.5"`` or ``"1.5s"``), gRPC's
-    ``grpc-retry-pushback-ms``, and ``google.rpc.RetryInfo`` in
-    ``grpc-status-details-bin`` when googleapis-common-protos is installed.
-    """
-    for key, value in metadata:
-        try:
-            if key == "retry-delay" and isinstance(value, str):
-                return max(0.0, float(value.strip().removesuffix("s")))
-            if key == "grpc-retry-pushback-ms" and isinstance(value, str):
-                return max(0.0, int(value) / 1000)
-            if key == "grpc-status-details-bin" and isinstance(value, bytes):
-                found = _retry_info(value)
-                if found is not None:
-                    return found
-        except ValueError:
-            continue
-    return None
-
-
-def _retry_info(blob: bytes) -> float | None:
-    try:  # optional: only present when the user installed googleapis-common-protos
-        from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-not-found, import-untyped, unused-ignore]
-    except ImportError:
-        return None
-    status = status_pb2.Status.FromString(blob)
-    for detail in status.details:
-        info = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-    return None
 
 
 def _open_channel(target: str, secure: bool, tls_ca: str, options: list[tuple[str, Any]]) -> grpc.Channel:
@@ -232,6 +201,7 @@ class _GrpcAckStream:
         self._sent = 0  # requests handed to gRPC; written by its request-consumer thread only
         self._ended = False
         self._ready = threading.Event()
+        self._done = threading.Event()  # set by gRPC's done callback: past the call's last event
         self._call: Any = None
         self._on_unavailable: Callable[[], None] = lambda: None
 
@@ -243,7 +213,11 @@ class _GrpcAckStream:
 
     def start(self, call: Any, on_unavailable: Callable[[], None]) -> None:
         self._call, self._on_unavailable = call, on_unavailable
-        call.add_done_callback(lambda _: self._end())  # at once when it already ended
+        call.add_done_callback(self._call_done)  # at once when it already ended
+
+    def _call_done(self, _: Any) -> None:
+        self._done.set()
+        self._end()
 
     def _end(self) -> None:
         self._ended = True
@@ -270,6 +244,9 @@ class _GrpcAckStream:
     def cancel(self) -> None:
         self._call.cancel()
         self._end()
+
+    def ended(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
 
 
 class GrpcTransport:
