@@ -196,13 +196,28 @@ def test_bad_requests(env: Env, kwargs: dict[str, Any], fragment: str) -> None:
     assert_invalid(lambda: env.page(**kwargs), fragment)
 
 
+def test_page_size_may_change_from_page_to_page(env: Env) -> None:
+    """A token names a place in the series, not a page size (as MLflow's offset tokens)."""
+    sizes = iter([333, 1, 999, 7, 2_500, 10_000])
+    parts, token = [], ""
+    while True:
+        reply = env.page(run_id=RUN, key="loss", max_results=next(sizes, 1_000), page_token=token)
+        parts.append(Series(np.frombuffer(reply.steps, "<i8"), np.frombuffer(reply.timestamps, "<i8"),
+                            np.frombuffer(reply.values, "<f8")))
+        token = reply.next_page_token
+        if not token:
+            break
+    assert [len(p.steps) for p in parts] == [333, 1, 999, 7, 2_500, N - 3_840]
+    assert_same(Series(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("steps", "timestamps", "values"))),
+                env.series.sorted())
+
+
 def test_tokens_belong_to_one_question(env: Env) -> None:
     token = env.page(run_id=RUN, key="loss", max_results=333).next_page_token
     assert token
     others: list[dict[str, Any]] = [
         {"run_id": RUN, "key": "acc", "max_results": 333},
         {"run_id": "other-run", "key": "loss", "max_results": 333},
-        {"run_id": RUN, "key": "loss", "max_results": 334},
         {"run_id": RUN, "key": "loss", "max_results": 333, "min_step": 0},
         {"run_id": RUN, "key": "loss", "max_results": 333, "max_step": 2_999},
     ]

@@ -1,13 +1,25 @@
 """MLflow's metric-history endpoints (metrics/get-history, metrics/get-history-bulk-interval),
-over the query domain's `MetricHistory`; `MlflowApi` routes them here."""
+over the query domain's `MetricHistory`; `MlflowApi` routes them here.
+
+get-history without max_results answers the whole series, as MLflow does (its RestStore
+makes one call and never follows next_page_token). It is written page after page as a
+`StreamedJson`, so the server holds one page (QuerySettings.history_page points) at a
+time, however long the series. The first page is read before the answer starts, so a
+bad request is still MLflow's error body. With max_results it is one page and a token.
+
+get-history-bulk-interval is `MetricHistory.sample`: MLflow 3's per-run sampling, done
+in the store.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
+import orjson
 
-from trackhouse.query.history import HistoryRequest, MetricHistory
+from trackhouse.query.history import HistoryPage, HistoryRequest, MetricHistory, SampleRequest
 from trackhouse.query.http import convert
 from trackhouse.query.http.convert import Body, body_run_id, integer, strings, text
 from trackhouse.query.http.errors import invalid
@@ -17,8 +29,18 @@ JSON = dict[str, Any]
 
 MAX_RUNS_BULK_HISTORY = 100
 MAX_RESULTS_PER_RUN = 2500
-# Points read per run before sampling (QuerySettings.max_history_page's default).
-BULK_HISTORY_POINTS = 1_000_000
+
+
+class StreamedJson(dict[str, Any]):
+    """A JSON answer sent as it is made: `chunks` are its bytes; the routes stream them.
+
+    It is an (empty) dict only so that it passes as a handler's JSON result
+    (mlflow_api.Handler); its items are never the answer.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        super().__init__()
+        self.chunks = chunks
 
 
 class MlflowHistories:
@@ -27,13 +49,32 @@ class MlflowHistories:
 
     async def get_metric_history(self, body: Body) -> JSON:
         key = text(body, "metric_key", required=True)
-        page = await self._history.apage(HistoryRequest(
-            run_id=body_run_id(body), key=key, max_results=integer(body, "max_results", 0) or 0,
-            page_token=text(body, "page_token"), allowed_experiments=allowed_experiments()))
+        size = integer(body, "max_results")
+        if size is not None and size <= 0:
+            raise invalid(f"Invalid value {size} for parameter 'max_results' supplied. It must be a positive integer.")
+        req = HistoryRequest(run_id=body_run_id(body), key=key, max_results=size or 0,
+                             page_token=text(body, "page_token"), allowed_experiments=allowed_experiments())
+        page = await self._history.apage(req)
+        if size is None and page.next_page_token:
+            return StreamedJson(self._whole_series(req, page))
         out: JSON = {"metrics": convert.points(key, page.steps, page.timestamps, page.values)}
         if page.next_page_token:
             out["next_page_token"] = page.next_page_token
         return out
+
+    async def _whole_series(self, req: HistoryRequest, page: HistoryPage) -> AsyncIterator[bytes]:
+        """{"metrics": [...]}: `page` and every page after it, in page order, one page in memory."""
+        yield b'{"metrics":['
+        comma = b""
+        while True:
+            if len(page.steps):
+                points = convert.points(req.key, page.steps, page.timestamps, page.values)
+                yield comma + orjson.dumps(points)[1:-1]  # the items, without the list's brackets
+                comma = b","
+            if not page.next_page_token:
+                break
+            page = await self._history.apage(replace(req, page_token=page.next_page_token))
+        yield b"]}"
 
     async def get_metric_history_bulk_interval(self, body: Body) -> JSON:
         run_ids = strings(body, "run_ids")
@@ -51,17 +92,10 @@ class MlflowHistories:
             raise invalid("If either start step or end step are specified, both must be specified.")
         if start is not None and end is not None and start > end:
             raise invalid(f"end_step must be greater than start_step. Found start_step={start} and end_step={end}.")
-        allowed = allowed_experiments()
-        pages = [await self._history.apage(HistoryRequest(
-            run_id=r, key=key, min_step=start, max_step=end, max_results=BULK_HISTORY_POINTS,
-            allowed_experiments=allowed)) for r in run_ids]
-        # MLflow's sampling: up to max_results steps of the union, evenly spaced, first and last included.
-        steps = np.unique(np.concatenate([p.steps for p in pages])) if pages else np.empty(0, np.int64)
-        if len(steps) > limit:
-            steps = steps[np.unique(np.linspace(0, len(steps) - 1, limit).round().astype(np.int64))]
+        sampled = await self._history.asample(SampleRequest(
+            tuple(run_ids), key, limit, start, end, allowed_experiments()))
         out = []
-        for run_id, p in zip(run_ids, pages, strict=True):
-            keep = np.isin(p.steps, steps)
-            out += convert.points(key, p.steps[keep], p.timestamps[keep], p.values[keep], run_id)
+        for run_id in run_ids:  # in the order asked, a run asked twice twice, as MLflow
+            if (p := sampled.get(run_id)) is not None:
+                out += convert.points(key, p.steps, p.timestamps, p.values, run_id)
         return {"metrics": out}
-

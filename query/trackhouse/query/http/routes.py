@@ -6,17 +6,22 @@ query string, repeated fields repeated) and POST (a JSON object body). Other
 paths under those prefixes answer ENDPOINT_NOT_FOUND. Every error leaves as
 MLflow's body {"error_code", "message"} with MLflow's HTTP status, translated in
 one place (`errors.to_mlflow_error`).
+
+A handler may answer a `StreamedJson` (a whole metric history): it is sent as it is
+made, chunk by chunk. Errors raised before the handler returns are error bodies as
+above; one raised while streaming, after the status has gone out, is logged and
+aborts the response, so the client sees a broken answer, never a short valid one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from trackhouse.query.http.errors import (
@@ -28,6 +33,7 @@ from trackhouse.query.http.errors import (
     to_mlflow_error,
 )
 from trackhouse.query.http.mlflow_api import Handler, MlflowApi
+from trackhouse.query.http.mlflow_history import StreamedJson
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,10 @@ async def _body(request: Request, limit: int) -> dict[str, Any]:
 def _endpoint(handler: Handler, limit: int) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            return _json(await handler(await _body(request, limit)))
+            result = await handler(await _body(request, limit))
+            if isinstance(result, StreamedJson):
+                return StreamingResponse(_streamed(result.chunks, request), media_type="application/json")
+            return _json(result)
         except Exception as exc:
             error = to_mlflow_error(exc)
             if error.error_code == INTERNAL_ERROR:
@@ -73,6 +82,17 @@ def _endpoint(handler: Handler, limit: int) -> Callable[[Request], Awaitable[Res
             return _json(error.body(), error.status)
 
     return endpoint
+
+
+async def _streamed(chunks: AsyncIterator[bytes], request: Request) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception:
+        # The status is sent: no error body can follow. Re-raised, the response is aborted.
+        log.exception("%s %s failed while streaming its answer; the response is cut off", request.method,
+                      request.url.path)
+        raise
 
 
 async def _not_found(request: Request) -> Response:
