@@ -85,6 +85,11 @@ class MetricHistory:
         self._tokens = tokens
         self._settings = settings
 
+    @property
+    def max_page(self) -> int:
+        """The most points a page may hold (TRACKHOUSE_QUERY_MAX_HISTORY_PAGE)."""
+        return self._settings.max_history_page
+
     def page(self, req: HistoryRequest) -> HistoryPage:
         """One page of points (blocking; run it on the store's thread)."""
         return self._store.run(self._page(req))

@@ -52,7 +52,9 @@ class MlflowHistories:
         size = integer(body, "max_results")
         if size is not None and size <= 0:
             raise invalid(f"Invalid value {size} for parameter 'max_results' supplied. It must be a positive integer.")
-        req = HistoryRequest(run_id=body_run_id(body), key=key, max_results=size or 0,
+        # At most the server's page: MLflow's client asks 25,000 a page and follows the token.
+        limit = min(size, self._history.max_page) if size else 0
+        req = HistoryRequest(run_id=body_run_id(body), key=key, max_results=limit,
                              page_token=text(body, "page_token"), allowed_experiments=allowed_experiments())
         page = await self._history.apage(req)
         if size is None and page.next_page_token:
