@@ -1,7 +1,8 @@
 """Experiments, runs, params and tags: the small, mutable side of ingest, with MLflow's rules.
 
 Owns the validation and semantics of the lifecycle RPCs:
-- experiment names are unique among active experiments; "0" / "Default" exists;
+- experiment names are unique: a new experiment may not take a deleted one's name
+  (MLflow's rule: restore the deleted one instead); "0" / "Default" exists;
 - a run belongs to an active experiment; deleted runs accept no writes;
 - params are write-once per (run, key): the same value again is accepted,
   another value is InvalidArgument naming both values;
@@ -102,9 +103,12 @@ class Catalog:
         if len(name) > MAX_EXPERIMENT_NAME:
             raise InvalidArgument(f"name: {len(name)} characters, limit {MAX_EXPERIMENT_NAME}")
         async with self._lock:
-            existing = await self._store.call(self._store.get_experiment, name=name)
+            existing = await self._store.call(self._store.get_experiment, name=name)  # the active one first
             if existing is not None and existing.lifecycle_stage == ACTIVE:
                 raise AlreadyExists(f"experiment {name!r} already exists (id {existing.experiment_id})")
+            if existing is not None:
+                raise AlreadyExists(f"experiment {name!r} already exists in deleted state (id "
+                                    f"{existing.experiment_id}); restore it, or restore and rename it to free the name")
             # 62 random bits as a decimal string: unique across ingest replicas without coordination.
             experiment_id = str(secrets.randbits(62))
             return await self._put_experiment(experiment_id, name, artifact_location)

@@ -5,6 +5,11 @@ INVALID_PARAMETER_VALUE naming the field, and the response builders for runs,
 experiments and metric points. Metric points of a request become one columnar
 MetricBatch (the ingest wire format); history pages are columns turned into rows
 only here, at the JSON edge.
+
+A request's items are checked here by the rules the ingest service applies
+(`trackhouse.proto.rules` for names, timestamps and batches; `check_pairs` for params and
+tags), before the first write: MLflow applies a request whole or not at all, and the
+service takes a request's params, metrics and tags in separate calls.
 """
 
 from __future__ import annotations
@@ -15,13 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from trackhouse.proto.rules import INT64_MAX, INT64_MIN
+from trackhouse.proto.points import Columns
+from trackhouse.proto.rules import INT64_MAX, INT64_MIN, checked_columns, key_problem, timestamps_problem
 from trackhouse.proto.v1 import ingest_pb2
 from trackhouse.query.http.errors import invalid
 from trackhouse.store import ExperimentRecord, RunDetails, RunRecord
 
 RUN_NAME_TAG = "mlflow.runName"
 Body = Mapping[str, Any]
+# The ingest service's limits on params, tags and run names (ingest/catalog.py, which query may not
+# import; tests/mlflow/test_write_compat.py pins them to the service's).
+MAX_ITEMS_PER_CALL = 1000
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 5000
+MAX_EXPERIMENT_TAG_VALUE = 20_000
+MAX_RUN_NAME = 250
 
 
 # -- request fields ----------------------------------------------------------------------
@@ -66,12 +79,13 @@ def integer(body: Body, name: str, default: int | None = None) -> int | None:
 
 
 def number(value: Any, name: str) -> float:
-    """A metric value: a JSON number or proto JSON's "NaN", "Infinity", "-Infinity"."""
+    """A metric value: a JSON number or a string of one, as proto JSON reads a double ("1.5", "NaN",
+    "Infinity", "-Infinity"); anything else (a list, an object, a boolean) is invalid."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise invalid(f"Invalid value {value!r} for parameter '{name}' supplied: expected a number")
     try:
         return float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise invalid(f"Invalid value {value!r} for parameter '{name}' supplied: expected a number") from None
 
 
@@ -101,37 +115,67 @@ def pairs(body: Body, name: str) -> list[tuple[str, str]]:
     return out
 
 
-def metric_batch(run_id: str, metrics: Sequence[Any], writer_id: str, seq: int, now: int) -> Any:
-    """One MetricBatch (columns as little-endian bytes) from MLflow's metric objects.
+def check_pairs(items: Sequence[tuple[str, str]], name: str, max_value: int) -> None:
+    """INVALID_PARAMETER_VALUE naming the item unless `items` keep the service's rules for params
+    and tags: at most MAX_ITEMS_PER_CALL, legal keys (`key_problem`), values of at most `max_value`."""
+    if len(items) > MAX_ITEMS_PER_CALL:
+        raise invalid(f"{name}: {len(items)} items in one call, limit {MAX_ITEMS_PER_CALL}")
+    for i, (key, value) in enumerate(items):
+        problem = key_problem(key)
+        if problem is not None:
+            raise invalid(f"{name}[{i}].key: {problem}")
+        if len(value) > max_value:
+            raise invalid(f"{name}[{i}].value: {len(value)} characters for {key!r}, limit {max_value}")
 
-    Columns are built with one comprehension each; anything unusual (a missing field,
-    a wrong type) falls back to the checked path, which names the offending item.
+
+def check_run_tags(tags: Sequence[tuple[str, str]]) -> None:
+    """`check_pairs` for a run's tags; the run-name tag also renames the run, so it keeps that limit too."""
+    check_pairs(tags, "tags", MAX_TAG_VALUE)
+    for i, (key, value) in enumerate(tags):
+        if key == RUN_NAME_TAG and len(value) > MAX_RUN_NAME:
+            raise invalid(f"tags[{i}].value: the run name is {len(value)} characters, limit {MAX_RUN_NAME}")
+
+
+def metric_batch(run_id: str, metrics: Sequence[Any], now: int) -> Any:
+    """One MetricBatch (columns as little-endian bytes) from MLflow's metric objects, checked by the
+    service's rules (`_checked`) and without repeats of a point (`_without_repeats`); its sender
+    gives it a writer identity (`writer_id`, `seq`). A timestamp left out is `now`.
+
+    Columns are built with one comprehension each (`_plain_batch`); anything unusual (a missing
+    field, a wrong type) falls back to `_item_batch`, which reads item by item and names the
+    offending one.
     """
+    batch = _plain_batch(run_id, metrics, now)
+    if batch is None:
+        batch = _item_batch(run_id, metrics, now)
+    return _without_repeats(batch, _checked(batch))
+
+
+def _plain_batch(run_id: str, metrics: Sequence[Any], now: int) -> Any | None:
+    """The batch when every metric is plain (string key, number value, int timestamp and step); else None."""
     try:
         names = [m["key"] for m in metrics]
         raw_values = [m["value"] for m in metrics]
-        if not all(type(k) is str and k for k in names) or any(type(v) is bool for v in raw_values):
-            raise TypeError
+        # int and float only: numpy would read a string, a bool as 1, and flatten a list ([7] as 7).
+        if not all(type(k) is str and k for k in names) or not all(type(v) in (int, float) for v in raw_values):
+            return None
         values = np.array(raw_values, dtype="<f8")
         raw_stamps = [m.get("timestamp", now) for m in metrics]
         raw_steps = [m.get("step", 0) for m in metrics]
-        # Plain ints only: numpy would truncate 1.5 and take True as 1 (the checked path refuses
+        # Plain ints only: numpy would truncate 1.5 and take True as 1 (`_item_batch` refuses
         # them); an int outside int64 raises OverflowError.
         if not all(type(x) is int for x in raw_stamps) or not all(type(x) is int for x in raw_steps):
-            raise TypeError
+            return None
         stamps = np.array(raw_stamps, dtype="<i8")
         steps = np.array(raw_steps, dtype="<i8")
     except (KeyError, TypeError, ValueError, OverflowError):
-        return _checked_batch(run_id, metrics, writer_id, seq, now)
+        return None
     keys: dict[str, int] = {}
     key_index = np.array([keys.setdefault(k, len(keys)) for k in names], dtype="<u4")
-    return ingest_pb2.MetricBatch(
-        writer_id=writer_id, seq=seq, run_ids=[run_id], keys=list(keys), key_index=key_index.tobytes(),
-        steps=steps.tobytes(), timestamps=stamps.tobytes(), values=values.tobytes(),
-    )
+    return _batch(run_id, list(keys), key_index, steps, stamps, values)
 
 
-def _checked_batch(run_id: str, metrics: Sequence[Any], writer_id: str, seq: int, now: int) -> Any:
+def _item_batch(run_id: str, metrics: Sequence[Any], now: int) -> Any:
     keys: dict[str, int] = {}
     n = len(metrics)
     key_index = np.empty(n, "<u4")
@@ -148,10 +192,52 @@ def _checked_batch(run_id: str, metrics: Sequence[Any], writer_id: str, seq: int
         values[i] = number(m["value"], f"metrics[{i}].value")
         stamps[i] = integer(m, "timestamp", now)
         steps[i] = integer(m, "step", 0)
+    return _batch(run_id, list(keys), key_index, steps, stamps, values)
+
+
+def _batch(run_id: str, keys: list[str], key_index: Any, steps: Any, stamps: Any, values: Any) -> Any:
     return ingest_pb2.MetricBatch(
-        writer_id=writer_id, seq=seq, run_ids=[run_id], keys=list(keys), key_index=key_index.tobytes(),
+        run_ids=[run_id], keys=keys, key_index=key_index.tobytes(),
         steps=steps.tobytes(), timestamps=stamps.tobytes(), values=values.tobytes(),
     )
+
+
+def _checked(batch: Any) -> Columns:
+    """The batch's columns once it keeps the rules the service checks a batch by
+    (`trackhouse.proto.rules.checked_columns`); INVALID_PARAMETER_VALUE otherwise, naming the
+    metric when the fault is a key's or a timestamp's."""
+    key_index = np.frombuffer(batch.key_index, "<u4")
+    for k, key in enumerate(batch.keys):
+        problem = key_problem(key)
+        if problem is not None:
+            raise invalid(f"metrics[{int(np.argmax(key_index == k))}].key: {problem}")
+    stamps = np.frombuffer(batch.timestamps, "<i8")
+    if len(stamps) and timestamps_problem(int(stamps.min()), int(stamps.max())) is not None:
+        i, stamp = next((i, t) for i, t in enumerate(stamps.tolist()) if timestamps_problem(t, t) is not None)
+        raise invalid(f"metrics[{i}].timestamp: {stamp} is {timestamps_problem(stamp, stamp)}")
+    try:
+        return checked_columns(batch)
+    except ValueError as exc:
+        raise invalid(f"metrics: {exc}") from None
+
+
+def _without_repeats(batch: Any, cols: Columns) -> Any:
+    """The batch with each point (key, step, timestamp, value) once, in its first place.
+
+    MLflow's store holds a point once (its primary key; `log_batch` drops the repeats),
+    where trackhouse's metrics table keeps every point it is sent. Values compare as MLflow's
+    table does: every NaN is one value (MLflow stores NaN as a flag), and -0.0 is 0.0.
+    """
+    if len(cols) < 2:
+        return batch
+    values = np.where(np.isnan(cols.values), np.nan, cols.values + 0.0)
+    rows = np.stack([cols.key_index.astype(np.int64), cols.steps, cols.timestamps, values.view(np.int64)], axis=1)
+    _, first = np.unique(rows, axis=0, return_index=True)
+    if len(first) == len(rows):
+        return batch
+    keep = np.sort(first)
+    return _batch(batch.run_ids[0], list(batch.keys), cols.key_index[keep], cols.steps[keep],
+                  cols.timestamps[keep], cols.values[keep])
 
 
 # -- responses ------------------------------------------------------------------------------

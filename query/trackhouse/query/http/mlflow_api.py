@@ -14,6 +14,17 @@ ingest like any client's.
 MLflow semantics kept here: the run name is also the tag `mlflow.runName` (set
 either way, kept in step); log-batch limits (1,000 metrics, 100 params, 100 tags,
 1,000 entities); params before metrics before tags, as MLflow's stores do.
+
+A request is applied whole or refused whole, as MLflow's (one transaction) is: the
+service takes its parts in separate calls, so everything the service would refuse for
+its content (names, values, lengths: `convert.check_pairs`, `convert.metric_batch`) is
+checked before the first call. A call can still fail for the state it finds (a param
+already logged with another value: params go first for that) or for an outage: then
+the parts sent before it stay, and a retry of the request completes it (storing its
+metric points again if they were sent: repeats are dropped within a request only).
+
+Runs search with no experiment ids finds no runs, as MLflow's does (trackhouse's own
+query API reads no ids as every experiment).
 """
 
 from __future__ import annotations
@@ -157,6 +168,8 @@ class MlflowApi:
     async def create_experiment(self, body: Body) -> JSON:
         name = text(body, "name", required=True)
         tags = pairs(body, "tags")
+        # Before the experiment is created: its tags go in a second call, and the name, once taken, stays taken.
+        convert.check_pairs(tags, "tags", convert.MAX_EXPERIMENT_TAG_VALUE)
         rec = await self._ingest.call("CreateExperiment", ingest_pb2.CreateExperimentRequest(
             name=name, artifact_location=text(body, "artifact_location")))
         if tags:
@@ -264,14 +277,23 @@ class MlflowApi:
         return {}
 
     async def search_runs(self, body: Body) -> JSON:
+        max_results = integer(body, "max_results")
+        if max_results is not None and max_results < 1:  # MLflow's store: 0 is not "the default"
+            raise invalid(f"Invalid value {max_results} for parameter 'max_results' supplied. "
+                          "It must be a positive integer")
+        experiment_ids = tuple(strings(body, "experiment_ids"))
         req = SearchRequest(
-            experiment_ids=tuple(strings(body, "experiment_ids")), filter=text(body, "filter"),
-            order_by=tuple(strings(body, "order_by")), max_results=integer(body, "max_results", 0) or 0,
+            experiment_ids=experiment_ids, filter=text(body, "filter"),
+            order_by=tuple(strings(body, "order_by")), max_results=max_results or 0,
             page_token=text(body, "page_token"), view=_view(body, "run_view_type"),
-            allowed_experiments=allowed_experiments(),
+            # No ids: MLflow searches no experiment (`experiment_id IN ()`), checking the request
+            # all the same; the query domain reads no ids as every experiment, so none are allowed.
+            allowed_experiments=allowed_experiments() if experiment_ids else (),
         )
         page = await self._search.asearch(req)
-        out: JSON = {"runs": [convert.run(r) for r in page.runs]}
+        out: JSON = {}  # MLflow's JSON leaves out an empty list: no runs is {}
+        if page.runs:
+            out["runs"] = [convert.run(r) for r in page.runs]
         if page.next_page_token:
             out["next_page_token"] = page.next_page_token
         return out
@@ -282,7 +304,7 @@ class MlflowApi:
         metric = {k: body.get(k) for k in ("key", "value", "timestamp", "step") if body.get(k) is not None}
         if "value" not in metric:
             raise invalid("Missing value for required parameter 'value'.")
-        await self._log_metrics(body_run_id(body), [metric])
+        await self._send_metrics(convert.metric_batch(body_run_id(body), [metric], _now()))
         return {}
 
     async def log_param(self, body: Body) -> JSON:
@@ -292,7 +314,9 @@ class MlflowApi:
 
     async def set_tag(self, body: Body) -> JSON:
         run_id = body_run_id(body)
-        await self._set_tags(run_id, [(text(body, "key", required=True), text(body, "value"))])
+        tags = [(text(body, "key", required=True), text(body, "value"))]
+        convert.check_run_tags(tags)  # before SetTags: the run-name tag renames the run in a second call
+        await self._set_tags(run_id, tags)
         return {}
 
     async def _set_tags(self, run_id: str, tags: list[tuple[str, str]]) -> None:
@@ -322,11 +346,15 @@ class MlflowApi:
         if total > MAX_ENTITIES_PER_BATCH:
             raise invalid(f"A batch logging request can contain at most {MAX_ENTITIES_PER_BATCH} metrics, params, "
                           f"and tags in total. Got {total} entities.")
+        # All of it checked before the first call (see the module's docstring).
+        convert.check_pairs(params, "params", convert.MAX_PARAM_VALUE)
+        batch = convert.metric_batch(run_id, metrics, _now()) if metrics else None
+        convert.check_run_tags(tags)
         if params:
             await self._ingest.call("LogParams", ingest_pb2.LogParamsRequest(
                 run_id=run_id, params=[common_pb2.Param(key=k, value=v) for k, v in params]))
-        if metrics:
-            await self._log_metrics(run_id, metrics)
+        if batch is not None:
+            await self._send_metrics(batch)
         if tags:
             await self._set_tags(run_id, tags)
         return {}
@@ -340,11 +368,12 @@ class MlflowApi:
             raise missing(f"Run with id={run_id} not found")
         return {}
 
-    async def _log_metrics(self, run_id: str, metrics: list[Any]) -> None:
+    async def _send_metrics(self, batch: Any) -> None:
+        """LogMetrics with `batch` under a writer identity of the pool; REJECTED raises IngestCallError."""
         writer = self._writers.acquire()
         try:
             writer.seq += 1
-            batch = convert.metric_batch(run_id, metrics, writer.writer_id, writer.seq, _now())
+            batch.writer_id, batch.seq = writer.writer_id, writer.seq
             for attempt in range(3):
                 try:
                     ack = await self._ingest.call("LogMetrics", batch)
