@@ -14,7 +14,6 @@ import pytest
 import requests
 
 from trackhouse.cli.server import ServerThread
-from trackhouse.ingest import catalog
 from trackhouse.proto.v1 import query_pb2, query_pb2_grpc
 from trackhouse.query.http import convert
 
@@ -116,14 +115,6 @@ def test_an_experiment_refused_for_its_tags_is_not_created(base_url: str, tags: 
     assert (status, error["error_code"]) == (404, "RESOURCE_DOES_NOT_EXIST")
     status, created = call(base_url, "experiments/create", {"name": name, "tags": [{"key": "ok", "value": "v"}]})
     assert status == 200, created
-
-
-def test_value_limits_are_the_ingest_services() -> None:
-    """The MLflow route checks before the service does (query may not import ingest): the same limits."""
-    assert (convert.MAX_ITEMS_PER_CALL, convert.MAX_PARAM_VALUE, convert.MAX_TAG_VALUE,
-            convert.MAX_EXPERIMENT_TAG_VALUE, convert.MAX_RUN_NAME) == (
-        catalog.MAX_ITEMS_PER_CALL, catalog.MAX_PARAM_VALUE, catalog.MAX_TAG_VALUE,
-        catalog.MAX_EXPERIMENT_TAG_VALUE, catalog.MAX_RUN_NAME)
 
 
 # -- a point once per request ---------------------------------------------------------------------

@@ -38,6 +38,13 @@ from collections.abc import Iterable, Sequence
 from trackhouse.ingest.convert import check_key
 from trackhouse.ingest.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from trackhouse.ingest.lru import LRU
+from trackhouse.proto.rules import (
+    MAX_EXPERIMENT_TAG_VALUE,
+    MAX_ITEMS_PER_CALL,
+    MAX_PARAM_VALUE,
+    MAX_RUN_NAME,
+    MAX_TAG_VALUE,
+)
 from trackhouse.store import (
     ACTIVE,
     DELETED,
@@ -53,11 +60,6 @@ from trackhouse.store import (
 DEFAULT_EXPERIMENT_ID = "0"
 DEFAULT_EXPERIMENT_NAME = "Default"
 MAX_EXPERIMENT_NAME = 500
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 5000
-MAX_RUN_NAME = 250
-MAX_ITEMS_PER_CALL = 1000
-MAX_EXPERIMENT_TAG_VALUE = 20_000
 # Runs whose records are cached (IngestSettings.max_cached_runs, the same default).
 MAX_CACHED_RUNS = 200_000
 # The runs table's columns, named as the record's fields (the store reads RunRecord(*row) in this order).

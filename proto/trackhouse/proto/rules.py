@@ -35,6 +35,12 @@ MAX_BATCH_KEYS = 10_000
 MAX_BATCH_POINTS = 1_000_000
 # Run ids one metric batch may name (fixed; each one must be used by a point of the batch).
 MAX_BATCH_RUNS = 10_000
+# Params, tags and run names (MLflow's limits, but 5,000 for a run tag where MLflow 3 allows 8,000).
+MAX_ITEMS_PER_CALL = 1000  # params or tags in one call
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 5000
+MAX_EXPERIMENT_TAG_VALUE = 20_000
+MAX_RUN_NAME = 250
 
 
 def key_problem(key: str) -> str | None:

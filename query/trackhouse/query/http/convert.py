@@ -21,20 +21,22 @@ from typing import Any
 import numpy as np
 
 from trackhouse.proto.points import Columns
-from trackhouse.proto.rules import INT64_MAX, INT64_MIN, checked_columns, key_problem, timestamps_problem
+from trackhouse.proto.rules import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_ITEMS_PER_CALL,
+    MAX_RUN_NAME,
+    MAX_TAG_VALUE,
+    checked_columns,
+    key_problem,
+    timestamps_problem,
+)
 from trackhouse.proto.v1 import ingest_pb2
 from trackhouse.query.http.errors import invalid
 from trackhouse.store import ExperimentRecord, RunDetails, RunRecord
 
 RUN_NAME_TAG = "mlflow.runName"
 Body = Mapping[str, Any]
-# The ingest service's limits on params, tags and run names (ingest/catalog.py, which query may not
-# import; tests/mlflow/test_write_compat.py pins them to the service's).
-MAX_ITEMS_PER_CALL = 1000
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 5000
-MAX_EXPERIMENT_TAG_VALUE = 20_000
-MAX_RUN_NAME = 250
 
 
 # -- request fields ----------------------------------------------------------------------

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from trackhouse.proto.rules import MAX_EXPERIMENT_TAG_VALUE, MAX_PARAM_VALUE
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 from trackhouse.query.history import MetricHistory
 from trackhouse.query.http import convert
@@ -169,7 +170,7 @@ class MlflowApi:
         name = text(body, "name", required=True)
         tags = pairs(body, "tags")
         # Before the experiment is created: its tags go in a second call, and the name, once taken, stays taken.
-        convert.check_pairs(tags, "tags", convert.MAX_EXPERIMENT_TAG_VALUE)
+        convert.check_pairs(tags, "tags", MAX_EXPERIMENT_TAG_VALUE)
         rec = await self._ingest.call("CreateExperiment", ingest_pb2.CreateExperimentRequest(
             name=name, artifact_location=text(body, "artifact_location")))
         if tags:
@@ -347,7 +348,7 @@ class MlflowApi:
             raise invalid(f"A batch logging request can contain at most {MAX_ENTITIES_PER_BATCH} metrics, params, "
                           f"and tags in total. Got {total} entities.")
         # All of it checked before the first call (see the module's docstring).
-        convert.check_pairs(params, "params", convert.MAX_PARAM_VALUE)
+        convert.check_pairs(params, "params", MAX_PARAM_VALUE)
         batch = convert.metric_batch(run_id, metrics, _now()) if metrics else None
         convert.check_run_tags(tags)
         if params:
