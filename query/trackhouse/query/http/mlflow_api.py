@@ -43,13 +43,13 @@ from trackhouse.query.http import convert
 from trackhouse.query.http.convert import RUN_NAME_TAG, Body, body_run_id, integer, pairs, strings, text
 from trackhouse.query.http.errors import IngestCallError, invalid, missing
 from trackhouse.query.http.experiments import ExperimentReader
-from trackhouse.query.http.mlflow_history import MlflowHistories
+from trackhouse.query.http.mlflow_history import MlflowHistories, StreamedJson
 from trackhouse.query.scope import allowed_experiments
 from trackhouse.query.search import RunSearch, SearchRequest
 from trackhouse.store import ACTIVE, DELETED, RUN_STATUSES, RunDetails, RunRecord, Store
 
 JSON = dict[str, Any]
-Handler = Callable[[Body], Awaitable[JSON]]
+Handler = Callable[[Body], Awaitable[JSON | StreamedJson]]
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100

@@ -14,7 +14,7 @@ in the store.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -31,23 +31,18 @@ MAX_RUNS_BULK_HISTORY = 100
 MAX_RESULTS_PER_RUN = 2500
 
 
-class StreamedJson(dict[str, Any]):
-    """A JSON answer sent as it is made: `chunks` are its bytes; the routes stream them.
+@dataclass(frozen=True)
+class StreamedJson:
+    """A JSON answer sent as it is made: `chunks` are its bytes; the routes stream them."""
 
-    It is an (empty) dict only so that it passes as a handler's JSON result
-    (mlflow_api.Handler); its items are never the answer.
-    """
-
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
-        super().__init__()
-        self.chunks = chunks
+    chunks: AsyncIterator[bytes]
 
 
 class MlflowHistories:
     def __init__(self, history: MetricHistory) -> None:
         self._history = history
 
-    async def get_metric_history(self, body: Body) -> JSON:
+    async def get_metric_history(self, body: Body) -> JSON | StreamedJson:
         key = text(body, "metric_key", required=True)
         size = integer(body, "max_results")
         if size is not None and size <= 0:
