@@ -320,3 +320,73 @@ def test_a_mark_stored_while_it_is_being_loaded_is_not_let_go() -> None:
         assert await p.committed("w") == 9
 
     asyncio.run(body())
+
+
+# -- the line to the buffer --------------------------------------------------------------------
+
+
+def test_batches_of_a_writer_take_their_turns_in_admission_order() -> None:
+    """A batch admitted later waits until the ones before it are buffered (or abandoned), whatever
+    their seqs; another writer's batches do not wait for them."""
+
+    async def body() -> None:
+        p = progress_with({})
+        loop = asyncio.get_running_loop()
+        first, second = (p.track("w", seq, loop.create_future()) for seq in (2, 1))
+        other = p.track("other", 1, loop.create_future())
+        await asyncio.wait_for(p.wait_turn(first), 5)
+        await asyncio.wait_for(p.wait_turn(other), 5)
+        waiting = asyncio.ensure_future(p.wait_turn(second))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiting), 0.05)
+        p.leave(first)  # buffered
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(body())
+
+
+def test_a_batch_is_refused_after_a_failure_at_or_before_its_seq_even_once_the_block_is_lifted() -> None:
+    """Seq 3 waits for room when 2 fails; 2's resend lifts the block, but 3 was admitted before it and
+    must not reach the buffer first. A failure past its seq (5) does not concern it."""
+
+    async def body() -> None:
+        p = progress_with({})
+        loop = asyncio.get_running_loop()
+        p.track("w", 2, loop.create_future())
+        three = p.track("w", 3, loop.create_future())
+        p.track("w", 5, loop.create_future())
+        p.failed("w", 5)
+        p.check_turn(three)
+        p.failed("w", 2)
+        assert (await p.admit("w", 2))[0] is Admission.NEW  # the resend lifts the block
+        with pytest.raises(Unavailable, match="resend from seq 2"):
+            p.check_turn(three)
+        with pytest.raises(Unavailable, match="resend from seq 2"):
+            await asyncio.wait_for(p.wait_turn(three), 5)
+
+    asyncio.run(body())
+
+
+def test_a_writer_line_is_let_go_with_its_last_batch() -> None:
+    """Per-writer state for ordering lives only while a batch is on its way to the buffer: buffered,
+    abandoned, or settled by hand, the writer leaves nothing behind (its mark may be let go too)."""
+
+    async def body() -> None:
+        store = StoreMarks()
+        p = WriterProgress(store.load, max_writers=1)
+        loop = asyncio.get_running_loop()
+        buffered, abandoned = p.track("w", 1, loop.create_future()), p.track("w", 2, loop.create_future())
+        p.track("w", 3, loop.create_future())
+        p.leave(buffered)
+        p.leave(abandoned)
+        p.failed("w", 2)
+        p.failed("w", 3)  # tracked, never in the buffer: settling it takes it out of the line
+        p.stored("w", 1)
+        assert not p._lines and not p._busy
+        assert (await p.admit("w", 2))[0] is Admission.NEW  # blocked at 2: the resend is taken
+        await admit_writers(p, store, ["v"])  # the only slot: w's mark, held by nothing, is let go
+        store.loads.clear()
+        assert (await p.admit("w", 2))[0] is Admission.NEW
+        assert store.loads == ["w"]
+
+    asyncio.run(body())

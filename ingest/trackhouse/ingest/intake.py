@@ -3,7 +3,9 @@
 Owns the path of one MetricBatch from the wire to the buffer. `accept()` returns
 at once with an awaitable `Outcome`, so a stream keeps reading while earlier
 batches wait for their flush; a stream that must wait for buffer room stops
-reading (that is the backpressure). Nothing here imports grpc.
+reading (that is the backpressure). A writer's batches admitted as new enter the
+buffer in the order they were admitted, across streams (`WriterProgress.wait_turn`).
+Nothing here imports grpc.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from trackhouse.ingest.buffer import MetricBuffer
 from trackhouse.ingest.catalog import Catalog
 from trackhouse.ingest.convert import decode_batch
 from trackhouse.ingest.errors import IngestError, Unavailable
-from trackhouse.ingest.progress import Admission, WriterProgress
+from trackhouse.ingest.progress import Admission, Turn, WriterProgress
 from trackhouse.ingest.settings import IngestSettings
 
 
@@ -108,19 +110,23 @@ class Intake:
             return self._reject(seq, exc)
         # Tracked before waiting for room, so a copy arriving meanwhile waits for this one.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._progress.track(batch.writer_id, seq, done)
+        turn = self._progress.track(batch.writer_id, seq, done)
         try:
+            # After the writer's batches admitted before it (on other streams too): one that fits must
+            # not overtake one still waiting for room, or its mark would pass that one's resend.
+            await self._progress.wait_turn(turn)
             await self._buffer.wait_for_room(batch.nbytes)
-            # A flush that failed while this batch waited may have blocked its writer: stored now,
+            # A flush that failed while this batch waited may have failed a batch before it: stored now,
             # it would move the mark past the failed batch, whose resend would be a "duplicate".
-            self._progress.check_unblocked(batch.writer_id, seq)
+            self._progress.check_turn(turn)
         except Unavailable as exc:
-            self._abandon(batch.writer_id, seq, done, exc)
+            self._abandon(turn, done, exc)
             raise
         except BaseException:
-            self._abandon(batch.writer_id, seq, done, Unavailable("the stream closed before the batch was buffered"))
+            self._abandon(turn, done, Unavailable("the stream closed before the batch was buffered"))
             raise
         self._buffer.add(batch, done, time.monotonic(), urgent)
+        self._progress.leave(turn)
         self.points_received += batch.points
         return _after(done, seq, batch.points)
 
@@ -129,8 +135,10 @@ class Intake:
         self.rejected[name] = self.rejected.get(name, 0) + 1
         return _ready(Outcome(seq, Verdict.REJECTED, 0, error))
 
-    def _abandon(self, writer_id: str, seq: int, done: asyncio.Future[None], error: Unavailable) -> None:
-        """Settle a tracked batch that will not be buffered: copies waiting on it fail with `error`."""
-        self._progress.failed(writer_id, seq)
+    def _abandon(self, turn: Turn, done: asyncio.Future[None], error: Unavailable) -> None:
+        """Settle a tracked batch that will not be buffered: copies waiting on it fail with `error`, and
+        the writer's batches behind it in the line are refused when their turn comes (it is blocked)."""
+        self._progress.leave(turn)
+        self._progress.failed(turn.writer_id, turn.seq)
         done.set_exception(error)
         done.exception()  # retrieved: only copies waiting on it care

@@ -22,11 +22,23 @@ instead of being stored twice.
 The prefix must stay a prefix, or a restart (which knows only the mark) would
 take a resent batch below the mark for a duplicate and lose it. So when a batch
 fails to store, its writer is blocked at that seq: later batches of the writer
-are refused (Unavailable, "resend from seq N"), at admission and again when one
-admitted earlier leaves its wait for buffer room, and the flusher drops those
-already buffered, until the failed batch itself is resent (the buffer keeps
+are refused (Unavailable, "resend from seq N") at admission, and the flusher drops
+those already buffered, until the failed batch itself is resent (the buffer keeps
 arrival order and flushes take its oldest batches first, so it lands first). Clients resend
 unacknowledged batches in order, so the failed one comes first.
+
+Order into the buffer. A batch admitted as new waits for room in the buffer, and one
+that fits does not wait; so batches of one writer on two streams (an old one the
+client gave up on, and the new one it resends on) could overtake each other. Hence
+each writer has a line (`Turn`s, in admission order) of its batches admitted as new
+and not yet buffered: a batch enters the buffer only after every batch of its writer
+admitted before it was buffered or abandoned (`wait_turn`). And a batch in the line
+notes the lowest seq of its writer that failed since it was admitted (`failed` marks
+the line): at or below its own seq, it is refused when its turn comes or when it gets
+room (`check_turn`), even if a resend lifted the block meanwhile, since the resend was
+admitted after it and so is behind it in the line. A line lives only while it holds a
+batch (at most one per stream or unary call of the writer in accept); every batch in
+it is in flight, so its writer's mark is held meanwhile.
 
 Memory: every client process is a new writer, so the marks are an LRU cache of at most
 `max_writers` (MAX_CACHED_WRITERS unless the settings say otherwise). A mark let go is
@@ -58,6 +70,18 @@ class Admission(Enum):
     IN_FLIGHT = "in_flight"
 
 
+class Turn:
+    """A batch admitted as new and not yet buffered: its place in its writer's line to the buffer."""
+
+    __slots__ = ("failed_at", "left", "seq", "writer_id")
+
+    def __init__(self, writer_id: str, seq: int) -> None:
+        self.writer_id = writer_id
+        self.seq = seq
+        self.failed_at: int | None = None  # lowest seq of the writer that failed since admission
+        self.left = asyncio.Event()  # set once buffered or abandoned: the next in the line may go
+
+
 class WriterProgress:
     def __init__(self, load_committed: Callable[[str], Awaitable[int]],
                  max_writers: int = MAX_CACHED_WRITERS) -> None:
@@ -67,6 +91,7 @@ class WriterProgress:
         self._busy: dict[str, int] = {}  # writer -> its batches in flight + loads of its mark under way
         self._blocked: dict[str, int] = {}  # writer -> lowest seq that failed to store
         self._ahead: dict[str, int] = {}  # writer -> greatest seq stored past its failed batch
+        self._lines: dict[str, list[Turn]] = {}  # writer -> its batches on their way to the buffer (never empty)
 
     def _held(self, writer_id: str) -> bool:
         """True while the writer's cached state is not all in the store: its mark must stay."""
@@ -126,28 +151,52 @@ class WriterProgress:
             return Admission.IN_FLIGHT, original
         return Admission.NEW, None
 
-    def track(self, writer_id: str, seq: int, done: asyncio.Future[None]) -> None:
+    def track(self, writer_id: str, seq: int, done: asyncio.Future[None]) -> Turn:
+        """The batch admitted as new is in flight; it joins the end of its writer's line to the buffer."""
         if (writer_id, seq) not in self._in_flight:
             self._hold(writer_id)
         self._in_flight[(writer_id, seq)] = done
+        turn = Turn(writer_id, seq)
+        self._lines.setdefault(writer_id, []).append(turn)
+        return turn
+
+    async def wait_turn(self, turn: Turn) -> None:
+        """Wait until every batch of the writer admitted before this one is buffered or abandoned.
+
+        Raises Unavailable when this one must not be buffered any more (`check_turn`). The batch
+        first in the line waits only for room, which the flusher makes: the line cannot stall.
+        """
+        line = self._lines[turn.writer_id]  # never empty while `turn` is in it, so never replaced
+        while (place := line.index(turn)) > 0:
+            await line[place - 1].left.wait()  # an Event: a cancelled waiter cancels nothing shared
+        self.check_turn(turn)
+
+    def check_turn(self, turn: Turn) -> None:
+        """Raise Unavailable when a batch of the writer at or before this one failed since its admission.
+
+        Buffered now, it could be stored before that batch's resend and take the mark past it.
+        """
+        if turn.failed_at is not None and turn.failed_at <= turn.seq:
+            raise _refusal(turn.writer_id, turn.failed_at)
+
+    def leave(self, turn: Turn) -> None:
+        """The batch is buffered or abandoned: the next one of its writer may go."""
+        line = self._lines.get(turn.writer_id)
+        if line is not None and turn in line:
+            line.remove(turn)
+            if not line:
+                del self._lines[turn.writer_id]
+        turn.left.set()
 
     def _settled(self, writer_id: str, seq: int) -> None:
         if self._in_flight.pop((writer_id, seq), None) is not None:
             self._release(writer_id)
+        for turn in [t for t in self._lines.get(writer_id, ()) if t.seq == seq]:
+            self.leave(turn)  # settled without being buffered (a caller that tracked it by hand)
 
     def is_blocked(self, writer_id: str, seq: int) -> bool:
         """True when an earlier batch of this writer failed and was not stored since."""
         return seq > self._blocked.get(writer_id, seq)
-
-    def check_unblocked(self, writer_id: str, seq: int) -> None:
-        """Raise Unavailable when the writer is blocked at or before `seq`.
-
-        For a batch admitted earlier that is about to be buffered: a batch at or before it
-        may have failed since admit().
-        """
-        blocked_at = self._blocked.get(writer_id)
-        if blocked_at is not None and seq >= blocked_at:
-            raise _refusal(writer_id, blocked_at)
 
     def stored(self, writer_id: str, seq: int) -> None:
         self._settled(writer_id, seq)
@@ -167,6 +216,11 @@ class WriterProgress:
             del self._ahead[writer_id]  # caught up with the store's mark: a reload is safe again
 
     def failed(self, writer_id: str, seq: int) -> None:
+        # The writer's batches on their way to the buffer were admitted before this failure, so before
+        # the failed batch's resend, which lifts the block: they must still not pass it (`check_turn`).
+        for turn in self._lines.get(writer_id, ()):
+            if turn.failed_at is None or seq < turn.failed_at:
+                turn.failed_at = seq
         self._settled(writer_id, seq)
         self._blocked[writer_id] = min(self._blocked.get(writer_id, seq), seq)
 
