@@ -71,6 +71,20 @@ def test_duplicate_experiment_name_is_already_exists(ingest: Any) -> None:
                ingest_pb2.CreateExperimentRequest(name=name), repr(name), first.experiment_id)
 
 
+def test_a_deleted_experiments_name_cannot_be_taken_and_restoring_it_still_works(ingest: Any) -> None:
+    name = unique("gone")
+    exp = ingest.CreateExperiment(ingest_pb2.CreateExperimentRequest(name=name))
+    ingest.DeleteExperiment(ingest_pb2.ExperimentRef(experiment_id=exp.experiment_id))
+    with pytest.raises(grpc.RpcError) as info:
+        ingest.CreateExperiment(ingest_pb2.CreateExperimentRequest(name=f" {name} "))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS, info.value.details()
+    assert "deleted state" in info.value.details() and exp.experiment_id in info.value.details()
+
+    back = ingest.RestoreExperiment(ingest_pb2.ExperimentRef(experiment_id=exp.experiment_id))
+    assert back.lifecycle_stage == common_pb2.ACTIVE
+    assert ingest.GetExperiment(ingest_pb2.GetExperimentRequest(name=name)).experiment_id == exp.experiment_id
+
+
 @pytest.mark.parametrize("name", ["", "   "])
 def test_empty_experiment_name_is_invalid(ingest: Any, name: str) -> None:
     fails_with(grpc.StatusCode.INVALID_ARGUMENT, ingest.CreateExperiment,

@@ -40,14 +40,6 @@ class HistoryRequest:
 
 
 @dataclass(frozen=True)
-class HistoryPage:
-    steps: np.ndarray[Any, np.dtype[np.int64]]
-    timestamps: np.ndarray[Any, np.dtype[np.int64]]
-    values: np.ndarray[Any, np.dtype[np.float64]]
-    next_page_token: str
-
-
-@dataclass(frozen=True)
 class SampleRequest:
     run_ids: tuple[str, ...]
     key: str
@@ -64,6 +56,11 @@ class Points:
     steps: np.ndarray[Any, np.dtype[np.int64]]
     timestamps: np.ndarray[Any, np.dtype[np.int64]]
     values: np.ndarray[Any, np.dtype[np.float64]]
+
+
+@dataclass(frozen=True)
+class HistoryPage(Points):
+    next_page_token: str
 
 
 # MLflow's sampling, as a condition on a point's index i (from 0) among a run's n points in
