@@ -21,7 +21,7 @@ Grammar (EBNF; keywords are case-insensitive, entity types are not):
     or_expr    = and_expr { "OR" and_expr } ;        (* OR: extension *)
     and_expr   = primary { "AND" primary } ;
     primary    = "(" or_expr ")" | comparison ;      (* parentheses: extension *)
-    comparison = identifier operator value ;
+    comparison = identifier operator value | identifier "IS" [ "NOT" ] "NULL" ;
     identifier = entity "." key | key ;              (* a bare key is an attribute *)
     entity     = name | quoted ;                     (* metrics, params, tags, attributes, aliases *)
     key        = name { "." name } | quoted ;
@@ -38,7 +38,10 @@ compare numbers; params, tags and the other attributes compare strings with
 = != LIKE ILIKE IN NOT IN (IN on every string field: extension). Params also
 compare numerically with < <= > >= (and = != given a number literal) where
 their value parses as a number (extension). On params, tags and metrics, `!=`
-and NOT IN match only runs that have the key. AND binds tighter than OR.
+and NOT IN match only runs that have the key. `IS NULL` matches the runs
+without the key and `IS NOT NULL` those with it (any value, "" too); as in MLflow
+they apply to params and tags only (a deleted tag is missing). AND binds
+tighter than OR.
 
 Quoted text is MLflow's (which tokenizes with sqlparse): a backslash is an ordinary
 character, kept in the value, so `params.path = 'C:\new'` compares with C:\new and
@@ -79,7 +82,9 @@ ATTRIBUTE_ALIASES: dict[str, str] = {
 NUMERIC_OPS = ("=", "!=", "<", "<=", ">", ">=")
 STRING_OPS = ("=", "!=", "LIKE", "ILIKE", "IN", "NOT IN")
 PARAM_OPS = (*STRING_OPS, "<", "<=", ">", ">=")
-ALL_OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "ILIKE", "IN", "NOT IN")
+# Whether a param or tag is there at all (MLflow: params and tags only); a Comparison's value is None.
+NULL_OPS = ("IS NULL", "IS NOT NULL")
+ALL_OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "ILIKE", "IN", "NOT IN", *NULL_OPS)
 DEFAULT_MAX_LENGTH = 10_000
 MAX_DEPTH = 50  # nesting of parentheses; keeps recursion far from Python's limit
 
@@ -100,13 +105,14 @@ class FilterError(ValueError):
 class Comparison:
     """`entity` is one of METRICS, PARAMS, TAGS, ATTRIBUTES; `op` one of ALL_OPS (upper case).
 
-    `value` is a str, an int or float (numeric comparisons), or a tuple of str (IN, NOT IN).
+    `value` is a str, an int or float (numeric comparisons), a tuple of str (IN, NOT IN), or
+    None (IS NULL, IS NOT NULL).
     """
 
     entity: str
     key: str
     op: str
-    value: str | float | tuple[str, ...]
+    value: str | float | tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -325,8 +331,11 @@ class _FilterParser(Parser):
         op = self.operator()
         allowed = _allowed_ops(entity, key)
         if op not in allowed:
+            only = "IS NULL and IS NOT NULL apply to tags and params only; " if op in NULL_OPS else ""
             self.error(op_token.pos, f"{op} is not allowed for {_describe_field(entity, key)}: "
-                       f"expected one of {', '.join(allowed)}")
+                       f"{only}expected one of {', '.join(allowed)}")
+        if op in NULL_OPS:
+            return Comparison(entity, key, op, None)
         value_token = self.peek()
         value = self.value_list() if op in ("IN", "NOT IN") else self.scalar()
         return Comparison(entity, key, op, self.check_value(entity, key, op, value, value_token))
@@ -340,6 +349,16 @@ class _FilterParser(Parser):
         if token.is_keyword("NOT") and self.peek().is_keyword("IN"):
             self.advance()
             return "NOT IN"
+        if token.is_keyword("IS"):
+            word = self.advance()
+            if word.is_keyword("NULL"):
+                return "IS NULL"
+            if not word.is_keyword("NOT"):
+                self.fail(word, "NULL or NOT NULL after IS")
+            word = self.advance()
+            if not word.is_keyword("NULL"):
+                self.fail(word, "NULL after IS NOT")
+            return "IS NOT NULL"
         self.fail(token, f"a comparison operator ({', '.join(ALL_OPS)})")
 
     def scalar(self) -> str | float:
@@ -431,7 +450,9 @@ def _join(kind: type[And] | type[Or], items: list[Node]) -> Node:
 def _allowed_ops(entity: str, key: str) -> tuple[str, ...]:
     if entity == METRICS or (entity == ATTRIBUTES and key in NUMERIC_ATTRIBUTES):
         return NUMERIC_OPS
-    return PARAM_OPS if entity == PARAMS else STRING_OPS
+    if entity == PARAMS:
+        return (*PARAM_OPS, *NULL_OPS)
+    return (*STRING_OPS, *NULL_OPS) if entity == TAGS else STRING_OPS
 
 
 def _describe_field(entity: str, key: str) -> str:
@@ -485,6 +506,10 @@ def _compile_comparison(c: Comparison, db: str, binder: Binder) -> str:
     if c.entity == ATTRIBUTES:
         return condition(c.key, c, binder)
     key = binder.bind(c.key, "String")
+    if c.op in NULL_OPS:  # the runs with the key, or (IS NULL) all the others
+        having = (f"SELECT run_id FROM {db}.params WHERE key = {key}" if c.entity == PARAMS
+                  else f"SELECT run_id FROM {db}.tags FINAL WHERE deleted = 0 AND key = {key}")
+        return f"run_id {'NOT IN' if c.op == 'IS NULL' else 'IN'} ({having})"
     if c.entity == METRICS:
         cond = condition(latest_value("max(last_key)"), c, binder, "Float64")
         return (f"run_id IN (SELECT run_id FROM {db}.latest_metrics WHERE key = {key} "
@@ -498,7 +523,10 @@ def _compile_comparison(c: Comparison, db: str, binder: Binder) -> str:
 
 
 def condition(column: str, c: Comparison, binder: Binder, number_type: str = "") -> str:
-    """`column <op> <bound value>`; `column` is always our own SQL, never user text."""
+    """`column <op> <bound value>`; `column` is always our own SQL, never user text. IS NULL and
+    IS NOT NULL test `column` itself: NULL where a run lacks the key."""
+    if c.op in NULL_OPS or c.value is None:
+        return f"{column} {'IS NOT NULL' if c.op == 'IS NOT NULL' else 'IS NULL'}"
     if isinstance(c.value, tuple):
         return f"{column} {c.op} {binder.bind(list(c.value), 'Array(String)')}"
     if isinstance(c.value, str):

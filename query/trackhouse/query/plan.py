@@ -6,7 +6,8 @@ into SQL over `search_runs`, `search_params`, `search_tags` and
 key is one primary-key range (docs/search.md). Semantics are those of
 `filters.compile_filter` exactly — the same operators, the same bound values,
 params compared numerically where they parse as numbers, `!=` and NOT IN
-matching only runs that have the key — only the tables differ.
+matching only runs that have the key, IS NULL matching only runs that do not —
+only the tables differ.
 
 Invariants: user text only ever travels as bound parameters (`Binder`); the
 only names pasted are our own columns and the whitelisted database name; every
@@ -18,6 +19,7 @@ from __future__ import annotations
 from trackhouse.query.filters import (
     ATTRIBUTES,
     METRICS,
+    NULL_OPS,
     PARAMS,
     And,
     Binder,
@@ -76,12 +78,16 @@ def _comparison(c: Comparison, db: str, binder: Binder, restrict: str = "") -> s
         # holds the same value, so a set of run ids needs no FINAL (5-10x cheaper on
         # unmerged parts, docs/search.md).
         sub = sub.replace(" FINAL ", " ")
+    if c.op in NULL_OPS:  # the runs with the key (any value), or all the others
+        return f"run_id {'NOT IN' if c.op == 'IS NULL' else 'IN'} (SELECT run_id FROM ({sub}))"
     return f"run_id IN (SELECT run_id FROM ({sub}) WHERE {value_condition(c, binder)})"
 
 
 def value_condition(c: Comparison, binder: Binder, value: str = "v") -> str:
     """The comparison `c` on `value`: the column `v` of `key_values(c.entity, ...)`, or another
     expression of the key's value (our own SQL) that is NULL where a run lacks the key."""
+    if c.op in NULL_OPS:
+        return condition(value, c, binder)
     numeric_param = c.entity == PARAMS and not isinstance(c.value, str | tuple)
     column = f"toFloat64OrNull({value})" if numeric_param else value
     number_type = "Float64" if c.entity in (METRICS, PARAMS) else ""
@@ -94,10 +100,12 @@ def split_pushed(node: Node | None, entity: str, key: str) -> tuple[Node | None,
     Those terms can be evaluated on the order key's own join instead of as a set of
     run ids: a comparison on a param, tag or metric matches only runs that have the
     key, so `base JOIN (rows of the key that pass)` is `base WHERE run_id IN (...)`
-    with the key's rows read once instead of twice.
+    with the key's rows read once instead of twice. Not IS NULL, which matches the
+    runs without the key: it stays in the rest.
     """
     items = node.items if isinstance(node, And) else (() if node is None else (node,))
-    pushed = [i for i in items if isinstance(i, Comparison) and (i.entity, i.key) == (entity, key)]
+    pushed = [i for i in items if isinstance(i, Comparison) and (i.entity, i.key) == (entity, key)
+              and i.op != "IS NULL"]
     rest = tuple(i for i in items if not any(i is p for p in pushed))
     if not pushed:
         return node, []

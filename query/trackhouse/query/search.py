@@ -9,8 +9,11 @@ then NaN, then missing, whatever the direction — with a stable tiebreak
 (start_time DESC, run_id ASC), cut by a keyset predicate from the page token —
 never OFFSET. A cursor holds the last row's values as they are (NaN and ±inf
 included: the token's JSON carries them), so each value's rank is known from
-the value itself. Phase two hydrates exactly those runs (params, tags, latest
-metrics) by id. On request, a third query counts every match (`total`).
+the value itself. The order is total and the cursor names a place in it, not a
+count of rows, so a token is bound to its question (scope, view, filter, order)
+but not to the page size: the next page may ask for any number of runs. Phase
+two hydrates exactly those runs (params, tags, latest metrics) by id. On request,
+a third query counts every match (`total`).
 
 All user text travels as bound parameters; identifiers come from whitelists.
 """
@@ -242,7 +245,9 @@ class RunSearch:
             raise InvalidArgument(
                 f"filter: {len(req.filter)} characters, limit {self._settings.max_filter_length}")
         keys = sort_keys(parse_order_by(list(req.order_by)))
-        question = fingerprint(sorted(req.experiment_ids), req.filter, req.order_by, req.view, limit)
+        # Not the page size: the cursor is the last row's place in a total order, so the next page
+        # is right whatever its size (MLflow's client asks for the remainder on its last page).
+        question = fingerprint(sorted(req.experiment_ids), req.filter, req.order_by, req.view)
         cursor = self._tokens.decode(req.page_token, question) if req.page_token else None
         if cursor is not None and (not isinstance(cursor, list) or len(cursor) != len(keys)):
             raise InvalidArgument("page_token: does not match this search's ordering")
