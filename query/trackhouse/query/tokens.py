@@ -58,6 +58,6 @@ class TokenCodec:
         body = json.loads(payload)
         if body.get("q") != question:
             raise InvalidArgument(
-                "page_token: this token belongs to another search (filter, order, scope or page size changed)"
+                "page_token: this token belongs to another search (filter, order or scope changed)"
             )
         return body["c"]
