@@ -63,25 +63,6 @@ def _connection(fake: Any, **kwargs: Any) -> Any:
     return module.Connection(**kwargs)
 
 
-def test_the_stream_ends_once_all_is_answered_and_a_new_one_carries_the_next_batch(
-    fake: Any, client: th.Client, caplog: pytest.LogCaptureFixture
-) -> None:
-    # No call stays open between batches: a fork (a DataLoader's) then meets no call in flight, the
-    # only case gRPC supports; ending it so is not a failure (no reconnect, no warning).
-    run = client.start_run()
-    for step in range(3):
-        run.log(step=step, loss=float(step))
-        assert client.flush(timeout=10.0)
-    with caplog.at_level(logging.WARNING, logger="trackhouse"):
-        assert client.close(timeout=10.0)
-    assert fake.ingest.connections == 3
-    stats = client.stats()
-    assert (stats["reconnects"], stats["points_acked"], stats["batches_duplicate"]) == (0, 3, 0)
-    assert sorted(_stored_points(fake, client.writer_id)) == [(0, 0.0), (1, 1.0), (2, 2.0)]
-    assert not caplog.records
-    assert not [t for t in threading.enumerate() if t.name == "trackhouse-acks"]  # close waited for the reader
-
-
 def test_rejected_batch_is_counted_and_logged_once(
     fake: Any, client: th.Client, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,12 +8,12 @@ each in the ``Outbox`` until acknowledged: in memory or, once spilled, in this w
 server has been away past ``spool_grace`` or memory passes ``memory_budget`` (``policy.py`` decides). Offline,
 batches go straight to the spool. The disk side, and what a failing disk does, is ``spilling.py``'s.
 
-A StreamMetrics call carries the outbox in seq order while it holds unacknowledged entries; once all are
-answered it is ended, so that a fork (a DataLoader's) rarely meets a call in flight, the only case gRPC
-supports. Entries on disk are read back within a bounded window. One thread per open stream reads its acks
-and does nothing else. When a stream ends, the worker reconnects after a jittered backoff (or the server's
-retry delay) and resends every unacknowledged entry from the oldest: the server dedupes by (writer_id, seq)
-with a per-writer high-water mark, which is why entries are always sent in seq order.
+One long-lived StreamMetrics call carries the outbox in seq order (one per batch would cost the server a
+read of the writer's mark per batch); entries on disk are read back within a bounded window. One thread per
+open stream reads its acks and does nothing else. When a stream ends, the worker reconnects after a jittered
+backoff (or the server's retry delay) and resends every unacknowledged entry from the oldest: the server
+dedupes by (writer_id, seq) with a per-writer high-water mark, which is why entries are always sent in seq
+order.
 
 Invariants: ``seq`` is strictly increasing from 1; an entry leaves the outbox only on its ack; only the worker
 touches the spool; ``_cond`` guards shared fields and is never held across I/O.
@@ -357,10 +357,6 @@ class Sender(Spilling):
             self._counts["points_rejected" if rejected else "points_acked"] += item.points - short
             self._counts["points_lost"] += short
             self._counts["batches_duplicate"] += ack.status == ingest_pb2.DUPLICATE
-            if not self._outbox and self._queue is not None:  # all answered: end the call until the next
-                self._queue.put(None)  # batch, so that a fork meets no call in flight (gRPC supports a
-                self._queue = self._stream = None  # fork only then); its reader's end is of an old
-                self._generation += 1              # generation
             self._cond.notify_all()
         if item.loc is not None or (restored and self._ops_retry.ops):  # replay room; operations to retry
             self._wake.set()
