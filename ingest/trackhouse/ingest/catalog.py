@@ -35,15 +35,14 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 
-from trackhouse.ingest.convert import check_key
 from trackhouse.ingest.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from trackhouse.ingest.lru import LRU
 from trackhouse.proto.rules import (
     MAX_EXPERIMENT_TAG_VALUE,
-    MAX_ITEMS_PER_CALL,
     MAX_PARAM_VALUE,
     MAX_RUN_NAME,
     MAX_TAG_VALUE,
+    items_problem,
 )
 from trackhouse.store import (
     ACTIVE,
@@ -71,14 +70,8 @@ def now_ms() -> int:
 
 
 def _check_items(items: Sequence[tuple[str, str]], field: str, max_value: int) -> None:
-    if len(items) > MAX_ITEMS_PER_CALL:
-        raise InvalidArgument(f"{field}: {len(items)} items in one call, limit {MAX_ITEMS_PER_CALL}")
-    for i, (key, value) in enumerate(items):
-        check_key(key, f"{field}[{i}].key")
-        if len(value) > max_value:
-            raise InvalidArgument(
-                f"{field}[{i}].value: {len(value)} characters for {key!r}, limit {max_value}"
-            )
+    if (problem := items_problem(items, field, max_value)) is not None:
+        raise InvalidArgument(problem)
 
 
 class Catalog:

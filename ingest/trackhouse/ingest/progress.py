@@ -136,7 +136,8 @@ class WriterProgress:
         """
         known = writer_id in self._committed
         committed = await self.committed(writer_id)
-        if seq > committed and refresh and known and (writer_id, seq) not in self._in_flight:
+        if seq > committed and refresh and known and (writer_id, seq) not in self._in_flight \
+                and writer_id not in self._ahead:  # held below the store's mark: a reload would lose the resend
             committed = await self.refresh(writer_id)
         if seq <= committed:
             return Admission.DUPLICATE, None

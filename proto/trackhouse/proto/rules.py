@@ -55,6 +55,19 @@ def key_problem(key: str) -> str | None:
     return None
 
 
+def items_problem(items: Sequence[tuple[str, str]], field: str, max_value: int) -> str | None:
+    """What makes ``items`` (params or tags of one call, as (key, value)) illegal, naming the field
+    and the item: too many, an illegal key, a value over ``max_value`` characters; None when legal."""
+    if len(items) > MAX_ITEMS_PER_CALL:
+        return f"{field}: {len(items)} items in one call, limit {MAX_ITEMS_PER_CALL}"
+    for i, (key, value) in enumerate(items):
+        if (problem := key_problem(key)) is not None:
+            return f"{field}[{i}].key: {problem}"
+        if len(value) > max_value:
+            return f"{field}[{i}].value: {len(value)} characters for {key!r}, limit {max_value}"
+    return None
+
+
 def timestamps_problem(low: int, high: int) -> str | None:
     """What is wrong with timestamps from ``low`` to ``high``; None when they are in range."""
     if low < 0 or high > MAX_TIMESTAMP_MS:

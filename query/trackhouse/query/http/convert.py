@@ -24,10 +24,10 @@ from trackhouse.proto.points import Columns
 from trackhouse.proto.rules import (
     INT64_MAX,
     INT64_MIN,
-    MAX_ITEMS_PER_CALL,
     MAX_RUN_NAME,
     MAX_TAG_VALUE,
     checked_columns,
+    items_problem,
     key_problem,
     timestamps_problem,
 )
@@ -120,14 +120,8 @@ def pairs(body: Body, name: str) -> list[tuple[str, str]]:
 def check_pairs(items: Sequence[tuple[str, str]], name: str, max_value: int) -> None:
     """INVALID_PARAMETER_VALUE naming the item unless `items` keep the service's rules for params
     and tags: at most MAX_ITEMS_PER_CALL, legal keys (`key_problem`), values of at most `max_value`."""
-    if len(items) > MAX_ITEMS_PER_CALL:
-        raise invalid(f"{name}: {len(items)} items in one call, limit {MAX_ITEMS_PER_CALL}")
-    for i, (key, value) in enumerate(items):
-        problem = key_problem(key)
-        if problem is not None:
-            raise invalid(f"{name}[{i}].key: {problem}")
-        if len(value) > max_value:
-            raise invalid(f"{name}[{i}].value: {len(value)} characters for {key!r}, limit {max_value}")
+    if (problem := items_problem(items, name, max_value)) is not None:
+        raise invalid(problem)
 
 
 def check_run_tags(tags: Sequence[tuple[str, str]]) -> None:
