@@ -28,6 +28,7 @@ import numpy as np
 
 from trackhouse.proto.rules import INT64_MAX, INT64_MIN
 from trackhouse.query.errors import InvalidArgument
+from trackhouse.query.history import step_range
 from trackhouse.query.settings import QuerySettings
 from trackhouse.store import Store
 from trackhouse.store.reads import Arrow, Rows, Steps
@@ -85,12 +86,7 @@ def _range_where(run_ids: tuple[str, ...], min_step: int | None, max_step: int |
             raise InvalidArgument(f"{name}: {bound} is outside the int64 range")
     params: dict[str, Any] = {"runs": list(run_ids)}
     where = ["run_id IN {runs:Array(String)}"]
-    if min_step is not None:
-        where.append("step >= {lo:Int64}")
-        params["lo"] = min_step
-    if max_step is not None:
-        where.append("step <= {hi:Int64}")
-        params["hi"] = max_step
+    step_range(where, params, min_step, max_step)
     return " AND ".join(where), params
 
 

@@ -109,7 +109,7 @@ class MetricHistory:
         question = fingerprint(req.run_id, req.key, req.min_step, req.max_step)
         params: dict[str, Any] = {"run": req.run_id, "key": req.key}
         where = ["run_id = {run:String}", "key = {key:String}"]
-        _step_range(where, params, req.min_step, req.max_step)
+        step_range(where, params, req.min_step, req.max_step)
         skip = 0
         if req.page_token:
             step, ts, skip = self._tokens.decode(req.page_token, question)
@@ -153,7 +153,7 @@ class MetricHistory:
                 raise NotFound(f"run_id: no run {run_id!r}")
         params: dict[str, Any] = {"runs": list(ids), "key": req.key, "k": req.max_results}
         where = ["run_id IN {runs:Array(String)}", "key = {key:String}"]
-        _step_range(where, params, req.min_step, req.max_step)
+        step_range(where, params, req.min_step, req.max_step)
         table = yield Arrow(
             "SELECT run_id, step, timestamp, value FROM ("
             "SELECT run_id, step, timestamp, value, toInt64(row_number() OVER w) - 1 AS i, "
@@ -177,8 +177,9 @@ def _by_run(table: Any) -> dict[str, Points]:
             for a, b in zip(starts, [*starts[1:], len(runs)], strict=True)}
 
 
-def _step_range(where: list[str], params: dict[str, Any], low: int | None, high: int | None) -> None:
-    """Add the bounds a request gives its steps (bound parameters) to `where` and `params`."""
+def step_range(where: list[str], params: dict[str, Any], low: int | None, high: int | None) -> None:
+    """Add the bounds a request gives its steps (bound parameters) to `where` and `params` (history,
+    samples and charts)."""
     if low is not None:
         where.append("step >= {lo:Int64}")
         params["lo"] = low
