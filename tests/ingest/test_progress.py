@@ -98,6 +98,24 @@ def test_mark_advanced_while_loading_is_kept() -> None:
     asyncio.run(body())
 
 
+def test_a_block_is_lifted_once_the_store_has_the_failed_batch() -> None:
+    """Seq 1 failed here, but another replica stored it: its resend is a duplicate, and the writer's
+    later batches are taken (before, each was refused with "resend from seq 1", for ever)."""
+
+    async def body() -> None:
+        marks: dict[str, int] = {}
+        p = progress_with(marks)
+        loop = asyncio.get_running_loop()
+        assert (await p.admit("w", 1))[0] is Admission.NEW
+        p.track("w", 1, loop.create_future())
+        p.failed("w", 1)
+        marks["w"] = 1  # stored through another replica
+        assert (await p.admit("w", 1, refresh=True))[0] is Admission.DUPLICATE
+        assert (await p.admit("w", 2))[0] is Admission.NEW
+
+    asyncio.run(body())
+
+
 def test_a_failed_batch_blocks_later_seqs_of_its_writer_until_it_is_resent() -> None:
     """Seq 1 failed: seq 2 must not be stored before it (the stored seqs stay a prefix, which is
     all a restart can know), so 2 is refused until 1 is resent; other writers are unaffected."""

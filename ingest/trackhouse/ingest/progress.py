@@ -139,9 +139,12 @@ class WriterProgress:
         if seq > committed and refresh and known and (writer_id, seq) not in self._in_flight \
                 and writer_id not in self._ahead:  # held below the store's mark: a reload would lose the resend
             committed = await self.refresh(writer_id)
+        blocked_at = self._blocked.get(writer_id)
+        if blocked_at is not None and blocked_at <= committed:  # stored since, through another replica
+            del self._blocked[writer_id]
+            blocked_at = None
         if seq <= committed:
             return Admission.DUPLICATE, None
-        blocked_at = self._blocked.get(writer_id)
         if blocked_at is not None and seq <= blocked_at:
             # The failed batch is resent: buffered in order again, later seqs may follow it.
             del self._blocked[writer_id]
