@@ -7,7 +7,7 @@ import os
 import shutil
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -15,8 +15,11 @@ from trackhouse.client import policy
 from trackhouse.client import spool as spool_module
 from trackhouse.client.errors import SpoolError
 from trackhouse.client.policy import retry_delay
+from trackhouse.client.replay import replay_dir
 from trackhouse.client.spool import (
+    LOCK,
     MAGIC,
+    OPS,
     Corruption,
     Kind,
     Record,
@@ -25,10 +28,13 @@ from trackhouse.client.spool import (
     hold_lock,
     release_lock,
     scan,
+    scan_ops,
     segments,
     try_lock,
     writer_dirs,
 )  # fmt: skip
+from trackhouse.client.transport import Transport
+from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
 
 def _write(path: Path, payloads: list[bytes]) -> list[int]:
@@ -281,3 +287,155 @@ def test_a_forked_child_does_not_keep_a_replay_lock(tmp_path: Path) -> None:
         os.close(write_end)
         os.close(ready_read)
         os.waitpid(pid, 0)
+
+
+def _op(value: str) -> bytes:
+    return ingest_pb2.SetTagsRequest(run_id="r", tags=[common_pb2.Tag(key="t", value=value)]).SerializeToString()
+
+
+@pytest.mark.parametrize("fails", ["write", "fsync"])
+def test_an_operation_the_disk_fails_part_way_is_reported_and_leaves_no_partial_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """A disk filling up mid-record (a short write, then ENOSPC) used to go unnoticed: the operation was
+    counted spooled but lost, and the torn record was skipped at sync (a torn CreateRun: a run never made)."""
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=1 << 20, meta={})
+    spool.append_op(Kind.SET_TAGS, _op("first"))
+    writes: list[int] = []
+
+    def write(fd: int, data: bytes) -> int:
+        writes.append(len(data))
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, bytes(data[:7]))
+
+    flaky = _Os(write=write) if fails == "write" else _Os(fsync=_fail)
+    monkeypatch.setattr(spool_module, "os", flaky)
+    with pytest.raises(SpoolError, match=r"ops\.spool.*(No space left|Input/output error)"):
+        spool.append_op(Kind.SET_TAGS, _op("lost"))
+    monkeypatch.undo()
+    assert spool.ops == 1  # not counted: the caller keeps the operation (retried offline, sent online)
+    spool.append_op(Kind.SET_TAGS, _op("last"))
+    items = [i.payload if isinstance(i, Record) else i for i in scan_ops(spool.path / OPS)]
+    assert items == [_op("first"), _op("last")]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc")
+def test_the_fds_held_do_not_grow_with_the_backlog(tmp_path: Path) -> None:
+    """One fd per segment with an unacknowledged record used to be held: a long outage with small segments
+    ran the process out of fds (EMFILE), for the spool and for the application."""
+    before = _open_fds()
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=4096, meta={})
+    payloads = [bytes([i % 256]) * 5000 for i in range(300)]  # each bigger than a segment: one segment each
+    locs = [spool.append_batch(p) for p in payloads]
+    assert len(segments(spool.path)) == 300
+    assert _open_fds() - before <= 2  # the lock, the current segment
+    assert [spool.read(loc) for loc in locs] == payloads
+    assert [spool.read(loc) for loc in reversed(locs)] == payloads[::-1]
+    assert _open_fds() - before <= 3  # and one older segment, read
+    for loc in locs:
+        spool.release(loc)
+    assert len(segments(spool.path)) == 1 and _open_fds() - before <= 2
+    assert spool.close(ops_done=True) is True and _open_fds() == before
+
+
+def test_an_older_segment_is_read_checksum_verified_and_a_deleted_one_is_gone(tmp_path: Path) -> None:
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=100, meta={})
+    first, second, third = (spool.append_batch(bytes([i]) * 80) for i in range(3))
+    path = segments(spool.path)[0]
+    data = bytearray(path.read_bytes())
+    data[first.offset + 20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(SpoolError, match="damaged"):
+        spool.read(first)
+    assert spool.read(second) == bytes([1]) * 80
+    spool.release(second)  # its segment deleted
+    with pytest.raises(SpoolError, match="is gone"):
+        spool.read(second)
+    assert spool.read(third) == bytes([2]) * 80
+
+
+def test_a_segment_that_cannot_be_made_durable_stays_the_current_one(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sync`` reaches only the segment being written: one rotated out is fsynced first, and a failure
+    is the append's, with nothing changed."""
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=100, meta={})
+    first = spool.append_batch(b"x" * 80)
+    monkeypatch.setattr(spool_module, "os", _Os(fsync=_fail))
+    with pytest.raises(SpoolError, match=r"seg-00000001\.spool.*Input/output error"):
+        spool.append_batch(b"y" * 80)
+    monkeypatch.undo()
+    assert [p.name for p in segments(spool.path)] == ["seg-00000001.spool"]
+    second = spool.append_batch(b"z" * 80)
+    assert (first.segment, second.segment) == (1, 2)
+    assert spool.read(first) == b"x" * 80 and spool.read(second) == b"z" * 80
+
+
+def test_an_adopter_arriving_while_a_directory_is_removed_finds_nothing_to_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removing the directory deletes LOCK too: an adopter that listed it and opened LOCK after it was
+    deleted created a new one, locked it, and replayed what was still there (acknowledged batches, ops)."""
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=4096, meta={})
+    spool.append_op(Kind.UPDATE_RUN, b"op")
+    spool.release(spool.append_batch(b"x"))
+    seen: list[tuple[bool, list[Path]]] = []
+
+    def remove(path: Path, ignore_errors: bool = False) -> None:
+        (Path(path) / LOCK).unlink()  # the removal got to LOCK first
+        fd = try_lock(spool.path)  # an adopter that listed the directory before
+        seen.append((fd is not None, writer_dirs(tmp_path)))
+        if fd is not None:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(spool_module, "shutil", types.SimpleNamespace(rmtree=remove))
+    assert spool.close(ops_done=True) is True
+    assert seen == [(False, [])] and os.listdir(tmp_path) == []
+
+
+def test_a_lock_opened_before_its_directory_was_removed_is_not_granted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adopter that opened LOCK just before the owner removed the directory got the lock once the
+    owner let go of it, and replayed what it could still read."""
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=4096, meta={"mode": "online"})
+    spool.release(spool.append_batch(b"x"))
+    real = spool_module.fcntl
+    raced: list[bool] = []
+
+    def owner_closes_first(fd: int, operation: int) -> None:
+        if not raced:
+            raced.append(spool.close(ops_done=True))
+        real.flock(fd, operation)
+
+    fcntl = types.SimpleNamespace(flock=owner_closes_first, LOCK_EX=real.LOCK_EX, LOCK_NB=real.LOCK_NB)
+    monkeypatch.setattr(spool_module, "fcntl", fcntl)
+    assert try_lock(spool.path) is None
+    assert raced == [True] and os.listdir(tmp_path) == []
+
+
+def test_a_spool_directory_that_cannot_be_written_is_not_synced_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync records its progress in the directory and removes it: on a read-only mount it cannot."""
+    spool = WriterSpool(tmp_path, "w1", segment_bytes=4096, meta={"mode": "offline"})
+    spool.append_batch(b"x")
+    spool.close(ops_done=False)
+
+    def read_only(path: Any, flags: int, mode: int = 0o777) -> int:
+        if flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return os.open(path, flags, mode)
+
+    monkeypatch.setattr(spool_module, "os", _Os(open=read_only))
+    report = replay_dir(spool.path, cast(Transport, None))  # the server is never reached
+    assert not report.complete
+    assert f"spool directory {spool.path} is not writable (Read-only file system)" in report.error
+    assert "copy it somewhere writable" in report.error
+    monkeypatch.undo()
+    assert [p.name for p in segments(spool.path)] == ["seg-00000001.spool"]

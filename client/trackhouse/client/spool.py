@@ -11,51 +11,47 @@ effect::
     ops.spool             run records: CreateRun (offline), LogParams, SetTags, UpdateRun
     runs.json             written by a replay: local (offline) run id -> server run id
 
-Every record is ``MAGIC kind:u8 length:u32 crc32:u32 payload`` (little-endian;
-the crc covers kind and payload). ``scan`` checks every record; a damaged one is
-reported as a ``Corruption`` (file, offset, bytes skipped) and reading resumes at
-the next magic that starts a valid record, so one bad sector costs one batch.
+The records' format, and reading a file of them back (``scan``), are ``records.py``'s.
 
 ``WriterSpool`` is used by one thread (the sender's worker); it creates its
 directory on the first write, never in the constructor, raises every failure of
-the disk as a ``SpoolError`` naming the file, and removes a directory with
-nothing left in it before letting go of its lock (so no adopter replays it).
+the disk as a ``SpoolError`` naming the file, and leaves no partial record behind
+a failed write. It keeps open only the segment it writes (and the last older one
+read), so the fds it holds do not grow with the backlog.
+
+A directory is removed (``remove_dir``) by the holder of its lock, renamed aside
+first; ``try_lock`` then refuses it to a process that opened its LOCK earlier, so
+nothing left in a directory being removed is ever replayed twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import socket
-import struct
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 from trackhouse.client.errors import SpoolError
-from trackhouse.proto.v1 import ingest_pb2
+from trackhouse.client.records import MAGIC as MAGIC  # the format's names, re-exported
+from trackhouse.client.records import Corruption as Corruption
+from trackhouse.client.records import Kind as Kind
+from trackhouse.client.records import Record as Record
+from trackhouse.client.records import encode_record as encode_record
+from trackhouse.client.records import record_at
+from trackhouse.client.records import scan as scan
+from trackhouse.client.records import scan_ops as scan_ops
 
-MAGIC = b"THR1"
-_HEADER = struct.Struct("<4sBII")
-_MAX_RECORD = 1 << 30
 LOCK, META, OPS, RUNS = "LOCK", "meta.json", "ops.spool", "runs.json"
 SEGMENT_GLOB = "seg-*.spool"
 LOCAL_RUN_TAG = "trackhouse.local_run_id"
 EXPERIMENT_TAG = "trackhouse.experiment_name"
-
-
-class Kind(IntEnum):
-    BATCH = 1
-    CREATE_RUN = 2
-    LOG_PARAMS = 3
-    SET_TAGS = 4
-    UPDATE_RUN = 5
 
 
 @dataclass(frozen=True)
@@ -67,85 +63,6 @@ class Location:
     length: int
 
 
-@dataclass(frozen=True)
-class Record:
-    kind: Kind
-    payload: bytes
-    offset: int
-
-
-@dataclass(frozen=True)
-class Corruption:
-    """A damaged stretch of a spool file, skipped when reading."""
-
-    path: str
-    offset: int
-    skipped: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.skipped} bytes at offset {self.offset} skipped ({self.reason})"
-
-
-def encode_record(kind: Kind, payload: bytes) -> bytes:
-    crc = zlib.crc32(payload, zlib.crc32(bytes((kind,))))
-    return _HEADER.pack(MAGIC, kind, len(payload), crc) + payload
-
-
-def _record_at(data: bytes | memoryview, pos: int) -> tuple[Record | None, str]:
-    if len(data) - pos < _HEADER.size:
-        return None, "truncated header"
-    magic, kind, length, crc = _HEADER.unpack_from(data, pos)
-    if magic != MAGIC:
-        return None, "bad magic"
-    end = pos + _HEADER.size + length
-    if kind not in Kind._value2member_map_ or length > _MAX_RECORD:
-        return None, "bad header"
-    if end > len(data):
-        return None, "truncated record"
-    payload = bytes(data[pos + _HEADER.size : end])
-    if zlib.crc32(payload, zlib.crc32(bytes((kind,)))) != crc:
-        return None, "checksum mismatch"
-    return Record(Kind(kind), payload, pos), ""
-
-
-def scan(path: Path) -> Iterator[Record | Corruption]:
-    """Every record of a spool file in order, and a ``Corruption`` for each damaged stretch."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SpoolError(f"cannot read spool file {path}: {exc}") from exc
-    pos = 0
-    while pos < len(data):
-        record, reason = _record_at(data, pos)
-        if record is not None:
-            yield record
-            pos += _HEADER.size + len(record.payload)
-            continue
-        nxt = pos + 1
-        while (nxt := data.find(MAGIC, nxt)) >= 0 and _record_at(data, nxt)[0] is None:
-            nxt += 1
-        end = nxt if nxt >= 0 else len(data)
-        yield Corruption(str(path), pos, end - pos, reason)
-        pos = end
-
-
-def scan_ops(path: Path) -> Iterator[Record | Corruption]:
-    """``scan`` of an operations file, where a record that is not its kind's request message (a
-    whole record, checksum right, wrong content) is reported damaged too, not left to fail a sync."""
-    pb = ingest_pb2
-    types: dict[Kind, Any] = {Kind.CREATE_RUN: pb.CreateRunRequest, Kind.SET_TAGS: pb.SetTagsRequest,
-                              Kind.LOG_PARAMS: pb.LogParamsRequest, Kind.UPDATE_RUN: pb.UpdateRunRequest}
-    for item in scan(path):
-        if isinstance(item, Record):
-            try:
-                types[item.kind].FromString(item.payload)
-            except Exception:  # KeyError: a batch among the operations; protobuf's DecodeError
-                item = Corruption(str(path), item.offset, _HEADER.size + len(item.payload),
-                                  f"record of kind {item.kind.name} is not a run operation")
-        yield item
-
-
 def segment_number(path: Path) -> int:
     return int(path.name[4:-6])
 
@@ -155,14 +72,42 @@ def segments(directory: Path) -> list[Path]:
 
 
 def try_lock(directory: Path) -> int | None:
-    """An fd holding ``directory``'s exclusive lock, or None when a live process holds it."""
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """An fd holding ``directory``'s exclusive lock; None when a live process holds it or has removed the
+    directory. A directory that cannot be written cannot be synced (a sync records its progress there, and
+    removes it at the end): a ``SpoolError`` saying so."""
+    path = directory / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:  # renamed aside by ``remove_dir`` since it was listed
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise SpoolError(f"spool directory {directory} is not writable ({exc.strerror}): a sync records its "
+                             "progress in it and removes it when done; copy it somewhere writable and sync "
+                             "the copy") from exc
+        raise SpoolError(f"cannot lock spool directory {directory}: {exc}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A LOCK opened before its holder removed the directory is locked once the holder is done, but
+        # it is no longer the directory's: what was left there must not be replayed again.
+        ours = os.path.samestat(os.fstat(fd), os.stat(path))
     except OSError:
+        ours = False
+    if not ours:
         os.close(fd)
         return None
     return fd
+
+
+def remove_dir(directory: Path) -> None:
+    """Delete a spool directory whose lock the caller holds. Renamed aside first (atomically), so no
+    process finds it afterwards, nor locks a LOCK file created anew in it while the rest is deleted."""
+    aside = directory.with_name(f".{directory.name}.removed-{secrets.token_hex(4)}")  # ``writer_dirs`` skips it
+    try:
+        directory.rename(aside)
+    except OSError:  # the parent is not writable: the files in it are deleted, at least
+        aside = directory
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 _HELD: set[int] = set()  # replay locks of this process (``hold_lock``)
@@ -216,7 +161,30 @@ def writer_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".corrupt")
-                  and (p / META).exists())
+                  and not p.name.startswith(".") and (p / META).exists())
+
+
+def _append(fd: int, record: bytes, size: int, *, durable: bool = False) -> tuple[int, OSError | None]:
+    """Append all of ``record`` (``os.write`` may write part of it) to the ``size``-byte file ``fd`` opened
+    with O_APPEND, fsynced when ``durable``: the file's size after, and the error that stopped it. A
+    failed append cuts the partial record off (if even that fails, ``scan`` skips what is left)."""
+    view, done = memoryview(record), 0
+    try:
+        while done < len(record):
+            written = os.write(fd, view[done:])
+            if written == 0:
+                raise OSError(errno.EIO, f"wrote 0 of {len(record) - done} bytes")
+            done += written
+        if durable:
+            os.fsync(fd)
+    except OSError as exc:
+        try:
+            if done:
+                os.ftruncate(fd, size)
+        except OSError:
+            return size + done, exc
+        return size, exc
+    return size + done, None
 
 
 class WriterSpool:
@@ -228,11 +196,13 @@ class WriterSpool:
         self._segment_bytes = segment_bytes
         self._meta = {"writer_id": writer_id, **meta}
         self._lock_fd: int | None = None
-        self._fds: dict[int, int] = {}  # segment number -> fd (open segments)
+        self._fd: int | None = None  # the current segment, the only one written to
+        self._reader: tuple[int, int] | None = None  # (segment, fd): the older segment read last
         self._current = 0
         self._size = 0
         self._live: dict[int, int] = {}  # segment -> records not yet released
         self._ops_fd: int | None = None
+        self._ops_size = 0
         self.records = 0
         self.bytes = 0
         self.ops = 0
@@ -257,18 +227,35 @@ class WriterSpool:
             raise SpoolError(f"cannot create spool directory {self.path}: {exc}") from exc
 
     def _segment_fd(self, size: int) -> int:
-        if self._current == 0 or (self._size + size > self._segment_bytes and self._size > 0):
-            path = self._segment_path(self._current + 1)
-            try:  # opened before any state changes: a failure leaves the current segment in use
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise SpoolError(f"cannot create spool segment {path}: {exc}") from exc
-            if self._current and self._live.get(self._current, 0) == 0:
-                self._drop_segment(self._current)
-            self._current += 1
-            self._size = 0
-            self._fds[self._current] = fd
-        return self._fds[self._current]
+        if self._fd is not None and (self._size + size <= self._segment_bytes or self._size == 0):
+            return self._fd
+        path = self._segment_path(self._current + 1)
+        try:  # opened before any state changes: a failure leaves the current segment in use
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool segment {path}: {exc}") from exc
+        try:
+            self._retire_current()
+        except SpoolError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        self._fd, self._current, self._size = fd, self._current + 1, 0
+        return fd
+
+    def _retire_current(self) -> None:
+        """Close the segment written so far, made durable first (``sync`` reaches only the current one),
+        or deleted when nothing in it is left unacknowledged."""
+        if self._fd is None:
+            return
+        if self._live.get(self._current, 0) > 0:
+            self._fsync(self._segment_path(self._current), self._fd)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = None
+        if self._live.get(self._current, 0) == 0:
+            self._drop_segment(self._current)
 
     def append_batch(self, payload: bytes) -> Location:
         """Append one serialized MetricBatch; its location for ``read``/``release``."""
@@ -276,46 +263,38 @@ class WriterSpool:
             self._open()
         record = encode_record(Kind.BATCH, payload)
         fd = self._segment_fd(len(record))
-        self._write_all(fd, record)
-        loc = Location(self._current, self._size, len(record))
-        self._size += len(record)
+        # ``_size`` stays the file's size even when the write fails, or every later location is wrong
+        end, error = _append(fd, record, self._size)
+        loc, self._size = Location(self._current, self._size, len(record)), end
+        if error is not None:
+            raise SpoolError(f"cannot write spool segment {self._segment_path(self._current)}: {error}") from error
         self._live[self._current] = self._live.get(self._current, 0) + 1
         self.records += 1
         self.bytes += len(record)
         return loc
 
-    def _write_all(self, fd: int, record: bytes) -> None:
-        """Append all of ``record`` to the current segment (``os.write`` may write part of it)."""
-        view, done = memoryview(record), 0
-        try:
-            while done < len(record):
-                written = os.write(fd, view[done:])
-                if written == 0:
-                    raise OSError(f"wrote 0 of {len(record) - done} bytes")
-                done += written
-        except OSError as exc:
-            # ``_size`` must stay the file's size, or every later record's location is wrong: the
-            # partial record is cut off, or (if even that fails) left for ``scan`` to skip.
-            try:
-                if done:
-                    os.ftruncate(fd, self._size)
-            except OSError:
-                self._size += done
-            raise SpoolError(f"cannot write spool segment {self._segment_path(self._current)}: {exc}") from exc
-
     def _segment_path(self, segment: int) -> Path:
         return self.path / f"seg-{segment:08d}.spool"
 
     def append_op(self, kind: Kind, payload: bytes) -> None:
+        """Append one run operation, durably; when that fails (a ``SpoolError``) the file is as it was."""
         if not self.opened:
             self._open()
-        try:
-            if self._ops_fd is None:
-                self._ops_fd = os.open(self.path / OPS, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            os.write(self._ops_fd, encode_record(kind, payload))
-            os.fsync(self._ops_fd)
-        except OSError as exc:
-            raise SpoolError(f"cannot write {self.path / OPS}: {exc}") from exc
+        path = self.path / OPS
+        if self._ops_fd is None:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                try:
+                    self._ops_size = os.fstat(fd).st_size
+                except OSError:
+                    os.close(fd)
+                    raise
+            except OSError as exc:
+                raise SpoolError(f"cannot write {path}: {exc}") from exc
+            self._ops_fd = fd
+        self._ops_size, error = _append(self._ops_fd, encode_record(kind, payload), self._ops_size, durable=True)
+        if error is not None:
+            raise SpoolError(f"cannot write {path}: {error}") from error
         self.ops += 1
 
     def clear_ops(self) -> None:
@@ -327,21 +306,37 @@ class WriterSpool:
                 os.fsync(self._ops_fd)
             except OSError:
                 return
+            self._ops_size = 0
         self.ops = 0
 
     def read(self, loc: Location) -> bytes:
         """The payload at ``loc``; SpoolError when it no longer checks out."""
-        fd = self._fds.get(loc.segment)
-        if fd is None:
+        if loc.segment not in self._live:
             raise SpoolError(f"spool segment {loc.segment} of {self.path} is gone")
         try:
-            data = os.pread(fd, loc.length, loc.offset)
+            data = os.pread(self._read_fd(loc.segment), loc.length, loc.offset)
         except OSError as exc:
             raise SpoolError(f"cannot read spool segment {self._segment_path(loc.segment)}: {exc}") from exc
-        record, reason = _record_at(data, 0)
+        record, reason = record_at(data, 0)
         if record is None:
             raise SpoolError(f"spool record at {loc} of {self.path} is damaged ({reason})")
         return record.payload
+
+    def _read_fd(self, segment: int) -> int:
+        """The current segment's fd, or an older one's, opened to read (records are read in seq order: one
+        kept open serves the reads of a whole segment)."""
+        if segment == self._current and self._fd is not None:
+            return self._fd
+        if self._reader is None or self._reader[0] != segment:
+            self._close_reader()
+            self._reader = (segment, os.open(self._segment_path(segment), os.O_RDONLY | os.O_CLOEXEC))
+        return self._reader[1]
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._reader[1])
+            self._reader = None
 
     def release(self, loc: Location) -> None:
         """The record at ``loc`` was acknowledged; a segment with none left is deleted."""
@@ -353,26 +348,26 @@ class WriterSpool:
             self._drop_segment(loc.segment)
 
     def _drop_segment(self, segment: int) -> None:
-        """Close and delete a segment nothing is left in. A failure (EIO at close, a read-only remount)
-        is ignored: a file left behind holds acknowledged batches, which a sync resends as duplicates."""
-        fd = self._fds.pop(segment, None)
+        """Delete a closed segment nothing is left in. A failure (a read-only remount) is ignored: a
+        file left behind holds acknowledged batches, which a sync resends as duplicates."""
         self._live.pop(segment, None)
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        if self._reader is not None and self._reader[0] == segment:
+            self._close_reader()
         with contextlib.suppress(OSError):
             self._segment_path(segment).unlink()
 
+    def _fsync(self, path: Path, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise SpoolError(f"cannot sync spool file {path}: {exc}") from exc
+
     def sync(self) -> None:
-        """Make every appended record durable (fsync)."""
-        files = [(self._segment_path(n), fd) for n, fd in self._fds.items()]
+        """Make every appended record durable (fsync; older segments were when they were closed)."""
+        if self._fd is not None:
+            self._fsync(self._segment_path(self._current), self._fd)
         if self._ops_fd is not None:
-            files.append((self.path / OPS, self._ops_fd))
-        for path, fd in files:
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise SpoolError(f"cannot sync spool file {path}: {exc}") from exc
+            self._fsync(self.path / OPS, self._ops_fd)
 
     def close(self, *, ops_done: bool) -> bool:
         """Sync and close; remove the directory when nothing is left in it. True when removed."""
@@ -382,17 +377,17 @@ class WriterSpool:
             self.sync()
             empty = self.records == 0 and (ops_done or self.ops == 0)
             if empty:  # while the lock is held: no adopter can lock (and re-send) a spool being removed
-                shutil.rmtree(self.path, ignore_errors=True)
+                remove_dir(self.path)
         finally:
             self._close_fds()
         return empty
 
     def _close_fds(self) -> None:
-        for fd in (*self._fds.values(), self._ops_fd, self._lock_fd):
+        self._close_reader()
+        for fd in (self._fd, self._ops_fd, self._lock_fd):
             if fd is not None:
                 os.close(fd)
-        self._fds.clear()
-        self._ops_fd = self._lock_fd = None
+        self._fd = self._ops_fd = self._lock_fd = None
 
     def abandon(self) -> None:
         """In a forked child: close the inherited fds (the parent keeps its lock and files)."""
