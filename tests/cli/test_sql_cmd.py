@@ -46,3 +46,44 @@ def test_sql_against_a_store_as_json(chdb_dsn: str, store: Store, capsys: pytest
     assert json.loads(capsys.readouterr().out)["rows"] == [[800]]
     assert main(["sql", "SELECT 1 SETTINGS readonly = 0", "--store", chdb_dsn, "--database", store.database]) == 2
     assert "SETTINGS clauses are not allowed" in capsys.readouterr().err
+
+
+def test_sql_bare_store_reads_the_server_variables(chdb_dsn: str, store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # As `migrate` and `token` do: a bare --store is TRACKHOUSE_SERVER_STORE, the database TRACKHOUSE_SERVER_DATABASE.
+    _seed(store)
+    monkeypatch.setenv("TRACKHOUSE_SERVER_STORE", chdb_dsn)
+    monkeypatch.setenv("TRACKHOUSE_SERVER_DATABASE", store.database)
+    assert main(["sql", "SELECT count() AS n FROM runs", "--store", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == [[8]]
+
+
+def test_sql_store_reads_the_store_connection_variables(chdb_dsn: str, store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # TRACKHOUSE_STORE_* reach the store: a cluster is refused on the embedded store (ignored before).
+    monkeypatch.setenv("TRACKHOUSE_STORE_CLUSTER", "c1")
+    assert main(["sql", "SELECT 1", "--store", chdb_dsn, "--database", store.database]) == 2
+    assert "cluster 'c1': cluster mode needs a ClickHouse server" in capsys.readouterr().err
+
+
+def test_sql_store_without_query_says_what_to_write(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sql", "--store", "SELECT 1"]) == 2
+    assert "--store took 'SELECT 1' as its DSN" in capsys.readouterr().err
+
+
+def test_sql_url_wins_over_the_client_query_url(store: Store, server: Any, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    _seed(store)
+    monkeypatch.setenv("TRACKHOUSE_CLIENT_QUERY_URL", "127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("TRACKHOUSE_CLIENT_RPC_TIMEOUT", "3")
+    assert main(["sql", "SELECT count() AS n FROM runs", "--url", server.address, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == [[8]]
+
+
+def test_sql_without_url_reads_the_client_variables(store: Store, server: Any, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    _seed(store)
+    monkeypatch.setenv("TRACKHOUSE_CLIENT_URL", server.address)
+    monkeypatch.delenv("TRACKHOUSE_CLIENT_QUERY_URL", raising=False)
+    assert main(["sql", "SELECT count() AS n FROM runs", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == [[8]]

@@ -138,3 +138,48 @@ def test_over_http_busy_is_429_with_retry_after_and_a_limit_stays_413() -> None:
     assert orjson.loads(busy.body) == {"error_code": "RESOURCE_EXHAUSTED", "message": "busy: 2 SQL queries run at once"}
     limit = error_response(ResourceExhausted("memory limit: max_memory_usage = 1 bytes"))
     assert (limit.status_code, limit.headers.get("retry-after")) == (413, None)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What `context.abort` of grpc.aio was asked for (it raises, as the real one does)."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[object, str, tuple[tuple[str, str], ...]] | None = None
+
+    async def abort(self, code: object, details: str = "", trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.aborted = (code, details, tuple(trailing_metadata))
+        raise _Aborted
+
+
+class _Refusing:
+    """A `SqlQueries` stand-in whose every query fails with `error` as it opens."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def run(self, query: str, experiment_ids: object = None) -> object:
+        raise self.error
+
+
+def test_over_grpc_busy_carries_a_retry_delay_and_a_limit_none() -> None:
+    import grpc
+
+    from trackhouse.proto.v1 import query_pb2
+    from trackhouse.query.service import QueryServicer
+
+    async def status(error: Exception) -> tuple[object, str, tuple[tuple[str, str], ...]] | None:
+        servicer = QueryServicer(None, None, None, charts=object(), sql=_Refusing(error))  # type: ignore[arg-type]
+        context = _Context()
+        with pytest.raises(_Aborted):
+            async for _ in servicer.Sql(query_pb2.SqlRequest(query="SELECT 1"), context):  # type: ignore[arg-type]
+                pass
+        return context.aborted
+
+    busy = asyncio.run(status(Busy("busy: 2 SQL queries run at once")))
+    assert busy == (grpc.StatusCode.RESOURCE_EXHAUSTED, "busy: 2 SQL queries run at once", (("retry-delay", "1s"),))
+    limit = asyncio.run(status(ResourceExhausted("memory limit: max_memory_usage = 1 bytes")))
+    assert limit == (grpc.StatusCode.RESOURCE_EXHAUSTED, "memory limit: max_memory_usage = 1 bytes", ())

@@ -81,14 +81,15 @@ def build_parser(env: ServerSettings) -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=env.grpc_port,
                        help="gRPC port for ingest and query (default %(default)s; 0 picks a free port)")
     serve.add_argument("--http-port", type=int, default=env.http_port,
-                       help="HTTP port: Prometheus /metrics and /health (default %(default)s; 0 picks a free port)")
+                       help="HTTP port: the MLflow REST API, POST /api/v1/sql, Prometheus /metrics and /health "
+                            "(default %(default)s; 0 picks a free port)")
     _security_options(serve, env)
     serve.add_argument("--demo", action="store_true",
                        help="seed a small demo sweep (once per store) so there is data to look at")
     for name, grpc_port, http_port, what, http_help in (
             ("ingest", env.grpc_port, 9100, "the ingest service", "Prometheus /metrics and /health"),
             ("query", 50052, env.http_port, "the query service and the MLflow REST API",
-             "MLflow REST API, /metrics and /health")):
+             "MLflow REST API, POST /api/v1/sql, /metrics and /health")):
         service = sub.add_parser(name, help=f"run {what} alone over a ClickHouse server",
                                  description=f"Run {what} as one stateless replica over a store (a ClickHouse "
                                              "server: http(s)://…); run as many as needed behind a load balancer. "

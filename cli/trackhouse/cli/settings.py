@@ -6,8 +6,12 @@ Command-line flags override these. Every variable (all optional):
                                   or http(s)://[user[:password]@]host[:port] (a ClickHouse server)
     TRACKHOUSE_SERVER_DATABASE    database inside the store (default trackhouse)
     TRACKHOUSE_SERVER_HOST        address to bind (default 127.0.0.1, loopback only)
-    TRACKHOUSE_SERVER_GRPC_PORT   gRPC port for ingest and query (default 50051; 0 picks a free one)
-    TRACKHOUSE_SERVER_HTTP_PORT   HTTP port: Prometheus /metrics and /health (default 5000, as MLflow's)
+    TRACKHOUSE_SERVER_GRPC_PORT   gRPC port of `serve` (ingest and query) and of `ingest` (default
+                                  50051; 0 picks a free one); `query` ignores it (--port, default 50052)
+    TRACKHOUSE_SERVER_HTTP_PORT   HTTP port of `serve` and `query`: the MLflow REST API, POST
+                                  /api/v1/sql, Prometheus /metrics and /health (default 5000, as
+                                  MLflow's); `ingest` ignores it (--http-port: /metrics and /health,
+                                  default 9100)
     TRACKHOUSE_SERVER_AUTH        auto (default): API tokens required iff HOST is not loopback; on; off
     TRACKHOUSE_SERVER_AUTH_CACHE_TTL  seconds a token lookup is cached; a revoke takes effect
                                   within it (default 5.0)

@@ -1,8 +1,13 @@
 """`trackhouse sql "SELECT …"`: run read-only SQL (docs/sql.md) and print the answer.
 
-Against a running server (`--url HOST:PORT`, the default 127.0.0.1:50051) through the
-Python client's gRPC `Sql` stream, or straight against a store (`--store DSN`) when no
-server holds it (an embedded store allows one process per data path).
+Against a running server through the Python client's gRPC `Sql` stream: `--url HOST:PORT`
+(the query service, whatever TRACKHOUSE_CLIENT_QUERY_URL says), else the client's
+variables (TRACKHOUSE_CLIENT_QUERY_URL, else TRACKHOUSE_CLIENT_URL, else 127.0.0.1:50051;
+its token and CA too). Or straight against a store when no server holds it (an embedded
+store allows one process per data path): `--store DSN`, or a bare `--store` for
+TRACKHOUSE_SERVER_STORE; `--database` defaults to TRACKHOUSE_SERVER_DATABASE, and the
+connection to a ClickHouse server reads TRACKHOUSE_STORE_* (user, password, TLS,
+timeouts, cluster), as `migrate` and `token` do.
 """
 
 from __future__ import annotations
@@ -14,28 +19,41 @@ from typing import Any
 
 import pyarrow as pa
 
+from trackhouse.cli.settings import ServerSettings
 from trackhouse.query.settings import QuerySettings
 from trackhouse.query.sql import SqlQueries
 from trackhouse.query.sqlformat import csv_body, json_body
-from trackhouse.store import open_store
+from trackhouse.store import DEFAULT_DSN, open_store
+from trackhouse.store.settings import StoreSettings
 
 MAX_CELL = 60
 
 
 def add_parser(sub: Any) -> None:
+    env = ServerSettings.from_env()
     sql = sub.add_parser("sql", help="run one read-only SELECT and print the answer",
                          description="Run one read-only SELECT over trackhouse's tables (docs/sql.md) and "
                                      "print the answer, against a server (--url) or a store (--store).")
-    sql.add_argument("query", help="one SELECT, e.g. \"SELECT count() FROM runs\"")
+    # Optional here only so that a bare `--store` that swallowed the query gets a clear error (run()).
+    sql.add_argument("query", nargs="?", help="one SELECT, e.g. \"SELECT count() FROM runs\"")
     where = sql.add_mutually_exclusive_group()
-    where.add_argument("--url", default=None, help="query service HOST:PORT (default 127.0.0.1:50051)")
-    where.add_argument("--store", default=None, metavar="DSN", help="read a store directly (no server running)")
-    sql.add_argument("--database", default="trackhouse", help="database inside --store (default %(default)s)")
+    where.add_argument("--url", default=None, metavar="HOST:PORT",
+                       help="the query service (its replicas: comma-separated); unset: TRACKHOUSE_CLIENT_QUERY_URL, "
+                            "else TRACKHOUSE_CLIENT_URL, else 127.0.0.1:50051")
+    where.add_argument("--store", nargs="?", const=env.store, default=None, metavar="DSN",
+                       help="read a store directly (no server running); without DSN: TRACKHOUSE_SERVER_STORE "
+                            f"(default {DEFAULT_DSN}; put the query first then); connection: "
+                            "TRACKHOUSE_STORE_*")
+    sql.add_argument("--database", default=env.database,
+                     help="database inside --store (default %(default)s); env TRACKHOUSE_SERVER_DATABASE")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
 
 def run(args: argparse.Namespace) -> int:
-    table = _from_store(args) if args.store else _from_server(args.url or "127.0.0.1:50051", args.query)
+    if args.query is None:
+        hint = f"; --store took {args.store!r} as its DSN" if args.store and "://" not in args.store else ""
+        raise ValueError(f"sql: no query given{hint}: write trackhouse sql \"SELECT …\" [--store [DSN]]")
+    table = _from_store(args) if args.store else _from_server(args.url, args.query)
     if args.format == "csv":
         sys.stdout.write(csv_body(table).decode())
     elif args.format == "json":
@@ -45,10 +63,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_server(url: str, query: str) -> pa.Table:
+def _from_server(url: str | None, query: str) -> pa.Table:
     import trackhouse.client as th
 
-    client = th.connect(url)
+    # connect(url) alone would replace only the ingest address: TRACKHOUSE_CLIENT_QUERY_URL would still win.
+    client = th.connect(url, query_url=url) if url else th.connect()
     try:
         return client.sql(query)
     finally:
@@ -56,7 +75,7 @@ def _from_server(url: str, query: str) -> pa.Table:
 
 
 def _from_store(args: argparse.Namespace) -> pa.Table:
-    store = open_store(args.store, args.database, migrate=False)
+    store = open_store(args.store, args.database, migrate=False, settings=StoreSettings.from_env())
     try:
         sql = SqlQueries(store, QuerySettings.from_env())
 

@@ -50,6 +50,12 @@ def connect(url: str | None = None, *, query_url: str | None = None, mode: str |
     (``"online"`` / ``"offline"``), ``token`` (an API token, sent as a Bearer credential) and
     ``tls_ca`` (a PEM file to trust for ``grpcs://``), when given, override them. No
     connection is made until the first call; offline, none ever is.
+
+    Reads (``get_run``, ``search_runs``, ``metric_history``, ``sql``) go to ``query_url``,
+    else the settings' (``TRACKHOUSE_CLIENT_QUERY_URL``), else the ingest address: ``url``,
+    else the settings' (``TRACKHOUSE_CLIENT_URL``, default ``127.0.0.1:50051``). So ``url``
+    alone does not move the reads while ``TRACKHOUSE_CLIENT_QUERY_URL`` is set: pass
+    ``query_url`` too for that.
     """
     if addresses is not None:
         if url is not None or isinstance(addresses, str) or not addresses:
@@ -239,8 +245,9 @@ class Client:
         return self._sender.flush(self.settings.flush_timeout if timeout is None else timeout)
 
     def stats(self) -> dict[str, int]:
-        """Delivery counters: points_logged / sent / acked / rejected / pending / spooled / offline,
-        batches_*, reconnects."""
+        """Delivery counters: points_logged / sent / acked / rejected / pending / spooled / offline /
+        lost, batches_sent / acked / duplicate / rejected / spilled / pending, reconnects,
+        spools_replayed."""
         return self._sender.stats()
 
     def close(self, timeout: float | None = None) -> bool:
@@ -295,6 +302,10 @@ class Client:
 
         No experiment ids nor names means every experiment. Names are resolved now
         (NotFound when one is unknown); pages are fetched as the iterator advances.
+        UsageError at once for a string instead of a list, ``page_size`` < 1,
+        ``max_results`` < 0 or an unknown ``run_view`` (``active_only``, ``deleted_only``,
+        ``all``); InvalidArgument, when the first page is fetched, for a filter or
+        ``order_by`` the server cannot parse.
         """
         if isinstance(experiment_ids, str) or isinstance(experiment_names, str):
             raise UsageError("experiment_ids / experiment_names take a list, e.g. ['1'], not a string")
@@ -310,8 +321,11 @@ class Client:
         """Run one read-only SELECT on the server (docs/sql.md); the answer as a ``pyarrow.Table``.
 
         ``.to_pandas()`` on it gives a DataFrame when pandas is installed. A refused query
-        raises InvalidArgument saying what is not allowed; a limit hit raises the server's
-        RESOURCE_EXHAUSTED error naming the limit. ``timeout``: seconds (default: the RPC timeout).
+        raises InvalidArgument saying what is not allowed; so does a query that hits one of
+        its limits (result rows or bytes, memory, time): ``code`` ``"RESOURCE_EXHAUSTED"``,
+        the message names the limit, and retrying cannot help. ServerUnavailable (with
+        ``retry_after``) means the server is busy or away: try again later. ``timeout``:
+        seconds (default: the RPC timeout). Needs pyarrow (UsageError without it).
         """
         if not isinstance(query, str) or not query.strip():
             raise UsageError("sql: pass one SELECT statement as a string")

@@ -4,7 +4,8 @@
     ├── UsageError                  the caller misused the API; the message says what to do
     ├── ServerError                 the server answered a call with an error status
     │   ├── NotFound                NOT_FOUND: no such experiment / run
-    │   ├── InvalidArgument         INVALID_ARGUMENT: e.g. a param logged again with another value
+    │   ├── InvalidArgument         INVALID_ARGUMENT: e.g. a param logged again with another value;
+    │   │                           also an SQL query's own limit (RESOURCE_EXHAUSTED, below)
     │   ├── AlreadyExists           ALREADY_EXISTS: e.g. an experiment name taken
     │   └── FailedPrecondition      FAILED_PRECONDITION: e.g. updating a deleted run
     ├── ServerUnavailable           UNAVAILABLE (or another retryable code): try again later;
@@ -18,6 +19,10 @@
 ``log()`` never raises these for transport reasons: the sender retries, then spools.
 Retryable codes (``RETRYABLE``): UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
 ABORTED — they map to ``ServerUnavailable``. The metric stream reconnects after any error.
+One exception: an SQL query (``sql=True``) answered RESOURCE_EXHAUSTED without a retry
+delay hit a limit of its own (result rows or bytes, memory, time), which fails again on
+any replica: ``InvalidArgument`` (``code`` stays ``"RESOURCE_EXHAUSTED"``). With a retry
+delay the server is overloaded (no SQL slot freed in time): ``ServerUnavailable``.
 """
 
 from __future__ import annotations
@@ -88,8 +93,14 @@ _BY_CODE: dict[str, type[ServerError]] = {
 }
 
 
-def error_for_code(code: str, message: str, retry_after: float | None = None) -> TrackhouseError:
-    """The client error for a gRPC status ``code`` name (``"NOT_FOUND"``, ...) and its message."""
+def error_for_code(code: str, message: str, retry_after: float | None = None, *,
+                   sql: bool = False) -> TrackhouseError:
+    """The client error for a gRPC status ``code`` name (``"NOT_FOUND"``, ...) and its message.
+
+    ``sql``: the status answers an SQL query, whose limits are final (module docstring).
+    """
+    if sql and code == "RESOURCE_EXHAUSTED" and retry_after is None:
+        return InvalidArgument(message, code)
     if code == "DEADLINE_EXCEEDED":
         return DeadlineExceeded(message, code, retry_after)
     if code in RETRYABLE:

@@ -119,12 +119,12 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def _translate(exc: grpc.RpcError) -> TrackhouseError:
+def _translate(exc: grpc.RpcError, *, sql: bool = False) -> TrackhouseError:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     details = exc.details() if isinstance(exc, grpc.Call) else None
     trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
-    return error_for_code(name, str(details or exc), retry_delay(trailing or ()))
+    return error_for_code(name, str(details or exc), retry_delay(trailing or ()), sql=sql)
 
 
 def _open_channel(target: str, secure: bool, tls_ca: str, options: list[tuple[str, Any]]) -> grpc.Channel:
@@ -352,7 +352,7 @@ class GrpcTransport:
             for chunk in call:
                 yield cast(query_pb2.SqlChunk, chunk)
         except grpc.RpcError as exc:
-            error = _translate(exc)
+            error = _translate(exc, sql=True)  # a limit of the query: final, and this replica is fine
         except ValueError as exc:
             error = ServerUnavailable(f"channel closed: {exc}")
         else:

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from trackhouse.proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 from trackhouse.query.downsample import BucketRequest, Buckets, ExportRequest, MetricCharts
-from trackhouse.query.errors import InvalidArgument, NotFound, QueryError, ResourceExhausted
+from trackhouse.query.errors import Busy, InvalidArgument, NotFound, QueryError, ResourceExhausted
 from trackhouse.query.filters import FilterError
 from trackhouse.query.history import HistoryRequest, MetricHistory
 from trackhouse.query.scope import allowed_experiments, check_visible
@@ -44,12 +44,22 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+# Sent with a Busy RESOURCE_EXHAUSTED as trailing metadata, as HTTP sends Retry-After: the
+# client tells an overloaded server (retry later) from a limit of the query (final) by it.
+BUSY_RETRY_DELAY = (("retry-delay", "1s"),)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """End the call with ``exc``'s status (``status_for``); a ``Busy`` carries a retry delay."""
+    code, message = status_for(exc)
+    await context.abort(code, message, BUSY_RETRY_DELAY if isinstance(exc, Busy) else ())
+
+
 async def _handle(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
     try:
         return await call()
     except (QueryError, FilterError, StoreError) as exc:
-        code, message = status_for(exc)
-        await context.abort(code, message)
+        await abort(context, exc)
         raise
 
 
@@ -94,8 +104,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                     chunks = IpcChunks(pa.schema([]))
                 yield query_pb2.SqlChunk(arrow=chunks.close())
         except (QueryError, FilterError, StoreError) as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
+            await abort(context, exc)
 
     async def _check_visible(self, run_ids: tuple[str, ...]) -> None:
         allowed = allowed_experiments()

@@ -7,6 +7,8 @@ Every variable (all optional):
     TRACKHOUSE_QUERY_HISTORY_PAGE           points per history page when none is asked (default 25000)
     TRACKHOUSE_QUERY_MAX_HISTORY_PAGE       largest history page (default 1000000)
     TRACKHOUSE_QUERY_MAX_FILTER_LENGTH      longest filter string accepted (default 10000 characters)
+    TRACKHOUSE_QUERY_SEARCH_WINDOW          runs in the first window of a filtered page in start-time
+                                            order; the second window is 8x this (default 2000)
     TRACKHOUSE_QUERY_MAX_EXPORT_RUNS        most runs in one metrics export (default 10000)
     TRACKHOUSE_QUERY_MAX_EXPORT_POINTS      most points in one metrics export (default 50000000)
     TRACKHOUSE_QUERY_MAX_QUERY_SECONDS      longest a store read may run (ClickHouse max_execution_time);
@@ -21,6 +23,14 @@ Every variable (all optional):
     TRACKHOUSE_QUERY_RUN_INDEX_REFRESH_SECONDS  seconds between refresher passes (default 5)
     TRACKHOUSE_QUERY_RUN_INDEX_LAG_SECONDS  how far the watermark trails a pass's start: longer than
                                             an insert takes to commit (default 10)
+    TRACKHOUSE_QUERY_RUN_ORDER_MAX_RESULTS  pages of up to this many runs ordered by one metric read
+                                            the run index's value order; 0: they read the whole index
+                                            (default 1000)
+    TRACKHOUSE_QUERY_RUN_PAGES              1: pages from the run index show their runs from run_pages;
+                                            0: every run read by id (default 1)
+    TRACKHOUSE_QUERY_RUN_INDEX_STATE_SECONDS  seconds a search service holds the run index's state
+                                            before reading it again; 0: every search, at most 10
+                                            (default 1.0)
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """The MLflow tracking-store plugin: `trackhouse://HOST:PORT` as an MLflow backend store.
 
-Registered under the entry point group `mlflow.tracking_store` with the scheme
-`trackhouse` (pyproject.toml; installed by the `mlflow` extra), so
+Registered under the entry point group `mlflow.tracking_store` with every scheme
+in SCHEMES — `trackhouse`, `trackhouse+http`, `trackhouse+https` (pyproject.toml;
+installed by the `mlflow` extra), so
 
     mlflow server --backend-store-uri trackhouse://HOST:PORT
 
 serves MLflow's own UI over a trackhouse server, and `MLFLOW_TRACKING_URI=
 trackhouse://HOST:PORT` works in any MLflow process. `trackhouse+https://` selects
-TLS. The port is trackhouse's HTTP port (default 5000).
+TLS. The port is trackhouse's HTTP port (default 5000). The plugin is a tracking
+store only: MLflow's model registry is not served.
 
 The store is MLflow's RestStore (an AbstractStore) pointed at trackhouse's MLflow
 REST API: every tracking call becomes the REST request trackhouse serves, so the
