@@ -192,7 +192,7 @@ def mlflow_baseline(procs: int, seconds: float) -> float:
     """MLflow's log_batch throughput (points/s) from `procs` processes, its server started here.
 
     The same machine, the same run: `mlflow server` over SQLite with --workers 1 (its best
-    configuration, MEASURED.md), 1,000 metrics per log_batch through MlflowClient.
+    configuration, measured before the project started), 1,000 metrics per log_batch through MlflowClient.
     """
     import shutil
     import tempfile

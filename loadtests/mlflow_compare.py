@@ -4,7 +4,7 @@
     python loadtests/mlflow_compare.py --runs 10000 --seconds 5   # a quicker look
 
 Starts both servers as subprocesses: `mlflow server` over SQLite with `--workers 1`
-(MLflow's best configuration, MEASURED.md) and `trackhouse serve` (embedded chDB).
+(MLflow's best configuration, measured before the project started) and `trackhouse serve` (embedded chDB).
 Then, against each, with `MlflowClient` only:
 
 1. log_batch throughput: 4 client processes, each calling log_batch with 1,000
