@@ -19,6 +19,7 @@ import pytest
 
 from trackhouse.store import RunRecord, Store, StoreError, parse_dsn
 from trackhouse.store.sandbox import Slots, SqlSandbox, SqlSession
+from trackhouse.store.settings import StoreSettings
 
 SLOW_READS = 8  # more than the store's read threads: some run, the rest wait in its queue
 
@@ -69,7 +70,8 @@ def test_a_write_does_not_wait_behind_slow_reads(store: Store, write: str) -> No
 
 
 def _sandbox(size: int) -> SqlSandbox:
-    return SqlSandbox(parse_dsn("chdb://./unused"), "unused_sql", size)  # no I/O until a query runs
+    # No I/O until a query runs.
+    return SqlSandbox(parse_dsn("chdb://./unused"), "unused_sql", size, options=StoreSettings())
 
 
 def test_slots_admit_at_most_size_and_hand_over_first_come_first_served() -> None:

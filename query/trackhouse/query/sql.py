@@ -25,7 +25,8 @@ How a query runs (docs/sql.md):
    its steps run on the sandbox's own threads, never on the store's pool, so SQL
    queries cannot starve search, history or ingest (trackhouse.store.sandbox).
 Engine errors become `ResourceExhausted` (a limit, named) or `InvalidArgument`
-(ClickHouse's message); an unreachable store stays a StoreError.
+(ClickHouse's message); an unreachable store, or one refusing the store's
+credentials, stays a StoreError (UNAVAILABLE / HTTP 503), never a parse error.
 """
 
 from __future__ import annotations

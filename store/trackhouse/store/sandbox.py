@@ -9,8 +9,12 @@ them, and the readers that run search and history never see them.
 
 Invariants:
 - the current database of every sandbox client is the empty sandbox database
-  (schema migration 4), so a table name the validator did not map resolves to
+  (schema migration 7), so a table name the validator did not map resolves to
   nothing;
+- sandbox clients reach the server as the store's own do: `connect()` with the
+  store's `StoreSettings` (user, password, TLS, timeouts, compression);
+- the store failing to open a connection, or refusing its credentials, is the
+  store's error (`StoreUnavailable`), never a `QueryFailed` about the user's query;
 - user text reaches the engine only as a bound parameter of `parse()` or as the
   query of `stream()`, which callers build from the text `parse()` formatted;
 - no clickhouse-connect exception leaves this module (`translate`);
@@ -36,10 +40,16 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from trackhouse.store.dsn import DSN, connect
-from trackhouse.store.errors import StoreError, translate
+from trackhouse.store.errors import QueryFailed, StoreError, StoreUnavailable, translate
+from trackhouse.store.settings import StoreSettings
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+# ClickHouse's answers to credentials it refuses (UNKNOWN_USER, WRONG_PASSWORD, REQUIRED_PASSWORD,
+# IP_ADDRESS_NOT_ALLOWED, AUTHENTICATION_FAILED): a server checks them on every HTTP request, so
+# they can also answer a query on a connection opened before the credentials changed.
+_REFUSED_CREDENTIALS = frozenset({192, 193, 194, 195, 516})
 
 
 @dataclass(frozen=True)
@@ -179,8 +189,9 @@ class SqlSandbox:
     for each blocking step (which may use `parse` and `stream`), then `await session.end()`.
     """
 
-    def __init__(self, dsn: DSN, database: str, size: int = 2) -> None:
+    def __init__(self, dsn: DSN, database: str, size: int = 2, *, options: StoreSettings) -> None:
         self._dsn = dsn
+        self._options = options  # how to reach a server: the store's own, never defaults
         self._database = database
         self._size = size
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -210,7 +221,10 @@ class SqlSandbox:
             if self._idle.empty() and self._opened < self._size:
                 self._opened += 1
                 try:
-                    client = connect(self._dsn)
+                    client = connect(self._dsn, options=self._options)
+                except StoreError as exc:
+                    self._opened -= 1
+                    raise self._refused(exc) from None
                 except BaseException:
                     self._opened -= 1
                     raise
@@ -218,6 +232,18 @@ class SqlSandbox:
                 self._all.append(client)
                 return client
         return self._idle.get()
+
+    def _refused(self, exc: StoreError) -> StoreUnavailable:
+        """The store's error for a connection it would not open or credentials it refused."""
+        return StoreUnavailable(
+            f"the store at {self._dsn.redacted()} refused the SQL endpoint's connection or its credentials "
+            f"(check TRACKHOUSE_STORE_USER, TRACKHOUSE_STORE_PASSWORD and the server's address): {exc}")
+
+    def _translate(self, exc: BaseException) -> StoreError:
+        error = translate(exc)
+        if isinstance(error, QueryFailed) and error.code in _REFUSED_CREDENTIALS:
+            return self._refused(error)
+        return error
 
     def parse(self, text: str, settings: Mapping[str, Any]) -> Parsed:
         """Parse `text` (bound as a parameter: never executed) into (AST JSON, formatted text)."""
@@ -227,7 +253,7 @@ class SqlSandbox:
             try:
                 row = client.query(sql, parameters={"q": text}, settings=dict(settings)).result_rows[0]
             except Exception as exc:
-                raise translate(exc) from None
+                raise self._translate(exc) from None
         return Parsed(str(row[0]), str(row[1]), bool(row[2]))
 
     @contextlib.contextmanager
@@ -240,7 +266,7 @@ class SqlSandbox:
                 context = client.query_arrow_stream(sql, parameters=dict(parameters) if parameters else None,
                                                     settings=dict(settings), use_strings=True)
             except Exception as exc:
-                raise translate(exc) from None
+                raise self._translate(exc) from None
             with context as batches:
                 # The stream reader read the schema already: an empty answer still has columns.
                 yield getattr(context.gen, "schema", None), _translated(batches)

@@ -190,10 +190,11 @@ class Store:
 
     @property
     def sandbox(self) -> SqlSandbox:
-        """The SQL endpoint's own connections (opened on first use; schema migration 4)."""
+        """The SQL endpoint's own connections (opened on first use, as the store's own are; schema migration 7)."""
         with self._sandbox_lock:
             if self._sandbox is None:
-                self._sandbox = SqlSandbox(self.dsn, schema.sandbox_database(self.database), self._reader_count)
+                self._sandbox = SqlSandbox(self.dsn, schema.sandbox_database(self.database), self._reader_count,
+                                           options=self.settings)
             return self._sandbox
 
     def t(self, table: str) -> str:
