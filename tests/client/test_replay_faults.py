@@ -1,17 +1,22 @@
-"""Replay under faults: a stream that fails after some acks, a spool that cannot be read.
+"""Replay under faults: a stream that fails after some acks, stalls or ends early, a spool that
+cannot be read.
 
 The transport is the library's ``MemoryTransport`` (server-side dedupe included); a
-subclass only makes the server go away once, after one batch was stored.
+subclass only makes the server go away once, after one batch was stored. A stream that
+stops answering is the fake gRPC server of conftest.py (``Connection(ack=False)``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import struct
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -20,7 +25,8 @@ from trackhouse.client.errors import ServerUnavailable
 from trackhouse.client.memory import MemoryTransport
 from trackhouse.client.replay import adopt_orphans, replay_dir, sync
 from trackhouse.client.settings import Settings
-from trackhouse.client.spool import OPS, Kind, WriterSpool, encode_record, segments
+from trackhouse.client.spool import OPS, Kind, WriterSpool, encode_record, segments, try_lock
+from trackhouse.client.transport import GrpcTransport
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
 T = TypeVar("T")
@@ -185,3 +191,81 @@ def test_an_operation_record_that_is_no_operation_is_reported_and_the_rest_repla
     assert [c.reason for c in report.corruptions] == ["record of kind SET_TAGS is not a run operation"]
     assert transport.tags[run_id] == {"stage": "train"}
     assert [step for step, _, _ in transport.points(run_id, "loss")] == [1, 2]
+
+
+def _hung(fake: Any) -> Any:
+    """conftest's ``Connection(ack=False)``: stores what it reads and never acks (conftest.py cannot be
+    imported by name under --import-mode=importlib: built through the fake's module)."""
+    return sys.modules[type(fake.ingest).__module__].Connection(ack=False)
+
+
+def test_a_stream_that_stops_answering_is_dropped_after_the_ack_timeout_and_resent(fake: Any, tmp_path: Path) -> None:
+    """The first call stores a batch and never answers (a hung server, a half-open connection): the
+    replay used to wait for its acks for ever, holding the directory's lock."""
+    fake.ingest.plan = [_hung(fake)]
+    directory = _spool(tmp_path, "w1", "r1", batches=3)
+    transport = GrpcTransport(fake.address, rpc_timeout=5.0)
+    try:
+        report = _in_thread(lambda: replay_dir(directory, transport, backoff=(0.0, 0.0), ack_timeout=0.2))
+    finally:
+        transport.close()
+
+    assert report.complete, report.error
+    assert fake.ingest.connections == 2 and sorted(fake.ingest.stored) == [("w1", 1), ("w1", 2), ("w1", 3)]
+    assert report.duplicate_batches == 1 and not directory.exists()
+
+
+def test_a_server_that_never_answers_ends_the_replay_with_an_error_and_the_directory_kept(
+    fake: Any, tmp_path: Path
+) -> None:
+    fake.ingest.plan = [_hung(fake), _hung(fake)]
+    directory = _spool(tmp_path, "w1", "r1", batches=2)
+    transport = GrpcTransport(fake.address, rpc_timeout=5.0)
+    try:
+        report = _in_thread(lambda: replay_dir(directory, transport, max_attempts=2, backoff=(0.0, 0.0),
+                                               ack_timeout=0.2))
+    finally:
+        transport.close()
+
+    assert not report.complete and "gave up after 2 attempts" in report.error and "no ack for 0.2 s" in report.error
+    assert len(segments(directory)) == 2
+    lock = try_lock(directory)  # released: a later sync or adopter can take it
+    assert lock is not None
+    os.close(lock)
+
+
+class _OneAck:
+    """An ack stream that answers one batch, then ends without an error (a server closing it early)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[ingest_pb2.BatchAck]:
+        return itertools.islice(iter(self._stream), 1)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def ended(self, timeout: float) -> bool:
+        return True
+
+
+class _EndsEarly(MemoryTransport):
+    calls = 0
+
+    def stream_metrics(self, requests: Iterator[bytes]) -> Any:
+        self.calls += 1
+        stream = super().stream_metrics(requests)
+        return _OneAck(stream) if self.calls == 1 else stream
+
+
+def test_a_stream_that_ends_before_every_batch_is_answered_is_retried(tmp_path: Path) -> None:
+    """It used to count as done: the directory was deleted with two batches never sent."""
+    transport = _EndsEarly()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    directory = _spool(tmp_path, "w1", run_id, batches=3)
+
+    report = _in_thread(lambda: replay_dir(directory, transport, backoff=(0.0, 0.0)))
+
+    assert report.complete and transport.calls == 2
+    assert [step for step, _, _ in transport.points(run_id, "loss")] == [1, 2, 3]

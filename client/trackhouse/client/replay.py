@@ -4,18 +4,21 @@ A spool directory holds one writer's batches and run operations (``spool.py``).
 ``replay_dir`` takes the directory's lock (a live writer or another replayer is
 never raced; a forked child does not keep it: ``spool.hold_lock``), then:
 
-1. creates the runs an offline writer recorded, once: the local -> server run id
-   map is saved in ``runs.json`` before any batch that needs it is sent, and a
-   run is first looked up by its ``trackhouse.local_run_id`` tag, so a re-run —
-   even from a copy of the spool taken before the first sync — finds the run
-   instead of creating another; then sends params and tags;
+1. maps its run ids to the server's (``runmap.py``): creates the runs an offline
+   writer recorded, once; finds the runs it logged into without creating them (another
+   rank's, a resumed one) or keeps the directory, naming the run, when one is on no
+   server yet; sets aside a run whose creation the server refuses for good, and goes
+   on with the others; then sends params and tags;
 2. streams the batches in seq order with the writer's own ``(writer_id, seq)``
    — the server's dedupe makes a replay, or a second replay, exactly-once in
    effect — at most ``policy.REPLAY_WINDOW`` bytes in flight, reconnecting with
-   backoff from the first unacknowledged batch when a stream fails;
-3. sends the final run statuses; then deletes the directory. Damaged records are
-   reported (``Corruption``, once each however many streams read them) and skipped;
-   the files that held them are kept in ``<writer_id>.corrupt/``, which syncs ignore.
+   backoff from the first unacknowledged batch when a stream fails or stalls (no ack
+   for ``ack_timeout`` with batches in flight: ``policy.stalled``);
+3. sends the final run statuses, but not one the run outlived (``runmap.superseded``:
+   the run was resumed, or ended again, after it); then deletes the directory.
+   Damaged records are reported (``Corruption``, once each however many streams read
+   them) and skipped; the files that held them are kept in ``<writer_id>.corrupt/``,
+   which syncs ignore.
 
 ``replay_dir`` never raises for server or disk errors: a server that stays away, a
 segment that cannot be read or decoded, a directory whose files fail (an ``OSError``,
@@ -26,7 +29,6 @@ directory kept; so one bad directory never stops ``sync`` or ``adopt_orphans``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -34,20 +36,17 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trackhouse.client import policy
-from trackhouse.client.errors import AlreadyExists, NotFound, ServerUnavailable, SpoolError, TrackhouseError
+from trackhouse.client.errors import ServerUnavailable, SpoolError, TrackhouseError
+from trackhouse.client.runmap import RunMap, set_aside
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import (
-    EXPERIMENT_TAG,
-    LOCAL_RUN_TAG,
     OPS,
-    RUNS,
     Corruption,
-    Kind,
     Record,
     hold_lock,
     read_meta,
@@ -55,12 +54,10 @@ from trackhouse.client.spool import (
     scan,
     scan_ops,
     segments,
-    write_json_atomic,
     writer_dirs,
 )  # fmt: skip
-from trackhouse.client.transport import Transport
-from trackhouse.proto.points import batch_points
-from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
+from trackhouse.client.transport import AckStream, Transport, queued_requests
+from trackhouse.proto.v1 import ingest_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +81,21 @@ class ReplayReport:
     corruptions: list[Corruption] = field(default_factory=list)
     complete: bool = False
     error: str = ""
+    missing_runs: list[str] = field(default_factory=list)  # logged into, created elsewhere, on no server yet
+    set_aside: dict[str, str] = field(default_factory=dict)  # refused offline run id -> directory keeping it
 
 
 def replay_dir(directory: Path, transport: Transport, *, progress: Progress | None = None,
-               max_attempts: int = 8, backoff: tuple[float, float] = (0.5, 10.0)) -> ReplayReport:
-    """Replay one writer directory (see the module docstring); never raises for server or disk errors."""
+               max_attempts: int = 8, backoff: tuple[float, float] = (0.5, 10.0), ack_timeout: float = 60.0,
+               known: Mapping[str, str] | None = None) -> ReplayReport:
+    """Replay one writer directory (see the module docstring); never raises for server or disk errors.
+
+    ``known``: offline run id -> server run id mappings made by the other directories of a sync.
+    """
     report = ReplayReport(str(directory), writer_id=str(read_meta(directory).get("writer_id", "")))
     try:
         try:
-            _replay_locked(directory, transport, report, progress, max_attempts, backoff)
+            _replay_locked(directory, transport, report, progress, max_attempts, backoff, ack_timeout, known)
         except OSError as exc:  # lock, stat, runs.json, removal: the client's error, naming the directory
             raise SpoolError(f"cannot replay spool directory {directory}: {exc}") from exc
     except TrackhouseError as exc:
@@ -101,21 +104,33 @@ def replay_dir(directory: Path, transport: Transport, *, progress: Progress | No
 
 
 def _replay_locked(directory: Path, transport: Transport, report: ReplayReport, progress: Progress | None,
-                   max_attempts: int, backoff: tuple[float, float]) -> None:
+                   max_attempts: int, backoff: tuple[float, float], ack_timeout: float,
+                   known: Mapping[str, str] | None) -> None:
     lock = hold_lock(directory)
     if lock is None:
         report.error = _LOCKED
         return
     try:
-        runs = _load_runs(directory)
+        meta = read_meta(directory)
         ops = _records(directory / OPS, report) if (directory / OPS).exists() else []
-        _create_runs(directory, transport, ops, runs, report)
-        report.runs = dict(runs)
-        _send_ops(transport, ops, runs, report, final=False)
-        _send_batches(directory, transport, runs, report, progress, max_attempts, backoff)
-        _send_ops(transport, ops, runs, report, final=True)
+        runs = RunMap(directory, transport, offline=meta.get("mode") == "offline", known=known)
+        try:
+            runs.create(ops)
+            if runs.refused and meta.get("set_aside_from"):  # a set-aside run, refused again: nothing else here
+                report.error = "; ".join(runs.refused.values()) + f"; its records stay in {directory}"
+                return
+            runs.check(ops)
+            report.ops += runs.send_ops(ops, final=False)
+            _send_batches(directory, transport, runs, report, progress, max_attempts, backoff, ack_timeout)
+            report.ops += runs.send_ops(ops, final=True)
+            for local, why in runs.refused.items():  # written before the directory that holds them goes
+                report.set_aside[local] = str(set_aside(directory, meta, ops, local, why))
+        finally:
+            report.runs, report.runs_created, report.missing_runs = dict(runs.mapped), runs.created, runs.missing
         _remove(directory, report)
-        report.complete = True
+        report.complete = not runs.refused
+        report.error = "; ".join(f"{runs.refused[local]}; its records are kept in {kept}, tried again by every "
+                                 "sync" for local, kept in report.set_aside.items())
     finally:
         release_lock(lock)
 
@@ -131,112 +146,38 @@ def _records(path: Path, report: ReplayReport) -> list[Record]:
     return out
 
 
-def _load_runs(directory: Path) -> dict[str, str]:
-    try:
-        loaded = json.loads((directory / RUNS).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
-
-
-def _create_runs(directory: Path, transport: Transport, ops: list[Record], runs: dict[str, str],
-                 report: ReplayReport) -> None:
-    for record in ops:
-        if record.kind is not Kind.CREATE_RUN:
-            continue
-        request = ingest_pb2.CreateRunRequest.FromString(record.payload)
-        tags = {t.key: t.value for t in request.tags}
-        local = tags.get(LOCAL_RUN_TAG, "")
-        if not local or local in runs:
-            continue
-        found = _find_run(transport, local)
-        if found:
-            runs[local] = found
-            write_json_atomic(directory / RUNS, runs)
-            continue
-        name = tags.get(EXPERIMENT_TAG)
-        if name:
-            request.experiment_id = _experiment_id(transport, name)
-            kept = [t for t in request.tags if t.key != EXPERIMENT_TAG]
-            del request.tags[:]
-            request.tags.extend(kept)
-        runs[local] = transport.create_run(request).run_id
-        write_json_atomic(directory / RUNS, runs)  # before any batch refers to it
-        report.runs_created += 1
-
-
-def _find_run(transport: Transport, local: str) -> str:
-    """The server run created from offline run ``local`` by an earlier sync, or ""."""
-    request = query_pb2.SearchRunsRequest(filter=f"tags.`{LOCAL_RUN_TAG}` = '{local}'", max_results=1,
-                                          run_view_type=common_pb2.ALL)
-    try:
-        runs = transport.search_runs(request).runs
-    except ServerUnavailable:
-        raise
-    except TrackhouseError:  # no query service at this address: fall back to runs.json alone
-        return ""
-    return str(runs[0].info.run_id) if runs else ""
-
-
-def _experiment_id(transport: Transport, name: str) -> str:
-    try:
-        return str(transport.get_experiment(ingest_pb2.GetExperimentRequest(name=name)).experiment_id)
-    except NotFound:
-        pass
-    try:
-        return str(transport.create_experiment(ingest_pb2.CreateExperimentRequest(name=name)).experiment_id)
-    except AlreadyExists:
-        return str(transport.get_experiment(ingest_pb2.GetExperimentRequest(name=name)).experiment_id)
-
-
-def _send_ops(transport: Transport, ops: list[Record], runs: dict[str, str], report: ReplayReport, *,
-              final: bool) -> None:
-    for record in ops:
-        if (record.kind is Kind.UPDATE_RUN) != final or record.kind is Kind.CREATE_RUN:
-            continue
-        try:
-            if record.kind is Kind.LOG_PARAMS:
-                params = ingest_pb2.LogParamsRequest.FromString(record.payload)
-                params.run_id = runs.get(params.run_id, params.run_id)
-                transport.log_params(params)
-            elif record.kind is Kind.SET_TAGS:
-                tags = ingest_pb2.SetTagsRequest.FromString(record.payload)
-                tags.run_id = runs.get(tags.run_id, tags.run_id)
-                transport.set_tags(tags)
-            else:
-                update = ingest_pb2.UpdateRunRequest.FromString(record.payload)
-                update.run_id = runs.get(update.run_id, update.run_id)
-                transport.update_run(update)
-        except ServerUnavailable:
-            raise
-        except TrackhouseError as exc:  # refused for good (e.g. a param logged with another value)
-            logger.warning("trackhouse spool: %s refused by the server: %s", record.kind.name, exc)
-        report.ops += 1
-
-
-def _send_batches(directory: Path, transport: Transport, runs: dict[str, str], report: ReplayReport,
-                  progress: Progress | None, max_attempts: int, backoff: tuple[float, float]) -> None:
+def _send_batches(directory: Path, transport: Transport, runs: RunMap, report: ReplayReport,
+                  progress: Progress | None, max_attempts: int, backoff: tuple[float, float],
+                  ack_timeout: float) -> None:
     files = segments(directory)
     total = sum(f.stat().st_size for f in files)
     acked_through = 0  # highest seq answered; a resend skips up to it
     for attempt in range(max_attempts):
         stream = _Stream(files, runs, acked_through, total, report, progress)
         try:
-            stream.run(transport)
+            stream.run(transport, ack_timeout)
             return
         except ServerUnavailable as exc:
             acked_through = stream.acked_through
+            if attempt + 1 == max_attempts:
+                raise ServerUnavailable(f"gave up after {max_attempts} attempts ({exc}); run the sync again later"
+                                        ) from exc
             delay = policy.backoff_delay(attempt, initial=backoff[0], maximum=backoff[1],
                                          retry_after=exc.retry_after, rand=random.uniform)
             logger.warning("trackhouse spool replay: stream failed (%s); retrying in %.1f s", exc, delay)
             time.sleep(delay)  # a CLI / background replay; nothing else waits on this thread
-    raise ServerUnavailable(f"gave up after {max_attempts} attempts; run the sync again later")
 
 
 class _Stream:
-    """One StreamMetrics call replaying segment files from the first unanswered batch."""
+    """One StreamMetrics call replaying segment files from the first unanswered batch.
 
-    def __init__(self, files: list[Path], runs: dict[str, str], acked_through: int, total: int,
+    Three threads: the feeder reads the files and queues batches (within the window), a
+    reader takes the acks, and ``run``'s thread waits for the end, cancelling the call
+    when it stalls; a stalled call's reader, which may never see the end, is abandoned
+    (``_abandoned``: its late acks change nothing).
+    """
+
+    def __init__(self, files: list[Path], runs: RunMap, acked_through: int, total: int,
                  report: ReplayReport, progress: Progress | None) -> None:
         self._files, self._runs, self._report, self._progress = files, runs, report, progress
         self.acked_through = acked_through
@@ -250,11 +191,14 @@ class _Stream:
         self._reported = {(c.path, c.offset) for c in report.corruptions}
         self._path: Path | None = None  # the file the feeder is reading
         self._error: Exception | None = None  # what stopped the feeder; ``run`` raises it
+        self._stream_error: Exception | None = None  # what ended the call, when it failed
+        self._stopped = self._fed_all = self._ended = self._abandoned = False
+        self._last_progress = time.monotonic()  # the last ack, or the first batch in flight after none
 
     def _requests(self, out: queue.SimpleQueue[bytes | None]) -> None:
         try:
             self._feed(out)
-        except Exception as exc:  # an unreadable file, a record that is no MetricBatch
+        except Exception as exc:  # an unreadable file, a record that is no MetricBatch, a missing run
             self._error = exc
         finally:
             out.put(None)  # always end the request stream: else the call and ``run`` wait forever
@@ -269,42 +213,37 @@ class _Stream:
                         self._report.corruptions.append(item)
                         logger.error("trackhouse spool: corrupt record skipped: %s", item)
                     continue
-                payload = item.payload
-                batch = ingest_pb2.MetricBatch.FromString(payload)
-                size = len(payload)
-                if batch.seq <= self.acked_through:
-                    self._done_bytes += size
-                    continue
-                if any(r in self._runs for r in batch.run_ids):
-                    mapped = [self._runs.get(r, r) for r in batch.run_ids]
-                    del batch.run_ids[:]
-                    batch.run_ids.extend(mapped)
-                    payload = batch.SerializeToString()
+                batch = ingest_pb2.MetricBatch.FromString(item.payload)
+                size = len(item.payload)
+                # None: answered already, or all its points are refused runs' (set aside, not sent)
+                sent = None if batch.seq <= self.acked_through else self._runs.outgoing(batch, item.payload)
                 with self._cond:
+                    if sent is None:
+                        self._done_bytes += size
+                        continue
                     self._cond.wait_for(lambda: self._window < policy.REPLAY_WINDOW or self._stopped)
                     if self._stopped:
                         return
-                    self._in_flight[batch.seq] = (size, batch_points(batch))
+                    if not self._in_flight:  # the ack timeout runs from here, not from the last ack
+                        self._last_progress = time.monotonic()
+                    self._in_flight[batch.seq] = (size, sent[1])
                     self._window += size
-                out.put(payload)
+                    self._cond.notify_all()
+                out.put(sent[0])
+        with self._cond:
+            self._fed_all = True
 
-    _stopped = False
-
-    def run(self, transport: Transport) -> None:
-        """Stream until every batch is answered; ``SpoolError`` when the spool could not be read."""
+    def run(self, transport: Transport, ack_timeout: float) -> None:
+        """Stream until every batch is answered; ``ServerUnavailable`` when the call fails, stalls or ends
+        early, ``SpoolError`` when the spool could not be read, the feeder's ``TrackhouseError``."""
         out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         feeder = threading.Thread(target=self._requests, args=(out,), daemon=True, name="trackhouse-sync-feed")
         feeder.start()
-
-        def requests() -> Iterator[bytes]:
-            while (item := out.get()) is not None:
-                yield item
-
         stream = None
         try:
-            stream = transport.stream_metrics(requests())
-            for ack in stream:
-                self._on_ack(ack)
+            stream = transport.stream_metrics(queued_requests(out))
+            threading.Thread(target=self._read, args=(stream,), daemon=True, name="trackhouse-sync-acks").start()
+            self._wait_end(ack_timeout)
         finally:
             with self._cond:
                 self._stopped = True
@@ -313,28 +252,58 @@ class _Stream:
             if stream is not None:
                 stream.cancel()
             feeder.join()  # stopped: it ends at its next batch; no two attempts' feeders overlap
-        if isinstance(self._error, SpoolError):
+        if isinstance(self._error, TrackhouseError):
             raise self._error
         if self._error is not None:
             raise SpoolError(f"cannot replay {self._path}: {type(self._error).__name__}: {self._error}"
                              ) from self._error
+        if self._stream_error is not None:
+            raise self._stream_error
+        if self._in_flight or not self._fed_all:
+            raise ServerUnavailable(f"the metric stream ended with {len(self._in_flight)} batches unanswered")
+
+    def _wait_end(self, ack_timeout: float) -> None:
+        with self._cond:
+            while not self._ended:
+                now = time.monotonic()
+                if policy.stalled(in_flight=bool(self._in_flight), last_progress=self._last_progress, now=now,
+                                  timeout=ack_timeout):
+                    self._abandoned = True
+                    raise ServerUnavailable(f"no ack for {ack_timeout:g} s with {len(self._in_flight)} batches in "
+                                            "flight (a hung server, or a connection gone half-open)")
+                self._cond.wait(self._last_progress + ack_timeout - now if self._in_flight else None)
+
+    def _read(self, stream: AckStream) -> None:
+        try:
+            for ack in stream:
+                self._on_ack(ack)
+        except Exception as exc:  # the transport's TrackhouseError; ``run`` raises it
+            self._stream_error = exc
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
 
     def _on_ack(self, ack: ingest_pb2.BatchAck) -> None:
         with self._cond:
+            if self._abandoned:
+                return
             size, points = self._in_flight.pop(ack.seq, (0, 0))
             self._window -= size
+            self._last_progress = time.monotonic()
             self._cond.notify_all()
-        self.acked_through = max(self.acked_through, ack.seq)
-        report = self._report
-        report.batches += 1
-        report.points += points
-        report.duplicate_batches += ack.status == ingest_pb2.DUPLICATE
-        if ack.status == ingest_pb2.REJECTED:
-            report.rejected_points += points
-            logger.warning("trackhouse spool: batch seq=%d rejected: %s", ack.seq, ack.message)
-        self._done_bytes += size
+            self.acked_through = max(self.acked_through, ack.seq)
+            report = self._report
+            report.batches += 1
+            report.points += points
+            report.duplicate_batches += ack.status == ingest_pb2.DUPLICATE
+            if ack.status == ingest_pb2.REJECTED:
+                report.rejected_points += points
+                logger.warning("trackhouse spool: batch seq=%d rejected: %s", ack.seq, ack.message)
+            self._done_bytes += size
+            done = self._done_bytes
         if self._progress is not None:
-            self._progress(self._done_bytes, self._total)
+            self._progress(done, self._total)
 
 
 def _remove(directory: Path, report: ReplayReport) -> None:
@@ -362,7 +331,8 @@ def adopt_orphans(transport: Transport, settings: Settings, own_writer: str) -> 
             continue
         if not any(directory.glob("*.spool")):
             continue
-        report = replay_dir(directory, transport)  # never raises: a bad directory does not stop the others
+        # never raises: a bad directory does not stop the others
+        report = replay_dir(directory, transport, ack_timeout=settings.ack_timeout)
         if report.complete:
             logger.info("trackhouse: replayed %d points left in %s by an earlier process", report.points, directory)
         elif report.error != _LOCKED:
@@ -377,8 +347,10 @@ def sync(path: str | os.PathLike[str], *, url: str | None = None, settings: Sett
          ) -> list[ReplayReport]:
     """Upload a spool (a spool root or one writer's directory) to the server; safe to re-run.
 
-    ``url`` / ``settings`` default to ``Settings.from_env()``; ``progress(directory,
-    bytes done, bytes total)`` is called as acks arrive.
+    ``url`` / ``settings`` default to ``Settings.from_env()`` (its ack timeout and backoff
+    apply); ``progress(directory, bytes done, bytes total)`` is called as acks arrive. A
+    directory that logged into a run another one of the sync creates (another rank's) is
+    replayed again after it.
     """
     from trackhouse.client.transport import GrpcTransport
 
@@ -388,12 +360,20 @@ def sync(path: str | os.PathLike[str], *, url: str | None = None, settings: Sett
         target = settings.url if url is None else url
         transport = GrpcTransport(target, settings.query_url, rpc_timeout=settings.rpc_timeout,
                                   token=settings.token, tls_ca=settings.tls_ca)
+    known: dict[str, str] = {}  # offline run id -> server run id, from every directory so far
+    via: Transport = transport
+
+    def replay(directory: Path) -> ReplayReport:
+        step = None if progress is None else (lambda done, total: progress(directory, done, total))
+        report = replay_dir(directory, via, progress=step, backoff=(settings.backoff_initial, settings.backoff_max),
+                            ack_timeout=settings.ack_timeout, known=known)
+        known.update(report.runs)
+        return report
+
     try:
-        reports = []
-        for directory in writer_dirs(Path(path)):
-            step = None if progress is None else (lambda done, total, d=directory: progress(d, done, total))
-            reports.append(replay_dir(directory, transport, progress=step))
-        return reports
+        reports = [replay(directory) for directory in writer_dirs(Path(path))]
+        return [replay(Path(r.directory)) if r.missing_runs and set(r.missing_runs) <= known.keys() else r
+                for r in reports]
     finally:
         if own:
             transport.close()
