@@ -73,3 +73,22 @@ def test_sync_against_a_server_that_never_acks_ends_with_the_reason(
     out = capsys.readouterr().out
     assert f"{directory}: INCOMPLETE" in out and "no ack for 0.2 s" in out and "run the sync again" in out
     assert len(segments(directory)) == 1  # kept for a later sync
+
+
+def test_sync_names_runs_waiting_for_another_directory_and_runs_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a report holds besides its error reaches the user: which run waits for which sync, and where
+    a refused run's records are kept (the blanket "run the sync again" fitted neither)."""
+    import trackhouse.client as th
+    from trackhouse.client.replay import ReplayReport
+
+    report = ReplayReport(str(tmp_path / "w2"), error="run r-1 is on no server yet", missing_runs=["r-1"],
+                          set_aside={"r-2": str(tmp_path / "w3")})
+    monkeypatch.setattr(th, "sync", lambda *args, **kwargs: [report])
+    assert main(["sync", str(tmp_path), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'w2'}: INCOMPLETE (run r-1 is on no server yet);" in out
+    assert "run r-1 was created by another directory, not synced yet" in out
+    assert f"offline run r-2 refused by the server: its records are kept in {tmp_path / 'w3'}" in out
+    assert "run the sync again" not in out

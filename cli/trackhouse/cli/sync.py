@@ -68,11 +68,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to sync in {root}")
         return 0
     for r in reports:
-        state = "done" if r.complete else f"INCOMPLETE ({r.error}) — run the sync again"
+        state = "done" if r.complete else f"INCOMPLETE ({r.error})"  # the error says what to do next
         print(f"{r.directory}: {state}; {r.points:,} points in {r.batches:,} batches "
               f"({r.duplicate_batches:,} already stored), {r.runs_created} runs created, {r.ops} run updates")
         for local, remote in r.runs.items():
             print(f"  offline run {local} -> run {remote}")
+        for local in r.missing_runs:
+            print(f"  run {local} was created by another directory, not synced yet: sync that one, then this again")
+        for local, kept in r.set_aside.items():
+            print(f"  offline run {local} refused by the server: its records are kept in {kept}")
         if r.rejected_points:
             print(f"  {r.rejected_points:,} points rejected by the server (see the log)")
         for c in r.corruptions:
