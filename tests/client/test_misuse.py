@@ -368,3 +368,45 @@ def test_str_subclass_keys_are_the_strings_they_equal() -> None:
         assert transport.params[run.run_id] == {"loss": "x"}
     finally:
         client.close(timeout=5.0)
+
+
+_TOO_MANY = {f"t{i}": 1 for i in range(1001)}
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda c: c.start_run(name="x" * 251), "is 251 characters, limit 250"),
+        (lambda c: c.start_run(name=3), "run name must be a string"),
+        (lambda c: c.start_run(start_time=-1), "start_time=-1 is before the epoch"),
+        (lambda c: c.start_run(params={"lr": "x" * 6001}), r"params\[0\]\.value: 6001 characters for 'lr', limit 6000"),
+        (lambda c: c.start_run(tags={"a": 1, "b": "x" * 5001}), r"tags\[1\]\.value: 5001 characters .*limit 5000"),
+        (lambda c: c.start_run(params=_TOO_MANY), "params: 1001 items in one call, limit 1000"),
+        (lambda c: c.start_run().log_params({"lr": "x" * 6001}), r"params\[0\]\.value: 6001 characters"),
+        (lambda c: c.start_run().set_tags(_TOO_MANY), "tags: 1001 items in one call, limit 1000"),
+    ],
+)
+def test_what_the_service_refuses_raises_at_the_call_online_and_offline(tmp_path: Any, mode: str, call: Any,
+                                                                        match: str) -> None:
+    """Offline, the refused operation used to be spooled, and the sync then refused it, long after."""
+    spool = tmp_path / "spool"
+    client = th.Client(th.MemoryTransport(), th.Settings(mode=mode, spool_dir=str(spool), replay_orphans=False))
+    with pytest.raises(th.UsageError, match=match):
+        call(client)
+    assert client.close(timeout=5.0)
+    server = th.MemoryTransport()
+    assert all(r.complete for r in th.sync(spool, transport=server))  # nothing refused was recorded
+    assert all(not params for params in server.params.values())
+
+
+def test_offline_a_run_keeps_one_tag_free_for_the_sync(tmp_path: Any) -> None:
+    tags = {f"t{i}": 1 for i in range(1000)}
+    offline = th.Client(th.MemoryTransport(), th.Settings(mode="offline", spool_dir=str(tmp_path),
+                                                          replay_orphans=False))
+    with pytest.raises(th.UsageError, match="at most 999 tags"):
+        offline.start_run(tags=tags)  # the sync adds the local id's tag: 1001, which the service refuses
+    offline.close()
+    online = th.Client(th.MemoryTransport(), th.Settings(spool_dir=str(tmp_path), replay_orphans=False))
+    assert len(online.transport.tags[online.start_run(tags=tags).run_id]) == 1000  # type: ignore[attr-defined]
+    online.close()

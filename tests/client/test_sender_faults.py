@@ -61,17 +61,29 @@ def test_an_operation_waiting_while_the_stream_is_away_does_not_make_the_worker_
     assert timeout == 30.0  # the reconnect, not 0 (which made the worker loop ~45,000 times a second)
 
 
-def test_the_first_ack_after_an_outage_wakes_the_worker_to_retry_waiting_operations(tmp_path: Path) -> None:
-    sender = _sender(tmp_path, Down())
+class Back(Down):
+    """A server back from an outage: operations go through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered = threading.Event()
+
+    def set_tags(self, request: Any) -> None:
+        self.calls.append(type(request).__name__)
+        self.delivered.set()
+
+
+def test_the_first_ack_after_an_outage_sends_the_waiting_operations(tmp_path: Path) -> None:
+    transport = Back()
+    sender = _sender(tmp_path, transport)
     sender._outbox.add(Entry(1, 1, 10, 0, b"x"))
     sender._outbox.send_next = 2
     sender._away_since = 90.0
-    sender._ops_retry.ops.append(ingest_pb2.SetTagsRequest(run_id="r1"))
-    sender._wake.clear()
+    sender._ops_retry.add([ingest_pb2.SetTagsRequest(run_id="r1")])  # waits: the stream is away
     sender._on_ack(ingest_pb2.BatchAck(seq=1, status=ingest_pb2.STORED, points=1))
     assert sender._away_since is None
-    assert sender._wake.is_set()
-    assert sender._wait_timeout() == 0.0  # and then they are due at once
+    assert transport.delivered.wait(10.0)  # the operations thread was told, and sent it
+    assert sender._wait_timeout() is None  # the worker has nothing to do for it
 
 
 class Hung(Down):
@@ -87,22 +99,23 @@ class Hung(Down):
         raise ServerUnavailable("deadline exceeded")
 
 
-def test_at_close_batches_are_spooled_before_operations_are_tried_on_a_hung_server(tmp_path: Path) -> None:
+def test_at_close_batches_are_spooled_while_an_operation_hangs_and_both_are_kept(tmp_path: Path) -> None:
     transport = Hung()
     sender = _sender(tmp_path, transport)
     sender._outbox.add(Entry(1, 5, 10, 0, b"batch"))  # unacknowledged
-    sender._ops_retry.ops.append(ingest_pb2.SetTagsRequest(run_id="r1"))
-    finishing = threading.Thread(target=sender._finish, daemon=True)
-    finishing.start()
+    sender._ops_in.append(ingest_pb2.SetTagsRequest(run_id="r1"))
+    sender._housekeep(100.0)  # recorded, then handed to the operations thread...
     try:
-        assert transport.entered.wait(10)  # the last try of the operation is blocked in the network...
-        assert sender.spool.records == 1  # ...and the batch is already on disk
-        assert sender.stats()["points_spooled"] == 5
+        assert transport.entered.wait(10)  # ...which is blocked in the network
+        sender._deadline = 100.5  # close's; the clock stays at 100: the thread is waited for 0.5 s
+        sender._finish()  # returns with the call still hung
+        assert sender.spool.records == 1 and sender.stats()["points_spooled"] == 5
+        assert sender.stats()["ops_pending"] == 1
+        assert list(sender.spool.path.glob("seg-*.spool")) and (sender.spool.path / "ops.spool").stat().st_size > 0
     finally:
         transport.release.set()
-        finishing.join(10)
-    assert not finishing.is_alive()
-    assert list(sender.spool.path.glob("seg-*.spool"))  # kept: the batch and the operation wait for a sync
+    assert sender._ops_retry.join(10.0)  # unanswered (the call failed): kept, and no more tries
+    assert sender.stats()["ops_pending"] == 1
 
 
 def test_an_offline_run_that_logged_no_metrics_keeps_its_spool_and_syncs(tmp_path: Path) -> None:
@@ -240,9 +253,11 @@ def test_operations_go_direct_again_once_those_queued_are_delivered(tmp_path: Pa
     op = ingest_pb2.SetTagsRequest(run_id=run_id, tags=[common_pb2.Tag(key="stage", value="warmup")])
     sender._ops_in.append(op)
     sender._housekeep(100.0)
-    assert sender.queues_ops  # spooled, waiting: later ones must follow it
-    sender._retry_ops(100.0)
+    assert sender.queues_ops  # spooled, sent on the operations thread: later ones must follow it
+    with sender._cond:
+        assert sender._cond.wait_for(lambda: not sender._ops_retry.ops, 10.0)
     assert transport.tags[run_id] == {"stage": "warmup"}
+    sender._forget_delivered_ops()
     assert not sender.queues_ops  # delivered, nothing on disk to replay it for: raises at the call again
     assert sender.spool.ops == 0
 
@@ -250,7 +265,7 @@ def test_operations_go_direct_again_once_those_queued_are_delivered(tmp_path: Pa
 def test_the_closing_report_offline_names_points_the_disk_could_not_take(caplog: Any) -> None:
     from trackhouse.client.client import _report
 
-    stats = {"points_offline": 100, "points_spooled": 0, "points_pending": 200, "points_logged": 300}
+    stats = {"points_offline": 100, "points_spooled": 0, "points_pending": 200, "points_logged": 300, "ops_pending": 0}
     with caplog.at_level(logging.WARNING, logger="trackhouse.client"):
         _report(stats, th.Settings(mode="offline"), "/spool/w1", delivered=False)
     messages = [r.getMessage() for r in caplog.records]

@@ -11,10 +11,12 @@ connections, empty buffers and (lazily) a new worker (``_after_fork_in_child``).
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import dataclasses
 import logging
 import os
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,12 +28,13 @@ from trackhouse.client.batcher import Batcher
 from trackhouse.client.errors import AlreadyExists, NotFound, ServerUnavailable, UsageError
 from trackhouse.client.ops import Op, call_op
 from trackhouse.client.reads import RunView
-from trackhouse.client.run import Run, check_int, param_messages, tag_messages
+from trackhouse.client.run import Run, check_run_name, check_start_time, param_messages, tag_messages
 from trackhouse.client.sender import Sender
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import EXPERIMENT_TAG, LOCAL_RUN_TAG
 from trackhouse.client.system import SystemSampler
 from trackhouse.client.transport import GrpcTransport, Transport
+from trackhouse.proto.rules import MAX_ITEMS_PER_CALL
 from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 
 logger = logging.getLogger(__name__)
@@ -132,8 +135,8 @@ class Client:
         if experiment is not None and experiment_id is not None:
             raise UsageError("pass experiment (a name) or experiment_id, not both")
         request = ingest_pb2.CreateRunRequest(
-            run_name=name, user_id=self.settings.user if user_id is None else user_id,
-            start_time=0 if start_time is None else check_int("start_time", start_time),
+            run_name=check_run_name(name), user_id=self.settings.user if user_id is None else user_id,
+            start_time=0 if start_time is None else check_start_time(start_time),
             params=param_messages(params or {}), tags=tag_messages(tags or {}),
         )  # fmt: skip
         s = self.settings
@@ -156,6 +159,9 @@ class Client:
         if self.settings.offline:  # no server: a local id, mapped to the server's by `trackhouse sync`
             local = uuid.uuid4().hex
             request.experiment_id = experiment_id or ("" if experiment else "0")
+            if len(request.tags) >= MAX_ITEMS_PER_CALL:  # what the sync sends: with the local id's tag
+                raise UsageError(f"offline, start_run takes at most {MAX_ITEMS_PER_CALL - 1} tags (the sync adds "
+                                 f"{LOCAL_RUN_TAG!r}), got {len(request.tags)}: set the others with run.set_tags()")
             request.tags.add(key=LOCAL_RUN_TAG, value=local)
             if experiment:
                 request.tags.add(key=EXPERIMENT_TAG, value=experiment)
@@ -197,18 +203,33 @@ class Client:
         if self._closed:
             raise UsageError("the client is closed; create a new one with trackhouse.client.connect()")
 
-    def _submit(self, op: Op) -> None:
+    def _submit(self, op: Op, timeout: float | None = None) -> bool:
         """A run operation: sent now; spooled (and retried) when offline, when the server is away, and
-        once one was (in order, behind it)."""
+        once one was (in order, behind it). With a ``timeout`` shorter than a call may take
+        (``rpc_timeout``) it goes through the sender too, and is waited for at most ``timeout``.
+
+        True when delivered (offline: handed to the spool); a refusal raises, as a direct call does."""
         self._check_open()
-        if self.settings.offline or self._sender.queues_ops:
+        s, deadline = self.settings, None if timeout is None else time.monotonic() + timeout
+        if s.offline:
             self._sender.submit_op(op)
-            return
+            return True
+        if not self._sender.queues_ops and (timeout is None or timeout >= s.rpc_timeout):
+            try:
+                call_op(self.transport, op)
+                return True
+            except ServerUnavailable as exc:
+                logger.warning("trackhouse: %s not delivered (%s); spooled, will retry", type(op).__name__, exc)
+                self._sender.submit_op(op)
+                return False
+        outcome = self._sender.submit_op(op, outcome=deadline is not None)
+        if outcome is None or deadline is None:
+            return False
         try:
-            call_op(self.transport, op)
-        except ServerUnavailable as exc:
-            logger.warning("trackhouse: %s not delivered (%s); spooled, will retry", type(op).__name__, exc)
-            self._sender.submit_op(op)
+            outcome.result(max(0.0, deadline - time.monotonic()))  # raises the refusal
+        except concurrent.futures.TimeoutError:
+            return False
+        return True
 
     def create_experiment(self, name: str, artifact_location: str = "") -> str:
         """Create experiment ``name``; return its id. AlreadyExists when the name is taken."""
@@ -247,14 +268,14 @@ class Client:
     def stats(self) -> dict[str, int]:
         """Delivery counters: points_logged / sent / acked / rejected / pending / spooled / offline /
         lost, batches_sent / acked / duplicate / rejected / spilled / pending, reconnects,
-        spools_replayed."""
+        spools_replayed, ops_pending (run operations not yet delivered: params, tags, status)."""
         return self._sender.stats()
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush (bounded by ``timeout``), spool what is left, stop the sender. Idempotent.
 
-        Returns True when every logged point was delivered (offline: spooled);
-        otherwise logs a warning saying what is spooled and where.
+        Returns True when every logged point and run operation was delivered (offline:
+        spooled); otherwise logs a warning saying what is spooled and where.
         """
         with self._lock:
             if self._closed:
@@ -270,6 +291,8 @@ class Client:
             runs = list(self._runs)
         for run in runs:
             run._client_closed()
+        # The sender's threads were waited for within the bound; a call still in flight past it is cut
+        # (CANCELLED), and its operation stays pending, recorded in the spool: nothing is dropped.
         self.transport.close()
         _report(self._sender.stats(), self.settings, self.spool_path, delivered)
         return delivered
@@ -349,6 +372,9 @@ def _report(stats: dict[str, int], settings: Settings, spool_path: str, delivere
             stats["points_pending"], stats["points_logged"], spooled, where,
             f"; {lost} could not be spooled in time and are lost" if lost > 0 else "",
         )  # fmt: skip
+    if stats["ops_pending"] > 0:  # recorded in the spool when handed to the sender (a failed write was logged)
+        logger.warning("trackhouse client closed with %d run operations (params, tags, status) undelivered: "
+                       "recorded in %s", stats["ops_pending"], where)
 
 
 def _close_at_exit(ref: weakref.ref[Client]) -> None:

@@ -8,7 +8,7 @@
     │   │                           also an SQL query's own limit (RESOURCE_EXHAUSTED, below)
     │   ├── AlreadyExists           ALREADY_EXISTS: e.g. an experiment name taken
     │   └── FailedPrecondition      FAILED_PRECONDITION: e.g. updating a deleted run
-    ├── ServerUnavailable           UNAVAILABLE (or another retryable code): try again later;
+    ├── ServerUnavailable           UNAVAILABLE (or another retryable code, CANCELLED too): try again later;
     │   │                           ``retry_after`` holds the server's retry delay when it sent one
     │   └── DeadlineExceeded        DEADLINE_EXCEEDED: no answer within the call's deadline
     └── SpoolError                  a spool on disk cannot be written or read (corrupt records are
@@ -18,7 +18,10 @@
 ``grpc``); ``error_for_code`` is the one mapping from status codes to classes.
 ``log()`` never raises these for transport reasons: the sender retries, then spools.
 Retryable codes (``RETRYABLE``): UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-ABORTED — they map to ``ServerUnavailable``. The metric stream reconnects after any error.
+ABORTED, CANCELLED — they map to ``ServerUnavailable``. CANCELLED is no answer of the
+service: the call was cut (the client's channel closed under it, a server shutting down),
+so whether it took effect is unknown; the operation is kept and sent again, never dropped
+as refused. The metric stream reconnects after any error.
 One exception: an SQL query (``sql=True``) answered RESOURCE_EXHAUSTED without a retry
 delay hit a limit of its own (result rows or bytes, memory, time), which fails again on
 any replica: ``InvalidArgument`` (``code`` stays ``"RESOURCE_EXHAUSTED"``). With a retry
@@ -82,7 +85,7 @@ class SpoolError(TrackhouseError):
     """A spool directory or segment cannot be written or read (permissions, full disk, not a spool)."""
 
 
-RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
+RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED"})
 
 _BY_CODE: dict[str, type[ServerError]] = {
     "NOT_FOUND": NotFound,

@@ -22,7 +22,10 @@ per value) cost more than the values themselves.
 
 Params, tags and the final status go through the client (``Client._submit``),
 which spools them when the server is away or the client is offline, and then
-sends later ones the same way, behind them, until they are delivered.
+sends later ones the same way, behind them, until they are delivered. They, and
+a new run's name, are checked at the call against the service's rules
+(``trackhouse.proto.rules``), online and offline alike: a sync must not meet a
+refusal the call could have raised.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import logging
 import operator
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, SupportsFloat, SupportsIndex, cast
 
@@ -40,6 +43,7 @@ import numpy.typing as npt
 
 from trackhouse.client.batcher import Batcher, row_packer
 from trackhouse.client.errors import UsageError
+from trackhouse.proto import rules
 from trackhouse.proto.rules import MAX_BATCH_KEYS, key_problem, timestamps_problem
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
@@ -104,6 +108,14 @@ def check_key(key: object, prefix: str = "") -> str:
     return name
 
 
+def check_start_time(value: object) -> int:
+    """A run's start: an int of ms since the epoch, not before it (the service refuses that)."""
+    ts = check_int("start_time", value)
+    if ts < 0:
+        raise UsageError(f"start_time={ts} is before the epoch: pass ms since the epoch, or None for now")
+    return ts
+
+
 def check_timestamp(value: object) -> int:
     """A timestamp the caller passed: an int of ms since the epoch, in the service's range."""
     ts = check_int("timestamp", value)
@@ -113,7 +125,9 @@ def check_timestamp(value: object) -> int:
     return ts
 
 
-def _string_pairs(kind: str, items: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _string_pairs(kind: str, items: Mapping[str, Any], max_value: int) -> list[tuple[str, str]]:
+    """``items`` as (key, value) strings, when the service takes them (``rules.items_problem``: online it
+    refuses them at once, offline a sync would, long after the call)."""
     pairs = []
     for key, value in items.items():
         if not isinstance(key, str) or not key:
@@ -122,15 +136,32 @@ def _string_pairs(kind: str, items: Mapping[str, Any]) -> list[tuple[str, str]]:
         if problem is not None:
             raise UsageError(f"{kind} key {key!r}: {problem}")
         pairs.append((key, value if isinstance(value, str) else str(value)))
+    check_items(pairs, f"{kind}s", max_value)
     return pairs
 
 
+def check_items(pairs: Sequence[tuple[str, str]], field: str, max_value: int) -> None:
+    """UsageError when params or tags of one call break the service's rules (``rules.items_problem``)."""
+    problem = rules.items_problem(pairs, field, max_value)
+    if problem is not None:
+        raise UsageError(f"{problem}: the service refuses this; split the call or shorten the value")
+
+
+def check_run_name(name: object) -> str:
+    """A run name the service takes (at most ``MAX_RUN_NAME`` characters)."""
+    if not isinstance(name, str):
+        raise UsageError(f"run name must be a string, got {type(name).__name__} {name!r}")
+    if len(name) > rules.MAX_RUN_NAME:
+        raise UsageError(f"run name {name[:40]!r}… is {len(name)} characters, limit {rules.MAX_RUN_NAME}")
+    return name
+
+
 def param_messages(params: Mapping[str, Any]) -> list[common_pb2.Param]:
-    return [common_pb2.Param(key=k, value=v) for k, v in _string_pairs("param", params)]
+    return [common_pb2.Param(key=k, value=v) for k, v in _string_pairs("param", params, rules.MAX_PARAM_VALUE)]
 
 
 def tag_messages(tags: Mapping[str, Any]) -> list[common_pb2.Tag]:
-    return [common_pb2.Tag(key=k, value=v) for k, v in _string_pairs("tag", tags)]
+    return [common_pb2.Tag(key=k, value=v) for k, v in _string_pairs("tag", tags, rules.MAX_TAG_VALUE)]
 
 
 class Run:
@@ -313,11 +344,11 @@ class Run:
         return self._client.flush(timeout)
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
-        """Flush (bounded by ``timeout``, default ``Settings.close_timeout``), then record ``status``.
+        """Flush, then record ``status``, both within ``timeout`` (default ``Settings.close_timeout``).
 
-        Returns whether every point was delivered. What could not be is kept: in
-        memory while the client lives, in the spool at close. Calling it again only
-        retries a status update that failed.
+        Returns whether every point and the status were delivered (offline: spooled).
+        What could not be is kept: in memory while the client lives, in the spool at
+        close. Calling it again only retries a status update that failed.
         """
         if status not in _TERMINAL:
             raise UsageError(f"status must be one of {', '.join(_TERMINAL)}, got {status!r}")
@@ -325,15 +356,17 @@ class Run:
             return True
         self._client._check_open()  # a closed client's sender is stopped: nothing would be sent
         self._state = _FINISHED
-        flushed = self._client.flush(self._client.settings.close_timeout if timeout is None else timeout)
+        timeout = self._client.settings.close_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        flushed = self._client.flush(timeout)
         if not flushed:
             logger.warning("run %s finished before all its metrics were acknowledged", self.run_id)
         request = ingest_pb2.UpdateRunRequest(
             run_id=self.run_id, status=common_pb2.RunStatus.Value(status), end_time=now_ms()
         )
-        self._client._submit(request)
+        recorded = self._client._submit(request, max(0.0, deadline - time.monotonic()))  # queued when not in time
         self._status_sent = True
-        return flushed
+        return flushed and recorded
 
     def __enter__(self) -> Run:
         return self

@@ -15,6 +15,12 @@ backoff (or the server's retry delay) and resends every unacknowledged entry fro
 dedupes by (writer_id, seq) with a per-writer high-water mark, which is why entries are always sent in seq
 order.
 
+Run operations handed over (offline, when the server is away, behind earlier ones) are recorded in the spool
+by the worker and sent by ``PendingOps``'s own thread (``ops.py``): the worker itself makes no unary call, so a
+slow server never holds up the points. ``close`` sets a deadline: the worker spools every unacknowledged batch
+first, then gives the operations until the deadline; what is left of them stays in the spool, counted in
+``ops_pending``.
+
 Invariants: ``seq`` is strictly increasing from 1; an entry leaves the outbox only on its ack; only the worker
 touches the spool; ``_cond`` guards shared fields and is never held across I/O.
 """
@@ -28,6 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from trackhouse.client import policy
 from trackhouse.client.batcher import Batcher, due_at, is_due
@@ -65,6 +72,7 @@ class Sender(Spilling):
         self._outbox = Outbox()
         self._seq = self._taken = 0
         self._forced = self._stopping = self._spill_warned = self._cancelled = False
+        self._deadline: float | None = None  # set by close
         self._spool_paused_until = 0.0  # after a failed spool write (``spilling.py``)
         self._worker: threading.Thread | None = None
         self._queue: queue.SimpleQueue[bytes | None] | None = None
@@ -75,7 +83,8 @@ class Sender(Spilling):
         self._away_since: float | None = None
         self._released: list[Location] = []
         self._ops_in: list[Op] = []  # from user threads: to spool (offline / away) and retry
-        self._ops_retry = PendingOps()
+        self._ops_retry = PendingOps(self._transport, self._cond, self._clock, delay=self._backoff,
+                                     ready=lambda: self._away_since is None, on_answer=self._wake.set)
         self._counts = dict.fromkeys(("points_acked", "points_rejected", "points_offline", "points_lost",
                                       "batches_sent", "batches_acked", "batches_duplicate", "batches_rejected",
                                       "batches_spilled", "reconnects", "spools_replayed"), 0)
@@ -93,11 +102,16 @@ class Sender(Spilling):
         if not self._wake.is_set():  # a log call may ask often (a full buffer of mixed key sets)
             self._wake.set()
 
-    def submit_op(self, op: Op) -> None:
-        """Hand a run operation to the worker: spooled, and retried while online."""
+    def submit_op(self, op: Op, *, outcome: bool = False) -> Future[None] | None:
+        """Hand a run operation to the worker: spooled, and sent (online) on the operations thread.
+        ``outcome``: a future of its answer (None when delivered, the refusal raised), online only."""
+        future: Future[None] | None = Future() if outcome and not self._settings.offline else None
         with self._cond:
             self._ops_in.append(op)
+            if future is not None:
+                self._ops_retry.outcomes[id(op)] = future
         self.wake()
+        return future
 
     @property
     def queues_ops(self) -> bool:
@@ -118,19 +132,21 @@ class Sender(Spilling):
                                        min(timeout, threading.TIMEOUT_MAX))
 
     def close(self, timeout: float) -> bool:
-        """Flush against the deadline, spool what is left, stop; True when all was delivered."""
+        """Flush against the deadline, spool what is left, stop; True when every point and run operation
+        was delivered (offline: spooled)."""
         timeout = min(timeout, threading.TIMEOUT_MAX)
         deadline = self._clock() + timeout
         reserve = min(1.0, timeout / 4)  # left for spilling what the flush could not deliver
         if self._worker is not None:
             self.flush(max(0.0, timeout - reserve))
         with self._cond:
-            self._stopping = True
+            self._stopping, self._deadline = True, deadline
             worker = self._worker
         self._wake.set()
         if worker is not None:
             worker.join(max(0.0, deadline - self._clock()))
-        return self.stats()["points_pending"] == 0  # offline, what a timed-out flush left may be spooled by now
+        stats = self.stats()  # offline, what a timed-out flush left may be spooled by now
+        return stats["points_pending"] == 0 and stats["ops_pending"] == 0
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -139,6 +155,7 @@ class Sender(Spilling):
                           batches_pending=len(self._outbox), points_spooled=self._outbox.points_on_disk())
             answered = counts["points_acked"] + counts["points_rejected"] + counts["points_offline"]
             counts["points_pending"] = counts["points_logged"] - answered - counts["points_lost"]
+            counts["ops_pending"] = len(self._ops_in) + len(self._ops_retry.ops)
         return counts
 
     def after_fork(self) -> None:
@@ -164,7 +181,7 @@ class Sender(Spilling):
                     break
                 self._maintain_stream(now)
                 self._pump()
-                self._retry_ops(now)
+                self._forget_delivered_ops()
         except Exception:  # a bug here must not pass silently: nothing would be delivered
             logger.exception("trackhouse sender stopped by an unexpected error")
         finally:
@@ -187,7 +204,6 @@ class Sender(Spilling):
                 if box and not s.offline else None,
                 max(away + s.spool_grace, self._spool_paused_until) if box.memory_bytes and away is not None else None,
                 self._spool_paused_until if (box.memory_bytes or self._ops_in) and s.offline else None,  # a bad disk
-                self._ops_retry.retry_at if self._ops_retry.ops and away is None else None,  # away: _on_ack wakes
             ]
         due = min((t for t in times if t is not None), default=None)
         return None if due is None else max(0.0, due - self._clock())
@@ -281,43 +297,20 @@ class Sender(Spilling):
                     box.queued_from_disk(entry)
                     box.send_next += 1
 
-    def _retry_ops(self, now: float) -> None:
-        if self._ops_retry.ops and self._away_since is None:
-            self._ops_retry.retry(self._transport, now, self._backoff)
-            with self._cond:  # all delivered, none to replay batches for: later ones may go direct again
-                done = not self._ops_retry.ops and not self._ops_in and not self.spool.records
-            if done and not self._settings.offline:
-                self.spool.clear_ops()
-
     def _backoff(self, retry_after: float | None) -> float:
         return policy.backoff_delay(self._attempt, initial=self._settings.backoff_initial,
                                     maximum=self._settings.backoff_max, retry_after=retry_after, rand=random.uniform)
 
-    def _finish(self) -> None:
-        """At close: spool every unacknowledged batch (synced), then a last try of pending operations
-        (spooled when handed over; it may block ``rpc_timeout`` on a hung server, past ``close``'s bound)."""
-        try:
-            self._spool_paused_until = 0.0  # a last try of the disk too
-            self._housekeep(self._clock())
-            if self._ops_in:  # offline, the disk failed them again
-                logger.error("trackhouse: %d run operations could not be spooled to %s and are lost",
-                             len(self._ops_in), self.spool.path)
-            self._spill(policy.Spill.ALL)
-            with self._cond:
-                stream, self._stream, self._generation = self._stream, None, self._generation + 1
-                if self._queue is not None:
-                    self._queue.put(None)
-                self._queue = None
-            if stream is not None:
-                stream.cancel()
-            self._settle_last()
-            self._ops_retry.retry_at = 0.0  # one last try for operations that met an absent server
-            self._retry_ops(self._clock())
-            self.spool.close(ops_done=not self._settings.offline and not self._ops_retry.ops)  # offline: kept
-        except Exception:
-            logger.exception("trackhouse: could not spool undelivered batches to %s", self.spool.path)
+    def _end_stream(self) -> None:
+        """At close: end the open stream (its batches are spooled) and let gRPC be done with it."""
         with self._cond:
-            self._cond.notify_all()
+            stream, self._stream, self._generation = self._stream, None, self._generation + 1
+            if self._queue is not None:
+                self._queue.put(None)
+            self._queue = None
+        if stream is not None:
+            stream.cancel()
+        self._settle_last()
 
     def _settle_last(self) -> None:
         """Let gRPC's threads be done with the last call before the interpreter may exit: one stopped at exit
@@ -346,7 +339,7 @@ class Sender(Spilling):
             item = self._outbox.acked(ack.seq)
             if item is None:  # an ack of a batch already answered (resend race): nothing to do
                 return
-            if restored := self._away_since is not None:
+            if self._away_since is not None:  # the notify below wakes the operations waiting for this
                 logger.info("metric stream to %s restored", getattr(self._transport, "url", "server"))
             self._attempt, self._away_since, self._last_progress, self._spill_warned = 0, None, self._clock(), False
             if item.loc is not None:
@@ -358,7 +351,7 @@ class Sender(Spilling):
             self._counts["points_lost"] += short
             self._counts["batches_duplicate"] += ack.status == ingest_pb2.DUPLICATE
             self._cond.notify_all()
-        if item.loc is not None or (restored and self._ops_retry.ops):  # replay room; operations to retry
+        if item.loc is not None:  # replay room
             self._wake.set()
         if rejected:
             logger.warning("trackhouse rejected metric batch seq=%d (%d points), code %d: %s",

@@ -1,5 +1,6 @@
-"""The sender's disk side: spooling run operations, releasing acknowledged records, spilling
-unacknowledged batches when ``policy`` says, and going on when the disk fails.
+"""The sender's disk side: spooling run operations (and forgetting them once delivered), releasing
+acknowledged records, spilling unacknowledged batches when ``policy`` says, spooling everything left
+at close (``_finish``), and going on when the disk fails.
 
 A mixin of ``Sender``: its state, under its lock, written by its worker only. A spool write
 that fails (disk full, an I/O error: a ``SpoolError``) loses nothing and stops nothing: the
@@ -42,26 +43,54 @@ class Spilling:
     _away_since: float | None
     _spill_warned: bool
     _spool_paused_until: float
+    _deadline: float | None
+    _end_stream: Callable[[], None]
+
+    def _finish(self) -> None:
+        """At close: spool every unacknowledged batch (synced) before anything that may wait, then give the
+        operations thread until close's deadline for a last try (they are in the spool; left there if not)."""
+        try:
+            self._spool_paused_until = 0.0  # a last try of the disk too
+            self._housekeep(self._clock())
+            if self._ops_in:  # offline, the disk failed them again
+                logger.error("trackhouse: %d run operations could not be spooled to %s and are lost",
+                             len(self._ops_in), self.spool.path)
+            self._spill(policy.Spill.ALL)
+            deadline = self._clock() if self._deadline is None else self._deadline  # None: the worker failed
+            self._ops_retry.stop(deadline)
+            self._end_stream()
+            self._ops_retry.join(deadline - self._clock())
+            with self._cond:
+                ops_done = not self._settings.offline and not self._ops_retry.ops  # offline: kept
+            self.spool.close(ops_done=ops_done)
+        except Exception:
+            logger.exception("trackhouse: could not spool undelivered batches to %s", self.spool.path)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _forget_delivered_ops(self) -> None:
+        """Online, once every operation recorded was delivered and no batch on disk is left to replay them
+        for: empty the record (``queues_ops`` is then False: later operations go direct again)."""
+        with self._cond:
+            done = self.spool.ops and not self._ops_retry.ops and not self._ops_in and not self.spool.records
+        if done and not self._settings.offline:
+            self.spool.clear_ops()
 
     def _housekeep(self, now: float) -> None:
         """Spool ops handed over, release acked records, spill what policy says."""
         offline, paused = self._settings.offline, now < self._spool_paused_until
-        with self._cond:  # an operation is held all along (``queues_ops``): retried after it is spooled
-            (released, self._released), ops = (self._released, []), []
-            if not (offline and paused):  # offline, operations wait in their queue for the disk
-                ops, self._ops_in = self._ops_in, []
-                self._ops_retry.ops += [] if offline else ops
+        with self._cond:
+            (released, self._released), ops = (self._released, []), list(self._ops_in)
         for loc in released:
             self.spool.release(loc)
-        for i, op in enumerate(ops):
-            try:
-                self.spool.append_op(OP_KINDS[type(op)], op.SerializeToString())
-            except SpoolError as exc:
-                self._spool_failed(exc, "run operations are still sent, not recorded" if not offline
-                                   else "run operations wait in memory")
-                if offline:
-                    with self._cond:
-                        self._ops_in[:0] = ops[i:]
+        if ops and not (offline and paused):  # offline, operations wait in their queue for the disk
+            recorded = self._record_ops(ops)
+            with self._cond:  # held in ``_ops_in`` until recorded (``queues_ops``), sent only then
+                moved = ops if not offline else ops[:recorded]
+                del self._ops_in[:len(moved)]
+                if not offline:
+                    self._ops_retry.add(moved)
+            if recorded < len(ops):
                 return
         if paused:
             return
@@ -73,6 +102,17 @@ class Spilling:
                 decision = policy.Spill.ALL
         if decision is not policy.Spill.NONE:
             self._spill(decision)
+
+    def _record_ops(self, ops: list[Op]) -> int:
+        """Append ``ops`` to the spool in order; how many were written before the disk failed."""
+        for i, op in enumerate(ops):
+            try:
+                self.spool.append_op(OP_KINDS[type(op)], op.SerializeToString())
+            except SpoolError as exc:
+                self._spool_failed(exc, "run operations are still sent, not recorded" if not self._settings.offline
+                                   else "run operations wait in memory")
+                return i
+        return len(ops)
 
     def _spill(self, decision: policy.Spill) -> None:
         with self._cond:
