@@ -203,3 +203,22 @@ def test_adoption_applies_a_dead_processs_final_status_only_to_a_run_that_did_no
     assert report.complete and not directory.exists()
     assert server.points(run_id, "loss") == [(1, _T, 0.5)]
     assert (server.runs[run_id].status, server.runs[run_id].end_time) == (status, end_time)
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_a_run_resumed_by_a_client_outlives_its_dead_predecessors_final_status(tmp_path: Path, mode: str) -> None:
+    """``resume_run`` records when it resumed (``RESUMED_TAG``), so the adoption of the process that died
+    before it, or the sync of an offline restart, does not mark the restarted job's run FAILED."""
+    server = MemoryTransport()
+    run_id = server.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    _dead_process_spool(tmp_path / "dead", run_id)
+    client = th.Client(server, th.Settings(mode=mode, spool_dir=str(tmp_path / "restarted"), replay_orphans=False))
+    client.resume_run(run_id)
+    assert client.close()
+
+    restarted = sync(tmp_path / "restarted", transport=server)  # offline: its tag reaches the server now
+    reports = [*restarted, *adopt_orphans(server, Settings(spool_dir=str(tmp_path / "dead")), "own")]
+
+    assert all(r.complete for r in reports) and len(reports) == 1 + (mode == "offline")
+    assert (server.runs[run_id].status, server.runs[run_id].end_time) == (common_pb2.RUNNING, 0)
+    assert server.points(run_id, "loss") == [(1, _T, 0.5)]

@@ -31,7 +31,7 @@ from trackhouse.client.reads import RunView
 from trackhouse.client.run import Run, check_run_name, check_start_time, param_messages, tag_messages
 from trackhouse.client.sender import Sender
 from trackhouse.client.settings import Settings
-from trackhouse.client.spool import EXPERIMENT_TAG, LOCAL_RUN_TAG
+from trackhouse.client.spool import EXPERIMENT_TAG, LOCAL_RUN_TAG, RESUMED_TAG
 from trackhouse.client.system import SystemSampler
 from trackhouse.client.transport import GrpcTransport, Transport
 from trackhouse.proto.rules import MAX_ITEMS_PER_CALL
@@ -181,6 +181,14 @@ class Client:
             raise UsageError(f"run_id must be a non-empty string, got {run_id!r}")
         if not distributed.logs_here(self.settings):
             return Run(self, run_id, "", "", enabled=False)
+        if mark_running:  # first: a dead process's spooled final status is not replayed onto it (runmap)
+            now = str(time.time_ns() // 10**6)
+            resumed = ingest_pb2.SetTagsRequest(run_id=run_id, tags=tag_messages({RESUMED_TAG: now}))
+            if self.settings.offline:  # and RUNNING again, as online, once synced
+                self._submit(resumed)
+                self._submit(ingest_pb2.UpdateRunRequest(run_id=run_id, status=common_pb2.RUNNING))
+            else:
+                self.transport.set_tags(resumed)
         if self.settings.offline or not mark_running:
             return self._handle(run_id, "", "")
         info = self.transport.update_run(ingest_pb2.UpdateRunRequest(run_id=run_id, status=common_pb2.RUNNING))

@@ -53,6 +53,7 @@ from trackhouse.client.spool import (
     LOCAL_RUN_TAG,
     LOCK,
     OPS,
+    RESUMED_TAG,
     RUNS,
     Corruption,
     Kind,
@@ -75,7 +76,6 @@ REFUSALS = (InvalidArgument, NotFound, FailedPrecondition, AlreadyExists)
 _ASIDE = uuid.UUID("5b0b8a4e-3f55-4a53-9d7e-5c1f0d6f2a61")  # namespace of set-aside writer ids
 _SEGMENT_BYTES = 64 * 1024 * 1024
 # On a run: when (ms since the epoch) a process last resumed it; ``superseded`` compares it.
-RESUMED_TAG = "trackhouse.resumed_at"
 _OPS: dict[Kind, type[Op]] = {Kind.LOG_PARAMS: ingest_pb2.LogParamsRequest, Kind.SET_TAGS: ingest_pb2.SetTagsRequest,
                               Kind.UPDATE_RUN: ingest_pb2.UpdateRunRequest}
 _FINAL = frozenset({common_pb2.FINISHED, common_pb2.FAILED, common_pb2.KILLED})

@@ -51,6 +51,7 @@ from trackhouse.client.records import scan_ops as scan_ops
 LOCK, META, OPS, RUNS = "LOCK", "meta.json", "ops.spool", "runs.json"
 SEGMENT_GLOB = "seg-*.spool"
 LOCAL_RUN_TAG = "trackhouse.local_run_id"
+RESUMED_TAG = "trackhouse.resumed_at"  # ms a process resumed the run: a spooled final status before it is stale
 EXPERIMENT_TAG = "trackhouse.experiment_name"
 
 
