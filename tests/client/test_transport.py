@@ -1,15 +1,21 @@
 """The gRPC metric stream's ack reader: it waits without polling between batches, and still
-sees every ack and the end of the call (cancel, server gone) while it waits."""
+sees every ack and the end of the call (cancel, server gone) while it waits. And the transport's
+at-fork handling: a forked child never waits on a lock a parent thread held at the fork."""
 
 from __future__ import annotations
 
+import os
 import queue
+import select
+import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import trackhouse.client as th
 from trackhouse.client.errors import TrackhouseError
 from trackhouse.client.transport import AckStream, GrpcTransport, queued_requests
 from trackhouse.proto.v1 import ingest_pb2
@@ -79,3 +85,38 @@ def test_a_server_gone_while_the_reader_is_idle_ends_it(fake: Any, stream: Any) 
     assert reader.acks.get(timeout=10.0) == 1
     fake.stop()
     assert reader.ended.wait(10.0) and reader.error is not None
+
+
+def _exit_code(pid: int, timeout: float) -> int:
+    """The forked child's exit code; fails the test if it has not exited within ``timeout`` s."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        exited = select.select([pidfd], [], [], timeout)[0]
+    finally:
+        os.close(pidfd)
+    if not exited:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail(f"the forked child was still in its at-fork handling after {timeout} s")
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_child_forked_while_the_parent_holds_the_replicas_locks_still_delivers(fake: Any, tmp_path: Path) -> None:
+    # A parent thread holds a _Replicas lock while it opens a channel and while it logs a failover; a fork
+    # inside either window leaves the lock held in the child for ever (no thread of the child releases it).
+    settings = th.Settings(spool_dir=str(tmp_path / "spool"), flush_interval=0.02, replay_orphans=False)
+    client = th.connect(fake.address, settings=settings)
+    run = client.start_run()  # the ingest channel is open; the query one is not
+    transport = client.transport
+    assert isinstance(transport, GrpcTransport)
+    with transport._ingest._lock, transport._query._lock:  # a plain Lock: held in the child too
+        pid = os.fork()
+        if pid == 0:  # the at-fork handler has run if we are here
+            code = 1
+            try:
+                run.log(step=0, child=1.0)
+                code = 0 if client.flush(timeout=20.0) and client.stats()["points_acked"] == 1 else 3
+            finally:
+                os._exit(code)
+    assert _exit_code(pid, timeout=60.0) == 0
+    assert client.close(timeout=5.0)

@@ -115,7 +115,8 @@ class Transport(Protocol):
     def get_metric_history(self, request: query_pb2.GetMetricHistoryRequest) -> query_pb2.MetricHistory: ...
     def sql(self, request: query_pb2.SqlRequest, timeout: float | None = None) -> Iterator[query_pb2.SqlChunk]: ...
     def reopen(self) -> None:
-        """In a forked child: replace connections inherited from the parent (no I/O on them)."""
+        """In a forked child (one thread): replace connections inherited from the parent (no I/O on them,
+        no wait on a lock a parent thread may have held at the fork)."""
     def close(self) -> None: ...
 
 
@@ -184,6 +185,16 @@ class _Replicas:
     def channels(self) -> list[grpc.Channel]:
         with self._lock:
             return [c for c in self._channels if c is not None]
+
+    def after_fork(self) -> list[grpc.Channel]:
+        """In a forked child: returns the parent's channels and forgets them (the next call opens its own),
+        keeping the current address. Takes no lock: a parent thread may have held ``_lock`` at the fork
+        (opening a channel, logging a failover), and no thread is left to release it; the child has
+        one thread here, so reading without it is safe."""
+        inherited = [c for c in self._channels if c is not None]
+        self._channels = [None] * len(self._targets)
+        self._lock = threading.Lock()
+        return inherited
 
 
 class _GrpcAckStream:
@@ -265,17 +276,13 @@ class GrpcTransport:
         self._query_url = url if query_url is None else query_url
         self._tls_ca = tls_ca
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._connect()
-
-    def _connect(self) -> None:
         self._ingest = _Replicas(self.url, self._tls_ca, _INGEST_OPTIONS)
         self._query = _Replicas(self._query_url, self._tls_ca, _CHANNEL_OPTIONS)  # its own options: never shared
 
     def reopen(self) -> None:
         # The parent's channels share sockets with the parent: never close them here
         # (a shutdown would cut the parent's connection); keep them referenced.
-        _INHERITED.extend([*self._ingest.channels(), *self._query.channels()])
-        self._connect()
+        _INHERITED.extend([*self._ingest.after_fork(), *self._query.after_fork()])
 
     def _call(self, replicas: _Replicas, stub: Callable[[grpc.Channel], Any], method: str, request: Any,
               result: type[_T]) -> _T:
