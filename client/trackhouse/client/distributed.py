@@ -14,10 +14,23 @@ searchable). The run id is shared without extra user code, in this order:
 2. otherwise a rendezvous file: rank 0 creates the run and publishes its id
    atomically in ``rendezvous_dir`` (a directory every rank sees: the job's
    working directory on a cluster file system), under a name derived from the
-   job id (``TORCHELASTIC_RUN_ID`` / ``SLURM_JOB_ID``), the experiment, the run
-   name and the call's ordinal; other ranks wait for it up to
-   ``rendezvous_timeout``. A restarted job (same job id) finds the file and
-   resumes the same run, so an elastic restart does not split the run.
+   launch's job id (``Settings.job_id``), the experiment, the run name and the
+   call's ordinal; other ranks wait for it up to ``rendezvous_timeout``.
+
+Invariants of the file, which holds ``{"run_id": …, "restart_count": …}``:
+
+- it belongs to one launch: rank 0 resumes its run id only when an *earlier restart*
+  of the same job id wrote it (``restart_count`` lower than this process's: torchrun's
+  elastic restart), and then publishes it again under its own restart count;
+  a file of the same or a later restart count was written by another launch that
+  reused the job id, so rank 0 creates a new run, replaces the file and warns;
+- ranks > 0 take only a file written under their own restart count, so an earlier
+  restart's file is never read as this one's;
+- ``release`` (rank 0, when its run has ended) removes it, so no later launch finds it.
+
+What no file can tell: ranks > 0 of a launch that reuses a job id *and* restart count
+may read the earlier launch's file before rank 0 replaces it. Job ids must therefore
+differ between launches (torchrun's ``--rdzv-id``; SLURM's ids include the step).
 
 The server's CreateRun is not idempotent (there is no client-chosen run id), so
 one creator is required; the file is that creator's announcement.
@@ -25,7 +38,10 @@ one creator is required; the file is that creator's announcement.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -33,6 +49,8 @@ from pathlib import Path
 
 from trackhouse.client.errors import TrackhouseError, UsageError
 from trackhouse.client.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def key_prefix(settings: Settings) -> str:
@@ -47,11 +65,18 @@ def needs_rendezvous(settings: Settings) -> bool:
     return settings.ranks == "all" and settings.world_size > 1
 
 
+def samples_gpus(settings: Settings) -> bool:
+    """Whether this process's system metrics include the node's GPUs: only on its first rank, so a
+    node's GPUs are sampled once, not once per rank (NVML cannot tell which GPU a rank uses)."""
+    return settings.local_rank == 0
+
+
 def rendezvous_file(settings: Settings, experiment: str, name: str, ordinal: int) -> Path:
     if not settings.job_id:
         raise UsageError(
-            "ranks='all' needs a shared run id: launch with torchrun --rdzv-id, under SLURM, or set "
-            "TRACKHOUSE_CLIENT_JOB_ID (or TRACKHOUSE_CLIENT_RUN_ID) in the launcher; or use ranks='zero'"
+            "ranks='all' needs a shared run id: launch with torchrun, mpirun (Open MPI) or under SLURM, or set "
+            "TRACKHOUSE_CLIENT_JOB_ID (unique per launch) or TRACKHOUSE_CLIENT_RUN_ID in the launcher; "
+            "or use ranks='zero'"
         )
     digest = hashlib.sha256(f"{settings.job_id}\0{experiment}\0{name}\0{ordinal}".encode()).hexdigest()[:32]
     return Path(settings.rendezvous_dir) / f"run-{digest}"
@@ -59,32 +84,64 @@ def rendezvous_file(settings: Settings, experiment: str, name: str, ordinal: int
 
 def shared_run_id(path: Path, settings: Settings, create: Callable[[], str],
                   sleep: Callable[[float], None] = time.sleep) -> tuple[str, bool]:
-    """(run id, created here): rank 0 creates and publishes (or resumes a published one); others wait."""
+    """(run id, created here): rank 0 creates and publishes (or resumes its launch's); others wait."""
     if settings.rank == 0:
-        published = _read(path)
-        if published:
-            return published, False
-        run_id = create()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(run_id)
-        os.replace(tmp, path)
-        return run_id, True
+        return _publish(path, settings, create)
     deadline = time.monotonic() + settings.rendezvous_timeout
     delay = 0.01
-    while not (run_id := _read(path)):
+    while (published := _read(path)) is None or published[1] != settings.restart_count:
         if time.monotonic() >= deadline:
             raise TrackhouseError(
                 f"rank {settings.rank} waited {settings.rendezvous_timeout:.0f} s for rank 0 to publish the "
-                f"run id in {path.absolute()}; is rendezvous_dir shared by all ranks?"
+                f"run id of restart {settings.restart_count} in {path.absolute()}; is rendezvous_dir shared by "
+                f"all ranks, and do all ranks see the same job id ({settings.job_id!r})?"
             )
         sleep(delay)  # polling a shared file system: no notification crosses nodes
         delay = min(delay * 2, 0.5)
-    return run_id, False
+    return published[0], False
 
 
-def _read(path: Path) -> str:
+def release(path: Path, settings: Settings, run_id: str) -> None:
+    """Rank 0, once its run has ended: remove the file if it still names ``run_id``.
+
+    A rank > 0 that had not read it yet would then wait ``rendezvous_timeout`` and raise:
+    ranks of a training job start together (their first collective waits for all), so
+    rank 0 ending its run before another rank has started it is a job that is broken anyway.
+    """
+    if settings.rank != 0:
+        return
+    published = _read(path)
+    if published is not None and published[0] == run_id:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _publish(path: Path, settings: Settings, create: Callable[[], str]) -> tuple[str, bool]:
+    published = _read(path)
+    if published is not None and published[1] < settings.restart_count:
+        run_id, created = published[0], False  # an elastic restart of this launch: resume its run
+    else:
+        if published is not None or path.exists():
+            logger.warning(
+                "trackhouse: %s was written by an earlier launch with job id %r; starting a new run. Ranks > 0 "
+                "may have joined the earlier run: give each launch its own job id (torchrun --rdzv-id, "
+                "TRACKHOUSE_CLIENT_JOB_ID)", path.absolute(), settings.job_id,
+            )
+        run_id, created = create(), True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"run_id": run_id, "restart_count": settings.restart_count}))
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+    return run_id, created
+
+
+def _read(path: Path) -> tuple[str, int] | None:
+    """(run id, restart count) of the published file; None when missing or not in this format."""
     try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
+        data = json.loads(path.read_text())
+        run_id, restart = data["run_id"], data["restart_count"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(run_id, str) or not run_id or type(restart) is not int:
+        return None
+    return run_id, restart

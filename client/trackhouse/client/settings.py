@@ -2,7 +2,7 @@
 
 ``Settings()`` holds the defaults; ``Settings.from_env()`` overlays the
 ``TRACKHOUSE_CLIENT_*`` variables documented on the class (and, for the rank of a
-distributed job, the variables torchrun and SLURM set). ``__post_init__`` rejects
+distributed job, the variables torchrun, mpirun and SLURM set). ``__post_init__`` rejects
 impossible values at start-up, so a bad configuration fails when the client is
 created rather than inside the background sender: counts and sizes must be ints
 (``1e5`` is a float, ``True`` a bool: both refused), seconds must be numbers,
@@ -36,8 +36,18 @@ _MAX_SECONDS = threading.TIMEOUT_MAX
 _LAUNCHER_VARS = {
     "rank": ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"),
     "world_size": ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"),
-    "job_id": ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"),
+    "local_rank": ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"),
+    "restart_count": ("TORCHELASTIC_RESTART_COUNT",),
 }
+# The job id keys the run rendezvous, so it must be the same on every rank of one launch and new
+# at each launch: torchrun's --rdzv-id; the PMIx namespace (Open MPI 5's "prterun-<host>-<pid>@1",
+# Open MPI 4's job number, srun --mpi=pmix's "slurm.pmix.<job>.<step>"); Open MPI 4's job number;
+# SLURM's job *and step* id (two srun steps of one sbatch script are two launches). MPICH's Hydra
+# exports no such variable (PMI_FD, PMI_PORT are per process or reusable): set the job id there.
+_JOB_VARS = ("TORCHELASTIC_RUN_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid")
+# Shortest system-metrics interval: each sample costs ~0.1-1 ms of CPU (more with many GPUs),
+# so 0.1 s keeps the sampler under ~1% of a core; 1e-6 was accepted and cost 0.7 s of CPU a second.
+MIN_SYSTEM_METRICS_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
@@ -117,9 +127,19 @@ class Settings:
         This process's rank and the number of ranks. Unset: ``RANK``/``WORLD_SIZE``
         (torchrun), ``OMPI_COMM_WORLD_*`` (Open MPI's mpirun), ``PMI_*`` (MPICH),
         ``SLURM_PROCID``/``SLURM_NTASKS`` (srun), in that order; else 0 and 1.
+    ``TRACKHOUSE_CLIENT_LOCAL_RANK``
+        This process's rank on its node; only local rank 0 samples the node's GPUs. Unset:
+        ``LOCAL_RANK`` (torchrun), ``OMPI_COMM_WORLD_LOCAL_RANK``, ``MPI_LOCALRANKID`` (MPICH),
+        ``PMI_LOCAL_RANK``, ``SLURM_LOCALID``, in that order; else 0.
     ``TRACKHOUSE_CLIENT_JOB_ID``
-        Identifies one distributed job for the run rendezvous. Unset:
-        ``TORCHELASTIC_RUN_ID`` (unless ``none``), else ``SLURM_JOB_ID``.
+        Identifies one launch of a distributed job for the run rendezvous; must differ between
+        launches. Unset: ``TORCHELASTIC_RUN_ID`` (torchrun's ``--rdzv-id``, unless ``none``),
+        ``PMIX_NAMESPACE``, ``OMPI_MCA_ess_base_jobid`` (Open MPI's mpirun), else
+        ``SLURM_JOB_ID.SLURM_STEP_ID``; ``+requeue<N>`` is appended when ``SLURM_RESTART_COUNT`` is N > 0.
+    ``TRACKHOUSE_CLIENT_RESTART_COUNT``
+        Which restart of its launch this process is (0: the first start). Rank 0 resumes the run
+        published by an earlier restart of the same job id, never one of another launch. Unset:
+        ``TORCHELASTIC_RESTART_COUNT``; else 0.
     ``TRACKHOUSE_CLIENT_RUN_ID``
         When set, ``start_run`` resumes this run instead of creating one (the
         launcher's or a restarted job's way to share a run). Default unset.
@@ -130,8 +150,8 @@ class Settings:
         Seconds a rank > 0 waits for rank 0's run id. Default 600.0.
     ``TRACKHOUSE_CLIENT_SYSTEM_METRICS_INTERVAL``
         Seconds between samples of CPU, memory (and GPU when ``pynvml`` is
-        installed) logged as ``system/*`` on a background thread; 0 turns it off.
-        Default 0.
+        installed) logged as ``system/*`` on a background thread; 0 turns it off,
+        else at least 0.1. Default 0.
     """
 
     url: str = "127.0.0.1:50051"
@@ -154,7 +174,9 @@ class Settings:
     ranks: str = "zero"
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
     job_id: str = ""
+    restart_count: int = 0
     run_id: str | None = None
     rendezvous_dir: str = ".trackhouse/rendezvous"
     rendezvous_timeout: float = 600.0
@@ -178,9 +200,14 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UsageError(f"Settings.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("spool_grace", "system_metrics_interval"):
+        for name in ("spool_grace", "system_metrics_interval", "local_rank", "restart_count"):
             if not getattr(self, name) >= 0:
                 raise UsageError(f"Settings.{name} must be >= 0, got {getattr(self, name)!r}")
+        if 0 < self.system_metrics_interval < MIN_SYSTEM_METRICS_INTERVAL:
+            raise UsageError(
+                f"Settings.system_metrics_interval must be 0 (off) or >= {MIN_SYSTEM_METRICS_INTERVAL} seconds, "
+                f"got {self.system_metrics_interval!r}"
+            )
         if self.max_batch_points < 1:
             raise UsageError(f"Settings.max_batch_points must be >= 1, got {self.max_batch_points!r}")
         if self.backoff_max < self.backoff_initial:
@@ -234,6 +261,8 @@ class Settings:
             if raw is None:
                 continue
             values[field.name] = _convert(names[0], raw.strip(), _CONVERTERS.get(field.name, str))
+        if "job_id" not in values:
+            values["job_id"] = _launcher_job_id(env)
         if "user" not in values:
             values["user"] = _login_name()
         values.update(overrides)
@@ -246,6 +275,22 @@ class Settings:
     @property
     def offline(self) -> bool:
         return self.mode == "offline"
+
+
+def _launcher_job_id(env: Mapping[str, str]) -> str:
+    """The launch's id from the launcher's variables (``_JOB_VARS``, then SLURM's), or ""."""
+    def get(name: str) -> str:
+        value = env.get(name, "").strip()
+        return "" if value in _UNSET else value
+
+    job = next((get(n) for n in _JOB_VARS if get(n)), "")
+    if not job and get("SLURM_JOB_ID"):
+        step = get("SLURM_STEP_ID")
+        job = get("SLURM_JOB_ID") + (f".{step}" if step else "")
+    requeued = get("SLURM_RESTART_COUNT")
+    if job and requeued not in ("", "0"):  # a requeued job runs its launches again under the same ids
+        job += f"+requeue{requeued}"
+    return job
 
 
 def _bool(raw: str) -> bool:
@@ -274,6 +319,8 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "replay_orphans": _bool,
     "rank": int,
     "world_size": int,
+    "local_rank": int,
+    "restart_count": int,
     "rendezvous_timeout": float,
     "system_metrics_interval": float,
 }
