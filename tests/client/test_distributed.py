@@ -105,16 +105,6 @@ def test_a_file_in_an_older_format_is_not_resumed(tmp_path: Path) -> None:
         "new", True)
 
 
-def test_release_removes_only_rank_zeros_own_announcement(tmp_path: Path) -> None:
-    path = _path(tmp_path)
-    _write(path, "mine", 0)
-    distributed.release(path, _settings(tmp_path, rank=1), "mine")
-    distributed.release(path, _settings(tmp_path, rank=0), "another")
-    assert path.exists()
-    distributed.release(path, _settings(tmp_path, rank=0), "mine")
-    assert not path.exists()
-    distributed.release(path, _settings(tmp_path, rank=0), "mine")  # gone already: nothing to do
-
 
 def _env(**env: str) -> Settings:
     return Settings.from_env({"TRACKHOUSE_CLIENT_USER": "u", **env})

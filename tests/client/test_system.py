@@ -166,3 +166,20 @@ def test_without_proc_the_peak_is_reported_as_the_peak(monkeypatch: pytest.Monke
     metrics, _ = SystemSampler(lambda metrics, step: None, 1.0).sample((0.0, 0.0))
     assert metrics["system/peak_rss_bytes"] == 5000 * unit
     assert "system/rss_bytes" not in metrics and "system/memory_used_percent" not in metrics
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_a_runs_sampler_reads_the_gpus_only_on_the_nodes_first_rank(
+        nvml: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Any, local_rank: int) -> None:
+    import trackhouse.client as th
+
+    opened, sampled = threading.Event(), threading.Event()
+    monkeypatch.setattr(sys.modules["pynvml"], "nvmlInit", opened.set)
+    monkeypatch.setattr("trackhouse.client.system._HOST_PROBES", {"marker": lambda: sampled.set() or {}})
+    client = th.Client(th.MemoryTransport(), Settings(system_metrics_interval=0.1, local_rank=local_rank,
+                                                      spool_dir=str(tmp_path), replay_orphans=False))
+    run = client.start_run()
+    assert sampled.wait(30.0)  # a sample is taken after NVML is opened, when it is
+    run.finish()
+    assert opened.is_set() is (local_rank == 0)
+    client.close()

@@ -17,13 +17,12 @@ import logging
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from trackhouse.client import distributed, reads
+from trackhouse.client import distributed, lifecycle, reads
 from trackhouse.client.batcher import Batcher
 from trackhouse.client.errors import AlreadyExists, NotFound, ServerUnavailable, UsageError
 from trackhouse.client.ops import Op, call_op
@@ -31,11 +30,9 @@ from trackhouse.client.reads import RunView
 from trackhouse.client.run import Run, check_run_name, check_start_time, param_messages, tag_messages
 from trackhouse.client.sender import Sender
 from trackhouse.client.settings import Settings
-from trackhouse.client.spool import EXPERIMENT_TAG, LOCAL_RUN_TAG, RESUMED_TAG
 from trackhouse.client.system import SystemSampler
 from trackhouse.client.transport import GrpcTransport, Transport
-from trackhouse.proto.rules import MAX_ITEMS_PER_CALL
-from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
+from trackhouse.proto.v1 import ingest_pb2, query_pb2
 
 logger = logging.getLogger(__name__)
 _LIVE: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -128,8 +125,9 @@ class Client:
         """Create a run in ``experiment`` (a name, created when missing) or ``experiment_id``.
 
         Neither means the default experiment ``"0"``. ``run_id`` (or the setting
-        ``run_id``) resumes that run instead. In a distributed job, see
-        ``Settings.ranks``: all ranks get a handle on the same run.
+        ``run_id``) resumes that run instead, and sets ``name``, ``params`` and ``tags`` on it
+        (a param it holds with another value: InvalidArgument). In a distributed job, see
+        ``Settings.ranks``: all ranks get a handle on the same run (``lifecycle``: what each sends).
         """
         self._check_open()
         if experiment is not None and experiment_id is not None:
@@ -139,37 +137,12 @@ class Client:
             start_time=0 if start_time is None else check_start_time(start_time),
             params=param_messages(params or {}), tags=tag_messages(tags or {}),
         )  # fmt: skip
-        s = self.settings
-        run_id = run_id or s.run_id
+        run_id = run_id or self.settings.run_id or ""
         with self._lock:
             ordinal, self._ordinal = self._ordinal, self._ordinal + 1
-        if not distributed.logs_here(s):
-            return Run(self, run_id or "", experiment_id or "", name, enabled=False)
-        if run_id:
-            return self.resume_run(run_id)
-        if not distributed.needs_rendezvous(s):
-            return self._new_run(request, experiment, experiment_id)
-        path = distributed.rendezvous_file(s, experiment or experiment_id or "0", name, ordinal)
-        shared, created = distributed.shared_run_id(path, s, lambda: self._new_run(request, experiment,
-                                                                                   experiment_id).run_id)
-        return self.resume_run(shared, mark_running=not created)
-
-    def _new_run(self, request: ingest_pb2.CreateRunRequest, experiment: str | None,
-                 experiment_id: str | None) -> Run:
-        if self.settings.offline:  # no server: a local id, mapped to the server's by `trackhouse sync`
-            local = uuid.uuid4().hex
-            request.experiment_id = experiment_id or ("" if experiment else "0")
-            if len(request.tags) >= MAX_ITEMS_PER_CALL:  # what the sync sends: with the local id's tag
-                raise UsageError(f"offline, start_run takes at most {MAX_ITEMS_PER_CALL - 1} tags (the sync adds "
-                                 f"{LOCAL_RUN_TAG!r}), got {len(request.tags)}: set the others with run.set_tags()")
-            request.tags.add(key=LOCAL_RUN_TAG, value=local)
-            if experiment:
-                request.tags.add(key=EXPERIMENT_TAG, value=experiment)
-            self._sender.submit_op(request)
-            return self._handle(local, request.experiment_id, request.run_name)
-        request.experiment_id = self._experiment_id(experiment) if experiment is not None else (experiment_id or "0")
-        info = self.transport.create_run(request)
-        return self._handle(info.run_id, info.experiment_id, info.run_name)
+        if not distributed.logs_here(self.settings):
+            return Run(self, run_id, experiment_id or "", name, enabled=False)
+        return lifecycle.start(self, request, experiment, experiment_id, run_id, ordinal)
 
     def resume_run(self, run_id: str, *, mark_running: bool = True) -> Run:
         """A handle to log into an existing run (e.g. after a restart); marks it RUNNING again.
@@ -181,31 +154,27 @@ class Client:
             raise UsageError(f"run_id must be a non-empty string, got {run_id!r}")
         if not distributed.logs_here(self.settings):
             return Run(self, run_id, "", "", enabled=False)
-        if mark_running:  # first: a dead process's spooled final status is not replayed onto it (runmap)
-            now = str(time.time_ns() // 10**6)
-            resumed = ingest_pb2.SetTagsRequest(run_id=run_id, tags=tag_messages({RESUMED_TAG: now}))
-            if self.settings.offline:  # and RUNNING again, as online, once synced
-                self._submit(resumed)
-                self._submit(ingest_pb2.UpdateRunRequest(run_id=run_id, status=common_pb2.RUNNING))
-            else:
-                self.transport.set_tags(resumed)
-        if self.settings.offline or not mark_running:
-            return self._handle(run_id, "", "")
-        info = self.transport.update_run(ingest_pb2.UpdateRunRequest(run_id=run_id, status=common_pb2.RUNNING))
-        return self._handle(info.run_id or run_id, info.experiment_id, info.run_name)
+        return lifecycle.resume(self, run_id, mark_running=mark_running)
 
     def _handle(self, run_id: str, experiment_id: str, name: str) -> Run:
+        """The one handle of a run this process logs into, with its system sampler (kept by both)."""
         self._sender.start()
-        run = Run(self, run_id, experiment_id, name, key_prefix=distributed.key_prefix(self.settings))
+        s = self.settings
+        run = Run(self, run_id, experiment_id, name, key_prefix=distributed.key_prefix(s))
+        sampler = None
+        if s.system_metrics_interval > 0:
+            sampler = run._sampler = SystemSampler(run.log_metrics, s.system_metrics_interval,
+                                                   gpus=distributed.samples_gpus(s))
         with self._lock:
             self._runs.add(run)  # told when the client closes (their log calls then raise)
-        interval = self.settings.system_metrics_interval
-        if interval > 0:
-            sampler = SystemSampler(run.log_metrics, interval)
-            with self._lock:
-                self._samplers.append(sampler)
+            if sampler is not None:
+                self._samplers.append(sampler)  # stopped by run.finish() or, at the latest, by close()
+        if sampler is not None:
             sampler.start()
         return run
+
+    def _end_run(self, run: Run, status: str, timeout: float) -> bool:
+        return lifecycle.end(self, run, status, timeout)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -291,9 +260,9 @@ class Client:
             self._closed = True
             samplers, self._samplers = self._samplers, []
         atexit.unregister(self._atexit)
-        for sampler in samplers:
-            sampler.stop()
-        delivered = self._sender.close(self.settings.close_timeout if timeout is None else timeout)
+        deadline = time.monotonic() + (self.settings.close_timeout if timeout is None else timeout)
+        lifecycle.stop_samplers(samplers, deadline)  # before the last flush: none logs into it meanwhile
+        delivered = self._sender.close(max(0.0, deadline - time.monotonic()))
         self._batcher.accepting = False
         with self._lock:
             runs = list(self._runs)

@@ -26,7 +26,8 @@ Invariants of the file, which holds ``{"run_id": …, "restart_count": …}``:
   reused the job id, so rank 0 creates a new run, replaces the file and warns;
 - ranks > 0 take only a file written under their own restart count, so an earlier
   restart's file is never read as this one's;
-- ``release`` (rank 0, when its run has ended) removes it, so no later launch finds it.
+- it is never removed: a rank > 0 may read it after rank 0 ended its run, and an elastic
+  restart after rank 0 finished must still find it (``lifecycle.py``).
 
 What no file can tell: ranks > 0 of a launch that reuses a job id *and* restart count
 may read the earlier launch's file before rank 0 replaces it. Job ids must therefore
@@ -38,7 +39,6 @@ one creator is required; the file is that creator's announcement.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -99,21 +99,6 @@ def shared_run_id(path: Path, settings: Settings, create: Callable[[], str],
         sleep(delay)  # polling a shared file system: no notification crosses nodes
         delay = min(delay * 2, 0.5)
     return published[0], False
-
-
-def release(path: Path, settings: Settings, run_id: str) -> None:
-    """Rank 0, once its run has ended: remove the file if it still names ``run_id``.
-
-    A rank > 0 that had not read it yet would then wait ``rendezvous_timeout`` and raise:
-    ranks of a training job start together (their first collective waits for all), so
-    rank 0 ending its run before another rank has started it is a job that is broken anyway.
-    """
-    if settings.rank != 0:
-        return
-    published = _read(path)
-    if published is not None and published[0] == run_id:
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def _publish(path: Path, settings: Settings, create: Callable[[], str]) -> tuple[str, bool]:

@@ -49,6 +49,7 @@ from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
 if TYPE_CHECKING:
     from trackhouse.client.client import Client
+    from trackhouse.client.system import SystemSampler
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ class Run:
         # mapping is refused there).
         self._current: _KeySet = (tuple, -1, row_packer(0), 1, array("I"), _NO_KEYS, -1)
         self._status_sent = False
+        self._sampler: SystemSampler | None = None  # its system metrics, stopped by finish()
 
     def __repr__(self) -> str:
         return f"Run(run_id={self.run_id!r}, experiment_id={self.experiment_id!r}, name={self.name!r})"
@@ -344,11 +346,15 @@ class Run:
         return self._client.flush(timeout)
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
-        """Flush, then record ``status``, both within ``timeout`` (default ``Settings.close_timeout``).
+        """Stop the run's system metrics, flush, then record ``status``, all within ``timeout``
+        (default ``Settings.close_timeout``).
 
         Returns whether every point and the status were delivered (offline: spooled).
         What could not be is kept: in memory while the client lives, in the spool at
-        close. Calling it again only retries a status update that failed.
+        close. Calling it again only retries a status update that failed. In a shared run
+        (``ranks="all"``, several ranks) only rank 0 records the status; another rank
+        flushes, and records FAILED or KILLED as the tag ``rank{N}/status`` without
+        ending the run.
         """
         if status not in _TERMINAL:
             raise UsageError(f"status must be one of {', '.join(_TERMINAL)}, got {status!r}")
@@ -356,17 +362,9 @@ class Run:
             return True
         self._client._check_open()  # a closed client's sender is stopped: nothing would be sent
         self._state = _FINISHED
-        timeout = self._client.settings.close_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        flushed = self._client.flush(timeout)
-        if not flushed:
-            logger.warning("run %s finished before all its metrics were acknowledged", self.run_id)
-        request = ingest_pb2.UpdateRunRequest(
-            run_id=self.run_id, status=common_pb2.RunStatus.Value(status), end_time=now_ms()
-        )
-        recorded = self._client._submit(request, max(0.0, deadline - time.monotonic()))  # queued when not in time
+        done = self._client._end_run(self, status, self._client.settings.close_timeout if timeout is None else timeout)
         self._status_sent = True
-        return flushed and recorded
+        return done
 
     def __enter__(self) -> Run:
         return self
