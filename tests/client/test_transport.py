@@ -18,7 +18,7 @@ import pytest
 import trackhouse.client as th
 from trackhouse.client.errors import TrackhouseError
 from trackhouse.client.transport import AckStream, GrpcTransport, queued_requests
-from trackhouse.proto.v1 import ingest_pb2
+from trackhouse.proto.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 
 def _batch(seq: int) -> bytes:
@@ -120,3 +120,56 @@ def test_a_child_forked_while_the_parent_holds_the_replicas_locks_still_delivers
                 os._exit(code)
     assert _exit_code(pid, timeout=60.0) == 0
     assert client.close(timeout=5.0)
+
+
+class _Replica(ingest_pb2_grpc.IngestServiceServicer):
+    """An ingest replica: UpdateRun hangs on `hang` (until `release`) or is recorded; CreateRun answers."""
+
+    def __init__(self, hang: bool) -> None:
+        self.hang, self.release = hang, threading.Event()
+        self.updates: list[int] = []
+
+    def CreateRun(self, request: Any, context: Any) -> Any:
+        return common_pb2.RunInfo(run_id="run1", experiment_id="0", status=common_pb2.RUNNING)
+
+    def UpdateRun(self, request: Any, context: Any) -> Any:
+        if self.hang:
+            self.release.wait(30)
+        self.updates.append(request.status)
+        return common_pb2.RunInfo(run_id=request.run_id, status=request.status)
+
+
+def test_a_call_cut_by_close_does_not_fail_over_to_the_next_replica(tmp_path: Path) -> None:
+    """The close cuts the operations thread's hung call (CANCELLED, retryable): that used to mark the
+    replica failed, open a channel to the next one after close() returned, and send the operation there,
+    while close() reported it undelivered and the spool kept it (to be sent again by a later sync)."""
+    from concurrent import futures
+
+    import grpc
+
+    from trackhouse.client.spool import Record, scan_ops
+
+    replicas, servers, addresses = [_Replica(hang=True), _Replica(hang=False)], [], []
+    for servicer in replicas:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        server.start()
+        servers.append(server)
+    try:
+        settings = th.Settings(spool_dir=str(tmp_path), replay_orphans=False, rpc_timeout=20.0)
+        client = th.connect(settings=settings, addresses=addresses)
+        run = client.start_run()
+        assert not run.finish(timeout=0.5)  # the status call hangs on the first replica
+        ops = [t for t in threading.enumerate() if t.name == "trackhouse-ops"]
+        assert not client.close(timeout=0.5)
+        for thread in ops:
+            thread.join(30.0)  # the cut call's thread: it would fail over before it ends
+        assert replicas[1].updates == []
+        assert client.stats()["ops_pending"] == 1
+        kept = [r.kind.name for r in scan_ops(Path(client.spool_path) / "ops.spool") if isinstance(r, Record)]
+        assert kept == ["UPDATE_RUN"]
+    finally:
+        replicas[0].release.set()
+        for server in servers:
+            server.stop(None)

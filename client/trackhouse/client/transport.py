@@ -153,7 +153,8 @@ class _Replicas:
     """The addresses of one service, a channel to each (opened on first use), and the current one.
 
     Thread-safe. ``failed(index)`` moves on only if ``index`` is still current, so
-    several calls failing on one dead address move past it once.
+    several calls failing on one dead address move past it once. Once ``close``d, no channel
+    is opened again: a call cut by the close does not fail over to the next address.
     """
 
     def __init__(self, url: str, tls_ca: str, options: list[tuple[str, Any]]) -> None:
@@ -163,12 +164,15 @@ class _Replicas:
         self._channels: list[grpc.Channel | None] = [None] * len(self._targets)
         self._index = 0
         self._lock = threading.Lock()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._targets)
 
     def current(self) -> tuple[int, grpc.Channel]:
         with self._lock:
+            if self._closed:
+                raise ServerUnavailable("the client is closed: its connection to the server is shut")
             i = self._index
             channel = self._channels[i]
             if channel is None:
@@ -177,7 +181,7 @@ class _Replicas:
 
     def failed(self, index: int) -> None:
         with self._lock:
-            if index == self._index and len(self._targets) > 1:
+            if index == self._index and len(self._targets) > 1 and not self._closed:
                 self._index = (index + 1) % len(self._targets)
                 logger.warning("trackhouse: %s unavailable, moving to %s",
                                self._targets[index][0], self._targets[self._index][0])
@@ -185,6 +189,13 @@ class _Replicas:
     def channels(self) -> list[grpc.Channel]:
         with self._lock:
             return [c for c in self._channels if c is not None]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channels = [c for c in self._channels if c is not None]
+        for channel in channels:  # outside the lock: a call it cuts fails over no further (``current``)
+            channel.close()
 
     def after_fork(self) -> list[grpc.Channel]:
         """In a forked child: returns the parent's channels and forgets them (the next call opens its own),
@@ -369,5 +380,5 @@ class GrpcTransport:
         raise error
 
     def close(self) -> None:
-        for channel in [*self._ingest.channels(), *self._query.channels()]:
-            channel.close()
+        self._ingest.close()
+        self._query.close()
