@@ -1,4 +1,4 @@
-"""ranks='all' rendezvous: one run per launch, resumed only by an elastic restart of that launch; job ids
+"""ranks='all' rendezvous: one run per launch, resumed by an elastic restart unless the server says it ended; job ids
 from the launchers (SLURM steps, Open MPI / PMIx); which rank samples a node's GPUs."""
 
 from __future__ import annotations
@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,12 @@ def _settings(tmp_path: Path, **kw: Any) -> Settings:
 
 
 def _launch(transport: th.MemoryTransport, tmp_path: Path, params: dict[str, Any], *, rank1_first: bool = True,
-            **kw: Any) -> str:
-    """One launch of two ranks, both finish; the run id. Rank 1 first: it waits for rank 0's file.
-    A launch reusing a job id starts rank 0 first: its rank 1 could not tell the earlier file from its own."""
+            end: str | None = "FINISHED", settings: Any = None, **kw: Any) -> str:
+    """One launch of two ranks, rank 0 ends the run with ``end`` (None: it crashed); the run id. Rank 1 first:
+    it waits for rank 0's file (or, on a reused job id, for rank 0 to replace it)."""
     runs: dict[int, th.Run] = {}
-    clients = {rank: th.Client(transport, _settings(tmp_path, rank=rank, **kw)) for rank in (0, 1)}
+    clients = {rank: th.Client(transport, settings(rank) if settings else _settings(tmp_path, rank=rank, **kw))
+               for rank in (0, 1)}
     joiner = threading.Thread(target=lambda: runs.setdefault(1, clients[1].start_run(experiment="e")))
     if rank1_first:
         joiner.start()
@@ -39,71 +42,131 @@ def _launch(transport: th.MemoryTransport, tmp_path: Path, params: dict[str, Any
         joiner.start()
     joiner.join(30.0)
     assert runs[1].run_id == runs[0].run_id
-    runs[0].finish()
+    if end is not None:
+        runs[0].finish(end)
     for client in clients.values():
         client.close()
     return runs[0].run_id
 
 
-def test_a_later_launch_with_the_same_job_id_starts_a_new_run(tmp_path: Path) -> None:
-    # Two srun steps of one sbatch, or a reused torchrun --rdzv-id: the old run stays FINISHED, untouched.
+@pytest.fixture
+def new_processes(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call between launches: the next launch's processes start after the earlier ones ended."""
+    return lambda: monkeypatch.setattr(distributed, "PROCESS_STARTED_MS", int(time.time() * 1000) + 1)
+
+
+@pytest.mark.parametrize("rank1_first", [True, False], ids=["rank1_first", "rank0_first"])
+@pytest.mark.parametrize("end", ["FINISHED", "KILLED"])
+def test_a_later_launch_with_the_same_job_id_starts_a_new_run(tmp_path: Path, new_processes: Callable[[], None],
+                                                              end: str, rank1_first: bool) -> None:
+    # Two srun steps of one sbatch, or a reused torchrun --rdzv-id: the old run stays ended, untouched, and
+    # every rank of the later launch (_launch checks rank 1) logs into the new run.
     transport = th.MemoryTransport()
-    first = _launch(transport, tmp_path, {"lr": "0.1"})
-    second = _launch(transport, tmp_path, {"lr": "0.2"}, rank1_first=False)
+    first = _launch(transport, tmp_path, {"lr": "0.1"}, end=end)
+    new_processes()
+    second = _launch(transport, tmp_path, {"lr": "0.2"}, rank1_first=rank1_first)
     assert second != first
-    assert transport.runs[first].status == common_pb2.FINISHED
+    assert common_pb2.RunStatus.Name(transport.runs[first].status) == end
     assert transport.params == {first: {"lr": "0.1"}, second: {"lr": "0.2"}}
 
 
-def test_rank_zero_says_when_a_job_id_was_reused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_rank_zero_says_when_a_job_id_was_reused(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 new_processes: Callable[[], None]) -> None:
     transport = th.MemoryTransport()
     _launch(transport, tmp_path, {})
+    new_processes()
     with caplog.at_level(logging.WARNING, logger="trackhouse.client.distributed"):
         _launch(transport, tmp_path, {}, rank1_first=False)
     assert [r.getMessage() for r in caplog.records if "earlier launch with job id 'job-123'" in r.getMessage()]
 
 
-def test_an_elastic_restart_resumes_its_launchs_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("end", [None, "FAILED"], ids=["crashed_running", "failed"])
+def test_an_elastic_restart_resumes_its_launchs_run(tmp_path: Path, new_processes: Callable[[], None],
+                                                    end: str | None) -> None:
     transport = th.MemoryTransport()
-    first = _launch(transport, tmp_path, {"lr": "0.1"})
-    again = _launch(transport, tmp_path, {"lr": "0.1"}, restart_count=1)  # TORCHELASTIC_RESTART_COUNT=1
+    first = _launch(transport, tmp_path, {"lr": "0.1"}, end=end)
+    new_processes()  # torchrun restarts every worker
+    again = _launch(transport, tmp_path, {"lr": "0.1"})
     assert again == first and len(transport.runs) == 1
+    assert transport.runs[first].status == common_pb2.FINISHED
+
+
+@pytest.mark.parametrize("counts", [(1, 0), (0, 1)], ids=["rank0_node_restarted", "other_node_restarted"])
+def test_nodes_with_different_restart_counts_share_one_run(tmp_path: Path, new_processes: Callable[[], None],
+                                                           counts: tuple[int, int]) -> None:
+    # torchrun keeps TORCHELASTIC_RESTART_COUNT per agent (node): after a failure, or a membership change
+    # (not counted), nodes disagree. Rank 0 on node A, rank 1 on node B.
+    transport = th.MemoryTransport()
+    first = _launch(transport, tmp_path, {}, end="FAILED")
+    new_processes()
+
+    def on_node(rank: int) -> Settings:
+        env = Settings.from_env({"TRACKHOUSE_CLIENT_USER": "u", "RANK": str(rank), "WORLD_SIZE": "2",
+                                 "TORCHELASTIC_RUN_ID": "job-123", "TORCHELASTIC_RESTART_COUNT": str(counts[rank])})
+        launcher = {k: v for k, v in vars(env).items() if v != getattr(Settings(), k)}  # what the env set
+        return Settings(**{**vars(_settings(tmp_path, rank=rank, rendezvous_timeout=5.0)), **launcher})
+
+    for rank1_first in (True, False):
+        assert _launch(transport, tmp_path, {}, end=None, settings=on_node, rank1_first=rank1_first) == first
+    assert len(transport.runs) == 1
 
 
 def _path(tmp_path: Path) -> Path:
     return distributed.rendezvous_file(_settings(tmp_path), "e", "", 0)
 
 
-def _write(path: Path, run_id: str, restart_count: int) -> None:
+def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id, "restart_count": restart_count}))
+    path.write_text(text)
 
 
-@pytest.mark.parametrize("stale", [0, 3], ids=["earlier_restart", "other_launch"])
-def test_other_ranks_wait_for_the_file_of_their_own_restart(tmp_path: Path, stale: int) -> None:
-    # A file left by restart 0 (or by another launch that restarted 3 times) is not restart 1's.
+def test_other_ranks_skip_a_run_another_launch_ended_until_rank_zero_replaces_it(tmp_path: Path) -> None:
     path = _path(tmp_path)
-    _write(path, "old", stale)
-    rank0, rank1 = (_settings(tmp_path, rank=r, restart_count=1) for r in (0, 1))
+    _write(path, json.dumps({"run_id": "old"}))
+    rank0, rank1 = (_settings(tmp_path, rank=r) for r in (0, 1))
+    before = distributed.PROCESS_STARTED_MS - 1
+    ended = {"old": before}.get
     polls: list[float] = []
 
     def rank0_publishes(delay: float) -> None:  # runs when rank 1 would sleep: rank 0 publishes then
         polls.append(delay)
-        distributed.shared_run_id(path, rank0, lambda: "new")
+        assert distributed.shared_run_id(path, rank0, lambda: "new", ended) == ("new", True)
 
     run_id, created = distributed.shared_run_id(path, rank1, lambda: pytest.fail("rank 1 must not create"),
-                                                sleep=rank0_publishes)
-    assert polls and not created
-    assert run_id == ("old" if stale < 1 else "new")  # restart 0's run is resumed by rank 0, republished
+                                                ended, sleep=rank0_publishes)
+    assert (run_id, created) == ("new", False) and len(polls) == 1
+
+
+def test_a_late_rank_takes_a_run_that_ended_after_it_started(tmp_path: Path) -> None:
+    # Rank 0 finished before this rank's first start_run: the same launch, not another one's.
+    path = _path(tmp_path)
+    _write(path, json.dumps({"run_id": "ours"}))
+    ended = {"ours": distributed.PROCESS_STARTED_MS + 1}.get
+    assert distributed.shared_run_id(path, _settings(tmp_path, rank=1), lambda: "x", ended,
+                                     sleep=lambda _: pytest.fail("must not wait")) == ("ours", False)
 
 
 def test_a_file_in_an_older_format_is_not_resumed(tmp_path: Path) -> None:
     path = _path(tmp_path)
-    path.parent.mkdir(parents=True)
-    path.write_text("0123456789abcdef")  # a bare run id: which launch wrote it is unknown
-    assert distributed.shared_run_id(path, _settings(tmp_path, rank=0, restart_count=5), lambda: "new") == (
-        "new", True)
+    _write(path, "0123456789abcdef")  # a bare run id: which launch wrote it is unknown
+    assert distributed.shared_run_id(path, _settings(tmp_path, rank=0), lambda: "new") == ("new", True)
+    assert json.loads(path.read_text()) == {"run_id": "new"}
 
+
+def test_a_file_with_a_restart_count_is_read_by_its_run_id(tmp_path: Path) -> None:
+    # Written by the previous version: the count is ignored, the run's status decides.
+    path = _path(tmp_path)
+    _write(path, json.dumps({"run_id": "old", "restart_count": 3}))
+    assert distributed.shared_run_id(path, _settings(tmp_path, rank=0), lambda: "new") == ("old", False)
+    assert distributed.shared_run_id(path, _settings(tmp_path, rank=1), lambda: "x") == ("old", False)
+
+
+def test_offline_ranks_take_the_file_as_it_is(tmp_path: Path, new_processes: Callable[[], None]) -> None:
+    # No server to ask: a reused job id joins the earlier launch's (local) run; documented.
+    transport = th.MemoryTransport()
+    first = _launch(transport, tmp_path, {}, mode="offline")
+    new_processes()
+    assert _launch(transport, tmp_path, {}, mode="offline") == first
 
 
 def _env(**env: str) -> Settings:
@@ -144,22 +207,20 @@ def test_plain_mpirun_needs_no_extra_setup(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"TORCHELASTIC_RESTART_COUNT": "2", "LOCAL_RANK": "3"}, (2, 3)),
-        ({"OMPI_COMM_WORLD_LOCAL_RANK": "1", "SLURM_LOCALID": "0"}, (0, 1)),
-        ({"MPI_LOCALRANKID": "2"}, (0, 2)),
-        ({"SLURM_LOCALID": "1", "TRACKHOUSE_CLIENT_RESTART_COUNT": "4"}, (4, 1)),
-        ({}, (0, 0)),
+        ({"LOCAL_RANK": "3"}, 3),
+        ({"OMPI_COMM_WORLD_LOCAL_RANK": "1", "SLURM_LOCALID": "0"}, 1),
+        ({"MPI_LOCALRANKID": "2"}, 2),
+        ({"SLURM_LOCALID": "1"}, 1),
+        ({}, 0),
     ],
 )
-def test_restart_count_and_local_rank_come_from_the_launcher(env: dict[str, str], expected: tuple[int, int]) -> None:
-    s = _env(**env)
-    assert (s.restart_count, s.local_rank) == expected
+def test_local_rank_comes_from_the_launcher(env: dict[str, str], expected: int) -> None:
+    assert _env(**env).local_rank == expected
 
 
-@pytest.mark.parametrize("field", ["restart_count", "local_rank"])
-def test_negative_restart_count_or_local_rank_is_refused(field: str) -> None:
-    with pytest.raises(th.UsageError, match=rf"Settings\.{field} must be >= 0"):
-        Settings(**{field: -1})
+def test_negative_local_rank_is_refused() -> None:
+    with pytest.raises(th.UsageError, match=r"Settings\.local_rank must be >= 0"):
+        Settings(local_rank=-1)
 
 
 def test_only_a_nodes_first_rank_samples_its_gpus() -> None:

@@ -112,8 +112,10 @@ def test_all_ranks_share_one_run_with_their_rank_in_the_keys(tmp_path: Path) -> 
     assert {r.run_id for r in runs.values()} == {runs[0].run_id} and len(transport.runs) == 1
     assert {k for k in transport.metrics[runs[0].run_id]} == {"rank0/loss", "rank1/loss", "rank2/loss"}
 
-    again = _client(transport, tmp_path, ranks="all", rank=0, world_size=3, job_id="slurm-42", restart_count=1)
-    assert again.start_run(experiment="ddp", name="r").run_id == runs[0].run_id  # an elastic restart resumes it
+    again = _client(transport, tmp_path, ranks="all", rank=0, world_size=3, job_id="slurm-42")
+    resumed = again.start_run(experiment="ddp", name="r")
+    assert resumed.run_id == runs[0].run_id  # an elastic restart resumes it: the run is not FINISHED
+    assert resumed.finish() is True
     later = _client(transport, tmp_path, ranks="all", rank=0, world_size=3, job_id="slurm-42")
     assert later.start_run(experiment="ddp", name="r").run_id != runs[0].run_id  # another launch of that id: not
 

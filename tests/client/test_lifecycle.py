@@ -223,3 +223,25 @@ def test_close_lets_a_sampler_caught_mid_sample_log_it_first(tmp_path: Path,
     closer.join(30.0)
     assert closed == [True] and client.stats()["points_pending"] == 0
     assert [step for step, _, _ in transport.points(run.run_id, "system/slow")] == [0]
+
+
+# -- the rendezvous asks the server whether a published run ended ------------------------------------------
+
+
+class _NoQueryService(th.MemoryTransport):
+    def get_run(self, request: Any) -> Any:
+        raise th.ServerError("no query service at this address", "UNIMPLEMENTED")
+
+
+@pytest.mark.parametrize("transport", [_NoQueryService(), th.MemoryTransport()], ids=["no_query_service", "online"])
+def test_rank_zero_resumes_the_published_run_unless_the_server_says_it_ended(tmp_path: Path,
+                                                                              transport: th.MemoryTransport) -> None:
+    first = _rank(transport, tmp_path, 0)
+    run = first.start_run(experiment="e")
+    assert run.finish() is True
+    later = _rank(transport, tmp_path, 0)
+    again = later.start_run(experiment="e")  # the job id reused by a later launch
+    # unreadable status: taken as an elastic restart (as before); FINISHED: another launch's, a new run
+    assert (again.run_id == run.run_id) == isinstance(transport, _NoQueryService)
+    for client in (first, later):
+        client.close()

@@ -101,8 +101,7 @@ def test_impossible_values_are_rejected_at_start(env: dict[str, str], match: str
 
 
 # Every numeric setting, by kind: counts and sizes are ints, the rest are seconds.
-INT_FIELDS = ("max_batch_points", "memory_budget", "spool_segment_bytes", "rank", "world_size", "local_rank",
-              "restart_count")
+INT_FIELDS = ("max_batch_points", "memory_budget", "spool_segment_bytes", "rank", "world_size", "local_rank")
 SECONDS_FIELDS = (
     "rpc_timeout",
     "flush_interval",

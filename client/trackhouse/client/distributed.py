@@ -17,20 +17,21 @@ searchable). The run id is shared without extra user code, in this order:
    launch's job id (``Settings.job_id``), the experiment, the run name and the
    call's ordinal; other ranks wait for it up to ``rendezvous_timeout``.
 
-Invariants of the file, which holds ``{"run_id": …, "restart_count": …}``:
+Invariants of the file, which holds ``{"run_id": …}`` (older files may hold more keys: ignored):
 
-- it belongs to one launch: rank 0 resumes its run id only when an *earlier restart*
-  of the same job id wrote it (``restart_count`` lower than this process's: torchrun's
-  elastic restart), and then publishes it again under its own restart count;
-  a file of the same or a later restart count was written by another launch that
-  reused the job id, so rank 0 creates a new run, replaces the file and warns;
-- ranks > 0 take only a file written under their own restart count, so an earlier
-  restart's file is never read as this one's;
 - it is never removed: a rank > 0 may read it after rank 0 ended its run, and an elastic
-  restart after rank 0 finished must still find it (``lifecycle.py``).
+  restart must still find it (``lifecycle.py``);
+- the run it names is resumed by rank 0 (an elastic restart after a failure) unless the server
+  says the run *ended* — FINISHED or KILLED, ended normally or by the user — which only another
+  launch reusing the job id can meet: rank 0 then creates a new run, replaces the file and
+  warns. RUNNING or FAILED, or no answer (offline, no query service, not yet visible): resumed;
+- a rank > 0 skips a file naming an ended run that ended before this process started (a
+  launch reusing the job id: its rank 0 will replace the file) and keeps waiting; a run that
+  ended after this process started is its own launch's (rank 0 finished first): taken.
 
-What no file can tell: ranks > 0 of a launch that reuses a job id *and* restart count
-may read the earlier launch's file before rank 0 replaces it. Job ids must therefore
+No launcher counter is used: torchrun's ``TORCHELASTIC_RESTART_COUNT`` is per agent, not
+synchronised between nodes. What the status cannot tell: a launch reusing the job id of one
+whose run is still RUNNING or FAILED (or offline) joins that run. Job ids should therefore
 differ between launches (torchrun's ``--rdzv-id``; SLURM's ids include the step).
 
 The server's CreateRun is not idempotent (there is no client-chosen run id), so
@@ -83,50 +84,65 @@ def rendezvous_file(settings: Settings, experiment: str, name: str, ordinal: int
 
 
 def shared_run_id(path: Path, settings: Settings, create: Callable[[], str],
+                  ended: Callable[[str], int | None] = lambda run_id: None,
                   sleep: Callable[[float], None] = time.sleep) -> tuple[str, bool]:
-    """(run id, created here): rank 0 creates and publishes (or resumes its launch's); others wait."""
+    """(run id, created here): rank 0 creates and publishes (or resumes its launch's); others wait.
+    ``ended(run_id)``: the end time (ms) of a run that is FINISHED or KILLED, else None (running,
+    failed, unknown)."""
     if settings.rank == 0:
-        return _publish(path, settings, create)
+        return _publish(path, settings, create, ended)
     deadline = time.monotonic() + settings.rendezvous_timeout
     delay = 0.01
-    while (published := _read(path)) is None or published[1] != settings.restart_count:
+    stale: set[str] = set()  # ended runs of another launch: they stay ended (rank 0 resumes no ended run)
+    while (run_id := _read(path)) is None or run_id in stale or _earlier(ended(run_id)):
+        if run_id is not None:
+            stale.add(run_id)
         if time.monotonic() >= deadline:
             raise TrackhouseError(
                 f"rank {settings.rank} waited {settings.rendezvous_timeout:.0f} s for rank 0 to publish the "
-                f"run id of restart {settings.restart_count} in {path.absolute()}; is rendezvous_dir shared by "
-                f"all ranks, and do all ranks see the same job id ({settings.job_id!r})?"
+                f"run id in {path.absolute()}" + (f" (it names run {run_id}, which an earlier launch ended)"
+                                                  if run_id else "") +
+                f"; is rendezvous_dir shared by all ranks, and do all ranks see the same job id "
+                f"({settings.job_id!r})?"
             )
         sleep(delay)  # polling a shared file system: no notification crosses nodes
         delay = min(delay * 2, 0.5)
-    return published[0], False
+    return run_id, False
 
 
-def _publish(path: Path, settings: Settings, create: Callable[[], str]) -> tuple[str, bool]:
+PROCESS_STARTED_MS = int(time.time() * 1000)  # at import: no later than this process's first start_run
+
+
+def _earlier(end_ms: int | None) -> bool:
+    """Whether a run that ended at ``end_ms`` ended before this process started: another launch's."""
+    return end_ms is not None and end_ms < PROCESS_STARTED_MS
+
+
+def _publish(path: Path, settings: Settings, create: Callable[[], str],
+             ended: Callable[[str], int | None]) -> tuple[str, bool]:
     published = _read(path)
-    if published is not None and published[1] < settings.restart_count:
-        run_id, created = published[0], False  # an elastic restart of this launch: resume its run
+    if published is not None and ended(published) is None:
+        run_id, created = published, False  # an elastic restart of this launch: resume its run
     else:
         if published is not None or path.exists():
             logger.warning(
-                "trackhouse: %s was written by an earlier launch with job id %r; starting a new run. Ranks > 0 "
-                "may have joined the earlier run: give each launch its own job id (torchrun --rdzv-id, "
-                "TRACKHOUSE_CLIENT_JOB_ID)", path.absolute(), settings.job_id,
+                "trackhouse: %s was written by an earlier launch with job id %r (%s); starting a new run. Give "
+                "each launch its own job id (torchrun --rdzv-id, TRACKHOUSE_CLIENT_JOB_ID)", path.absolute(),
+                settings.job_id, f"its run {published} ended" if published else "in an older format",
             )
         run_id, created = create(), True
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "restart_count": settings.restart_count}))
+    tmp.write_text(json.dumps({"run_id": run_id}))
     os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     return run_id, created
 
 
-def _read(path: Path) -> tuple[str, int] | None:
-    """(run id, restart count) of the published file; None when missing or not in this format."""
+def _read(path: Path) -> str | None:
+    """The run id of the published file; None when missing or not in this format."""
     try:
         data = json.loads(path.read_text())
-        run_id, restart = data["run_id"], data["restart_count"]
+        run_id = data["run_id"]
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if not isinstance(run_id, str) or not run_id or type(restart) is not int:
-        return None
-    return run_id, restart
+    return run_id if isinstance(run_id, str) and run_id else None

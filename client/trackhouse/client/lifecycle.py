@@ -21,7 +21,8 @@ process per rank, the same ``start_run`` call on every rank. Invariants:
 The rendezvous file is never removed: a rank > 0 that
 had not read it when rank 0 ended the run would wait ``rendezvous_timeout`` and fail — ranks
 need not meet between rank 0's ``start_run`` and its ``finish`` — and an elastic restart after
-rank 0 ended the run (another rank failed later) would start a second run for one launch.
+a failure would start a second run for one launch. Which file names another launch's run is the
+run's status on the server (``_ended``; ``distributed``).
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from trackhouse.client import distributed
-from trackhouse.client.errors import InvalidArgument, UsageError
+from trackhouse.client.errors import InvalidArgument, TrackhouseError, UsageError
 from trackhouse.client.run import now_ms, param_messages, tag_messages
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import EXPERIMENT_TAG, LOCAL_RUN_TAG, RESUMED_TAG
 from trackhouse.proto.rules import MAX_ITEMS_PER_CALL
-from trackhouse.proto.v1 import common_pb2, ingest_pb2
+from trackhouse.proto.v1 import common_pb2, ingest_pb2, query_pb2
 
 if TYPE_CHECKING:
     from trackhouse.client.client import Client
@@ -69,7 +70,7 @@ def start(client: Client, request: ingest_pb2.CreateRunRequest, experiment: str 
         made.append(create(client, request, experiment, experiment_id))
         return made[0][0]
 
-    shared_id, created = distributed.shared_run_id(path, s, create_here)
+    shared_id, created = distributed.shared_run_id(path, s, create_here, lambda run: _ended(client, run))
     if created:
         return client._handle(*made[0])
     # Only rank 0 (an elastic restart) marks it RUNNING: a late rank > 0 must not revive a run rank 0 ended.
@@ -120,6 +121,20 @@ def resume(client: Client, run_id: str, *, mark_running: bool,
         return client._handle(run_id, "", name)
     info = client.transport.update_run(update)
     return client._handle(info.run_id or run_id, info.experiment_id, info.run_name)
+
+
+def _ended(client: Client, run_id: str) -> int | None:
+    """The end time (ms) of ``run_id`` when the server says it ended normally or was killed (FINISHED,
+    KILLED: another launch's run, ``distributed``); None when running, failed, or unknown (offline, no
+    query service, not visible yet): then the rendezvous resumes it, as an elastic restart."""
+    if client.settings.offline:
+        return None
+    try:
+        info = client.transport.get_run(query_pb2.GetRunRequest(run_id=run_id)).info
+    except TrackhouseError as exc:
+        logger.debug("trackhouse: cannot read run %s's status (%s); taking it as running", run_id, exc)
+        return None
+    return info.end_time if info.status in (common_pb2.FINISHED, common_pb2.KILLED) else None
 
 
 def _own(items: Sequence[common_pb2.Param] | Sequence[common_pb2.Tag], s: Settings) -> dict[str, str]:

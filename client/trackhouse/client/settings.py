@@ -37,7 +37,6 @@ _LAUNCHER_VARS = {
     "rank": ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"),
     "world_size": ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"),
     "local_rank": ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"),
-    "restart_count": ("TORCHELASTIC_RESTART_COUNT",),
 }
 # The job id keys the run rendezvous, so it must be the same on every rank of one launch and new
 # at each launch: torchrun's --rdzv-id; the PMIx namespace (Open MPI 5's "prterun-<host>-<pid>@1",
@@ -132,14 +131,11 @@ class Settings:
         ``LOCAL_RANK`` (torchrun), ``OMPI_COMM_WORLD_LOCAL_RANK``, ``MPI_LOCALRANKID`` (MPICH),
         ``PMI_LOCAL_RANK``, ``SLURM_LOCALID``, in that order; else 0.
     ``TRACKHOUSE_CLIENT_JOB_ID``
-        Identifies one launch of a distributed job for the run rendezvous; must differ between
-        launches. Unset: ``TORCHELASTIC_RUN_ID`` (torchrun's ``--rdzv-id``, unless ``none``),
+        Identifies one launch of a distributed job for the run rendezvous; best unique per
+        launch (a reused one resumes the earlier launch's run unless it ended, docs/client.md).
+        Unset: ``TORCHELASTIC_RUN_ID`` (torchrun's ``--rdzv-id``, unless ``none``),
         ``PMIX_NAMESPACE``, ``OMPI_MCA_ess_base_jobid`` (Open MPI's mpirun), else
         ``SLURM_JOB_ID.SLURM_STEP_ID``; ``+requeue<N>`` is appended when ``SLURM_RESTART_COUNT`` is N > 0.
-    ``TRACKHOUSE_CLIENT_RESTART_COUNT``
-        Which restart of its launch this process is (0: the first start). Rank 0 resumes the run
-        published by an earlier restart of the same job id, never one of another launch. Unset:
-        ``TORCHELASTIC_RESTART_COUNT``; else 0.
     ``TRACKHOUSE_CLIENT_RUN_ID``
         When set, ``start_run`` resumes this run instead of creating one (the
         launcher's or a restarted job's way to share a run). Default unset.
@@ -176,7 +172,6 @@ class Settings:
     world_size: int = 1
     local_rank: int = 0
     job_id: str = ""
-    restart_count: int = 0
     run_id: str | None = None
     rendezvous_dir: str = ".trackhouse/rendezvous"
     rendezvous_timeout: float = 600.0
@@ -200,7 +195,7 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UsageError(f"Settings.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("spool_grace", "system_metrics_interval", "local_rank", "restart_count"):
+        for name in ("spool_grace", "system_metrics_interval", "local_rank"):
             if not getattr(self, name) >= 0:
                 raise UsageError(f"Settings.{name} must be >= 0, got {getattr(self, name)!r}")
         if 0 < self.system_metrics_interval < MIN_SYSTEM_METRICS_INTERVAL:
@@ -320,7 +315,6 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "rank": int,
     "world_size": int,
     "local_rank": int,
-    "restart_count": int,
     "rendezvous_timeout": float,
     "system_metrics_interval": float,
 }
