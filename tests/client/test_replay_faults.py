@@ -8,12 +8,14 @@ stops answering is the fake gRPC server of conftest.py (``Connection(ack=False)`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import struct
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,11 +23,13 @@ from typing import Any, TypeVar
 import pytest
 
 from trackhouse.client import policy
+from trackhouse.client import replay as replay_module
+from trackhouse.client import spool as spool_module
 from trackhouse.client.errors import ServerUnavailable
 from trackhouse.client.memory import MemoryTransport
 from trackhouse.client.replay import adopt_orphans, replay_dir, sync
 from trackhouse.client.settings import Settings
-from trackhouse.client.spool import OPS, Kind, WriterSpool, encode_record, segments, try_lock
+from trackhouse.client.spool import LOCK, OPS, Kind, WriterSpool, encode_record, segments, try_lock
 from trackhouse.client.transport import GrpcTransport
 from trackhouse.proto.v1 import common_pb2, ingest_pb2
 
@@ -269,3 +273,61 @@ def test_a_stream_that_ends_before_every_batch_is_answered_is_retried(tmp_path: 
 
     assert report.complete and transport.calls == 2
     assert [step for step, _, _ in transport.points(run_id, "loss")] == [1, 2, 3]
+
+
+class _CountsParams(MemoryTransport):
+    params_sent = 0
+
+    def log_params(self, request: ingest_pb2.LogParamsRequest) -> Any:
+        self.params_sent += 1
+        return super().log_params(request)
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_second_syncer_arriving_while_a_replayed_directory_is_removed_replays_nothing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damaged: bool
+) -> None:
+    """The directory was deleted in place (LOCK among its files): a second syncer that listed it and
+    opened LOCK after it was deleted created a new one, locked it and replayed what was left."""
+    server = _CountsParams()
+    run_id = server.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    spool = WriterSpool(tmp_path, "dead", 1 << 20, {"mode": "online", "url": Settings().url})
+    spool.append_batch(_batch("dead", 1, run_id))
+    spool.append_batch(_batch("dead", 2, run_id))
+    spool.append_op(Kind.LOG_PARAMS, ingest_pb2.LogParamsRequest(
+        run_id=run_id, params=[common_pb2.Param(key="a", value="1")]).SerializeToString())
+    spool.close(ops_done=False)
+    if damaged:
+        _damage(segments(spool.path)[-1])  # the second batch: the segment is kept in dead.corrupt
+    second: list[tuple[bool, str]] = []
+
+    def second_syncer() -> None:  # listed the directory before, opens LOCK now
+        if not second:
+            second.append((False, ""))
+            report = replay_dir(spool.path, server)
+            second[0] = (report.complete, report.error)
+
+    real_rmtree, real_unlink = replay_module.shutil.rmtree, Path.unlink
+
+    def rmtree(path: Any, ignore_errors: bool = False) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            real_unlink(Path(path) / LOCK)  # the deletion reached LOCK first
+        second_syncer()
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        real_unlink(path, missing_ok)
+        if path.name == LOCK:
+            second_syncer()
+
+    fake = types.SimpleNamespace(rmtree=rmtree)
+    monkeypatch.setattr(replay_module, "shutil", fake)
+    monkeypatch.setattr(spool_module, "shutil", fake)
+    monkeypatch.setattr(Path, "unlink", unlink)
+
+    report = replay_dir(spool.path, server)
+
+    assert report.complete and report.points == 1 + (not damaged), report.error
+    assert second == [(False, "locked by a live process (its writer is still running)")]
+    assert server.params_sent == 1 and server.batches_stored == 1 + (not damaged)
+    assert not spool.path.exists() and os.path.isdir(tmp_path / "dead.corrupt") is damaged

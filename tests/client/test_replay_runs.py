@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 import trackhouse.client as th
+from trackhouse.client import runmap
 from trackhouse.client.memory import MemoryTransport
-from trackhouse.client.replay import adopt_orphans, sync
+from trackhouse.client.replay import adopt_orphans, replay_dir, sync
 from trackhouse.client.runmap import RESUMED_TAG
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import OPS, Kind, Record, WriterSpool, read_meta, scan, segments, writer_dirs
@@ -222,3 +223,64 @@ def test_a_run_resumed_by_a_client_outlives_its_dead_predecessors_final_status(t
     assert all(r.complete for r in reports) and len(reports) == 1 + (mode == "offline")
     assert (server.runs[run_id].status, server.runs[run_id].end_time) == (common_pb2.RUNNING, 0)
     assert server.points(run_id, "loss") == [(1, _T, 0.5)]
+
+
+class _DiesAfter(MemoryTransport):
+    """Stores ``n`` batches, then goes away (the sync stops part-way)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def _store(self, batch: ingest_pb2.MetricBatch) -> ingest_pb2.BatchAck:
+        if self.batches_stored >= self.n:
+            self.available = False
+        return super()._store(batch)
+
+
+def _killed_after_recording_the_set_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = runmap.write_json_atomic
+
+    def write(path: Path, value: Any) -> None:
+        real(path, value)
+        if path.name == runmap.ASIDE:  # recorded, not yet renamed into place: the process dies
+            monkeypatch.undo()
+            raise OSError("killed")
+
+    monkeypatch.setattr(runmap, "write_json_atomic", write)
+
+
+@pytest.mark.parametrize("interrupt", ["server-gone-after-4-batches", "killed-after-recording-the-set-aside"])
+def test_a_refused_run_accepted_after_an_interrupted_sync_has_every_point_stored_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt: str
+) -> None:
+    """Batches stripped of a refused run's points were acknowledged under the directory's (writer, seq),
+    and the run was set aside only at the end of the sync: stopped before, its points came back as
+    duplicates once the server accepted the run, and were never stored."""
+    client = _offline(tmp_path, max_batch_points=2)
+    good = client.start_run(name="good")
+    bad = client.start_run(name="bad", experiment_id="42")  # an experiment not on the server (yet)
+    for step in range(10):
+        good.log(step=step, loss=1.0)
+        bad.log(step=step, loss=2.0)
+        client.flush(5)  # one batch a step, with both runs' points
+    good.finish()
+    bad.finish()
+    client.close()
+    root, server = tmp_path / "spool", _DiesAfter(4 if interrupt.startswith("server") else 10**9)
+    if interrupt.startswith("killed"):
+        _killed_after_recording_the_set_aside(monkeypatch)
+
+    first = replay_dir(Path(client.spool_path), server, max_attempts=1, backoff=(0.0, 0.0))
+
+    assert not first.complete and first.error and Path(client.spool_path).exists()
+    server.available, server.n = True, 10**9
+    server.experiments["42"] = common_pb2.Experiment(experiment_id="42", name="restored")  # the run is accepted
+    reports = [r for _ in range(3) for r in sync(root, transport=server)]  # until nothing is left
+
+    assert writer_dirs(root) == [] and reports[-1].complete, [r.error for r in reports]
+    runs = {run.run_name: run.run_id for run in server.runs.values()}
+    assert sorted(runs) == ["bad", "good"] and len(server.runs) == 2
+    assert [(s, v) for s, _, v in server.points(runs["bad"], "loss")] == [(s, 2.0) for s in range(10)]
+    assert [(s, v) for s, _, v in server.points(runs["good"], "loss")] == [(s, 1.0) for s in range(10)]
+    assert server.point_count() == 20

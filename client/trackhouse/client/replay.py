@@ -42,7 +42,7 @@ from pathlib import Path
 
 from trackhouse.client import policy
 from trackhouse.client.errors import ServerUnavailable, SpoolError, TrackhouseError
-from trackhouse.client.runmap import RunMap, set_aside
+from trackhouse.client.runmap import RunMap
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import (
     OPS,
@@ -51,6 +51,7 @@ from trackhouse.client.spool import (
     hold_lock,
     read_meta,
     release_lock,
+    remove_dir,
     scan,
     scan_ops,
     segments,
@@ -119,16 +120,18 @@ def _replay_locked(directory: Path, transport: Transport, report: ReplayReport, 
             if runs.refused and meta.get("set_aside_from"):  # a set-aside run, refused again: nothing else here
                 report.error = "; ".join(runs.refused.values()) + f"; its records stay in {directory}"
                 return
+            # before any batch their points are stripped from is acknowledged: whatever stops this sync
+            aside = runs.set_aside(meta, ops)
             runs.check(ops)
             report.ops += runs.send_ops(ops, final=False)
             _send_batches(directory, transport, runs, report, progress, max_attempts, backoff, ack_timeout)
             report.ops += runs.send_ops(ops, final=True)
-            for local, why in runs.refused.items():  # written before the directory that holds them goes
-                report.set_aside[local] = str(set_aside(directory, meta, ops, local, why))
         finally:
             report.runs, report.runs_created, report.missing_runs = dict(runs.mapped), runs.created, runs.missing
         _remove(directory, report)
-        report.complete = not runs.refused
+        # a run set aside by an earlier, interrupted sync may have been delivered since (its directory gone)
+        report.set_aside = {local: str(kept) for local, kept in aside.items() if kept.exists()}
+        report.complete = not report.set_aside
         report.error = "; ".join(f"{runs.refused[local]}; its records are kept in {kept}, tried again by every "
                                  "sync" for local, kept in report.set_aside.items())
     finally:
@@ -310,15 +313,15 @@ def _remove(directory: Path, report: ReplayReport) -> None:
     """Delete a replayed directory; keep segments that held damaged records, renamed."""
     damaged = {Path(c.path).name for c in report.corruptions}
     if not damaged:
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_dir(directory)  # renamed aside first: no second syncer locks a LOCK created anew in it
         return
-    for path in directory.iterdir():
+    kept = directory.with_name(directory.name + ".corrupt")
+    shutil.rmtree(kept, ignore_errors=True)
+    directory.rename(kept)  # with its LOCK, before anything in it is deleted (``remove_dir``)
+    for path in kept.iterdir():
         if path.name not in damaged and path.name != "meta.json":
             with contextlib.suppress(OSError):
                 path.unlink()
-    kept = directory.with_name(directory.name + ".corrupt")
-    shutil.rmtree(kept, ignore_errors=True)
-    directory.rename(kept)
     report.directory = str(kept)
 
 

@@ -18,10 +18,13 @@ sync's run, even from a copy of the spool); then:
 A CreateRun the server refuses for good (``REFUSALS``: a run name over the limit, an
 experiment since deleted) is the run's own failure, not the directory's: the run is
 *refused*, its operations and points are not sent (``outgoing`` takes them out of
-mixed batches) and ``set_aside`` moves them to a writer directory of their own, a
+mixed batches) and ``set_aside`` copies them to a writer directory of their own, a
 complete offline spool (new writer id, the same seqs) that every later sync tries
-again and reports while the server refuses it. Online directories name server runs
-only: their ids are sent as they are.
+again and reports while the server refuses it. It is written before any batch is sent,
+and the run recorded in ``aside.json`` (``ASIDE``): a later sync of the directory, after
+one that stopped part-way, leaves the run to that spool even once the server accepts it
+(the stripped batches were acknowledged: only the set-aside spool still has its points).
+Online directories name server runs only: their ids are sent as they are.
 
 ``send_ops`` sends the operations; a final status the run has outlived (``superseded``:
 it was resumed, or ended again, after the status was recorded) is not applied.
@@ -31,6 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,7 +56,6 @@ from trackhouse.client.ops import Op, call_op
 from trackhouse.client.spool import (
     EXPERIMENT_TAG,
     LOCAL_RUN_TAG,
-    LOCK,
     OPS,
     RESUMED_TAG,
     RUNS,
@@ -59,10 +63,8 @@ from trackhouse.client.spool import (
     Kind,
     Record,
     WriterSpool,
-    release_lock,
     scan,
     segments,
-    try_lock,
     write_json_atomic,
 )  # fmt: skip
 from trackhouse.client.transport import Transport
@@ -73,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 # What a server answers a CreateRun that fails again however often it is sent: the run's own fault.
 REFUSALS = (InvalidArgument, NotFound, FailedPrecondition, AlreadyExists)
+ASIDE = "aside.json"  # refused local run id -> why: runs whose records a set-aside directory holds
 _ASIDE = uuid.UUID("5b0b8a4e-3f55-4a53-9d7e-5c1f0d6f2a61")  # namespace of set-aside writer ids
 _SEGMENT_BYTES = 64 * 1024 * 1024
 # On a run: when (ms since the epoch) a process last resumed it; ``superseded`` compares it.
@@ -81,10 +84,10 @@ _OPS: dict[Kind, type[Op]] = {Kind.LOG_PARAMS: ingest_pb2.LogParamsRequest, Kind
 _FINAL = frozenset({common_pb2.FINISHED, common_pb2.FAILED, common_pb2.KILLED})
 
 
-def load_runs(directory: Path) -> dict[str, str]:
+def load_runs(directory: Path, name: str = RUNS) -> dict[str, str]:
     """``directory``'s saved local -> server run id map ({} when there is none or it is unreadable)."""
     try:
-        loaded = json.loads((directory / RUNS).read_text())
+        loaded = json.loads((directory / name).read_text())
     except (OSError, ValueError):
         return {}
     return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
@@ -106,7 +109,8 @@ class RunMap:
         self._directory, self._transport, self._offline = directory, transport, offline
         self._known = known or {}
         self.mapped = load_runs(directory)  # local -> server, as saved in runs.json
-        self.refused: dict[str, str] = {}  # local -> why the server refuses to create it
+        self.aside = load_runs(directory, ASIDE)  # local -> why: set aside by an earlier sync (never sent here)
+        self.refused: dict[str, str] = dict(self.aside)  # local -> why the server refuses to create it
         self.missing: list[str] = []
         self.created = 0
         self._server_ids: set[str] = set()  # ids named here that are server runs already
@@ -117,7 +121,7 @@ class RunMap:
             if record.kind is not Kind.CREATE_RUN:
                 continue
             local = run_of(record)
-            if not local or local in self.mapped or self._lookup(local):
+            if not local or local in self.refused or local in self.mapped or self._lookup(local):
                 continue
             request = ingest_pb2.CreateRunRequest.FromString(record.payload)
             try:
@@ -169,6 +173,23 @@ class RunMap:
     def _save(self, local: str, server: str) -> None:
         self.mapped[local] = server
         write_json_atomic(self._directory / RUNS, self.mapped)  # before any batch refers to it
+
+    def set_aside(self, meta: Mapping[str, Any], ops: list[Record]) -> dict[str, Path]:
+        """Write the set-aside directory of each refused run before any batch it is stripped from is sent;
+        refused run -> its directory. Built hidden, recorded in ``ASIDE``, then renamed into place: a crash
+        at any point leaves the run either not recorded (sent from here, or built again) or recorded and
+        its directory whole (hidden: renamed by the next sync; else in place, or delivered since)."""
+        for local, why in self.refused.items():
+            final = aside_path(self._directory, meta, local)
+            staging = final.with_name(f".{final.name}.building")  # ``writer_dirs`` skips it
+            if local not in self.aside:
+                set_aside(self._directory, meta, ops, local, why, staging)
+                self.aside[local] = why
+                write_json_atomic(self._directory / ASIDE, self.aside)
+            if staging.exists():
+                staging.rename(final)
+                _fsync_dir(final.parent)
+        return {local: aside_path(self._directory, meta, local) for local in self.refused}
 
     def _is_server_run(self, run_id: str) -> bool:
         try:
@@ -247,51 +268,49 @@ def only_runs(batch: ingest_pb2.MetricBatch, keep: Callable[[str], bool]) -> ing
     return out
 
 
-def set_aside(directory: Path, meta: Mapping[str, Any], ops: list[Record], local: str, reason: str) -> Path:
-    """Copy run ``local``'s operations and points to a writer directory of their own, next to ``directory``.
+def aside_path(directory: Path, meta: Mapping[str, Any], local: str) -> Path:
+    """Where run ``local`` of ``directory`` is set aside: its writer id is derived from theirs."""
+    return directory.parent / uuid.uuid5(_ASIDE, f"{meta.get('writer_id', directory.name)}/{local}").hex
 
-    Its writer id is derived from the directory's and the run's, and it holds the run's points
-    under their original seqs: building it again (after an interrupted sync) gives the same
-    directory, and its batches, once the server accepts the run, are stored once.
+
+def set_aside(directory: Path, meta: Mapping[str, Any], ops: list[Record], local: str, reason: str,
+              path: Path) -> None:
+    """Copy run ``local``'s operations and points to a writer directory of their own, ``path`` (synced).
+
+    Its writer id is ``aside_path``'s (derived from the directory's and the run's), and it holds the
+    run's points under their original seqs: building it again gives the same batches, stored once.
     """
-    writer = uuid.uuid5(_ASIDE, f"{meta.get('writer_id', directory.name)}/{local}").hex
-    _clear(directory.parent / writer)
+    shutil.rmtree(path, ignore_errors=True)  # half-built by an interrupted sync
     keep = {k: v for k, v in meta.items() if k not in ("writer_id", "pid", "host")}
-    spool = WriterSpool(directory.parent, writer, _SEGMENT_BYTES,
-                        {**keep, "set_aside_from": str(meta.get("writer_id", "")), "refused": reason})
+    writer = aside_path(directory, meta, local).name
+    spool = WriterSpool(path.parent, path.name, _SEGMENT_BYTES, {**keep, "writer_id": writer,
+                        "set_aside_from": str(meta.get("writer_id", "")), "refused": reason})
     try:
         for record in ops:
             if run_of(record) == local:
                 spool.append_op(record.kind, record.payload)
-        for path in segments(directory):
-            for item in scan(path):
+        for segment in segments(directory):
+            for item in scan(segment):
                 if isinstance(item, Corruption):  # reported by the replay's stream already
                     continue
                 try:
                     part = only_runs(ingest_pb2.MetricBatch.FromString(item.payload), lambda r: r == local)
                 except Exception as exc:  # no MetricBatch (protobuf's DecodeError), columns that do not check out
-                    raise SpoolError(f"cannot set run {local} aside: {path}: {exc}") from exc
+                    raise SpoolError(f"cannot set run {local} aside: {segment}: {exc}") from exc
                 if part is not None:
                     part.writer_id = writer
                     spool.append_batch(part.SerializeToString())
     finally:
         spool.close(ops_done=False)
-    return spool.path
+    _fsync_dir(path)
 
 
-def _clear(path: Path) -> None:
-    """Empty a set-aside directory an interrupted sync left half-written (it is written anew)."""
-    if not path.exists():
-        return
-    fd = try_lock(path)
-    if fd is None:
-        raise SpoolError(f"{path} is locked by another process; sync again later")
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        for item in path.iterdir():
-            if item.name != LOCK:
-                item.unlink()
+        os.fsync(fd)
     finally:
-        release_lock(fd)
+        os.close(fd)
 
 
 def _short(name: str) -> str:
