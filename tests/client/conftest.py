@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +111,27 @@ def start_fake(ingest: FakeIngest, port: int = 0) -> FakeServer:
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return FakeServer(ingest, f"127.0.0.1:{bound}", server)
+
+
+@pytest.fixture
+def grpc_servers() -> Iterator[Callable[..., list[str]]]:
+    """``grpc_servers(add_to_server, *servicers)``: one gRPC server per servicer (a replica each) on
+    127.0.0.1, port 0; their addresses. All stopped after the test."""
+    servers: list[grpc.Server] = []
+
+    def start(add_to_server: Callable[[Any, grpc.Server], None], *servicers: Any) -> list[str]:
+        addresses = []
+        for servicer in servicers:
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            add_to_server(servicer, server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            server.start()
+            servers.append(server)
+        return addresses
+
+    yield start
+    for server in servers:
+        server.stop(None).wait(5.0)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ fails again on any replica, so it must not move the client off a healthy one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -47,23 +46,9 @@ class FakeQuery(query_pb2_grpc.QueryServiceServicer):
 
 
 @pytest.fixture
-def replicas() -> Iterator[Callable[..., str]]:
+def replicas(grpc_servers: Callable[..., list[str]]) -> Callable[..., str]:
     """`replicas(FakeQuery(...), ...)`: start one fake query service per servicer; their addresses, joined."""
-    servers: list[grpc.Server] = []
-
-    def start(*servicers: FakeQuery) -> str:
-        addresses = []
-        for servicer in servicers:
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-            query_pb2_grpc.add_QueryServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-            server.start()
-            servers.append(server)
-        return ",".join(addresses)
-
-    yield start
-    for server in servers:
-        server.stop(None).wait(5.0)
+    return lambda *servicers: ",".join(grpc_servers(query_pb2_grpc.add_QueryServiceServicer_to_server, *servicers))
 
 
 def test_a_limit_is_final_and_keeps_the_replica(replicas: Callable[..., str]) -> None:

@@ -9,7 +9,7 @@ import queue
 import select
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,23 +139,16 @@ class _Replica(ingest_pb2_grpc.IngestServiceServicer):
         return common_pb2.RunInfo(run_id=request.run_id, status=request.status)
 
 
-def test_a_call_cut_by_close_does_not_fail_over_to_the_next_replica(tmp_path: Path) -> None:
+def test_a_call_cut_by_close_does_not_fail_over_to_the_next_replica(
+    tmp_path: Path, grpc_servers: Callable[..., list[str]]
+) -> None:
     """The close cuts the operations thread's hung call (CANCELLED, retryable): that used to mark the
     replica failed, open a channel to the next one after close() returned, and send the operation there,
     while close() reported it undelivered and the spool kept it (to be sent again by a later sync)."""
-    from concurrent import futures
-
-    import grpc
-
     from trackhouse.client.spool import Record, scan_ops
 
-    replicas, servers, addresses = [_Replica(hang=True), _Replica(hang=False)], [], []
-    for servicer in replicas:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-        server.start()
-        servers.append(server)
+    replicas = [_Replica(hang=True), _Replica(hang=False)]
+    addresses = grpc_servers(ingest_pb2_grpc.add_IngestServiceServicer_to_server, *replicas)
     try:
         settings = th.Settings(spool_dir=str(tmp_path), replay_orphans=False, rpc_timeout=20.0)
         client = th.connect(settings=settings, addresses=addresses)
@@ -171,5 +164,3 @@ def test_a_call_cut_by_close_does_not_fail_over_to_the_next_replica(tmp_path: Pa
         assert kept == ["UPDATE_RUN"]
     finally:
         replicas[0].release.set()
-        for server in servers:
-            server.stop(None)
