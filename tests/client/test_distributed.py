@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,8 @@ def test_a_file_in_an_older_format_is_not_resumed(tmp_path: Path) -> None:
     path = _path(tmp_path)
     _write(path, "0123456789abcdef")  # a bare run id: which launch wrote it is unknown
     assert distributed.shared_run_id(path, _settings(tmp_path, rank=0), lambda: "new") == ("new", True)
-    assert json.loads(path.read_text()) == {"run_id": "new"}
+    written = json.loads(path.read_text())
+    assert written["run_id"] == "new" and written["published_ms"] >= distributed.PROCESS_STARTED_MS
 
 
 def test_a_file_with_a_restart_count_is_read_by_its_run_id(tmp_path: Path) -> None:
@@ -226,3 +228,88 @@ def test_negative_local_rank_is_refused() -> None:
 def test_only_a_nodes_first_rank_samples_its_gpus() -> None:
     assert distributed.samples_gpus(Settings(rank=5, world_size=8, local_rank=0))
     assert not distributed.samples_gpus(Settings(rank=5, world_size=8, local_rank=1))
+
+
+class _CountingTransport(th.MemoryTransport):
+    """Counts GetRun calls; ``unavailable`` of them first fail as a momentary outage."""
+
+    def __init__(self, unavailable: int = 0) -> None:
+        super().__init__()
+        self.get_runs = 0
+        self.unavailable = unavailable
+
+    def get_run(self, request: Any) -> Any:
+        self.get_runs += 1
+        if self.unavailable:
+            self.unavailable -= 1
+            raise th.ServerUnavailable("momentarily down")
+        return super().get_run(request)
+
+
+@pytest.mark.parametrize("rank1_first", [True, False], ids=["rank1_first", "rank0_first"])
+def test_a_fresh_file_costs_the_other_ranks_no_query(tmp_path: Path, rank1_first: bool) -> None:
+    transport = _CountingTransport()
+    _launch(transport, tmp_path, {}, rank1_first=rank1_first)
+    assert transport.get_runs == 0
+
+
+def test_a_file_published_after_this_process_started_is_taken_without_asking(tmp_path: Path) -> None:
+    path = _path(tmp_path)
+    _write(path, json.dumps({"run_id": "ours", "published_ms": distributed.PROCESS_STARTED_MS}))
+    assert distributed.shared_run_id(path, _settings(tmp_path, rank=1), lambda: "x",
+                                     lambda _: pytest.fail("must not ask the server"),
+                                     sleep=lambda _: pytest.fail("must not wait")) == ("ours", False)
+
+
+def test_rank_zero_asks_again_while_the_server_does_not_answer(tmp_path: Path, new_processes: Callable[[], None],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    # A momentary outage must not make a later launch resume the earlier launch's FINISHED run.
+    transport = _CountingTransport()
+    first = _launch(transport, tmp_path, {"lr": "0.1"})
+    new_processes()
+    transport.unavailable = 1
+    second = _launch(transport, tmp_path, {"lr": "0.2"})
+    assert second != first and transport.get_runs >= 2
+    assert transport.runs[first].status == common_pb2.FINISHED
+    assert transport.params == {first: {"lr": "0.1"}, second: {"lr": "0.2"}}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_server_that_never_answers_fails_the_rendezvous_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  rank: int) -> None:
+    path = _path(tmp_path)
+    _write(path, json.dumps({"run_id": "old"}))
+    clock = [0.0]  # the module's monotonic clock, advanced by its sleep hook only
+    monkeypatch.setattr(distributed, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    waits: list[float] = []
+
+    def wait(delay: float) -> None:
+        waits.append(delay)
+        clock[0] += delay
+
+    def down(_: str) -> int | None:
+        raise th.ServerUnavailable("down")
+
+    with pytest.raises(th.TrackhouseError, match="could not learn from the server") as raised:
+        distributed.shared_run_id(path, _settings(tmp_path, rank=rank, rendezvous_timeout=5.0), lambda: "new",
+                                  down, sleep=wait)
+    assert not isinstance(raised.value, th.ServerUnavailable) and 5.0 <= sum(waits) < 6.0
+
+
+def test_a_rank_reads_again_a_file_rank_zero_rewrote_with_the_same_run(tmp_path: Path) -> None:
+    # Rank 1 saw "old" ended by an earlier launch; rank 0 (its status unknowable) resumed it and republished:
+    # rank 1 must take the rewritten file, not skip it until rendezvous_timeout.
+    path = _path(tmp_path)
+    _write(path, json.dumps({"run_id": "old"}))
+    rank0, rank1 = (_settings(tmp_path, rank=r) for r in (0, 1))
+    polls: list[float] = []
+
+    def rank0_resumes(delay: float) -> None:
+        if polls:
+            pytest.fail("rank 1 skipped the file rank 0 rewrote")
+        polls.append(delay)
+        assert distributed.shared_run_id(path, rank0, lambda: "new", lambda _: None) == ("old", False)
+
+    assert distributed.shared_run_id(path, rank1, lambda: pytest.fail("rank 1 must not create"),
+                                     {"old": distributed.PROCESS_STARTED_MS - 1}.get,
+                                     sleep=rank0_resumes) == ("old", False)

@@ -245,3 +245,42 @@ def test_rank_zero_resumes_the_published_run_unless_the_server_says_it_ended(tmp
     assert (again.run_id == run.run_id) == isinstance(transport, _NoQueryService)
     for client in (first, later):
         client.close()
+
+
+class _Flaky(th.MemoryTransport):
+    def __init__(self, error: th.TrackhouseError) -> None:
+        super().__init__()
+        self.error: th.TrackhouseError | None = error
+
+    def get_run(self, request: Any) -> Any:
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        return super().get_run(request)
+
+
+@pytest.mark.parametrize("error", [th.ServerUnavailable("restarting"), th.DeadlineExceeded("slow")],
+                         ids=["unavailable", "deadline"])
+def test_a_momentary_outage_does_not_resume_an_ended_run(tmp_path: Path, error: th.TrackhouseError) -> None:
+    transport = _Flaky(error)
+    first = _rank(transport, tmp_path, 0)
+    run = first.start_run(experiment="e", params={"lr": "0.1"})
+    assert run.finish() is True
+    later = _rank(transport, tmp_path, 0)
+    again = later.start_run(experiment="e", params={"lr": "0.2"})  # the job id reused; GetRun fails once
+    assert again.run_id != run.run_id and transport.error is None
+    assert _status(transport, run.run_id) == "FINISHED" and transport.params[run.run_id] == {"lr": "0.1"}
+    for client in (first, later):
+        client.close()
+
+
+def test_a_refusal_other_than_unknowable_is_raised(tmp_path: Path) -> None:
+    transport = _Flaky(th.ServerError("denied", "PERMISSION_DENIED"))
+    first = _rank(transport, tmp_path, 0)
+    first.start_run(experiment="e").finish()
+    transport.error = th.ServerError("denied", "PERMISSION_DENIED")
+    later = _rank(transport, tmp_path, 0)
+    with pytest.raises(th.ServerError, match="PERMISSION_DENIED"):
+        later.start_run(experiment="e")
+    for client in (first, later):
+        client.close()

@@ -17,15 +17,19 @@ searchable). The run id is shared without extra user code, in this order:
    launch's job id (``Settings.job_id``), the experiment, the run name and the
    call's ordinal; other ranks wait for it up to ``rendezvous_timeout``.
 
-Invariants of the file, which holds ``{"run_id": …}`` (older files may hold more keys: ignored):
+Invariants of the file, which holds ``{"run_id": …, "published_ms": …}`` (rank 0's wall clock when it
+published; other keys are ignored, a file without ``published_ms`` is taken as an earlier launch's):
 
 - it is never removed: a rank > 0 may read it after rank 0 ended its run, and an elastic
   restart must still find it (``lifecycle.py``);
 - the run it names is resumed by rank 0 (an elastic restart after a failure) unless the server
   says the run *ended* — FINISHED or KILLED, ended normally or by the user — which only another
   launch reusing the job id can meet: rank 0 then creates a new run, replaces the file and
-  warns. RUNNING or FAILED, or no answer (offline, no query service, not yet visible): resumed;
-- a rank > 0 skips a file naming an ended run that ended before this process started (a
+  warns. RUNNING or FAILED, or a status that cannot be known (offline, no query service, not
+  found): resumed. A server that does not answer (``ServerUnavailable``) is asked again until
+  ``rendezvous_timeout``, then the rendezvous fails: it never guesses;
+- a rank > 0 takes a file published after this process started without asking the server; of
+  an older one it asks, and skips a file naming an ended run that ended before this process started (a
   launch reusing the job id: its rank 0 will replace the file) and keeps waiting; a run that
   ended after this process started is its own launch's (rank 0 finished first): taken.
 
@@ -48,7 +52,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trackhouse.client.errors import TrackhouseError, UsageError
+from trackhouse.client.errors import ServerUnavailable, TrackhouseError, UsageError
 from trackhouse.client.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,26 +92,30 @@ def shared_run_id(path: Path, settings: Settings, create: Callable[[], str],
                   sleep: Callable[[float], None] = time.sleep) -> tuple[str, bool]:
     """(run id, created here): rank 0 creates and publishes (or resumes its launch's); others wait.
     ``ended(run_id)``: the end time (ms) of a run that is FINISHED or KILLED, else None (running,
-    failed, unknown)."""
-    if settings.rank == 0:
-        return _publish(path, settings, create, ended)
+    failed, unknown); it raises ``ServerUnavailable`` when the server did not answer: asked again,
+    with backoff, until ``rendezvous_timeout``."""
     deadline = time.monotonic() + settings.rendezvous_timeout
+    if settings.rank == 0:
+        return _publish(path, settings, create, lambda run_id: _ask(ended, run_id, path, settings, deadline, sleep))
     delay = 0.01
-    stale: set[str] = set()  # ended runs of another launch: they stay ended (rank 0 resumes no ended run)
-    while (run_id := _read(path)) is None or run_id in stale or _earlier(ended(run_id)):
-        if run_id is not None:
-            stale.add(run_id)
+    # files naming an ended run of another launch, by (run id, publish stamp): the same file stays so, but
+    # one rank 0 has rewritten since (even naming the same run) is read again
+    stale: set[tuple[str, int | None]] = set()
+    while (entry := _read_entry(path)) is None or entry in stale or (
+            not _fresh(entry[1]) and _earlier(_ask(ended, entry[0], path, settings, deadline, sleep))):
+        if entry is not None:
+            stale.add(entry)
         if time.monotonic() >= deadline:
             raise TrackhouseError(
                 f"rank {settings.rank} waited {settings.rendezvous_timeout:.0f} s for rank 0 to publish the "
-                f"run id in {path.absolute()}" + (f" (it names run {run_id}, which an earlier launch ended)"
-                                                  if run_id else "") +
+                f"run id in {path.absolute()}" + (f" (it names run {entry[0]}, which an earlier launch ended)"
+                                                  if entry else "") +
                 f"; is rendezvous_dir shared by all ranks, and do all ranks see the same job id "
                 f"({settings.job_id!r})?"
             )
         sleep(delay)  # polling a shared file system: no notification crosses nodes
         delay = min(delay * 2, 0.5)
-    return run_id, False
+    return entry[0], False
 
 
 PROCESS_STARTED_MS = int(time.time() * 1000)  # at import: no later than this process's first start_run
@@ -118,9 +126,35 @@ def _earlier(end_ms: int | None) -> bool:
     return end_ms is not None and end_ms < PROCESS_STARTED_MS
 
 
+def _fresh(published_ms: int | None) -> bool:
+    """Whether a file was published after this process started: this launch's, no need to ask the server.
+    A file without a stamp (an older version's) may be an earlier launch's."""
+    return published_ms is not None and published_ms >= PROCESS_STARTED_MS
+
+
+def _ask(ended: Callable[[str], int | None], run_id: str, path: Path, settings: Settings, deadline: float,
+         sleep: Callable[[float], None]) -> int | None:
+    """``ended(run_id)``, asked again while the server does not answer, until ``deadline``."""
+    delay = 0.01
+    while True:
+        try:
+            return ended(run_id)
+        except ServerUnavailable as exc:
+            if time.monotonic() >= deadline:
+                raise TrackhouseError(
+                    f"rank {settings.rank} could not learn from the server within {settings.rendezvous_timeout:.0f} s "
+                    f"whether run {run_id}, named in {path.absolute()}, is this launch's or an earlier one's "
+                    f"(ended): {exc}"
+                ) from exc
+            logger.debug("trackhouse: cannot read run %s's status yet (%s); asking again", run_id, exc)
+        sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
 def _publish(path: Path, settings: Settings, create: Callable[[], str],
              ended: Callable[[str], int | None]) -> tuple[str, bool]:
-    published = _read(path)
+    entry = _read_entry(path)
+    published = entry[0] if entry is not None else None
     if published is not None and ended(published) is None:
         run_id, created = published, False  # an elastic restart of this launch: resume its run
     else:
@@ -133,16 +167,20 @@ def _publish(path: Path, settings: Settings, create: Callable[[], str],
         run_id, created = create(), True
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"run_id": run_id}))
+    tmp.write_text(json.dumps({"run_id": run_id, "published_ms": int(time.time() * 1000)}))
     os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     return run_id, created
 
 
-def _read(path: Path) -> str | None:
-    """The run id of the published file; None when missing or not in this format."""
+def _read_entry(path: Path) -> tuple[str, int | None] | None:
+    """(run id, published_ms or None when the file has none) of the published file; None when missing
+    or not in this format."""
     try:
         data = json.loads(path.read_text())
         run_id = data["run_id"]
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    return run_id if isinstance(run_id, str) and run_id else None
+    if not isinstance(run_id, str) or not run_id:
+        return None
+    stamp = data.get("published_ms")
+    return run_id, stamp if isinstance(stamp, int) and not isinstance(stamp, bool) else None

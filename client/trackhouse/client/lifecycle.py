@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from trackhouse.client import distributed
-from trackhouse.client.errors import InvalidArgument, TrackhouseError, UsageError
+from trackhouse.client.errors import InvalidArgument, NotFound, ServerError, UsageError
 from trackhouse.client.run import now_ms, param_messages, tag_messages
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import EXPERIMENT_TAG, LOCAL_RUN_TAG, RESUMED_TAG
@@ -125,14 +125,18 @@ def resume(client: Client, run_id: str, *, mark_running: bool,
 
 def _ended(client: Client, run_id: str) -> int | None:
     """The end time (ms) of ``run_id`` when the server says it ended normally or was killed (FINISHED,
-    KILLED: another launch's run, ``distributed``); None when running, failed, or unknown (offline, no
-    query service, not visible yet): then the rendezvous resumes it, as an elastic restart."""
+    KILLED: another launch's run, ``distributed``); None when running, failed, or when the status cannot be
+    known (offline, no such run visible, no query service: UNIMPLEMENTED): then the rendezvous resumes it, as
+    an elastic restart. ``ServerUnavailable`` (no answer yet) and any other refusal are raised: the rendezvous
+    asks again, or fails, rather than resume a run that may have ended."""
     if client.settings.offline:
         return None
     try:
         info = client.transport.get_run(query_pb2.GetRunRequest(run_id=run_id)).info
-    except TrackhouseError as exc:
-        logger.debug("trackhouse: cannot read run %s's status (%s); taking it as running", run_id, exc)
+    except ServerError as exc:  # NotFound included
+        if not isinstance(exc, NotFound) and exc.code != "UNIMPLEMENTED":
+            raise
+        logger.debug("trackhouse: cannot know run %s's status (%s); taking it as running", run_id, exc)
         return None
     return info.end_time if info.status in (common_pb2.FINISHED, common_pb2.KILLED) else None
 
