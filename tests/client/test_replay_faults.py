@@ -331,3 +331,32 @@ def test_a_second_syncer_arriving_while_a_replayed_directory_is_removed_replays_
     assert second == [(False, "locked by a live process (its writer is still running)")]
     assert server.params_sent == 1 and server.batches_stored == 1 + (not damaged)
     assert not spool.path.exists() and os.path.isdir(tmp_path / "dead.corrupt") is damaged
+
+
+def test_a_damaged_directory_that_cannot_be_renamed_is_kept_in_place_without_its_replayed_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renaming it ``.corrupt`` by hand raised when its parent was not writable (``remove_dir`` fell back):
+    the replay, every point stored, ended in an error. The rename is refused as a read-only parent
+    refuses it (a chmod proves nothing to root, which the tests may run as)."""
+    transport = MemoryTransport()
+    run_id = transport.create_run(ingest_pb2.CreateRunRequest(experiment_id="0")).run_id
+    root = tmp_path / "root"
+    directory = _spool(root, "w1", run_id, batches=3)
+    damaged = segments(directory)[1]
+    _damage(damaged)
+    rename = Path.rename
+
+    def refused(self: Path, target: Any) -> Path:
+        if self == directory:
+            raise PermissionError(13, "Permission denied", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refused)
+    report = replay_dir(directory, transport, backoff=(0.0, 0.0))
+
+    assert report.complete and not report.error, report.error
+    assert [c.path for c in report.corruptions] == [str(damaged)] and report.directory == str(directory)
+    assert [step for step, _, _ in transport.points(run_id, "loss")] == [1, 3]
+    assert sorted(p.name for p in directory.iterdir()) == sorted([LOCK, "meta.json", damaged.name])
+    assert sorted(p.name for p in root.iterdir()) == ["w1"]

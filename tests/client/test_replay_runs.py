@@ -238,25 +238,28 @@ class _DiesAfter(MemoryTransport):
         return super()._store(batch)
 
 
-def _killed_after_recording_the_set_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+def _killed_around_recording_the_set_aside(monkeypatch: pytest.MonkeyPatch, *, after: bool) -> None:
     real = runmap.write_json_atomic
 
     def write(path: Path, value: Any) -> None:
-        real(path, value)
-        if path.name == runmap.ASIDE:  # recorded, not yet renamed into place: the process dies
+        if after or path.name != runmap.ASIDE:
+            real(path, value)
+        if path.name == runmap.ASIDE:  # built; recorded or not, not yet renamed into place: the process dies
             monkeypatch.undo()
             raise OSError("killed")
 
     monkeypatch.setattr(runmap, "write_json_atomic", write)
 
 
-@pytest.mark.parametrize("interrupt", ["server-gone-after-4-batches", "killed-after-recording-the-set-aside"])
+@pytest.mark.parametrize("interrupt", ["server-gone-after-4-batches", "killed-after-recording-the-set-aside",
+                                       "killed-before-recording-the-set-aside"])
 def test_a_refused_run_accepted_after_an_interrupted_sync_has_every_point_stored_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt: str
 ) -> None:
     """Batches stripped of a refused run's points were acknowledged under the directory's (writer, seq),
     and the run was set aside only at the end of the sync: stopped before, its points came back as
-    duplicates once the server accepted the run, and were never stored."""
+    duplicates once the server accepted the run, and were never stored. Stopped after its set-aside copy
+    was built but before it was recorded, that hidden copy of its points used to stay for good."""
     client = _offline(tmp_path, max_batch_points=2)
     good = client.start_run(name="good")
     bad = client.start_run(name="bad", experiment_id="42")  # an experiment not on the server (yet)
@@ -269,7 +272,7 @@ def test_a_refused_run_accepted_after_an_interrupted_sync_has_every_point_stored
     client.close()
     root, server = tmp_path / "spool", _DiesAfter(4 if interrupt.startswith("server") else 10**9)
     if interrupt.startswith("killed"):
-        _killed_after_recording_the_set_aside(monkeypatch)
+        _killed_around_recording_the_set_aside(monkeypatch, after=interrupt.startswith("killed-after"))
 
     first = replay_dir(Path(client.spool_path), server, max_attempts=1, backoff=(0.0, 0.0))
 
@@ -284,3 +287,4 @@ def test_a_refused_run_accepted_after_an_interrupted_sync_has_every_point_stored
     assert [(s, v) for s, _, v in server.points(runs["bad"], "loss")] == [(s, 2.0) for s in range(10)]
     assert [(s, v) for s, _, v in server.points(runs["good"], "loss")] == [(s, 1.0) for s in range(10)]
     assert server.point_count() == 20
+    assert sorted(p.name for p in root.iterdir()) == []  # no hidden staging copy left either

@@ -42,16 +42,20 @@ from pathlib import Path
 
 from trackhouse.client import policy
 from trackhouse.client.errors import ServerUnavailable, SpoolError, TrackhouseError
-from trackhouse.client.runmap import RunMap
+from trackhouse.client.runmap import ASIDE, RunMap
 from trackhouse.client.settings import Settings
 from trackhouse.client.spool import (
+    LOCK,
+    META,
     OPS,
+    RUNS,
     Corruption,
     Record,
     hold_lock,
     read_meta,
     release_lock,
     remove_dir,
+    rename_aside,
     scan,
     scan_ops,
     segments,
@@ -315,11 +319,17 @@ def _remove(directory: Path, report: ReplayReport) -> None:
     if not damaged:
         remove_dir(directory)  # renamed aside first: no second syncer locks a LOCK created anew in it
         return
-    kept = directory.with_name(directory.name + ".corrupt")
-    shutil.rmtree(kept, ignore_errors=True)
-    directory.rename(kept)  # with its LOCK, before anything in it is deleted (``remove_dir``)
+    target = directory.with_name(directory.name + ".corrupt")
+    shutil.rmtree(target, ignore_errors=True)
+    kept = rename_aside(directory, target)  # with its LOCK, before anything in it is deleted
+    # renamed: its damaged segments and meta.json are kept. Not (its parent is not writable): kept in place with
+    # its LOCK (still held) and run maps too, and a later sync replays the damaged segments again
+    spare = {META, *damaged} if kept == target else {META, LOCK, RUNS, ASIDE, *damaged}
+    if kept != target:
+        logger.warning("trackhouse spool: cannot rename %s to %s; its damaged segments are kept in place",
+                       directory, target.name)
     for path in kept.iterdir():
-        if path.name not in damaged and path.name != "meta.json":
+        if path.name not in spare:
             with contextlib.suppress(OSError):
                 path.unlink()
     report.directory = str(kept)

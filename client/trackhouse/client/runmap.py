@@ -178,10 +178,13 @@ class RunMap:
         """Write the set-aside directory of each refused run before any batch it is stripped from is sent;
         refused run -> its directory. Built hidden, recorded in ``ASIDE``, then renamed into place: a crash
         at any point leaves the run either not recorded (sent from here, or built again) or recorded and
-        its directory whole (hidden: renamed by the next sync; else in place, or delivered since)."""
+        its directory whole (hidden: renamed by the next sync; else in place, or delivered since). The
+        staging copy of a run not recorded (a sync stopped before) is deleted: nothing refers to it."""
+        for local in {run_of(r) for r in ops if r.kind is Kind.CREATE_RUN} - self.aside.keys():
+            shutil.rmtree(_staging(aside_path(self._directory, meta, local)), ignore_errors=True)
         for local, why in self.refused.items():
             final = aside_path(self._directory, meta, local)
-            staging = final.with_name(f".{final.name}.building")  # ``writer_dirs`` skips it
+            staging = _staging(final)
             if local not in self.aside:
                 set_aside(self._directory, meta, ops, local, why, staging)
                 self.aside[local] = why
@@ -271,6 +274,10 @@ def only_runs(batch: ingest_pb2.MetricBatch, keep: Callable[[str], bool]) -> ing
 def aside_path(directory: Path, meta: Mapping[str, Any], local: str) -> Path:
     """Where run ``local`` of ``directory`` is set aside: its writer id is derived from theirs."""
     return directory.parent / uuid.uuid5(_ASIDE, f"{meta.get('writer_id', directory.name)}/{local}").hex
+
+
+def _staging(final: Path) -> Path:
+    return final.with_name(f".{final.name}.building")  # ``writer_dirs`` skips it
 
 
 def set_aside(directory: Path, meta: Mapping[str, Any], ops: list[Record], local: str, reason: str,

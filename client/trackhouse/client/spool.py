@@ -100,15 +100,19 @@ def try_lock(directory: Path) -> int | None:
     return fd
 
 
-def remove_dir(directory: Path) -> None:
-    """Delete a spool directory whose lock the caller holds. Renamed aside first (atomically), so no
-    process finds it afterwards, nor locks a LOCK file created anew in it while the rest is deleted."""
-    aside = directory.with_name(f".{directory.name}.removed-{secrets.token_hex(4)}")  # ``writer_dirs`` skips it
+def rename_aside(directory: Path, target: Path) -> Path:
+    """Rename ``directory`` (its lock held) to ``target`` before anything in it is deleted: no process finds it, nor
+    locks a LOCK created anew in it, afterwards. Where it is: ``target``, else (parent not writable) ``directory``."""
     try:
-        directory.rename(aside)
-    except OSError:  # the parent is not writable: the files in it are deleted, at least
-        aside = directory
-    shutil.rmtree(aside, ignore_errors=True)
+        return directory.rename(target)
+    except OSError:
+        return directory
+
+
+def remove_dir(directory: Path) -> None:
+    """Delete a spool directory whose lock the caller holds: ``rename_aside`` first, else its files at least."""
+    shutil.rmtree(rename_aside(directory, directory.with_name(f".{directory.name}.removed-{secrets.token_hex(4)}")),
+                  ignore_errors=True)  # ``writer_dirs`` skips the hidden name
 
 
 _HELD: set[int] = set()  # replay locks of this process (``hold_lock``)
