@@ -112,6 +112,10 @@ def test_server_absent_for_the_whole_run_then_sync(servers: Servers, tmp_path: P
     run.set_tags({"phase": "offline"})  # the server is away: spooled, not raised
     assert run.finish(timeout=0.5) is False  # bounded; its status update is spooled too
     assert client.close(timeout=1.0) is False
+    worker = client._sender._worker  # close is bounded; its worker lets go of the spool just after, as a
+    assert worker is not None        # job's does before it exits: a sync now would find it locked
+    worker.join(30.0)
+    assert not worker.is_alive()
     spool = Path(client.spool_path)
     assert spool.is_dir() and client.stats()["points_spooled"] == 3000 * len(KEYS) + 5000
     backup = tmp_path / "backup"
@@ -119,7 +123,8 @@ def test_server_absent_for_the_whole_run_then_sync(servers: Servers, tmp_path: P
 
     address = servers.start()
     reports = th.sync(spool.parent, url=address)
-    assert [r.complete for r in reports] == [True] and reports[0].points == 3000 * len(KEYS) + 5000
+    assert [r.complete for r in reports] == [True], [r.error for r in reports]
+    assert reports[0].points == 3000 * len(KEYS) + 5000
     assert not spool.exists()
     assert servers.counts() == (14000, 14000)
     view = th.connect(address, settings=_settings(tmp_path)).get_run(run.run_id)
