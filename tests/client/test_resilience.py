@@ -72,6 +72,16 @@ def _log(run: th.Run, steps: range) -> None:
         run.log(step=step, loss=1.0 / (step + 1), acc=step * 1e-3, lr=0.1)
 
 
+def _let_go(client: th.Client) -> None:
+    """Wait until a closed client's worker has let go of its spool, as a job's does before its process exits:
+    ``close`` is bounded and may return while the worker still ends the stream, holding the spool's lock
+    (a sync or an adoption then finds the directory "locked by a live process")."""
+    worker = client._sender._worker
+    assert worker is not None
+    worker.join(30.0)
+    assert not worker.is_alive()
+
+
 def _until(client: th.Client, predicate: Callable[[dict[str, int]], bool], timeout: float = 15.0) -> bool:
     """Wait on the sender's condition (notified on acks, spills, reconnects, replays) for ``predicate``."""
     cond = client._sender._cond
@@ -112,10 +122,7 @@ def test_server_absent_for_the_whole_run_then_sync(servers: Servers, tmp_path: P
     run.set_tags({"phase": "offline"})  # the server is away: spooled, not raised
     assert run.finish(timeout=0.5) is False  # bounded; its status update is spooled too
     assert client.close(timeout=1.0) is False
-    worker = client._sender._worker  # close is bounded; its worker lets go of the spool just after, as a
-    assert worker is not None        # job's does before it exits: a sync now would find it locked
-    worker.join(30.0)
-    assert not worker.is_alive()
+    _let_go(client)
     spool = Path(client.spool_path)
     assert spool.is_dir() and client.stats()["points_spooled"] == 3000 * len(KEYS) + 5000
     backup = tmp_path / "backup"
@@ -198,6 +205,7 @@ def test_a_restarted_process_replays_what_the_dead_one_spooled(servers: Servers,
     servers.stop()
     _log(run, range(500))
     first.close(timeout=2.0)  # the "dead" process: its points are spooled under its writer id
+    _let_go(first)
     assert Path(first.spool_path).is_dir()
 
     servers.start(int(address.rsplit(":", 1)[1]))  # the same server address: its orphans are ours to replay
